@@ -1,0 +1,574 @@
+//! The `outbox-relay` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::embedded::{ClusterOptions, EmbeddedPostgres};
+use crate::event_log;
+use crate::relay::{Relay, RelayConfig};
+use crate::shutdown;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Transactional outbox relay on Postgres"
+)]
+pub struct Cli {
+    /// Postgres URL. When unset, a private cluster is started from the
+    /// locally installed Postgres binaries, with its data in --data-dir.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+
+    /// Data directory of the embedded cluster (used without DATABASE_URL).
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_DATA_DIR",
+        default_value = ".outbox-relay",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply pending schema migrations.
+    Migrate,
+    /// Run the service roles until Ctrl-C / SIGTERM.
+    Serve(ServeArgs),
+    /// Run the pipeline, place a few sample orders and show where they went.
+    Demo(DemoArgs),
+    /// Inspect or create topics.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+    /// Print records of a topic, one JSON object per line.
+    Tail(TailArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    Api,
+    Relay,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Roles to run in this process.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "api,relay")]
+    pub roles: Vec<Role>,
+    /// Address of the HTTP API.
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Do not apply migrations on start.
+    #[arg(long)]
+    pub no_migrate: bool,
+    /// Seconds a relay lease lasts; a standby takes over after it expires.
+    #[arg(long, default_value_t = 3.0)]
+    pub relay_lease_secs: f64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Address of the HTTP API.
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Number of sample orders to place.
+    #[arg(long, default_value_t = 5)]
+    pub orders: u32,
+    /// Exit after showing the sample orders instead of serving until Ctrl-C.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// List topics.
+    List {
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Per partition: log start offset and log end offset.
+    Describe {
+        topic: String,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Create a topic.
+    Create {
+        topic: String,
+        #[arg(long, default_value_t = 8)]
+        partitions: i32,
+        /// Retention in days.
+        #[arg(long, default_value_t = 35.0)]
+        retention_days: f64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TailOutput {
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TailArgs {
+    pub topic: String,
+    /// Only this partition (default: all).
+    #[arg(long)]
+    pub partition: Option<i32>,
+    /// Start offset in every partition read (clamped to the log start).
+    #[arg(long, conflicts_with = "from_time")]
+    pub from_offset: Option<i64>,
+    /// Start at the first record created at or after this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    pub from_time: Option<DateTime<Utc>>,
+    /// Stop after this many records.
+    #[arg(long)]
+    pub max: Option<u64>,
+    /// Keep waiting for new records.
+    #[arg(long)]
+    pub follow: bool,
+    #[arg(long, value_enum, default_value_t = TailOutput::Json)]
+    pub output: TailOutput,
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time such as 2026-11-01T00:00:00Z ({e})"))
+}
+
+/// The database a command talks to: the given URL, or the embedded cluster.
+struct Database {
+    url: String,
+    embedded: Option<EmbeddedPostgres>,
+}
+
+impl Database {
+    async fn open(cli: &Cli, announce: bool) -> anyhow::Result<Database> {
+        if let Some(url) = &cli.database_url {
+            return Ok(Database {
+                url: url.clone(),
+                embedded: None,
+            });
+        }
+        let options = ClusterOptions {
+            data_dir: cli.data_dir.clone(),
+            durable: true,
+            extra_settings: Vec::new(),
+        };
+        let cluster =
+            tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&options)).await??;
+        crate::embedded::ensure_database(&cluster.url("postgres"), "outbox").await?;
+        let url = cluster.url("outbox");
+        if announce {
+            eprintln!(
+                "DATABASE_URL is not set: using the embedded Postgres in {} ({url})",
+                cluster.data_dir().display()
+            );
+        }
+        Ok(Database {
+            url,
+            embedded: Some(cluster),
+        })
+    }
+
+    fn close(self) {
+        if let Some(cluster) = self.embedded {
+            if let Err(e) = cluster.stop() {
+                eprintln!("warning: could not stop the embedded Postgres: {e:#}");
+            }
+        }
+    }
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let announce = matches!(cli.command, Command::Serve(_) | Command::Demo(_));
+    let db = Database::open(&cli, announce).await?;
+    let result = match &cli.command {
+        Command::Migrate => migrate(&db.url).await,
+        Command::Serve(args) => serve(&db.url, args).await,
+        Command::Demo(args) => demo(&db.url, args, &cli).await,
+        Command::Topics(cmd) => topics(&db.url, cmd).await,
+        Command::Tail(args) => tail(&db.url, args).await,
+    };
+    db.close();
+    result
+}
+
+async fn migrate(url: &str) -> anyhow::Result<()> {
+    let applied = apply_migrations(url).await?;
+    if applied.is_empty() {
+        println!(
+            "schema is current (version {})",
+            crate::migrate::latest_version()
+        );
+    } else {
+        println!("applied migrations {applied:?}");
+    }
+    Ok(())
+}
+
+/// Migrations plus the log's day partitions.
+pub async fn apply_migrations(url: &str) -> anyhow::Result<Vec<i32>> {
+    let mut client = crate::db::connect(url).await?;
+    let applied = crate::migrate::run(&mut client).await?;
+    let tx = client.transaction().await?;
+    event_log::ensure_day_partitions(&tx).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Handles of the roles a process runs.
+struct Running {
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<anyhow::Result<()>>)>,
+    trigger: shutdown::ShutdownTrigger,
+    http_addr: Option<SocketAddr>,
+}
+
+async fn start_roles(
+    url: &str,
+    roles: &[Role],
+    http_addr: SocketAddr,
+    lease: Duration,
+) -> anyhow::Result<Running> {
+    let (trigger, shutdown) = shutdown::channel();
+    let mut tasks = Vec::new();
+    let mut bound = None;
+    if roles.contains(&Role::Api) {
+        let pool = crate::db::pool(url, 16)?;
+        crate::db::check(&pool).await?;
+        let listener = tokio::net::TcpListener::bind(http_addr)
+            .await
+            .with_context(|| format!("cannot listen on {http_addr}"))?;
+        bound = Some(listener.local_addr()?);
+        tracing::info!(addr = %listener.local_addr()?, "order API listening");
+        let s = shutdown.clone();
+        tasks.push(("api", tokio::spawn(crate::http::serve(listener, pool, s))));
+    }
+    if roles.contains(&Role::Relay) {
+        let config = RelayConfig {
+            lease_ttl: lease,
+            ..RelayConfig::default()
+        };
+        let relay_name = config.relay_name.clone();
+        let relay = Relay::new(url, config);
+        let leadership = relay.leadership();
+        let s = shutdown.clone();
+        tasks.push((
+            "relay",
+            tokio::spawn(async move {
+                relay.run(s).await;
+                Ok(())
+            }),
+        ));
+        let s = shutdown.clone();
+        let url = url.to_string();
+        tasks.push((
+            "maintenance",
+            tokio::spawn(async move {
+                crate::relay::run_maintenance(url, relay_name, leadership, s).await;
+                Ok(())
+            }),
+        ));
+    }
+    Ok(Running {
+        tasks,
+        trigger,
+        http_addr: bound,
+    })
+}
+
+impl Running {
+    /// Waits for Ctrl-C / SIGTERM or for a role to stop, then stops all.
+    async fn wait(mut self) -> anyhow::Result<()> {
+        let failure = {
+            let any_exit = futures_util::future::select_all(self.tasks.iter_mut().map(|(_, t)| t));
+            tokio::select! {
+                _ = shutdown::signal() => None,
+                (result, index, _) = any_exit => Some((index, result)),
+            }
+        };
+        self.trigger.trigger();
+        let mut error = None;
+        if let Some((index, result)) = failure {
+            let name = self.tasks[index].0;
+            error = Some(match result {
+                Ok(Ok(())) => anyhow::anyhow!("the {name} role stopped unexpectedly"),
+                Ok(Err(e)) => e.context(format!("the {name} role failed")),
+                Err(e) => anyhow::anyhow!("the {name} role panicked: {e}"),
+            });
+            self.tasks.remove(index);
+        }
+        for (_, task) in self.tasks {
+            let _ = task.await;
+        }
+        error.map_or(Ok(()), Err)
+    }
+}
+
+async fn serve(url: &str, args: &ServeArgs) -> anyhow::Result<()> {
+    if !args.no_migrate {
+        apply_migrations(url).await?;
+    }
+    if args.relay_lease_secs <= 0.0 || !args.relay_lease_secs.is_finite() {
+        bail!("--relay-lease-secs must be a positive number of seconds");
+    }
+    let lease = Duration::from_secs_f64(args.relay_lease_secs);
+    let running = start_roles(url, &args.roles, args.http_addr, lease).await?;
+    running.wait().await
+}
+
+async fn demo(url: &str, args: &DemoArgs, cli: &Cli) -> anyhow::Result<()> {
+    apply_migrations(url).await?;
+    let running = start_roles(
+        url,
+        &[Role::Api, Role::Relay],
+        args.http_addr,
+        Duration::from_secs(3),
+    )
+    .await?;
+    let addr = running.http_addr.context("the API did not start")?;
+    let placed = place_sample_orders(addr, args.orders).await?;
+    println!("placed {} sample orders: {placed:?}", placed.len());
+
+    // Wait (with a deadline) until the relay moved them into the log.
+    let client = crate::db::connect(url).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let ids: Vec<String> = placed.iter().map(|id| id.to_string()).collect();
+    loop {
+        let rows = client
+            .query(
+                "SELECT partition, \"offset\", key, payload FROM event_log
+                 WHERE topic = 'order-created' AND key = ANY($1) ORDER BY key::bigint",
+                &[&ids],
+            )
+            .await?;
+        if rows.len() == ids.len() {
+            println!("\nin the event log (topic order-created):");
+            for r in rows {
+                let payload: serde_json::Value = r.get(3);
+                println!(
+                    "  partition {} offset {} key {}  {}",
+                    r.get::<_, i32>(0),
+                    r.get::<_, i64>(1),
+                    r.get::<_, String>(2),
+                    payload
+                );
+            }
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the relay did not move the sample orders into the log within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let db_hint = if cli.database_url.is_some() {
+        String::new()
+    } else {
+        format!(" (with DATABASE_URL={url} while this runs)")
+    };
+    println!("\nwhere to look{db_hint}:");
+    println!("  curl -s -X POST http://{addr}/orders -H 'content-type: application/json' \\");
+    println!("       -d '{{\"user_id\": 1, \"email\": \"ada@example.com\", \"amount\": 4200}}'");
+    println!("  curl -s http://{addr}/orders/{}", placed[0]);
+    println!("  outbox-relay topics describe order-created");
+    println!("  outbox-relay tail order-created --max 10");
+    if args.no_wait {
+        running.trigger.trigger();
+        return running.wait_after_trigger().await;
+    }
+    println!("\nserving on http://{addr}; Ctrl-C to stop");
+    running.wait().await
+}
+
+impl Running {
+    async fn wait_after_trigger(self) -> anyhow::Result<()> {
+        for (_, task) in self.tasks {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+}
+
+/// Places sample orders through the API itself, as a client would.
+async fn place_sample_orders(addr: SocketAddr, count: u32) -> anyhow::Result<Vec<i64>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut ids = Vec::new();
+    for i in 1..=count {
+        let body = serde_json::json!({
+            "user_id": i,
+            "email": format!("customer{i}@example.com"),
+            "amount": 1000 * i as i64 + 99,
+        })
+        .to_string();
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!(
+            "POST /orders HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let json_body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let value: serde_json::Value = serde_json::from_str(json_body)
+            .with_context(|| format!("unexpected API answer: {response}"))?;
+        let id = value["order_id"]
+            .as_i64()
+            .with_context(|| format!("unexpected API answer: {response}"))?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+async fn topics(url: &str, cmd: &TopicsCommand) -> anyhow::Result<()> {
+    let mut client = crate::db::connect(url).await?;
+    match cmd {
+        TopicsCommand::List { output } => {
+            let topics = event_log::list_topics(&client).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&topics)?),
+                Output::Table => {
+                    println!("{:<32} {:>10} {:>14}", "TOPIC", "PARTITIONS", "RETENTION");
+                    for t in topics {
+                        println!(
+                            "{:<32} {:>10} {:>14}",
+                            t.name,
+                            t.partitions,
+                            human_duration(t.retention_seconds)
+                        );
+                    }
+                }
+            }
+        }
+        TopicsCommand::Describe { topic, output } => {
+            let info = event_log::topic(&client, topic).await?;
+            let partitions = event_log::partition_offsets(&client, topic).await?;
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "topic": info.name,
+                        "partition_count": info.partitions,
+                        "retention_seconds": info.retention_seconds,
+                        "partitions": partitions,
+                    }))?
+                ),
+                Output::Table => {
+                    println!(
+                        "Topic: {}\tPartitionCount: {}\tRetention: {}",
+                        info.name,
+                        info.partitions,
+                        human_duration(info.retention_seconds)
+                    );
+                    for p in partitions {
+                        println!(
+                            "\tTopic: {}\tPartition: {}\tLogStartOffset: {}\tLogEndOffset: {}",
+                            info.name, p.partition, p.log_start_offset, p.log_end_offset
+                        );
+                    }
+                }
+            }
+        }
+        TopicsCommand::Create {
+            topic,
+            partitions,
+            retention_days,
+        } => {
+            if !(1..=10_000).contains(partitions) {
+                bail!("--partitions must be between 1 and 10000");
+            }
+            if !(*retention_days > 0.0 && retention_days.is_finite()) {
+                bail!("--retention-days must be a positive number");
+            }
+            let retention = Duration::from_secs_f64(retention_days * 86_400.0);
+            event_log::create_topic(&mut client, topic, *partitions, retention).await?;
+            println!("created topic {topic} with {partitions} partitions");
+        }
+    }
+    Ok(())
+}
+
+fn human_duration(seconds: i64) -> String {
+    if seconds % 86_400 == 0 {
+        format!("{}d", seconds / 86_400)
+    } else if seconds % 3600 == 0 {
+        format!("{}h", seconds / 3600)
+    } else {
+        format!("{seconds}s")
+    }
+}
+
+async fn tail(url: &str, args: &TailArgs) -> anyhow::Result<()> {
+    let client = crate::db::connect(url).await?;
+    let all = event_log::partition_offsets(&client, &args.topic).await?;
+    let partitions: Vec<i32> = match args.partition {
+        Some(p) => {
+            event_log::offsets_of(&client, &args.topic, p).await?;
+            vec![p]
+        }
+        None => all.iter().map(|p| p.partition).collect(),
+    };
+    if let Some(n) = args.from_offset {
+        if n < 0 {
+            bail!("--from-offset must be 0 or more");
+        }
+    }
+    let mut positions = Vec::new();
+    for &p in &partitions {
+        let start = match (args.from_offset, args.from_time) {
+            (Some(offset), _) => offset,
+            (None, Some(time)) => event_log::offset_for_time(&client, &args.topic, p, time).await?,
+            (None, None) => 0,
+        };
+        positions.push((p, start));
+    }
+    let mut remaining = args.max.unwrap_or(u64::MAX);
+    let stdout = std::io::stdout();
+    loop {
+        let mut progressed = false;
+        for (partition, next) in positions.iter_mut() {
+            while remaining > 0 {
+                let page = (remaining.min(1000)) as i64;
+                let records =
+                    event_log::read(&client, &args.topic, *partition, *next, page).await?;
+                if records.is_empty() {
+                    break;
+                }
+                let mut out = stdout.lock();
+                for record in &records {
+                    use std::io::Write;
+                    serde_json::to_writer(&mut out, record)?;
+                    writeln!(out)?;
+                    *next = record.offset + 1;
+                }
+                remaining -= records.len() as u64;
+                progressed = true;
+            }
+        }
+        if remaining == 0 || !args.follow {
+            return Ok(());
+        }
+        if !progressed {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown::signal() => return Ok(()),
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! outbox-relay: a transactional outbox relay on Postgres.
+//!
+//! The modules follow the data's path:
+//! order writer ([`order`], [`http`]) → [`outbox`] → [`relay`] (using
+//! [`partitioner`]) → [`event_log`]; plus [`migrate`], [`db`], [`embedded`]
+//! and the [`cli`].
+
+pub mod cli;
+pub mod db;
+pub mod embedded;
+pub mod event_log;
+pub mod http;
+pub mod migrate;
+pub mod order;
+pub mod outbox;
+pub mod partitioner;
+pub mod relay;
+pub mod shutdown;

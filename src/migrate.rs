@@ -1,0 +1,88 @@
+//! Schema migrations: the `.sql` files of `sql/`, applied in order, each
+//! recorded in `schema_migrations`.
+//!
+//! All pending migrations run in one transaction that first takes an
+//! advisory *transaction* lock, so two processes starting at once apply them
+//! exactly once (the second waits, then finds nothing to do), and the lock
+//! cannot leak to another user of the connection.
+
+use anyhow::Context;
+use tokio_postgres::Client;
+
+/// One migration, embedded in the binary at build time.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, in the order they apply.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "core",
+    sql: include_str!("../sql/0001_core.sql"),
+}];
+
+/// The version a fully migrated database reports.
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// Arbitrary constant naming the migration lock (`pg_advisory_xact_lock`).
+const MIGRATION_LOCK_KEY: i64 = 0x6f75_7462_6f78; // "outbox"
+
+/// Applies the pending migrations; returns the versions applied.
+pub async fn run(client: &mut Client) -> anyhow::Result<Vec<i32>> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .context("taking the migration lock")?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    integer     PRIMARY KEY,
+             name       text        NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let current = current_version_in(&tx).await?;
+    let mut applied = Vec::new();
+    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+        tx.batch_execute(migration.sql).await.with_context(|| {
+            format!(
+                "applying migration {} ({})",
+                migration.version, migration.name
+            )
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&migration.version, &migration.name],
+        )
+        .await?;
+        applied.push(migration.version);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+async fn current_version_in(client: &impl tokio_postgres::GenericClient) -> anyhow::Result<i32> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The applied schema version, or 0 when the database was never migrated.
+pub async fn current_version(client: &impl tokio_postgres::GenericClient) -> anyhow::Result<i32> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    current_version_in(client).await
+}

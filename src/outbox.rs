@@ -1,0 +1,40 @@
+//! The outbox: the one table a producer writes, with a plain `INSERT` inside
+//! its own transaction. This module is the Rust writer's API; other languages
+//! use the SQL in the README.
+
+use tokio_postgres::Transaction;
+
+/// One event to publish.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage<'a> {
+    /// Destination topic; must exist in `topics` or the relay parks the row.
+    pub topic: &'a str,
+    /// Partitioning key (Kafka's record key). `None` spreads records over partitions.
+    pub key: Option<String>,
+    pub payload: serde_json::Value,
+    /// A JSON object of string header values.
+    pub headers: serde_json::Value,
+}
+
+/// The statement every writer runs, in any language.
+pub const INSERT_OUTBOX: &str =
+    "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4)";
+
+/// Adds `message` to the outbox inside the caller's transaction: it is
+/// published if and only if that transaction commits.
+pub async fn enqueue(
+    tx: &Transaction<'_>,
+    message: &OutboxMessage<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        INSERT_OUTBOX,
+        &[
+            &message.topic,
+            &message.key,
+            &message.payload,
+            &message.headers,
+        ],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,730 @@
+//! The relay: moves committed outbox rows into the event log, exactly once,
+//! never skipping a row that commits late and never waiting for an open
+//! transaction (docs/relay.md explains the mechanism and its trade-offs).
+//!
+//! * **Which rows.** The relay keeps `relayed_snapshot`: every outbox row
+//!   visible in it is in the log. The next rows to move are those visible in
+//!   a newer snapshot and not in `relayed_snapshot` (PgQ's two-snapshot
+//!   difference). A transaction open at the older snapshot is in its
+//!   in-progress list, so its rows are picked up whenever it commits; it does
+//!   not hold back anyone else's rows.
+//! * **Exactly once.** Reading a batch, appending it, advancing the partition
+//!   heads and the cursor happen in one transaction.
+//! * **One writer.** A lease row (holder, epoch, expiry) elects a leader; every
+//!   batch locks the row *at the leader's epoch*, so a leader that lost the
+//!   lease can no longer append (fencing).
+//! * **Adaptive.** An idle leader peeks with one read-only statement every
+//!   few milliseconds; a busy one runs batches back to back, doubling the
+//!   batch size while batches come back full.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use tokio_postgres::Client;
+
+use crate::partitioner::partition_for_key;
+use crate::shutdown::Shutdown;
+
+/// Channel the relay notifies once per appended batch (for log readers).
+pub const LOG_NOTIFY_CHANNEL: &str = "event_log_appended";
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Row of `relay_state` this relay uses (one per relay deployment).
+    pub relay_name: String,
+    /// This process's identity in the lease.
+    pub instance_id: String,
+    /// How long a lease lasts without renewal; a standby takes over after it.
+    pub lease_ttl: Duration,
+    /// How often a standby tries to take the lease.
+    pub standby_poll: Duration,
+    /// Longest pause between peeks of an idle leader.
+    pub idle_poll_max: Duration,
+    /// Batch size bounds; the size doubles while batches are full.
+    pub min_batch: i64,
+    pub max_batch: i64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            relay_name: "default".into(),
+            instance_id: instance_id(),
+            lease_ttl: Duration::from_secs(3),
+            standby_poll: Duration::from_millis(250),
+            idle_poll_max: Duration::from_millis(5),
+            min_batch: 256,
+            max_batch: 16_384,
+        }
+    }
+}
+
+/// `host-pid-random`: unique per process, readable in `relay_state`.
+pub fn instance_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// What one [`Relay::step`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// Another process holds the lease.
+    Standby,
+    /// This process just became the leader at `epoch`.
+    BecameLeader { epoch: i64 },
+    /// Leader with nothing to move.
+    Idle,
+    /// Moved a batch: `appended` records into the log, `parked` rows set aside.
+    Moved { appended: usize, parked: usize },
+    /// The lease was taken over by another process.
+    LostLeadership,
+}
+
+/// A pg_snapshot (`xmin:xmax:xip,…`) parsed, to reason about it in Rust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub text: String,
+    pub xmin: u64,
+    pub xmax: u64,
+    pub in_progress: Vec<u64>,
+}
+
+impl Snapshot {
+    pub fn parse(text: &str) -> anyhow::Result<Snapshot> {
+        let mut parts = text.splitn(3, ':');
+        let mut number = |what: &str| -> anyhow::Result<u64> {
+            parts
+                .next()
+                .with_context(|| format!("snapshot {text:?} lacks {what}"))?
+                .parse::<u64>()
+                .with_context(|| format!("snapshot {text:?} has a bad {what}"))
+        };
+        let xmin = number("xmin")?;
+        let xmax = number("xmax")?;
+        let in_progress = match parts.next() {
+            None | Some("") => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(|x| {
+                    x.parse::<u64>()
+                        .with_context(|| format!("snapshot {text:?}"))
+                })
+                .collect::<anyhow::Result<_>>()?,
+        };
+        Ok(Snapshot {
+            text: text.to_string(),
+            xmin,
+            xmax,
+            in_progress,
+        })
+    }
+}
+
+/// Rows of the difference between two snapshots, after a (txid, id) cursor,
+/// in (txid, id) order. Two branches so each is an index range scan:
+/// transactions that started after the older snapshot, and transactions
+/// that were in progress in it (late commits).
+const SELECT_BATCH: &str = "
+    SELECT txid::text, id, topic, key, created_at FROM (
+        (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
+          WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
+            AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
+            AND (o.txid, o.id) > ($3::text::xid8, $4::int8)
+            AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)
+          ORDER BY o.txid, o.id LIMIT $5)
+        UNION ALL
+        (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
+          WHERE o.txid = ANY (ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))
+            AND (o.txid, o.id) > ($3::text::xid8, $4::int8)
+            AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)
+          ORDER BY o.txid, o.id LIMIT $5)
+    ) AS batch
+    ORDER BY txid, id LIMIT $5";
+
+/// Read-only check an idle leader runs: the current snapshot, and whether
+/// any outbox row became visible since `relayed_snapshot` ($1).
+const PEEK: &str = "
+    WITH cur AS (SELECT pg_current_snapshot() AS snap)
+    SELECT cur.snap::text,
+           EXISTS (SELECT 1 FROM outbox o
+                    WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
+                      AND o.txid <  pg_snapshot_xmax(cur.snap)
+                      AND pg_visible_in_snapshot(o.txid, cur.snap))
+        OR EXISTS (SELECT 1 FROM outbox o
+                    WHERE o.txid = ANY (ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))
+                      AND pg_visible_in_snapshot(o.txid, cur.snap))
+    FROM cur";
+
+const LOCK_STATE_AT_EPOCH: &str = "
+    SELECT relayed_snapshot::text, draining_snapshot::text, cursor_txid::text, cursor_id
+      FROM relay_state WHERE relay = $1 AND epoch = $2 FOR UPDATE";
+
+const ADVANCE_HEADS: &str = "
+    UPDATE partition_heads h
+       SET log_end_offset = h.log_end_offset + v.n,
+           max_created_at = greatest(h.max_created_at, v.max_created_at)
+      FROM unnest($1::text[], $2::int4[], $3::int8[], $4::timestamptz[]) AS v(topic, partition, n, max_created_at)
+     WHERE h.topic = v.topic AND h.partition = v.partition
+    RETURNING h.topic, h.partition, h.log_end_offset - v.n, h.max_created_at";
+
+/// Copies rows from the outbox into the log; payloads never leave Postgres.
+const APPEND_RECORDS: &str = "
+    INSERT INTO event_log (topic, partition, \"offset\", key, headers, payload, created_at, appended_at, outbox_id)
+    SELECT o.topic, v.partition, v.log_offset, o.key, o.headers, o.payload, o.created_at, now(), o.id
+      FROM unnest($1::text[], $2::int8[], $3::int4[], $4::int8[]) AS v(txid, id, partition, log_offset)
+      JOIN outbox o ON o.txid = v.txid::xid8 AND o.id = v.id";
+
+const APPEND_TIME_INDEX: &str = "
+    INSERT INTO event_log_time_index (topic, partition, base_offset, last_offset, max_created_at)
+    SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::int8[], $5::timestamptz[])";
+
+const PARK_ROWS: &str = "
+    INSERT INTO outbox_parked (outbox_id, topic, key, payload, headers, created_at, reason)
+    SELECT o.id, o.topic, o.key, o.payload, o.headers, o.created_at, v.reason
+      FROM unnest($1::text[], $2::int8[], $3::text[]) AS v(txid, id, reason)
+      JOIN outbox o ON o.txid = v.txid::xid8 AND o.id = v.id
+    ON CONFLICT (outbox_id) DO NOTHING";
+
+const SAVE_CURSOR: &str = "
+    UPDATE relay_state
+       SET relayed_snapshot = $3::text::pg_snapshot,
+           draining_snapshot = $4::text::pg_snapshot,
+           cursor_txid = $5::text::xid8,
+           cursor_id = $6,
+           lease_expires_at = now() + make_interval(secs => $7)
+     WHERE relay = $1 AND epoch = $2";
+
+const ACQUIRE_LEASE: &str = "
+    UPDATE relay_state
+       SET holder = $2, epoch = epoch + 1, lease_expires_at = now() + make_interval(secs => $3)
+     WHERE relay = $1 AND (holder IS NULL OR holder = $2 OR lease_expires_at < now())
+    RETURNING epoch, relayed_snapshot::text";
+
+/// Renews the lease; an idle leader also records the last empty peek's
+/// snapshot as relayed (nothing became visible between the two).
+const RENEW_LEASE: &str = "
+    UPDATE relay_state
+       SET lease_expires_at = now() + make_interval(secs => $3),
+           relayed_snapshot = CASE WHEN draining_snapshot IS NULL AND $4::text IS NOT NULL
+                                   THEN $4::text::pg_snapshot ELSE relayed_snapshot END
+     WHERE relay = $1 AND epoch = $2";
+
+const RELEASE_LEASE: &str = "
+    UPDATE relay_state SET holder = NULL, lease_expires_at = '-infinity'
+     WHERE relay = $1 AND epoch = $2";
+
+enum Role {
+    Standby,
+    Leader {
+        epoch: i64,
+        renewed_at: Instant,
+        /// Mirror of `relayed_snapshot` in the database (we are its only writer).
+        relayed: Snapshot,
+        /// A drain is in progress in the database: skip the peek.
+        draining: bool,
+        /// Snapshot of the last peek that found nothing new.
+        empty_peek: Option<Snapshot>,
+    },
+}
+
+/// The relay of one process. Call [`Relay::step`] (tests) or [`Relay::run`].
+pub struct Relay {
+    database_url: String,
+    config: RelayConfig,
+    client: Option<Client>,
+    role: Role,
+    batch_size: i64,
+    is_leader: Arc<AtomicBool>,
+}
+
+/// An outbox row as the relay sees it (the payload stays in Postgres).
+struct PendingRow {
+    txid: String,
+    id: i64,
+    topic: String,
+    key: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+impl Relay {
+    pub fn new(database_url: impl Into<String>, config: RelayConfig) -> Relay {
+        let batch_size = config.min_batch;
+        Relay {
+            database_url: database_url.into(),
+            config,
+            client: None,
+            role: Role::Standby,
+            batch_size,
+            is_leader: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// True while this relay holds the lease (shared with maintenance).
+    pub fn leadership(&self) -> Arc<AtomicBool> {
+        self.is_leader.clone()
+    }
+
+    pub fn epoch(&self) -> Option<i64> {
+        match &self.role {
+            Role::Leader { epoch, .. } => Some(*epoch),
+            Role::Standby => None,
+        }
+    }
+
+    async fn client(&mut self) -> anyhow::Result<&mut Client> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(crate::db::connect(&self.database_url).await?);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    fn set_role(&mut self, role: Role) {
+        self.is_leader
+            .store(matches!(role, Role::Leader { .. }), Ordering::Relaxed);
+        self.role = role;
+    }
+
+    /// One unit of work: take the lease, renew it, or move one batch.
+    pub async fn step(&mut self) -> anyhow::Result<StepOutcome> {
+        let ttl = self.config.lease_ttl.as_secs_f64();
+        let name = self.config.relay_name.clone();
+        match &self.role {
+            Role::Standby => {
+                let instance = self.config.instance_id.clone();
+                let client = self.client().await?;
+                let row = client
+                    .query_opt(ACQUIRE_LEASE, &[&name, &instance, &ttl])
+                    .await?;
+                let Some(row) = row else {
+                    return Ok(StepOutcome::Standby);
+                };
+                let epoch: i64 = row.get(0);
+                let relayed = Snapshot::parse(row.get(1))?;
+                tracing::info!(epoch, instance = %instance, "relay became leader");
+                self.set_role(Role::Leader {
+                    epoch,
+                    renewed_at: Instant::now(),
+                    relayed,
+                    // Unknown until the first batch reads the state.
+                    draining: true,
+                    empty_peek: None,
+                });
+                Ok(StepOutcome::BecameLeader { epoch })
+            }
+            Role::Leader {
+                epoch,
+                renewed_at,
+                relayed,
+                draining,
+                empty_peek,
+            } => {
+                let (epoch, relayed, draining) = (*epoch, relayed.clone(), *draining);
+                if renewed_at.elapsed() >= self.config.lease_ttl / 3 {
+                    let peek_text = empty_peek.as_ref().map(|s| s.text.clone());
+                    let client = self.client().await?;
+                    let renewed = client
+                        .execute(RENEW_LEASE, &[&name, &epoch, &ttl, &peek_text])
+                        .await?;
+                    if renewed == 0 {
+                        return Ok(self.lose_leadership(epoch));
+                    }
+                    if let Role::Leader {
+                        renewed_at,
+                        relayed,
+                        empty_peek,
+                        ..
+                    } = &mut self.role
+                    {
+                        *renewed_at = Instant::now();
+                        if let Some(peek) = empty_peek.take() {
+                            *relayed = peek;
+                        }
+                    }
+                }
+                let target = if draining {
+                    None
+                } else {
+                    let client = self.client().await?;
+                    let row = client.query_one(PEEK, &[&relayed.text]).await?;
+                    let snapshot = Snapshot::parse(row.get(0))?;
+                    if !row.get::<_, bool>(1) {
+                        if let Role::Leader { empty_peek, .. } = &mut self.role {
+                            *empty_peek = Some(snapshot);
+                        }
+                        return Ok(StepOutcome::Idle);
+                    }
+                    Some(snapshot)
+                };
+                self.move_batch(epoch, target).await
+            }
+        }
+    }
+
+    fn lose_leadership(&mut self, epoch: i64) -> StepOutcome {
+        tracing::warn!(epoch, "relay lost its lease to another process");
+        self.set_role(Role::Standby);
+        StepOutcome::LostLeadership
+    }
+
+    /// Moves one batch of the difference between `relayed_snapshot` and the
+    /// drain target (`target`, or the one saved by an unfinished drain).
+    async fn move_batch(
+        &mut self,
+        epoch: i64,
+        target: Option<Snapshot>,
+    ) -> anyhow::Result<StepOutcome> {
+        let name = self.config.relay_name.clone();
+        let ttl = self.config.lease_ttl.as_secs_f64();
+        let limit = self.batch_size;
+        let client = self.client().await?;
+        let tx = client.transaction().await?;
+
+        let Some(state) = tx.query_opt(LOCK_STATE_AT_EPOCH, &[&name, &epoch]).await? else {
+            drop(tx);
+            return Ok(self.lose_leadership(epoch));
+        };
+        let relayed = Snapshot::parse(state.get(0))?;
+        let saved_drain: Option<String> = state.get(1);
+        let (drain, cursor_txid, cursor_id) = match saved_drain {
+            Some(text) => (
+                Snapshot::parse(&text)?,
+                state
+                    .get::<_, Option<String>>(2)
+                    .unwrap_or_else(|| "0".into()),
+                state.get::<_, Option<i64>>(3).unwrap_or(0),
+            ),
+            None => {
+                let drain = match target {
+                    Some(t) => t,
+                    None => Snapshot::parse(
+                        tx.query_one("SELECT pg_current_snapshot()::text", &[])
+                            .await?
+                            .get(0),
+                    )?,
+                };
+                (drain, "0".to_string(), 0)
+            }
+        };
+
+        let rows = tx
+            .query(
+                SELECT_BATCH,
+                &[&relayed.text, &drain.text, &cursor_txid, &cursor_id, &limit],
+            )
+            .await
+            .context("selecting the next outbox batch")?;
+        let batch: Vec<PendingRow> = rows
+            .iter()
+            .map(|r| PendingRow {
+                txid: r.get(0),
+                id: r.get(1),
+                topic: r.get(2),
+                key: r.get(3),
+                created_at: r.get(4),
+            })
+            .collect();
+        let full = batch.len() as i64 == limit;
+
+        let topics: HashMap<String, i32> = tx
+            .query("SELECT name, partitions FROM topics", &[])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+
+        // Assign each row its partition; rows for unknown topics are parked.
+        let mut placed: Vec<(&PendingRow, i32)> = Vec::with_capacity(batch.len());
+        let mut parked: Vec<&PendingRow> = Vec::new();
+        for row in &batch {
+            match topics.get(&row.topic) {
+                Some(&partitions) => {
+                    let partition = match &row.key {
+                        Some(key) => partition_for_key(key, partitions as u32) as i32,
+                        // Kafka spreads keyless records; the outbox id does the same, deterministically.
+                        None => (row.id.rem_euclid(i64::from(partitions))) as i32,
+                    };
+                    placed.push((row, partition));
+                }
+                None => parked.push(row),
+            }
+        }
+
+        // Count per partition, in a stable order so concurrent lockers agree.
+        let mut per_partition: BTreeMap<(&str, i32), (i64, DateTime<Utc>)> = BTreeMap::new();
+        for (row, partition) in &placed {
+            let entry = per_partition
+                .entry((row.topic.as_str(), *partition))
+                .or_insert((0, row.created_at));
+            entry.0 += 1;
+            entry.1 = entry.1.max(row.created_at);
+        }
+        let mut next_offset: HashMap<(String, i32), i64> = HashMap::new();
+        let mut running_max: HashMap<(String, i32), DateTime<Utc>> = HashMap::new();
+        if !per_partition.is_empty() {
+            let topics_col: Vec<&str> = per_partition.keys().map(|k| k.0).collect();
+            let partitions_col: Vec<i32> = per_partition.keys().map(|k| k.1).collect();
+            let counts: Vec<i64> = per_partition.values().map(|v| v.0).collect();
+            let maxes: Vec<DateTime<Utc>> = per_partition.values().map(|v| v.1).collect();
+            for head in tx
+                .query(
+                    ADVANCE_HEADS,
+                    &[&topics_col, &partitions_col, &counts, &maxes],
+                )
+                .await
+                .context("advancing partition heads")?
+            {
+                let key = (head.get::<_, String>(0), head.get::<_, i32>(1));
+                next_offset.insert(key.clone(), head.get(2));
+                running_max.insert(key, head.get(3));
+            }
+        }
+
+        // Offsets in batch order: per-key order follows (txid, id).
+        let mut col_txid = Vec::with_capacity(placed.len());
+        let mut col_id = Vec::with_capacity(placed.len());
+        let mut col_partition = Vec::with_capacity(placed.len());
+        let mut col_offset = Vec::with_capacity(placed.len());
+        for (row, partition) in &placed {
+            let offset = next_offset
+                .get_mut(&(row.topic.clone(), *partition))
+                .context("partition head missing for a known topic")?;
+            col_txid.push(row.txid.as_str());
+            col_id.push(row.id);
+            col_partition.push(*partition);
+            col_offset.push(*offset);
+            *offset += 1;
+        }
+        if !placed.is_empty() {
+            tx.execute(
+                APPEND_RECORDS,
+                &[&col_txid, &col_id, &col_partition, &col_offset],
+            )
+            .await
+            .context("appending records to the event log")?;
+            let mut ti = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((topic, partition), (count, _)) in &per_partition {
+                let key = (topic.to_string(), *partition);
+                let end = next_offset[&key];
+                ti.0.push(*topic);
+                ti.1.push(*partition);
+                ti.2.push(end - count);
+                ti.3.push(end - 1);
+                ti.4.push(running_max[&key]);
+            }
+            tx.execute(APPEND_TIME_INDEX, &[&ti.0, &ti.1, &ti.2, &ti.3, &ti.4])
+                .await?;
+            tx.execute("SELECT pg_notify($1, '')", &[&LOG_NOTIFY_CHANNEL])
+                .await?;
+        }
+        if !parked.is_empty() {
+            let txids: Vec<&str> = parked.iter().map(|r| r.txid.as_str()).collect();
+            let ids: Vec<i64> = parked.iter().map(|r| r.id).collect();
+            let reasons: Vec<String> = parked
+                .iter()
+                .map(|r| format!("unknown topic {:?}", r.topic))
+                .collect();
+            tx.execute(PARK_ROWS, &[&txids, &ids, &reasons]).await?;
+            tracing::warn!(rows = parked.len(), "parked outbox rows for unknown topics");
+        }
+
+        // Advance the cursor: either mid-drain, or the drain is complete.
+        let (new_relayed, new_drain, new_cursor_txid, new_cursor_id) = if full {
+            let last = batch.last().expect("a full batch is not empty");
+            (
+                relayed.text.clone(),
+                Some(drain.text.clone()),
+                Some(last.txid.clone()),
+                Some(last.id),
+            )
+        } else {
+            (drain.text.clone(), None, None, None)
+        };
+        tx.execute(
+            SAVE_CURSOR,
+            &[
+                &name,
+                &epoch,
+                &new_relayed,
+                &new_drain,
+                &new_cursor_txid,
+                &new_cursor_id,
+                &ttl,
+            ],
+        )
+        .await?;
+        tx.commit().await.context("committing the relay batch")?;
+
+        self.batch_size = if full {
+            (self.batch_size * 2).min(self.config.max_batch)
+        } else {
+            (self.batch_size / 2).max(self.config.min_batch)
+        };
+        if let Role::Leader {
+            relayed,
+            draining,
+            empty_peek,
+            renewed_at,
+            ..
+        } = &mut self.role
+        {
+            *draining = full;
+            *empty_peek = None;
+            *renewed_at = Instant::now();
+            if !full {
+                *relayed = drain;
+            }
+        }
+        Ok(StepOutcome::Moved {
+            appended: placed.len(),
+            parked: parked.len(),
+        })
+    }
+
+    /// Gives the lease up so a standby takes over at once.
+    pub async fn release(&mut self) -> anyhow::Result<()> {
+        if let Role::Leader { epoch, .. } = self.role {
+            let name = self.config.relay_name.clone();
+            self.set_role(Role::Standby);
+            let client = self.client().await?;
+            client.execute(RELEASE_LEASE, &[&name, &epoch]).await?;
+            tracing::info!(epoch, "relay released its lease");
+        }
+        Ok(())
+    }
+
+    /// Runs steps until shutdown: back to back while there is work, polling
+    /// with a pause that doubles up to `idle_poll_max` while idle.
+    pub async fn run(mut self, mut shutdown: Shutdown) {
+        let min_pause = Duration::from_micros(500);
+        let mut idle_pause = min_pause;
+        let mut error_pause = Duration::from_millis(100);
+        while !shutdown.is_triggered() {
+            let pause = match self.step().await {
+                Ok(StepOutcome::Moved { .. })
+                | Ok(StepOutcome::BecameLeader { .. })
+                | Ok(StepOutcome::LostLeadership) => {
+                    idle_pause = min_pause;
+                    error_pause = Duration::from_millis(100);
+                    Duration::ZERO
+                }
+                Ok(StepOutcome::Idle) => {
+                    let pause = idle_pause;
+                    idle_pause = (idle_pause * 2).min(self.config.idle_poll_max);
+                    error_pause = Duration::from_millis(100);
+                    pause
+                }
+                Ok(StepOutcome::Standby) => self.config.standby_poll,
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "relay step failed; retrying");
+                    // A broken connection is reopened by the next step.
+                    self.client = None;
+                    let pause = error_pause;
+                    error_pause = (error_pause * 2).min(Duration::from_secs(5));
+                    pause
+                }
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.recv() => {}
+                }
+            }
+        }
+        if let Err(e) = self.release().await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "could not release the relay lease"
+            );
+        }
+    }
+}
+
+/// Periodic upkeep while this process leads: remove relayed outbox rows,
+/// keep day partitions ahead, enforce retention.
+pub async fn run_maintenance(
+    database_url: String,
+    relay_name: String,
+    leadership: Arc<AtomicBool>,
+    mut shutdown: Shutdown,
+) {
+    let mut last_retention: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shutdown.recv() => return,
+        }
+        if !leadership.load(Ordering::Relaxed) {
+            continue;
+        }
+        let result = async {
+            let mut client = crate::db::connect(&database_url).await?;
+            let removed = delete_relayed_outbox_rows(&client, &relay_name, 50_000).await?;
+            if removed > 0 {
+                tracing::debug!(removed, "removed relayed outbox rows");
+            }
+            if last_retention.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                let tx = client.transaction().await?;
+                crate::event_log::ensure_day_partitions(&tx).await?;
+                tx.commit().await?;
+                let outcome = crate::event_log::enforce_retention(&mut client).await?;
+                if outcome != Default::default() {
+                    tracing::info!(?outcome, "retention applied");
+                }
+                last_retention = Some(Instant::now());
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = format!("{e:#}"), "relay maintenance failed");
+        }
+    }
+}
+
+/// Deletes up to `limit` outbox rows that are certainly in the log: those
+/// of transactions that completed before `relayed_snapshot` was taken.
+pub async fn delete_relayed_outbox_rows(
+    client: &Client,
+    relay_name: &str,
+    limit: i64,
+) -> anyhow::Result<u64> {
+    let removed = client
+        .execute(
+            "DELETE FROM outbox o USING (
+                 SELECT txid, id FROM outbox
+                  WHERE txid < (SELECT pg_snapshot_xmin(relayed_snapshot) FROM relay_state WHERE relay = $2)
+                  ORDER BY txid, id LIMIT $1) d
+              WHERE o.txid = d.txid AND o.id = d.id",
+            &[&limit, &relay_name],
+        )
+        .await?;
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_snapshots() {
+        let s = Snapshot::parse("10:20:12,15").unwrap();
+        assert_eq!(
+            (s.xmin, s.xmax, s.in_progress.clone()),
+            (10, 20, vec![12, 15])
+        );
+        let empty = Snapshot::parse("727:727:").unwrap();
+        assert!(empty.in_progress.is_empty());
+        assert!(Snapshot::parse("x:1:").is_err());
+        assert!(Snapshot::parse("1").is_err());
+    }
+}

@@ -1,0 +1,66 @@
+//! Graceful shutdown: one watch channel fanned out to every long-running role.
+
+use tokio::sync::watch;
+
+/// Held by each role; resolves `recv()` once shutdown was requested.
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+}
+
+/// Held by whoever decides to stop (Ctrl-C / SIGTERM handler, a test).
+pub struct ShutdownTrigger {
+    tx: watch::Sender<bool>,
+}
+
+pub fn channel() -> (ShutdownTrigger, Shutdown) {
+    let (tx, rx) = watch::channel(false);
+    (ShutdownTrigger { tx }, Shutdown { rx })
+}
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
+    }
+}
+
+impl Shutdown {
+    /// A shutdown that never fires (for one-shot commands and tests).
+    pub fn never() -> Shutdown {
+        let (tx, rx) = watch::channel(false);
+        std::mem::forget(tx);
+        Shutdown { rx }
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Waits until shutdown is requested (or every trigger is gone).
+    pub async fn recv(&mut self) {
+        while !*self.rx.borrow_and_update() {
+            if self.rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,337 @@
+//! The order API over real HTTP against a real Postgres.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+struct TestApi {
+    base: String,
+    http: reqwest::Client,
+    db: TestDb,
+}
+
+impl TestApi {
+    async fn spawn() -> TestApi {
+        TestApi::spawn_on(TestDb::migrated().await).await
+    }
+
+    async fn spawn_on(db: TestDb) -> TestApi {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let pool = db.pool(4);
+        tokio::spawn(outbox_relay::http::serve(
+            listener,
+            pool,
+            outbox_relay::shutdown::Shutdown::never(),
+        ));
+        TestApi {
+            base,
+            http: reqwest::Client::new(),
+            db,
+        }
+    }
+
+    async fn post_raw(
+        &self,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.http.post(format!("{}/orders", self.base)).body(body);
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post_order(&self, body: &Value) -> (StatusCode, Value) {
+        self.post_raw(Some("application/json"), body.to_string())
+            .await
+    }
+
+    async fn rows_written(&self) -> i64 {
+        let client = self.db.client().await;
+        count(
+            &client,
+            "SELECT (SELECT count(*) FROM orders) + (SELECT count(*) FROM outbox)",
+        )
+        .await
+    }
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {body}"))
+}
+
+#[tokio::test]
+async fn post_order_writes_order_and_event_in_one_transaction() {
+    let api = TestApi::spawn().await;
+    let (status, body) = api
+        .post_order(&json!({"user_id": 42, "email": "ada@example.com", "amount": 1250}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let order_id = body["order_id"].as_i64().unwrap();
+
+    let client = api.db.client().await;
+    let row = client
+        .query_one("SELECT topic, key, payload, headers FROM outbox", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "order-created");
+    assert_eq!(row.get::<_, String>(1), order_id.to_string());
+    assert_eq!(
+        row.get::<_, Value>(2),
+        json!({"order_id": order_id, "user_id": 42, "amount": 1250, "email": "ada@example.com"})
+    );
+
+    let got: Value = api
+        .http
+        .get(format!("{}/orders/{order_id}", api.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["amount"], 1250);
+    assert_eq!(got["email"], "ada@example.com");
+}
+
+#[tokio::test]
+async fn get_unknown_or_invalid_order_is_a_json_error() {
+    let api = TestApi::spawn().await;
+    let response = api
+        .http
+        .get(format!("{}/orders/999", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        error_code(&response.json().await.unwrap()),
+        "order_not_found"
+    );
+    let response = api
+        .http
+        .get(format!("{}/orders/abc", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        error_code(&response.json().await.unwrap()),
+        "invalid_order_id"
+    );
+    let response = api
+        .http
+        .get(format!("{}/nope", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&response.json().await.unwrap()), "not_found");
+    let response = api
+        .http
+        .delete(format!("{}/orders", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        error_code(&response.json().await.unwrap()),
+        "method_not_allowed"
+    );
+}
+
+#[tokio::test]
+async fn every_bad_input_class_is_refused_and_writes_nothing() {
+    let api = TestApi::spawn().await;
+    let valid = || json!({"user_id": 1, "email": "a@example.com", "amount": 5});
+
+    let (status, body) = api
+        .post_raw(Some("application/json"), "{\"user_id\": 1,")
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "malformed_json")
+    );
+
+    let (status, body) = api.post_raw(Some("text/plain"), valid().to_string()).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+    let (status, _) = api.post_raw(None, valid().to_string()).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    let huge = format!(
+        "{{\"user_id\": 1, \"email\": \"a@example.com\", \"amount\": 5, \"pad\": \"{}\"}}",
+        "x".repeat(70_000)
+    );
+    let (status, body) = api.post_raw(Some("application/json"), huge).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+
+    let invalid = [
+        (
+            json!({"user_id": 0, "email": "a@example.com", "amount": 5}),
+            "invalid_user_id",
+        ),
+        (
+            json!({"user_id": -1, "email": "a@example.com", "amount": 5}),
+            "invalid_user_id",
+        ),
+        (
+            json!({"user_id": 1, "email": "a@example.com", "amount": 0}),
+            "invalid_amount",
+        ),
+        (
+            json!({"user_id": 1, "email": "a@example.com", "amount": -5}),
+            "invalid_amount",
+        ),
+        (
+            json!({"user_id": 1, "email": "a@example.com", "amount": 1e30}),
+            "invalid_amount",
+        ),
+        (
+            json!({"user_id": 1, "email": "a@example.com\r\nBcc: x@example.com", "amount": 5}),
+            "invalid_email",
+        ),
+        (
+            json!({"user_id": 1, "email": "a@example.com, b@example.com", "amount": 5}),
+            "invalid_email",
+        ),
+        (
+            json!({"user_id": 1, "email": "not-an-address", "amount": 5}),
+            "invalid_email",
+        ),
+        (json!({"user_id": 1, "amount": 5}), "invalid_email"),
+        (
+            json!({"user_id": 1, "email": "a@example.com", "amount": 5, "admin": true}),
+            "invalid_body",
+        ),
+        (json!("just a string"), "invalid_body"),
+    ];
+    for (body, code) in invalid {
+        let (status, answer) = api.post_order(&body).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body} -> {answer}"
+        );
+        assert_eq!(error_code(&answer), code, "{body}");
+        assert!(answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    // Bytes that are not UTF-8 at all.
+    let (status, body) = api
+        .post_raw(Some("application/json"), vec![0xff, 0xfe, 0x00])
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "malformed_json")
+    );
+
+    assert_eq!(
+        api.rows_written().await,
+        0,
+        "a refused request must write nothing"
+    );
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_the_first_answer_and_refuses_a_different_body() {
+    let api = TestApi::spawn().await;
+    let body = json!({"user_id": 3, "email": "c@example.com", "amount": 700});
+    let post = |key: &'static str, body: Value| {
+        let api = &api;
+        async move {
+            let response = api
+                .http
+                .post(format!("{}/orders", api.base))
+                .header("content-type", "application/json")
+                .header("idempotency-key", key)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (first_status, first) = post("order-abc", body.clone()).await;
+    assert_eq!(first_status, StatusCode::CREATED);
+    let (again_status, again) = post("order-abc", body.clone()).await;
+    assert_eq!(
+        (again_status, &again),
+        (StatusCode::CREATED, &first),
+        "a retry returns the first answer"
+    );
+
+    let (status, answer) = post(
+        "order-abc",
+        json!({"user_id": 3, "email": "c@example.com", "amount": 701}),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&answer)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+    );
+
+    // Concurrent retries with one key still create one order.
+    let concurrent =
+        futures_util::future::join_all((0..8).map(|_| post("order-xyz", body.clone()))).await;
+    let ids: std::collections::HashSet<i64> = concurrent
+        .iter()
+        .map(|(s, b)| {
+            assert_eq!(*s, StatusCode::CREATED, "{b}");
+            b["order_id"].as_i64().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "concurrent retries created {} orders",
+        ids.len()
+    );
+
+    let client = api.db.client().await;
+    assert_eq!(count(&client, "SELECT count(*) FROM orders").await, 2);
+    assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 2);
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let api = TestApi::spawn().await;
+    let response = api
+        .http
+        .get(format!("{}/healthz", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = api
+        .http
+        .get(format!("{}/readyz", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let unmigrated = TestApi::spawn_on(TestDb::empty().await).await;
+    let response = unmigrated
+        .http
+        .get(format!("{}/readyz", unmigrated.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_code(&response.json().await.unwrap()), "not_ready");
+}

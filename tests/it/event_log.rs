@@ -1,0 +1,151 @@
+//! Reading the log: offsets, offsetsForTimes, retention.
+
+use chrono::{DateTime, TimeZone, Utc};
+use outbox_relay::event_log;
+use serde_json::json;
+
+use crate::harness::*;
+
+fn at(minute: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 10, 1, 0, minute, 0).unwrap()
+}
+
+/// Writes events with explicit created_at (as an import would) to one
+/// partition of a 1-partition topic, relayed in several batches.
+async fn log_with_create_times(db: &TestDb, minutes: &[u32]) {
+    let mut client = db.client().await;
+    event_log::create_topic(
+        &mut client,
+        "times",
+        1,
+        std::time::Duration::from_secs(86_400 * 35),
+    )
+    .await
+    .unwrap();
+    let mut relay = db.relay();
+    for (i, minute) in minutes.iter().enumerate() {
+        client
+            .execute(
+                "INSERT INTO outbox (topic, key, payload, created_at) VALUES ('times', 'k', $1, $2)",
+                &[&json!({ "i": i }), &at(*minute)],
+            )
+            .await
+            .unwrap();
+        // Relay every other row so the time index has several entries.
+        if i % 2 == 1 {
+            drain(&mut relay).await;
+        }
+    }
+    drain(&mut relay).await;
+}
+
+#[tokio::test]
+async fn offsets_for_times_follows_kafka() {
+    let db = TestDb::migrated().await;
+    // CreateTime is not monotonic: offset 3 is older than offset 2.
+    log_with_create_times(&db, &[10, 20, 30, 25, 40, 50]).await;
+    let client = db.client().await;
+    let lookup = |minute: u32| {
+        let client = &client;
+        async move {
+            event_log::offset_for_time(client, "times", 0, at(minute))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(lookup(0).await, 0, "before everything: the first offset");
+    assert_eq!(lookup(10).await, 0, "an exact match");
+    assert_eq!(lookup(11).await, 1);
+    assert_eq!(
+        lookup(21).await,
+        2,
+        "first in offset order, not the closest time (25 at offset 3)"
+    );
+    assert_eq!(lookup(26).await, 2);
+    assert_eq!(lookup(31).await, 4);
+    assert_eq!(lookup(50).await, 5);
+    assert_eq!(lookup(51).await, 6, "after everything: the log end offset");
+
+    let offsets = event_log::offsets_of(&client, "times", 0).await.unwrap();
+    assert_eq!((offsets.log_start_offset, offsets.log_end_offset), (0, 6));
+}
+
+#[tokio::test]
+async fn offsets_for_times_on_an_empty_partition_is_the_log_end() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    assert_eq!(
+        event_log::offset_for_time(&client, "order-created", 3, at(0))
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(matches!(
+        event_log::offset_for_time(&client, "order-created", 8, at(0)).await,
+        Err(event_log::LogError::UnknownPartition { .. })
+    ));
+    assert!(matches!(
+        event_log::offset_for_time(&client, "nope", 0, at(0)).await,
+        Err(event_log::LogError::UnknownTopic(_))
+    ));
+}
+
+#[tokio::test]
+async fn reads_are_in_offset_order_from_any_offset() {
+    let db = TestDb::migrated().await;
+    log_with_create_times(&db, &[1, 2, 3, 4, 5]).await;
+    let client = db.client().await;
+    let records = event_log::read(&client, "times", 0, 2, 10).await.unwrap();
+    let offsets: Vec<i64> = records.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, vec![2, 3, 4]);
+    assert_eq!(records[0].payload, json!({ "i": 2 }));
+    assert_eq!(records[0].created_at, at(3));
+    assert!(records[0].appended_at > records[0].created_at);
+    assert_eq!(
+        event_log::read(&client, "times", 0, 0, 2)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn retention_moves_the_log_start_and_offsets_for_times_respects_it() {
+    let db = TestDb::migrated().await;
+    log_with_create_times(&db, &[1, 2, 3, 4]).await;
+    let mut client = db.client().await;
+    client
+        .execute(
+            "UPDATE topics SET retention = interval '1 second' WHERE name = 'times'",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually("records to age past one second", std::time::Duration::from_secs(10), || {
+        let client = &client;
+        async move {
+            let old = count(client, "SELECT count(*) FROM event_log WHERE appended_at < now() - interval '1 second'").await;
+            (old == 4).then_some(())
+        }
+    })
+    .await;
+    let outcome = event_log::enforce_retention(&mut client).await.unwrap();
+    assert!(outcome.partitions_truncated >= 1);
+    let offsets = event_log::offsets_of(&client, "times", 0).await.unwrap();
+    assert_eq!((offsets.log_start_offset, offsets.log_end_offset), (4, 4));
+    assert!(event_log::read(&client, "times", 0, 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        event_log::offset_for_time(&client, "times", 0, at(0))
+            .await
+            .unwrap(),
+        4
+    );
+    // The default topic keeps its 35 days.
+    let topics = event_log::list_topics(&client).await.unwrap();
+    let default = topics.iter().find(|t| t.name == "order-created").unwrap();
+    assert_eq!(default.retention_seconds, 35 * 86_400);
+}

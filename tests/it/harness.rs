@@ -1,0 +1,218 @@
+//! Test harness: a private Postgres cluster per test run (fsync off), a
+//! fresh migrated database per test, and helpers that poll with a deadline.
+//!
+//! Set `TEST_DATABASE_URL` (an admin URL, e.g. postgres://postgres@127.0.0.1/postgres)
+//! to use an existing server instead of the private cluster.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use outbox_relay::embedded::{ClusterOptions, EmbeddedPostgres};
+use outbox_relay::relay::{Relay, RelayConfig, StepOutcome};
+use tokio_postgres::Client;
+
+/// Admin URL of the server tests create their databases in.
+fn admin_url() -> &'static str {
+    static ADMIN: OnceLock<String> = OnceLock::new();
+    ADMIN.get_or_init(|| {
+        if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+            return url;
+        }
+        let options = ClusterOptions {
+            data_dir: std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-postgres"),
+            durable: false,
+            extra_settings: vec!["max_connections = 400".into()],
+        };
+        let cluster = EmbeddedPostgres::start(&options).expect("start the private test cluster");
+        // Left running for the next run; each run drops what earlier runs left.
+        let url = cluster.url("postgres");
+        drop_leftover_databases(&url);
+        url
+    })
+}
+
+/// Drops databases of earlier runs (`it_*`), once per test process.
+fn drop_leftover_databases(url: &str) {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = outbox_relay::db::connect(&url)
+                .await
+                .expect("connect to the test cluster");
+            let rows = client
+                .query(
+                    "SELECT datname FROM pg_database WHERE datname LIKE 'it\\_%'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            for row in rows {
+                let name: String = row.get(0);
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await;
+            }
+        });
+    })
+    .join()
+    .unwrap();
+}
+
+/// A fresh database for one test.
+pub struct TestDb {
+    pub url: String,
+}
+
+impl TestDb {
+    /// A new, empty database (not migrated).
+    pub async fn empty() -> TestDb {
+        let admin = admin_url().to_string();
+        let name = format!("it_{:016x}", rand::random::<u64>());
+        let client = outbox_relay::db::connect(&admin)
+            .await
+            .expect("connect admin");
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create test database");
+        let base = admin
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_string())
+            .unwrap_or(admin.clone());
+        TestDb {
+            url: format!("{base}/{name}"),
+        }
+    }
+
+    /// A new database with the schema applied.
+    pub async fn migrated() -> TestDb {
+        let db = TestDb::empty().await;
+        outbox_relay::cli::apply_migrations(&db.url)
+            .await
+            .expect("migrate");
+        db
+    }
+
+    pub async fn client(&self) -> Client {
+        outbox_relay::db::connect(&self.url)
+            .await
+            .expect("connect test db")
+    }
+
+    pub fn pool(&self, size: usize) -> deadpool_postgres::Pool {
+        outbox_relay::db::pool(&self.url, size).expect("pool")
+    }
+
+    /// A relay with fast leases for tests.
+    pub fn relay(&self) -> Relay {
+        Relay::new(&self.url, fast_relay_config())
+    }
+}
+
+pub fn fast_relay_config() -> RelayConfig {
+    RelayConfig {
+        lease_ttl: Duration::from_millis(1500),
+        standby_poll: Duration::from_millis(50),
+        min_batch: 64,
+        max_batch: 4096,
+        ..RelayConfig::default()
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Steps `relay` until it reports idle (everything visible is moved).
+pub async fn drain(relay: &mut Relay) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match relay.step().await.expect("relay step") {
+            StepOutcome::Idle => return,
+            StepOutcome::Standby => panic!("relay could not take the lease"),
+            _ => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relay did not drain within 60 s"
+        );
+    }
+}
+
+/// Number of rows of a query returning one bigint.
+pub async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+/// Inserts one outbox row in its own committed transaction.
+pub async fn insert_event(client: &Client, topic: &str, key: &str, payload: serde_json::Value) {
+    client
+        .execute(
+            outbox_relay::outbox::INSERT_OUTBOX,
+            &[&topic, &Some(key), &payload, &serde_json::json!({})],
+        )
+        .await
+        .expect("insert outbox row");
+}
+
+/// Asserts every partition of `topic` holds offsets 0..log_end_offset with
+/// no gap or duplicate, and each outbox row appears exactly once.
+pub async fn assert_log_consistent(client: &Client, topic: &str) {
+    let rows = client
+        .query(
+            "SELECT h.partition, h.log_end_offset,
+                    (SELECT count(*) FROM event_log e WHERE e.topic = h.topic AND e.partition = h.partition),
+                    (SELECT count(DISTINCT \"offset\") FROM event_log e WHERE e.topic = h.topic AND e.partition = h.partition),
+                    (SELECT coalesce(max(\"offset\"), -1) FROM event_log e WHERE e.topic = h.topic AND e.partition = h.partition),
+                    (SELECT coalesce(min(\"offset\"), 0) FROM event_log e WHERE e.topic = h.topic AND e.partition = h.partition)
+               FROM partition_heads h WHERE h.topic = $1 ORDER BY h.partition",
+            &[&topic],
+        )
+        .await
+        .unwrap();
+    for row in rows {
+        let (partition, end, n, distinct, max, min): (i32, i64, i64, i64, i64, i64) = (
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+            row.get(5),
+        );
+        assert_eq!(
+            n, end,
+            "partition {partition}: {n} records but log end offset {end}"
+        );
+        assert_eq!(distinct, n, "partition {partition}: duplicate offsets");
+        assert_eq!(min, 0, "partition {partition}: does not start at 0");
+        assert_eq!(max, end - 1, "partition {partition}: offsets have a gap");
+    }
+    let duplicated = count(
+        client,
+        "SELECT count(*) FROM (SELECT outbox_id FROM event_log GROUP BY outbox_id HAVING count(*) > 1) d",
+    )
+    .await;
+    assert_eq!(
+        duplicated, 0,
+        "some outbox rows were appended more than once"
+    );
+}

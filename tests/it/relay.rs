@@ -1,0 +1,460 @@
+//! Relay invariants (DESIGN.md 1–5) against a real Postgres.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use outbox_relay::order::{self, EmailAddress, NewOrder};
+use outbox_relay::partitioner::partition_for_key;
+use outbox_relay::relay::{Relay, StepOutcome};
+use serde_json::json;
+
+use crate::harness::*;
+
+fn sample_order(user_id: i64) -> NewOrder {
+    NewOrder {
+        user_id,
+        email: EmailAddress::parse("buyer@example.com").unwrap(),
+        amount: 1999,
+    }
+}
+
+/// Invariant 1: an order exists if and only if its event does.
+#[tokio::test]
+async fn rolled_back_writer_leaves_neither_order_nor_event() {
+    let db = TestDb::migrated().await;
+    let mut client = db.client().await;
+
+    let tx = client.transaction().await.unwrap();
+    order::insert(&tx, &sample_order(1)).await.unwrap();
+    tx.rollback().await.unwrap();
+
+    let tx = client.transaction().await.unwrap();
+    let kept = order::insert(&tx, &sample_order(2)).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+
+    assert_eq!(count(&client, "SELECT count(*) FROM orders").await, 1);
+    let keys: Vec<String> = client
+        .query("SELECT key FROM event_log", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![kept.to_string()],
+        "only the committed order has an event"
+    );
+}
+
+/// Invariant 2: a late-committing row is relayed, and an open transaction
+/// does not hold back rows that others commit meanwhile.
+#[tokio::test]
+async fn late_commit_is_never_skipped_and_open_transactions_do_not_stall() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let mut relay = db.relay();
+    relay.step().await.unwrap(); // take the lease
+
+    // A writer that inserts first (lower id and txid) and commits last.
+    let mut late_writer = db.client().await;
+    let late_tx = late_writer.transaction().await.unwrap();
+    insert_via(&late_tx, "late").await;
+    // An unrelated long transaction holding an xid on another table.
+    let mut batch_job = db.client().await;
+    let job_tx = batch_job.transaction().await.unwrap();
+    job_tx
+        .execute(
+            "INSERT INTO orders (user_id, email, amount) VALUES (1, 'job@example.com', 1)",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    for i in 0..5 {
+        insert_event(
+            &client,
+            "order-created",
+            &format!("early-{i}"),
+            json!({ "i": i }),
+        )
+        .await;
+    }
+    drain(&mut relay).await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM event_log").await,
+        5,
+        "rows committed while other transactions are open must not wait for them"
+    );
+
+    late_tx.commit().await.unwrap();
+    drain(&mut relay).await;
+    let late = count(&client, "SELECT count(*) FROM event_log WHERE key = 'late'").await;
+    assert_eq!(late, 1, "the late-committing row must be relayed once");
+    job_tx.rollback().await.unwrap();
+    assert_log_consistent(&client, "order-created").await;
+}
+
+async fn insert_via(tx: &tokio_postgres::Transaction<'_>, key: &str) {
+    tx.execute(
+        outbox_relay::outbox::INSERT_OUTBOX,
+        &[
+            &"order-created",
+            &Some(key),
+            &json!({ "k": key }),
+            &json!({}),
+        ],
+    )
+    .await
+    .unwrap();
+}
+
+/// Invariant 3: killing the relay at arbitrary instants never loses or
+/// duplicates a row.
+#[tokio::test]
+async fn relay_killed_at_random_instants_moves_each_row_exactly_once() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outbox (topic, key, payload)
+             SELECT 'order-created', (n % 97)::text, jsonb_build_object('n', n) FROM generate_series(1, 20000) n",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    // Abort the relay task (dropping its connection mid-transaction) after a
+    // varying delay, many times, while it works through the backlog.
+    for round in 0..30u64 {
+        let url = db.url.clone();
+        let task = tokio::spawn(async move {
+            let mut relay = Relay::new(url, fast_relay_config());
+            loop {
+                if relay.step().await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_micros(300 + round * 397 % 7000)).await;
+        task.abort();
+        let _ = task.await;
+        // The aborted leader's lease must expire before the next one can lead.
+        client
+            .execute("UPDATE relay_state SET lease_expires_at = '-infinity'", &[])
+            .await
+            .unwrap();
+    }
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM event_log").await,
+        20000
+    );
+    assert_log_consistent(&client, "order-created").await;
+}
+
+/// Invariant 3, deterministic: the relay's connection is terminated in the
+/// middle of a batch transaction (after reading, before committing).
+#[tokio::test]
+async fn relay_connection_terminated_mid_batch_appends_nothing() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    for i in 0..50 {
+        insert_event(&client, "order-created", &i.to_string(), json!({ "i": i })).await;
+    }
+    // Block the relay inside its transaction on a partition head lock.
+    let mut blocker = db.client().await;
+    let blocker_tx = blocker.transaction().await.unwrap();
+    blocker_tx
+        .execute("SELECT 1 FROM partition_heads FOR UPDATE", &[])
+        .await
+        .unwrap();
+
+    let url = db.url.clone();
+    let stuck = tokio::spawn(async move {
+        let mut relay = Relay::new(url, fast_relay_config());
+        relay.step().await.unwrap(); // lease
+        relay.step().await // the batch: blocks, then fails
+    });
+    let pid: i32 = eventually("the relay to wait on the lock", Duration::from_secs(10), || async {
+        client
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%partition_heads%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    })
+    .await;
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    assert!(stuck.await.unwrap().is_err(), "the killed batch must fail");
+    blocker_tx.rollback().await.unwrap();
+
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM event_log").await,
+        0,
+        "nothing half-appended"
+    );
+    client
+        .execute("UPDATE relay_state SET lease_expires_at = '-infinity'", &[])
+        .await
+        .unwrap();
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 50);
+    assert_log_consistent(&client, "order-created").await;
+}
+
+/// Invariants 4 and 5 under 16 concurrent writers with a live relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_writers_keep_per_key_order_and_gapless_offsets() {
+    let db = TestDb::migrated().await;
+    let (trigger, shutdown) = outbox_relay::shutdown::channel();
+    let relay_task = tokio::spawn(db.relay().run(shutdown));
+
+    const WRITERS: i64 = 16;
+    const EVENTS_PER_WRITER: i64 = 150;
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let url = db.url.clone();
+        writers.push(tokio::spawn(async move {
+            let mut client = outbox_relay::db::connect(&url).await.unwrap();
+            for seq in 0..EVENTS_PER_WRITER {
+                // Each writer owns four keys and commits their events in sequence.
+                let key = format!("w{w}-k{}", seq % 4);
+                let tx = client.transaction().await.unwrap();
+                insert_via_tx(&tx, &key, json!({ "writer": w, "seq": seq })).await;
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let client = db.client().await;
+    let total = WRITERS * EVENTS_PER_WRITER;
+    eventually(
+        "every event in the log",
+        Duration::from_secs(60),
+        || async {
+            (count(&client, "SELECT count(*) FROM event_log").await == total).then_some(())
+        },
+    )
+    .await;
+    trigger.trigger();
+    relay_task.await.unwrap();
+
+    assert_log_consistent(&client, "order-created").await;
+    let rows = client
+        .query(
+            "SELECT key, partition, (payload->>'seq')::bigint FROM event_log ORDER BY partition, \"offset\"",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut last_seq: HashMap<String, i64> = HashMap::new();
+    for row in rows {
+        let (key, partition, seq): (String, i32, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(
+            partition as u32,
+            partition_for_key(&key, 8),
+            "key {key} in the murmur2 partition"
+        );
+        if let Some(previous) = last_seq.insert(key.clone(), seq) {
+            assert!(
+                seq > previous,
+                "key {key}: seq {seq} after {previous} (out of commit order)"
+            );
+        }
+    }
+}
+
+async fn insert_via_tx(
+    tx: &tokio_postgres::Transaction<'_>,
+    key: &str,
+    payload: serde_json::Value,
+) {
+    tx.execute(
+        outbox_relay::outbox::INSERT_OUTBOX,
+        &[&"order-created", &Some(key), &payload, &json!({})],
+    )
+    .await
+    .unwrap();
+}
+
+/// One fenced leader: a standby takes over when the leader dies, and the
+/// old leader can no longer append.
+#[tokio::test]
+async fn standby_takes_over_and_the_old_leader_is_fenced() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let mut leader = db.relay();
+    let mut standby = db.relay();
+    assert!(matches!(
+        leader.step().await.unwrap(),
+        StepOutcome::BecameLeader { .. }
+    ));
+    assert_eq!(standby.step().await.unwrap(), StepOutcome::Standby);
+
+    insert_event(&client, "order-created", "a", json!({})).await;
+    drain(&mut leader).await;
+
+    // The leader stalls (stops renewing); the standby takes over after the lease.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let took_over = loop {
+        if let StepOutcome::BecameLeader { epoch } = standby.step().await.unwrap() {
+            break epoch;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby did not take the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    insert_event(&client, "order-created", "b", json!({})).await;
+    drain(&mut standby).await;
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 2);
+
+    // The old leader wakes up: its next batch is refused at the old epoch.
+    insert_event(&client, "order-created", "c", json!({})).await;
+    let outcome = leader.step().await.unwrap();
+    assert_eq!(
+        outcome,
+        StepOutcome::LostLeadership,
+        "stale leader must be fenced"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM event_log WHERE key = 'c'").await,
+        0
+    );
+    let holder_epoch: i64 = client
+        .query_one("SELECT epoch FROM relay_state", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holder_epoch, took_over);
+    drain(&mut standby).await;
+    assert_log_consistent(&client, "order-created").await;
+}
+
+/// The running relay hands over to a standby process within a few seconds
+/// when the leader's task dies without releasing its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_standby_takes_over_within_a_few_seconds() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let (_t1, s1) = outbox_relay::shutdown::channel();
+    let first = tokio::spawn(db.relay().run(s1));
+    insert_event(&client, "order-created", "before", json!({})).await;
+    eventually(
+        "the first leader to relay",
+        Duration::from_secs(10),
+        || async { (count(&client, "SELECT count(*) FROM event_log").await == 1).then_some(()) },
+    )
+    .await;
+    let (_t2, s2) = outbox_relay::shutdown::channel();
+    let second = tokio::spawn(db.relay().run(s2));
+    first.abort(); // dies without releasing the lease
+    let started = std::time::Instant::now();
+    insert_event(&client, "order-created", "after", json!({})).await;
+    eventually("the standby to relay", Duration::from_secs(10), || async {
+        (count(&client, "SELECT count(*) FROM event_log").await == 2).then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "takeover took {:?}",
+        started.elapsed()
+    );
+    second.abort();
+}
+
+/// A row for a topic that does not exist is parked, not looped on.
+#[tokio::test]
+async fn row_for_unknown_topic_is_parked_and_the_relay_moves_on() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    insert_event(&client, "no-such-topic", "x", json!({ "bad": true })).await;
+    insert_event(&client, "order-created", "ok", json!({})).await;
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 1);
+    let reason: String = client
+        .query_one(
+            "SELECT reason FROM outbox_parked WHERE topic = 'no-such-topic'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.contains("unknown topic"), "{reason}");
+}
+
+/// Keyless records are spread over partitions; headers and created_at are kept.
+#[tokio::test]
+async fn keyless_rows_headers_and_create_time_are_carried_over() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outbox (topic, key, payload, headers, created_at)
+             SELECT 'order-created', NULL, jsonb_build_object('n', n), '{\"source\": \"import\"}',
+                    '2026-10-01T00:00:00Z'::timestamptz + n * interval '1 minute'
+             FROM generate_series(1, 16) n",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    let partitions = count(&client, "SELECT count(DISTINCT partition) FROM event_log").await;
+    assert!(partitions > 1, "keyless rows all landed in one partition");
+    let imported = count(
+        &client,
+        "SELECT count(*) FROM event_log WHERE headers->>'source' = 'import' AND created_at < '2026-10-02'",
+    )
+    .await;
+    assert_eq!(imported, 16);
+}
+
+/// Relayed outbox rows are removed by maintenance, and only those.
+#[tokio::test]
+async fn relayed_outbox_rows_are_cleaned_up_but_pending_ones_stay() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    for i in 0..10 {
+        insert_event(&client, "order-created", &i.to_string(), json!({})).await;
+    }
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    let mut writer = db.client().await;
+    let open = writer.transaction().await.unwrap();
+    insert_via(&open, "pending").await;
+    // One more committed row after, so the relayed snapshot moves past the first ten.
+    insert_event(&client, "order-created", "after", json!({})).await;
+    drain(&mut relay).await;
+    outbox_relay::relay::delete_relayed_outbox_rows(&client, "default", 1000)
+        .await
+        .unwrap();
+    open.commit().await.unwrap();
+    let left = count(&client, "SELECT count(*) FROM outbox WHERE key = 'pending'").await;
+    assert_eq!(
+        left, 1,
+        "a row of an open transaction must not be cleaned up"
+    );
+    assert!(
+        count(&client, "SELECT count(*) FROM outbox").await < 12,
+        "relayed rows were not cleaned up"
+    );
+    drain(&mut relay).await;
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 12);
+}

@@ -135,7 +135,7 @@ impl Snapshot {
 /// transactions that started after the older snapshot, and transactions
 /// that were in progress in it (late commits).
 const SELECT_BATCH: &str = "
-    SELECT txid::text, id, topic, key, created_at FROM (
+    SELECT batch.txid::text AS txid_text, batch.id, batch.topic, batch.key, batch.created_at FROM (
         (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
           WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
             AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
@@ -149,7 +149,8 @@ const SELECT_BATCH: &str = "
             AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)
           ORDER BY o.txid, o.id LIMIT $5)
     ) AS batch
-    ORDER BY txid, id LIMIT $5";
+    -- Numeric xid8 order: never the text form (\"1000\" < \"999\").
+    ORDER BY batch.txid, batch.id LIMIT $5";
 
 /// Read-only check an idle leader runs: the current snapshot, and whether
 /// any outbox row became visible since `relayed_snapshot` ($1).

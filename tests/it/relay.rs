@@ -458,3 +458,30 @@ async fn relayed_outbox_rows_are_cleaned_up_but_pending_ones_stay() {
     drain(&mut relay).await;
     assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 12);
 }
+
+/// Batches follow numeric transaction-id order even where the decimal
+/// forms sort differently ("1000" < "999"): a drain spanning such ids in
+/// many small batches moves each row exactly once.
+#[tokio::test]
+async fn drain_in_small_batches_across_txid_digit_boundaries_is_exact() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    // Completed transaction ids below every live one; set explicitly here
+    // (writers never set txid) to place ids on both sides of 10, 100, 1000.
+    client
+        .execute(
+            "INSERT INTO outbox (topic, key, payload, txid)
+             SELECT 'order-created', t::text || '-' || r, jsonb_build_object('t', t, 'r', r), t::text::xid8
+               FROM unnest(ARRAY[3, 9, 10, 11, 99, 100, 101, 998, 999, 1000, 1001]) t, generate_series(1, 3) r",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut config = fast_relay_config();
+    config.min_batch = 2;
+    config.max_batch = 4;
+    let mut relay = outbox_relay::relay::Relay::new(&db.url, config);
+    drain(&mut relay).await;
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 33);
+    assert_log_consistent(&client, "order-created").await;
+}

@@ -100,6 +100,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Transactions in progress when the snapshot was taken, as xid8 text.
+    pub fn in_progress_ids(&self) -> Vec<String> {
+        self.in_progress.iter().map(u64::to_string).collect()
+    }
+
     pub fn parse(text: &str) -> anyhow::Result<Snapshot> {
         let mut parts = text.splitn(3, ':');
         let mut number = |what: &str| -> anyhow::Result<u64> {
@@ -131,20 +136,24 @@ impl Snapshot {
 }
 
 /// Rows of the difference between two snapshots, after a (txid, id) cursor,
-/// in (txid, id) order. Two branches so each is an index range scan:
-/// transactions that started after the older snapshot, and transactions
-/// that were in progress in it (late commits).
+/// in (txid, id) order. Two branches so each is an index scan: transactions
+/// that started after the older snapshot, and transactions that were in
+/// progress in it (late commits; their ids come as a parameter, $6, so the
+/// planner sees how few there are). The first branch gets its own cursor
+/// ($7, $8), never below the older snapshot's xmax: the index scan starts
+/// at the row comparison's bound, and a bound below xmax would walk every
+/// row relayed before.
 const SELECT_BATCH: &str = "
     SELECT batch.txid::text AS txid_text, batch.id, batch.topic, batch.key, batch.created_at FROM (
         (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
           WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
             AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
-            AND (o.txid, o.id) > ($3::text::xid8, $4::int8)
+            AND (o.txid, o.id) > ($7::text::xid8, $8::int8)
             AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)
           ORDER BY o.txid, o.id LIMIT $5)
         UNION ALL
         (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
-          WHERE o.txid = ANY (ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))
+          WHERE o.txid = ANY ($6::text[]::xid8[])
             AND (o.txid, o.id) > ($3::text::xid8, $4::int8)
             AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)
           ORDER BY o.txid, o.id LIMIT $5)
@@ -153,7 +162,8 @@ const SELECT_BATCH: &str = "
     ORDER BY batch.txid, batch.id LIMIT $5";
 
 /// Read-only check an idle leader runs: the current snapshot, and whether
-/// any outbox row became visible since `relayed_snapshot` ($1).
+/// any outbox row became visible since `relayed_snapshot` ($1, with its
+/// in-progress transaction ids as $2).
 const PEEK: &str = "
     WITH cur AS (SELECT pg_current_snapshot() AS snap)
     SELECT cur.snap::text,
@@ -162,7 +172,7 @@ const PEEK: &str = "
                       AND o.txid <  pg_snapshot_xmax(cur.snap)
                       AND pg_visible_in_snapshot(o.txid, cur.snap))
         OR EXISTS (SELECT 1 FROM outbox o
-                    WHERE o.txid = ANY (ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))
+                    WHERE o.txid = ANY ($2::text[]::xid8[])
                       AND pg_visible_in_snapshot(o.txid, cur.snap))
     FROM cur";
 
@@ -284,7 +294,13 @@ impl Relay {
 
     async fn client(&mut self) -> anyhow::Result<&mut Client> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(crate::db::connect(&self.database_url).await?);
+            let client = crate::db::connect(&self.database_url).await?;
+            // Plan every statement with its actual snapshot parameters: a
+            // generic plan cannot know the in-progress list is short.
+            client
+                .batch_execute("SET plan_cache_mode = force_custom_plan; SET application_name = 'outbox-relay'")
+                .await?;
+            self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
     }
@@ -356,7 +372,9 @@ impl Relay {
                     None
                 } else {
                     let client = self.client().await?;
-                    let row = client.query_one(PEEK, &[&relayed.text]).await?;
+                    let row = client
+                        .query_one(PEEK, &[&relayed.text, &relayed.in_progress_ids()])
+                        .await?;
                     let snapshot = Snapshot::parse(row.get(0))?;
                     if !row.get::<_, bool>(1) {
                         if let Role::Leader { empty_peek, .. } = &mut self.role {
@@ -417,10 +435,27 @@ impl Relay {
             }
         };
 
+        let new_txids_cursor = {
+            let cursor: u64 = cursor_txid.parse().context("bad cursor txid")?;
+            if cursor < relayed.xmax {
+                (relayed.xmax.to_string(), i64::MIN)
+            } else {
+                (cursor_txid.clone(), cursor_id)
+            }
+        };
         let rows = tx
             .query(
                 SELECT_BATCH,
-                &[&relayed.text, &drain.text, &cursor_txid, &cursor_id, &limit],
+                &[
+                    &relayed.text,
+                    &drain.text,
+                    &cursor_txid,
+                    &cursor_id,
+                    &limit,
+                    &relayed.in_progress_ids(),
+                    &new_txids_cursor.0,
+                    &new_txids_cursor.1,
+                ],
             )
             .await
             .context("selecting the next outbox batch")?;

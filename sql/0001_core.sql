@@ -28,20 +28,21 @@ CREATE TABLE order_idempotency_keys (
 --
 --   INSERT INTO outbox (topic, key, payload) VALUES ('order-created', '42', '{"order_id":42}');
 --
--- `txid` records the writer's transaction id. The relay uses it to find rows
--- whose transactions committed between two snapshots, so a row that commits
--- late is never skipped and an open transaction never holds back the others
--- (docs/relay.md).
+-- `txid` records the writer's transaction id (never set it by hand). The
+-- relay uses it to find rows whose transactions committed between two
+-- snapshots, so a row that commits late is never skipped and an open
+-- transaction never holds back the others (docs/relay.md). `id` is the
+-- insert order, which orders events of one key.
 CREATE TABLE outbox (
-    id          bigint      GENERATED ALWAYS AS IDENTITY,
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     topic       text        NOT NULL CHECK (topic <> ''),
     key         text,
     payload     jsonb       NOT NULL,
     headers     jsonb       NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(headers) = 'object'),
     created_at  timestamptz NOT NULL DEFAULT now(),
-    txid        xid8        NOT NULL DEFAULT pg_current_xact_id(),
-    PRIMARY KEY (txid, id)
+    txid        xid8        NOT NULL DEFAULT pg_current_xact_id()
 );
+CREATE INDEX outbox_txid ON outbox (txid);
 
 -- Outbox rows the relay could not place in the log (unknown topic, ...).
 -- Kept whole so nothing written by a producer is ever lost.
@@ -62,11 +63,14 @@ CREATE TABLE topics (
     name        text        PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9._-]{1,249}$'),
     partitions  integer     NOT NULL CHECK (partitions BETWEEN 1 AND 10000),
     -- Records older than this (by append time) fall below the log start offset.
-    retention   interval    NOT NULL DEFAULT '35 days',
+    retention   interval    NOT NULL DEFAULT '35 days'
+                            CHECK (retention > interval '0' AND retention <= interval '100 years'),
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- One row per (topic, partition). Only the fenced relay leader updates it;
+-- One row per (topic, partition): the partitions that exist (adding
+-- partitions remaps keys, so a topic's count is fixed at creation).
+-- Only the fenced relay leader updates it;
 -- rows stay small and are updated in place (HOT), hence the fillfactor.
 CREATE TABLE partition_heads (
     topic            text        NOT NULL REFERENCES topics (name),
@@ -110,6 +114,7 @@ CREATE INDEX event_log_time_index_by_time ON event_log_time_index (topic, partit
 -- ─── Relay state ────────────────────────────────────────────────────────────
 -- One row per relay. The lease (holder, epoch, expiry) elects one leader; the
 -- epoch fences a stale one. The cursor is the snapshot pair of docs/relay.md.
+-- The relay owns this row; no other writer should touch it.
 CREATE TABLE relay_state (
     relay             text        PRIMARY KEY,
     holder            text,
@@ -118,9 +123,8 @@ CREATE TABLE relay_state (
     -- Every outbox row visible in this snapshot is in the log (or parked).
     relayed_snapshot  pg_snapshot NOT NULL DEFAULT '1:1:',
     -- While a large difference is moved in batches: the target snapshot and
-    -- the last (txid, id) moved from it.
+    -- the last outbox id moved from it (a drain moves rows in id order).
     draining_snapshot pg_snapshot,
-    cursor_txid       xid8,
     cursor_id         bigint
 ) WITH (fillfactor = 50);
 

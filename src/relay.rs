@@ -8,6 +8,8 @@
 //!   difference). A transaction open at the older snapshot is in its
 //!   in-progress list, so its rows are picked up whenever it commits; it does
 //!   not hold back anyone else's rows.
+//! * **Order.** A drain moves its rows in outbox id (insert) order, so two
+//!   events of one key written one after the other keep their order.
 //! * **Exactly once.** Reading a batch, appending it, advancing the partition
 //!   heads and the cursor happen in one transaction.
 //! * **One writer.** A lease row (holder, epoch, expiry) elects a leader; every
@@ -100,11 +102,6 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Transactions in progress when the snapshot was taken, as xid8 text.
-    pub fn in_progress_ids(&self) -> Vec<String> {
-        self.in_progress.iter().map(u64::to_string).collect()
-    }
-
     pub fn parse(text: &str) -> anyhow::Result<Snapshot> {
         let mut parts = text.splitn(3, ':');
         let mut number = |what: &str| -> anyhow::Result<u64> {
@@ -133,37 +130,64 @@ impl Snapshot {
             in_progress,
         })
     }
+
+    /// Transactions in progress when the snapshot was taken, as xid8 text.
+    pub fn in_progress_ids(&self) -> Vec<String> {
+        self.in_progress.iter().map(u64::to_string).collect()
+    }
+
+    /// Was transaction `xid` complete (committed or aborted) when this
+    /// snapshot was taken? Postgres' `pg_visible_in_snapshot`.
+    pub fn sees(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.in_progress.contains(&xid))
+    }
+
+    /// Transactions in progress in `self` that `later` sees complete: the
+    /// late commits a drain from `self` to `later` must pick up, as xid8 text.
+    pub fn completed_by(&self, later: &Snapshot) -> Vec<String> {
+        self.in_progress
+            .iter()
+            .filter(|xid| later.sees(**xid))
+            .map(u64::to_string)
+            .collect()
+    }
 }
 
-/// Rows of the difference between two snapshots, after a (txid, id) cursor,
-/// in (txid, id) order. Two branches so each is an index scan: transactions
-/// that started after the older snapshot, and transactions that were in
-/// progress in it (late commits; their ids come as a parameter, $6, so the
-/// planner sees how few there are). The first branch gets its own cursor
-/// ($7, $8), never below the older snapshot's xmax: the index scan starts
-/// at the row comparison's bound, and a bound below xmax would walk every
-/// row relayed before.
+/// One page of a drain: rows visible in the target snapshot ($2) and not in
+/// the relayed one ($1), after outbox id $3, in id (insert) order.
+///
+/// Two branches so each is an index scan: transactions that started after
+/// the relayed snapshot, and those in progress in it that the target sees
+/// complete ($5, computed in Rust so the planner sees how few they are).
 const SELECT_BATCH: &str = "
-    SELECT batch.txid::text AS txid_text, batch.id, batch.topic, batch.key, batch.created_at FROM (
+    SELECT batch.txid::text, batch.id, batch.topic, batch.key, batch.created_at FROM (
         (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
-          WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
+          WHERE o.id > $3
+            AND o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
             AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
-            AND (o.txid, o.id) > ($7::text::xid8, $8::int8)
             AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)
-          ORDER BY o.txid, o.id LIMIT $5)
+          ORDER BY o.id LIMIT $4)
         UNION ALL
         (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
-          WHERE o.txid = ANY ($6::text[]::xid8[])
-            AND (o.txid, o.id) > ($3::text::xid8, $4::int8)
-            AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)
-          ORDER BY o.txid, o.id LIMIT $5)
+          WHERE o.txid = ANY ($5::text[]::xid8[]) AND o.id > $3
+          ORDER BY o.id LIMIT $4)
     ) AS batch
-    -- Numeric xid8 order: never the text form (\"1000\" < \"999\").
-    ORDER BY batch.txid, batch.id LIMIT $5";
+    ORDER BY batch.id LIMIT $4";
+
+/// Where a new drain starts: just below the smallest outbox id it holds.
+const DRAIN_START: &str = "
+    SELECT least(
+        (SELECT min(o.id) FROM outbox o
+          WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
+            AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
+            AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)),
+        (SELECT min(o.id) FROM outbox o WHERE o.txid = ANY ($3::text[]::xid8[]))
+    ) - 1";
 
 /// Read-only check an idle leader runs: the current snapshot, and whether
 /// any outbox row became visible since `relayed_snapshot` ($1, with its
-/// in-progress transaction ids as $2).
+/// in-progress transaction ids as $2). Only in-progress transactions that
+/// have since completed are looked up, so a large open writer costs nothing.
 const PEEK: &str = "
     WITH cur AS (SELECT pg_current_snapshot() AS snap)
     SELECT cur.snap::text,
@@ -171,14 +195,17 @@ const PEEK: &str = "
                     WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
                       AND o.txid <  pg_snapshot_xmax(cur.snap)
                       AND pg_visible_in_snapshot(o.txid, cur.snap))
-        OR EXISTS (SELECT 1 FROM outbox o
-                    WHERE o.txid = ANY ($2::text[]::xid8[])
-                      AND pg_visible_in_snapshot(o.txid, cur.snap))
+        OR EXISTS (SELECT 1 FROM unnest($2::text[]::xid8[]) AS x
+                    WHERE pg_visible_in_snapshot(x, cur.snap)
+                      AND EXISTS (SELECT 1 FROM outbox o WHERE o.txid = x))
     FROM cur";
 
 const LOCK_STATE_AT_EPOCH: &str = "
-    SELECT relayed_snapshot::text, draining_snapshot::text, cursor_txid::text, cursor_id
+    SELECT relayed_snapshot::text, draining_snapshot::text, cursor_id
       FROM relay_state WHERE relay = $1 AND epoch = $2 FOR UPDATE";
+
+/// Partition counts come from the heads: they are the partitions that exist.
+const PARTITION_COUNTS: &str = "SELECT topic, count(*)::int4 FROM partition_heads GROUP BY topic";
 
 const ADVANCE_HEADS: &str = "
     UPDATE partition_heads h
@@ -192,8 +219,8 @@ const ADVANCE_HEADS: &str = "
 const APPEND_RECORDS: &str = "
     INSERT INTO event_log (topic, partition, \"offset\", key, headers, payload, created_at, appended_at, outbox_id)
     SELECT o.topic, v.partition, v.log_offset, o.key, o.headers, o.payload, o.created_at, now(), o.id
-      FROM unnest($1::text[], $2::int8[], $3::int4[], $4::int8[]) AS v(txid, id, partition, log_offset)
-      JOIN outbox o ON o.txid = v.txid::xid8 AND o.id = v.id";
+      FROM unnest($1::int8[], $2::int4[], $3::int8[]) AS v(id, partition, log_offset)
+      JOIN outbox o ON o.id = v.id";
 
 const APPEND_TIME_INDEX: &str = "
     INSERT INTO event_log_time_index (topic, partition, base_offset, last_offset, max_created_at)
@@ -202,33 +229,35 @@ const APPEND_TIME_INDEX: &str = "
 const PARK_ROWS: &str = "
     INSERT INTO outbox_parked (outbox_id, topic, key, payload, headers, created_at, reason)
     SELECT o.id, o.topic, o.key, o.payload, o.headers, o.created_at, v.reason
-      FROM unnest($1::text[], $2::int8[], $3::text[]) AS v(txid, id, reason)
-      JOIN outbox o ON o.txid = v.txid::xid8 AND o.id = v.id
+      FROM unnest($1::int8[], $2::text[]) AS v(id, reason)
+      JOIN outbox o ON o.id = v.id
     ON CONFLICT (outbox_id) DO NOTHING";
 
 const SAVE_CURSOR: &str = "
     UPDATE relay_state
        SET relayed_snapshot = $3::text::pg_snapshot,
            draining_snapshot = $4::text::pg_snapshot,
-           cursor_txid = $5::text::xid8,
-           cursor_id = $6,
-           lease_expires_at = now() + make_interval(secs => $7)
+           cursor_id = $5,
+           lease_expires_at = now() + make_interval(secs => $6)
      WHERE relay = $1 AND epoch = $2";
 
 const ACQUIRE_LEASE: &str = "
     UPDATE relay_state
        SET holder = $2, epoch = epoch + 1, lease_expires_at = now() + make_interval(secs => $3)
      WHERE relay = $1 AND (holder IS NULL OR holder = $2 OR lease_expires_at < now())
-    RETURNING epoch, relayed_snapshot::text";
+    RETURNING epoch, relayed_snapshot::text, draining_snapshot IS NOT NULL";
 
-/// Renews the lease; an idle leader also records the last empty peek's
-/// snapshot as relayed (nothing became visible between the two).
+/// Renews the lease. An idle leader also records its last empty peek ($4)
+/// as relayed (nothing became visible between the two), but only over the
+/// relayed snapshot it peeked from ($5): never backwards.
 const RENEW_LEASE: &str = "
     UPDATE relay_state
        SET lease_expires_at = now() + make_interval(secs => $3),
-           relayed_snapshot = CASE WHEN draining_snapshot IS NULL AND $4::text IS NOT NULL
+           relayed_snapshot = CASE WHEN $4::text IS NOT NULL AND draining_snapshot IS NULL
+                                        AND relayed_snapshot::text = $5
                                    THEN $4::text::pg_snapshot ELSE relayed_snapshot END
-     WHERE relay = $1 AND epoch = $2";
+     WHERE relay = $1 AND epoch = $2
+    RETURNING relayed_snapshot::text, draining_snapshot IS NOT NULL";
 
 const RELEASE_LEASE: &str = "
     UPDATE relay_state SET holder = NULL, lease_expires_at = '-infinity'
@@ -243,7 +272,7 @@ enum Role {
         relayed: Snapshot,
         /// A drain is in progress in the database: skip the peek.
         draining: bool,
-        /// Snapshot of the last peek that found nothing new.
+        /// Snapshot of the last peek that found nothing new since `relayed`.
         empty_peek: Option<Snapshot>,
     },
 }
@@ -260,7 +289,6 @@ pub struct Relay {
 
 /// An outbox row as the relay sees it (the payload stays in Postgres).
 struct PendingRow {
-    txid: String,
     id: i64,
     topic: String,
     key: Option<String>,
@@ -312,81 +340,105 @@ impl Relay {
     }
 
     /// One unit of work: take the lease, renew it, or move one batch.
+    ///
+    /// After an error the in-memory view of the cursor may be stale (a
+    /// commit whose answer was lost), so the relay steps down to standby;
+    /// it takes its own lease back at once, re-reading the cursor.
     pub async fn step(&mut self) -> anyhow::Result<StepOutcome> {
+        let result = self.try_step().await;
+        if result.is_err() {
+            self.client = None;
+            self.set_role(Role::Standby);
+        }
+        result
+    }
+
+    async fn try_step(&mut self) -> anyhow::Result<StepOutcome> {
         let ttl = self.config.lease_ttl.as_secs_f64();
         let name = self.config.relay_name.clone();
-        match &self.role {
+        let (epoch, renewed_at) = match &self.role {
             Role::Standby => {
                 let instance = self.config.instance_id.clone();
                 let client = self.client().await?;
-                let row = client
+                let Some(row) = client
                     .query_opt(ACQUIRE_LEASE, &[&name, &instance, &ttl])
-                    .await?;
-                let Some(row) = row else {
+                    .await?
+                else {
                     return Ok(StepOutcome::Standby);
                 };
                 let epoch: i64 = row.get(0);
-                let relayed = Snapshot::parse(row.get(1))?;
                 tracing::info!(epoch, instance = %instance, "relay became leader");
                 self.set_role(Role::Leader {
                     epoch,
                     renewed_at: Instant::now(),
-                    relayed,
-                    // Unknown until the first batch reads the state.
-                    draining: true,
+                    relayed: Snapshot::parse(row.get(1))?,
+                    draining: row.get(2),
                     empty_peek: None,
                 });
-                Ok(StepOutcome::BecameLeader { epoch })
+                return Ok(StepOutcome::BecameLeader { epoch });
             }
             Role::Leader {
-                epoch,
+                epoch, renewed_at, ..
+            } => (*epoch, *renewed_at),
+        };
+
+        if renewed_at.elapsed() >= self.config.lease_ttl / 3 {
+            let (peek, peeked_from) = match &self.role {
+                Role::Leader {
+                    empty_peek: Some(peek),
+                    relayed,
+                    ..
+                } => (Some(peek.text.clone()), Some(relayed.text.clone())),
+                _ => (None, None),
+            };
+            let client = self.client().await?;
+            let Some(row) = client
+                .query_opt(RENEW_LEASE, &[&name, &epoch, &ttl, &peek, &peeked_from])
+                .await?
+            else {
+                return Ok(self.lose_leadership(epoch));
+            };
+            let relayed = Snapshot::parse(row.get(0))?;
+            let draining_now: bool = row.get(1);
+            if let Role::Leader {
                 renewed_at,
-                relayed,
+                relayed: mirror,
                 draining,
                 empty_peek,
-            } => {
-                let (epoch, relayed, draining) = (*epoch, relayed.clone(), *draining);
-                if renewed_at.elapsed() >= self.config.lease_ttl / 3 {
-                    let peek_text = empty_peek.as_ref().map(|s| s.text.clone());
-                    let client = self.client().await?;
-                    let renewed = client
-                        .execute(RENEW_LEASE, &[&name, &epoch, &ttl, &peek_text])
-                        .await?;
-                    if renewed == 0 {
-                        return Ok(self.lose_leadership(epoch));
-                    }
-                    if let Role::Leader {
-                        renewed_at,
-                        relayed,
-                        empty_peek,
-                        ..
-                    } = &mut self.role
-                    {
-                        *renewed_at = Instant::now();
-                        if let Some(peek) = empty_peek.take() {
-                            *relayed = peek;
-                        }
-                    }
-                }
-                let target = if draining {
-                    None
-                } else {
-                    let client = self.client().await?;
-                    let row = client
-                        .query_one(PEEK, &[&relayed.text, &relayed.in_progress_ids()])
-                        .await?;
-                    let snapshot = Snapshot::parse(row.get(0))?;
-                    if !row.get::<_, bool>(1) {
-                        if let Role::Leader { empty_peek, .. } = &mut self.role {
-                            *empty_peek = Some(snapshot);
-                        }
-                        return Ok(StepOutcome::Idle);
-                    }
-                    Some(snapshot)
-                };
-                self.move_batch(epoch, target).await
+                ..
+            } = &mut self.role
+            {
+                *renewed_at = Instant::now();
+                *mirror = relayed;
+                *draining = draining_now;
+                *empty_peek = None;
             }
         }
+
+        let (relayed, draining) = match &self.role {
+            Role::Leader {
+                relayed, draining, ..
+            } => (relayed.clone(), *draining),
+            Role::Standby => unreachable!("handled above"),
+        };
+        let target = if draining {
+            None
+        } else {
+            let client = self.client().await?;
+            let row = client
+                .query_one(PEEK, &[&relayed.text, &relayed.in_progress_ids()])
+                .await?;
+            let snapshot = Snapshot::parse(row.get(0))?;
+            let found: bool = row.get(1);
+            if let Role::Leader { empty_peek, .. } = &mut self.role {
+                *empty_peek = (!found).then(|| snapshot.clone());
+            }
+            if !found {
+                return Ok(StepOutcome::Idle);
+            }
+            Some(snapshot)
+        };
+        self.move_batch(epoch, target).await
     }
 
     fn lose_leadership(&mut self, epoch: i64) -> StepOutcome {
@@ -408,19 +460,16 @@ impl Relay {
         let client = self.client().await?;
         let tx = client.transaction().await?;
 
+        // Fencing: only the holder of the current epoch gets this row lock.
         let Some(state) = tx.query_opt(LOCK_STATE_AT_EPOCH, &[&name, &epoch]).await? else {
             drop(tx);
             return Ok(self.lose_leadership(epoch));
         };
         let relayed = Snapshot::parse(state.get(0))?;
-        let saved_drain: Option<String> = state.get(1);
-        let (drain, cursor_txid, cursor_id) = match saved_drain {
-            Some(text) => (
-                Snapshot::parse(&text)?,
-                state
-                    .get::<_, Option<String>>(2)
-                    .unwrap_or_else(|| "0".into()),
-                state.get::<_, Option<i64>>(3).unwrap_or(0),
+        let (drain, cursor_id) = match state.get::<_, Option<String>>(1) {
+            Some(saved) => (
+                Snapshot::parse(&saved)?,
+                state.get::<_, Option<i64>>(2).unwrap_or(0),
             ),
             None => {
                 let drain = match target {
@@ -431,30 +480,27 @@ impl Relay {
                             .get(0),
                     )?,
                 };
-                (drain, "0".to_string(), 0)
+                let start: Option<i64> = tx
+                    .query_one(
+                        DRAIN_START,
+                        &[&relayed.text, &drain.text, &relayed.completed_by(&drain)],
+                    )
+                    .await?
+                    .get(0);
+                (drain, start.unwrap_or(0))
             }
         };
+        let late_commits = relayed.completed_by(&drain);
 
-        let new_txids_cursor = {
-            let cursor: u64 = cursor_txid.parse().context("bad cursor txid")?;
-            if cursor < relayed.xmax {
-                (relayed.xmax.to_string(), i64::MIN)
-            } else {
-                (cursor_txid.clone(), cursor_id)
-            }
-        };
         let rows = tx
             .query(
                 SELECT_BATCH,
                 &[
                     &relayed.text,
                     &drain.text,
-                    &cursor_txid,
                     &cursor_id,
                     &limit,
-                    &relayed.in_progress_ids(),
-                    &new_txids_cursor.0,
-                    &new_txids_cursor.1,
+                    &late_commits,
                 ],
             )
             .await
@@ -462,7 +508,6 @@ impl Relay {
         let batch: Vec<PendingRow> = rows
             .iter()
             .map(|r| PendingRow {
-                txid: r.get(0),
                 id: r.get(1),
                 topic: r.get(2),
                 key: r.get(3),
@@ -471,8 +516,8 @@ impl Relay {
             .collect();
         let full = batch.len() as i64 == limit;
 
-        let topics: HashMap<String, i32> = tx
-            .query("SELECT name, partitions FROM topics", &[])
+        let partition_counts: HashMap<String, i32> = tx
+            .query(PARTITION_COUNTS, &[])
             .await?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
@@ -482,12 +527,12 @@ impl Relay {
         let mut placed: Vec<(&PendingRow, i32)> = Vec::with_capacity(batch.len());
         let mut parked: Vec<&PendingRow> = Vec::new();
         for row in &batch {
-            match topics.get(&row.topic) {
+            match partition_counts.get(&row.topic) {
                 Some(&partitions) => {
                     let partition = match &row.key {
                         Some(key) => partition_for_key(key, partitions as u32) as i32,
-                        // Kafka spreads keyless records; the outbox id does the same, deterministically.
-                        None => (row.id.rem_euclid(i64::from(partitions))) as i32,
+                        // Kafka spreads keyless records; the outbox id does so deterministically.
+                        None => row.id.rem_euclid(i64::from(partitions)) as i32,
                     };
                     placed.push((row, partition));
                 }
@@ -495,7 +540,7 @@ impl Relay {
             }
         }
 
-        // Count per partition, in a stable order so concurrent lockers agree.
+        // Count per partition (sorted, so concurrent lockers agree on order).
         let mut per_partition: BTreeMap<(&str, i32), (i64, DateTime<Utc>)> = BTreeMap::new();
         for (row, partition) in &placed {
             let entry = per_partition
@@ -507,15 +552,12 @@ impl Relay {
         let mut next_offset: HashMap<(String, i32), i64> = HashMap::new();
         let mut running_max: HashMap<(String, i32), DateTime<Utc>> = HashMap::new();
         if !per_partition.is_empty() {
-            let topics_col: Vec<&str> = per_partition.keys().map(|k| k.0).collect();
-            let partitions_col: Vec<i32> = per_partition.keys().map(|k| k.1).collect();
+            let topics: Vec<&str> = per_partition.keys().map(|k| k.0).collect();
+            let partitions: Vec<i32> = per_partition.keys().map(|k| k.1).collect();
             let counts: Vec<i64> = per_partition.values().map(|v| v.0).collect();
             let maxes: Vec<DateTime<Utc>> = per_partition.values().map(|v| v.1).collect();
             for head in tx
-                .query(
-                    ADVANCE_HEADS,
-                    &[&topics_col, &partitions_col, &counts, &maxes],
-                )
+                .query(ADVANCE_HEADS, &[&topics, &partitions, &counts, &maxes])
                 .await
                 .context("advancing partition heads")?
             {
@@ -525,77 +567,71 @@ impl Relay {
             }
         }
 
-        // Offsets in batch order: per-key order follows (txid, id).
-        let mut col_txid = Vec::with_capacity(placed.len());
-        let mut col_id = Vec::with_capacity(placed.len());
-        let mut col_partition = Vec::with_capacity(placed.len());
-        let mut col_offset = Vec::with_capacity(placed.len());
+        // Offsets in batch (outbox id) order: per-key order is insert order.
+        let mut ids = Vec::with_capacity(placed.len());
+        let mut partitions = Vec::with_capacity(placed.len());
+        let mut offsets = Vec::with_capacity(placed.len());
         for (row, partition) in &placed {
             let offset = next_offset
                 .get_mut(&(row.topic.clone(), *partition))
-                .context("partition head missing for a known topic")?;
-            col_txid.push(row.txid.as_str());
-            col_id.push(row.id);
-            col_partition.push(*partition);
-            col_offset.push(*offset);
+                .context("no partition head for a partition of a known topic")?;
+            ids.push(row.id);
+            partitions.push(*partition);
+            offsets.push(*offset);
             *offset += 1;
         }
         if !placed.is_empty() {
-            tx.execute(
-                APPEND_RECORDS,
-                &[&col_txid, &col_id, &col_partition, &col_offset],
-            )
-            .await
-            .context("appending records to the event log")?;
-            let mut ti = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let appended = tx
+                .execute(APPEND_RECORDS, &[&ids, &partitions, &offsets])
+                .await
+                .context("appending records to the event log")?;
+            anyhow::ensure!(
+                appended == placed.len() as u64,
+                "appended {appended} records for {} outbox rows",
+                placed.len()
+            );
+            let mut index = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for ((topic, partition), (count, _)) in &per_partition {
                 let key = (topic.to_string(), *partition);
                 let end = next_offset[&key];
-                ti.0.push(*topic);
-                ti.1.push(*partition);
-                ti.2.push(end - count);
-                ti.3.push(end - 1);
-                ti.4.push(running_max[&key]);
+                index.0.push(*topic);
+                index.1.push(*partition);
+                index.2.push(end - count);
+                index.3.push(end - 1);
+                index.4.push(running_max[&key]);
             }
-            tx.execute(APPEND_TIME_INDEX, &[&ti.0, &ti.1, &ti.2, &ti.3, &ti.4])
-                .await?;
+            tx.execute(
+                APPEND_TIME_INDEX,
+                &[&index.0, &index.1, &index.2, &index.3, &index.4],
+            )
+            .await?;
             tx.execute("SELECT pg_notify($1, '')", &[&LOG_NOTIFY_CHANNEL])
                 .await?;
         }
         if !parked.is_empty() {
-            let txids: Vec<&str> = parked.iter().map(|r| r.txid.as_str()).collect();
             let ids: Vec<i64> = parked.iter().map(|r| r.id).collect();
             let reasons: Vec<String> = parked
                 .iter()
                 .map(|r| format!("unknown topic {:?}", r.topic))
                 .collect();
-            tx.execute(PARK_ROWS, &[&txids, &ids, &reasons]).await?;
+            tx.execute(PARK_ROWS, &[&ids, &reasons]).await?;
             tracing::warn!(rows = parked.len(), "parked outbox rows for unknown topics");
         }
 
         // Advance the cursor: either mid-drain, or the drain is complete.
-        let (new_relayed, new_drain, new_cursor_txid, new_cursor_id) = if full {
+        let (new_relayed, new_drain, new_cursor) = if full {
             let last = batch.last().expect("a full batch is not empty");
             (
                 relayed.text.clone(),
                 Some(drain.text.clone()),
-                Some(last.txid.clone()),
                 Some(last.id),
             )
         } else {
-            (drain.text.clone(), None, None, None)
+            (drain.text.clone(), None, None)
         };
         tx.execute(
             SAVE_CURSOR,
-            &[
-                &name,
-                &epoch,
-                &new_relayed,
-                &new_drain,
-                &new_cursor_txid,
-                &new_cursor_id,
-                &ttl,
-            ],
+            &[&name, &epoch, &new_relayed, &new_drain, &new_cursor, &ttl],
         )
         .await?;
         tx.commit().await.context("committing the relay batch")?;
@@ -662,8 +698,6 @@ impl Relay {
                 Ok(StepOutcome::Standby) => self.config.standby_poll,
                 Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), "relay step failed; retrying");
-                    // A broken connection is reopened by the next step.
-                    self.client = None;
                     let pause = error_pause;
                     error_pause = (error_pause * 2).min(Duration::from_secs(5));
                     pause
@@ -704,7 +738,16 @@ pub async fn run_maintenance(
         }
         let result = async {
             let mut client = crate::db::connect(&database_url).await?;
-            let removed = delete_relayed_outbox_rows(&client, &relay_name, 50_000).await?;
+            // In chunks, until caught up: keeps up with any relay rate.
+            const CHUNK: i64 = 50_000;
+            let mut removed = 0;
+            loop {
+                let n = delete_relayed_outbox_rows(&client, &relay_name, CHUNK).await?;
+                removed += n;
+                if n < CHUNK as u64 || shutdown.is_triggered() {
+                    break;
+                }
+            }
             if removed > 0 {
                 tracing::debug!(removed, "removed relayed outbox rows");
             }
@@ -737,10 +780,10 @@ pub async fn delete_relayed_outbox_rows(
     let removed = client
         .execute(
             "DELETE FROM outbox o USING (
-                 SELECT txid, id FROM outbox
+                 SELECT id FROM outbox
                   WHERE txid < (SELECT pg_snapshot_xmin(relayed_snapshot) FROM relay_state WHERE relay = $2)
-                  ORDER BY txid, id LIMIT $1) d
-              WHERE o.txid = d.txid AND o.id = d.id",
+                  LIMIT $1) d
+              WHERE o.id = d.id",
             &[&limit, &relay_name],
         )
         .await?;
@@ -761,6 +804,9 @@ mod tests {
         let empty = Snapshot::parse("727:727:").unwrap();
         assert!(empty.in_progress.is_empty());
         assert!(Snapshot::parse("x:1:").is_err());
+        assert!(s.sees(9) && s.sees(13) && !s.sees(12) && !s.sees(20));
+        let later = Snapshot::parse("15:30:15,22").unwrap();
+        assert_eq!(s.completed_by(&later), vec!["12".to_string()]);
         assert!(Snapshot::parse("1").is_err());
     }
 }

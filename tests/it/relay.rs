@@ -112,54 +112,79 @@ async fn insert_via(tx: &tokio_postgres::Transaction<'_>, key: &str) {
     .unwrap();
 }
 
-/// Invariant 3: killing the relay at arbitrary instants never loses or
-/// duplicates a row.
-#[tokio::test]
+/// Invariant 3: a running relay whose connection is killed at arbitrary
+/// instants (mid-batch included) never loses or duplicates a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_killed_at_random_instants_moves_each_row_exactly_once() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
-    client
-        .execute(
-            "INSERT INTO outbox (topic, key, payload)
-             SELECT 'order-created', (n % 97)::text, jsonb_build_object('n', n) FROM generate_series(1, 20000) n",
-            &[],
-        )
-        .await
-        .unwrap();
-
-    // Abort the relay task (dropping its connection mid-transaction) after a
-    // varying delay, many times, while it works through the backlog.
-    for round in 0..30u64 {
-        let url = db.url.clone();
-        let task = tokio::spawn(async move {
-            let mut relay = Relay::new(url, fast_relay_config());
-            loop {
-                if relay.step().await.is_err() {
-                    break;
-                }
-            }
-        });
-        tokio::time::sleep(Duration::from_micros(300 + round * 397 % 7000)).await;
-        task.abort();
-        let _ = task.await;
-        // The aborted leader's lease must expire before the next one can lead.
+    const ROWS: i64 = 20_000;
+    for chunk in 0..20i64 {
+        // Many transactions, so the backlog spans many batches.
         client
-            .execute("UPDATE relay_state SET lease_expires_at = '-infinity'", &[])
+            .execute(
+                "INSERT INTO outbox (topic, key, payload)
+                 SELECT 'order-created', (n % 97)::text, jsonb_build_object('n', n)
+                   FROM generate_series($1::int8 * 1000 + 1, $1::int8 * 1000 + 1000) n",
+                &[&chunk],
+            )
             .await
             .unwrap();
     }
-    let mut relay = db.relay();
-    drain(&mut relay).await;
+    let (trigger, shutdown) = outbox_relay::shutdown::channel();
+    let mut config = fast_relay_config();
+    config.min_batch = 50;
+    config.max_batch = 400;
+    let relay = tokio::spawn(Relay::new(&db.url, config).run(shutdown));
 
-    assert_eq!(
-        count(&client, "SELECT count(*) FROM event_log").await,
-        20000
+    // Each round: wait for progress since the last kill, let the relay run
+    // a varying few milliseconds into its next batches, then kill it.
+    let mut kills_mid_way = 0;
+    let mut appended_at_last_kill = 0;
+    for round in 0..25u64 {
+        let progressed = eventually(
+            "the relay to make progress",
+            Duration::from_secs(30),
+            || async {
+                let appended = count(&client, "SELECT count(*) FROM event_log").await;
+                (appended > appended_at_last_kill || appended == ROWS).then_some(appended)
+            },
+        )
+        .await;
+        if progressed == ROWS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_micros(round * 7919 % 6000)).await;
+        let killed = count(
+            &client,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE application_name = 'outbox-relay' AND datname = current_database()",
+        )
+        .await;
+        appended_at_last_kill = count(&client, "SELECT count(*) FROM event_log").await;
+        if killed > 0 && appended_at_last_kill < ROWS {
+            kills_mid_way += 1;
+        }
+    }
+    assert!(
+        kills_mid_way >= 5,
+        "only {kills_mid_way} kills landed while the relay was part-way"
     );
+    eventually(
+        "the relay to finish after the kills",
+        Duration::from_secs(60),
+        || async { (count(&client, "SELECT count(*) FROM event_log").await >= ROWS).then_some(()) },
+    )
+    .await;
+    trigger.trigger();
+    relay.await.unwrap();
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, ROWS);
     assert_log_consistent(&client, "order-created").await;
 }
 
 /// Invariant 3, deterministic: the relay's connection is terminated in the
-/// middle of a batch transaction (after reading, before committing).
+/// middle of a batch transaction, after its records were appended and
+/// before the cursor moved: none of it may remain.
 #[tokio::test]
 async fn relay_connection_terminated_mid_batch_appends_nothing() {
     let db = TestDb::migrated().await;
@@ -167,11 +192,12 @@ async fn relay_connection_terminated_mid_batch_appends_nothing() {
     for i in 0..50 {
         insert_event(&client, "order-created", &i.to_string(), json!({ "i": i })).await;
     }
-    // Block the relay inside its transaction on a partition head lock.
+    // Block the relay inside its transaction after it appended the records
+    // (the time index comes next).
     let mut blocker = db.client().await;
     let blocker_tx = blocker.transaction().await.unwrap();
     blocker_tx
-        .execute("SELECT 1 FROM partition_heads FOR UPDATE", &[])
+        .execute("LOCK TABLE event_log_time_index IN EXCLUSIVE MODE", &[])
         .await
         .unwrap();
 
@@ -184,7 +210,8 @@ async fn relay_connection_terminated_mid_batch_appends_nothing() {
     let pid: i32 = eventually("the relay to wait on the lock", Duration::from_secs(10), || async {
         client
             .query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%partition_heads%'",
+                "SELECT pid FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO event_log_time_index%'",
                 &[],
             )
             .await
@@ -324,7 +351,7 @@ async fn standby_takes_over_and_the_old_leader_is_fenced() {
     drain(&mut standby).await;
     assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 2);
 
-    // The old leader wakes up: its next batch is refused at the old epoch.
+    // The old leader wakes up: its next step is refused at the old epoch.
     insert_event(&client, "order-created", "c", json!({})).await;
     let outcome = leader.step().await.unwrap();
     assert_eq!(
@@ -497,5 +524,120 @@ async fn drain_in_small_batches_across_txid_digit_boundaries_is_exact() {
     let mut relay = outbox_relay::relay::Relay::new(&db.url, config);
     drain(&mut relay).await;
     assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 33);
+    assert_log_consistent(&client, "order-created").await;
+}
+
+/// Fencing at the batch itself: a leader whose lease was renewed a moment
+/// ago, but whose epoch has since moved on, cannot append.
+#[tokio::test]
+async fn a_batch_at_a_stale_epoch_appends_nothing() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let mut leader = db.relay();
+    assert!(matches!(
+        leader.step().await.unwrap(),
+        StepOutcome::BecameLeader { .. }
+    ));
+    assert_eq!(leader.step().await.unwrap(), StepOutcome::Idle);
+    // Another process takes over right after (no renewal is due here).
+    client
+        .execute(
+            "UPDATE relay_state SET epoch = epoch + 1, holder = 'someone-else'",
+            &[],
+        )
+        .await
+        .unwrap();
+    insert_event(&client, "order-created", "x", json!({})).await;
+    assert_eq!(leader.step().await.unwrap(), StepOutcome::LostLeadership);
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 0);
+}
+
+/// Invariant 4 where transaction ids and insert order disagree: A takes its
+/// transaction id first, B writes key K and commits, then A writes K and
+/// commits. The log must hold B's event before A's.
+#[tokio::test]
+async fn per_key_order_follows_insert_order_not_transaction_id_order() {
+    let db = TestDb::migrated().await;
+    let mut a = db.client().await;
+    let mut b = db.client().await;
+    let tx_a = a.transaction().await.unwrap();
+    tx_a.execute(
+        "INSERT INTO orders (user_id, email, amount) VALUES (1, 'a@example.com', 1)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let tx_b = b.transaction().await.unwrap();
+    insert_via_tx(&tx_b, "K", json!({ "v": 1 })).await;
+    tx_b.commit().await.unwrap();
+    insert_via_tx(&tx_a, "K", json!({ "v": 2 })).await;
+    tx_a.commit().await.unwrap();
+
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    let client = db.client().await;
+    let order: Vec<i64> = client
+        .query(
+            "SELECT (payload->>'v')::int8 FROM event_log WHERE key = 'K' ORDER BY \"offset\"",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(order, vec![1, 2]);
+}
+
+/// The idle path: while a writer stays open, the leader idles and renews
+/// its lease (saving empty peeks as relayed) several times; the writer's
+/// row is still relayed once when it commits, and cleanup never removes it first.
+#[tokio::test]
+async fn long_idle_with_an_open_writer_still_relays_its_row_once() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    let mut writer = db.client().await;
+    let open = writer.transaction().await.unwrap();
+    insert_via(&open, "slow").await;
+    let snapshot_before: String = client
+        .query_one("SELECT relayed_snapshot::text FROM relay_state", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let started = tokio::time::Instant::now();
+    // Idle through several renewals (ttl/3 = 0.5 s apart), with other traffic.
+    while started.elapsed() < Duration::from_millis(1800) {
+        assert_eq!(relay.step().await.unwrap(), StepOutcome::Idle);
+        client
+            .execute("SELECT pg_current_xact_id()", &[])
+            .await
+            .unwrap();
+        outbox_relay::relay::delete_relayed_outbox_rows(&client, "default", 1000)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snapshot_after: String = client
+        .query_one("SELECT relayed_snapshot::text FROM relay_state", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(
+        snapshot_before, snapshot_after,
+        "renewals while idle must save the empty peeks"
+    );
+    open.commit().await.unwrap();
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox WHERE key = 'slow'").await,
+        1,
+        "cleanup removed a row that was never relayed"
+    );
+    drain(&mut relay).await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM event_log WHERE key = 'slow'").await,
+        1
+    );
     assert_log_consistent(&client, "order-created").await;
 }

@@ -71,8 +71,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_migrate: bool,
     /// Seconds a relay lease lasts; a standby takes over after it expires.
-    #[arg(long, default_value_t = 3.0)]
-    pub relay_lease_secs: f64,
+    #[arg(long, default_value = "3", value_parser = parse_lease)]
+    pub relay_lease_secs: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -81,7 +81,7 @@ pub struct DemoArgs {
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
     /// Number of sample orders to place.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub orders: u32,
     /// Exit after showing the sample orders instead of serving until Ctrl-C.
     #[arg(long)]
@@ -110,11 +110,11 @@ pub enum TopicsCommand {
     /// Create a topic.
     Create {
         topic: String,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(i32).range(1..=10_000))]
         partitions: i32,
-        /// Retention in days.
-        #[arg(long, default_value_t = 35.0)]
-        retention_days: f64,
+        /// Retention in days (at most 36500).
+        #[arg(long, default_value = "35", value_parser = parse_retention_days)]
+        retention_days: Duration,
     },
 }
 
@@ -143,6 +143,26 @@ pub struct TailArgs {
     pub follow: bool,
     #[arg(long, value_enum, default_value_t = TailOutput::Json)]
     pub output: TailOutput,
+}
+
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err("the lease must be between 0.1 and 3600 seconds".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_retention_days(s: &str) -> Result<Duration, String> {
+    let days: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of days"))?;
+    if !(days > 0.0 && days <= 36_500.0) {
+        return Err("retention must be more than 0 and at most 36500 days".into());
+    }
+    Ok(Duration::from_secs_f64(days * 86_400.0))
 }
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
@@ -186,8 +206,10 @@ impl Database {
         })
     }
 
+    /// Stops the embedded server if this process started it (another
+    /// `serve` may be using one it found running).
     fn close(self) {
-        if let Some(cluster) = self.embedded {
+        if let Some(cluster) = self.embedded.filter(|c| c.started_here) {
             if let Err(e) = cluster.stop() {
                 eprintln!("warning: could not stop the embedded Postgres: {e:#}");
             }
@@ -325,11 +347,7 @@ async fn serve(url: &str, args: &ServeArgs) -> anyhow::Result<()> {
     if !args.no_migrate {
         apply_migrations(url).await?;
     }
-    if args.relay_lease_secs <= 0.0 || !args.relay_lease_secs.is_finite() {
-        bail!("--relay-lease-secs must be a positive number of seconds");
-    }
-    let lease = Duration::from_secs_f64(args.relay_lease_secs);
-    let running = start_roles(url, &args.roles, args.http_addr, lease).await?;
+    let running = start_roles(url, &args.roles, args.http_addr, args.relay_lease_secs).await?;
     running.wait().await
 }
 
@@ -490,14 +508,7 @@ async fn topics(url: &str, cmd: &TopicsCommand) -> anyhow::Result<()> {
             partitions,
             retention_days,
         } => {
-            if !(1..=10_000).contains(partitions) {
-                bail!("--partitions must be between 1 and 10000");
-            }
-            if !(*retention_days > 0.0 && retention_days.is_finite()) {
-                bail!("--retention-days must be a positive number");
-            }
-            let retention = Duration::from_secs_f64(retention_days * 86_400.0);
-            event_log::create_topic(&mut client, topic, *partitions, retention).await?;
+            event_log::create_topic(&mut client, topic, *partitions, *retention_days).await?;
             println!("created topic {topic} with {partitions} partitions");
         }
     }

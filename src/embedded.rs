@@ -43,6 +43,9 @@ pub struct EmbeddedPostgres {
     data_dir: PathBuf,
     run_as: Option<String>,
     pub port: u16,
+    /// This process started the server (rather than finding it running),
+    /// so it is the one to stop it.
+    pub started_here: bool,
 }
 
 /// Finds the directory holding `initdb` and `pg_ctl`, newest install first.
@@ -148,6 +151,7 @@ impl EmbeddedPostgres {
             data_dir,
             run_as,
             port: 0,
+            started_here: false,
         };
         cluster.start_inner(options)
     }
@@ -206,6 +210,7 @@ impl EmbeddedPostgres {
                 ],
             )
             .with_context(|| format!("starting Postgres (log: {})", log.display()))?;
+            self.started_here = true;
         }
         Ok(self)
     }

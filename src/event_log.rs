@@ -103,7 +103,13 @@ pub async fn create_topic(
         &[&name, &partitions, &retention_seconds],
     )
     .await
-    .with_context(|| format!("creating topic {name:?}"))?;
+    .map_err(|e| match e.code() {
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => anyhow::anyhow!("topic {name:?} already exists"),
+        Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => {
+            anyhow::anyhow!("invalid topic {name:?}: names are 1 to 249 of A-Z a-z 0-9 . _ -")
+        }
+        _ => anyhow::Error::new(e).context(format!("creating topic {name:?}")),
+    })?;
     tx.execute(
         "INSERT INTO partition_heads (topic, partition) SELECT $1, p FROM generate_series(0, $2 - 1) AS p",
         &[&name, &partitions],

@@ -5,7 +5,7 @@
 //! refused request.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -280,9 +280,11 @@ async fn earlier_answer(
 /// `GET /orders/{id}`.
 async fn get_order(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let order_id: i64 = id.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+    // A path that is not even UTF-8 (`/orders/%FF`) is refused the same way.
+    let id = id.ok().and_then(|Path(id)| id.parse::<i64>().ok());
+    let order_id: i64 = id.filter(|n| *n > 0).ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_order_id",

@@ -128,6 +128,17 @@ async fn get_unknown_or_invalid_order_is_a_json_error() {
     );
     let response = api
         .http
+        .get(format!("{}/orders/%FF", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        error_code(&response.json().await.unwrap()),
+        "invalid_order_id"
+    );
+    let response = api
+        .http
         .get(format!("{}/nope", api.base))
         .send()
         .await

@@ -159,6 +159,21 @@ async fn bad_arguments_and_unreachable_database_fail_in_one_line() {
         assert_one_line_failure(&out, "RFC 3339");
         let out = outbox_relay(Some(&url), &["topics", "describe"]);
         assert_one_line_failure(&out, "error:");
+        let out = outbox_relay(Some(&url), &["demo", "--orders", "0"]);
+        assert_one_line_failure(&out, "--orders");
+        let out = outbox_relay(
+            Some(&url),
+            &["topics", "create", "t", "--retention-days", "1e300"],
+        );
+        assert_one_line_failure(&out, "at most 36500 days");
+        let out = outbox_relay(Some(&url), &["topics", "create", "t", "--partitions", "0"]);
+        assert_one_line_failure(&out, "--partitions");
+        let out = outbox_relay(Some(&url), &["serve", "--relay-lease-secs", "1e30"]);
+        assert_one_line_failure(&out, "between 0.1 and 3600 seconds");
+        let out = outbox_relay(Some(&url), &["topics", "create", "order-created"]);
+        assert_one_line_failure(&out, "already exists");
+        let out = outbox_relay(Some(&url), &["topics", "create", "bad topic!"]);
+        assert_one_line_failure(&out, "invalid topic");
         let out = outbox_relay(Some(&url), &["no-such-command"]);
         assert_one_line_failure(&out, "error:");
         let out = outbox_relay(

@@ -175,13 +175,15 @@ const SELECT_BATCH: &str = "
     ORDER BY batch.id LIMIT $4";
 
 /// Where a new drain starts: just below the smallest outbox id it holds.
+/// (`id + 0` keeps the planner from walking the id index up from the
+/// oldest relayed row: the transaction id range is the narrow side.)
 const DRAIN_START: &str = "
     SELECT least(
-        (SELECT min(o.id) FROM outbox o
+        (SELECT min(o.id + 0) FROM outbox o
           WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
             AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
             AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)),
-        (SELECT min(o.id) FROM outbox o WHERE o.txid = ANY ($3::text[]::xid8[]))
+        (SELECT min(o.id + 0) FROM outbox o WHERE o.txid = ANY ($3::text[]::xid8[]))
     ) - 1";
 
 /// Read-only check an idle leader runs: the current snapshot, and whether

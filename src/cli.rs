@@ -51,18 +51,90 @@ pub enum Command {
     Topics(TopicsCommand),
     /// Print records of a topic, one JSON object per line.
     Tail(TailArgs),
+    /// Inspect consumer groups (like kafka-consumer-groups).
+    #[command(subcommand)]
+    Groups(GroupsCommand),
+    /// List, retry or discard dead letters.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupsCommand {
+    /// List consumer groups.
+    List {
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// State, members, and per partition: committed offset, log end offset, lag, owner.
+    Describe {
+        group: String,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Parked dead letters.
+    List {
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Publish a dead letter's record again (a new event with a `retry-of` header).
+    Retry {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Retry every parked dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Mark a dead letter as discarded.
+    Discard { id: i64 },
+}
+
+/// Settings of the mail worker role.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MailArgs {
+    /// smtp://host:port, smtp+starttls://user:pass@host:587, smtps://user:pass@host:465
+    /// or file:///dir. Unset: .eml files in <data-dir>/mail.
+    #[arg(long, env = "SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<String>,
+    /// Sender of the confirmation mails.
+    #[arg(long, env = "MAIL_FROM", default_value = "shop@example.com")]
+    pub mail_from: String,
+    /// SMTP connections kept in the pool.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub smtp_pool_size: u32,
+    /// Mails in flight at once (across keys and partitions).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub mail_concurrency: u32,
+    /// Seconds without a heartbeat before a group member's partitions move.
+    #[arg(long, default_value = "10", value_parser = parse_session_timeout)]
+    pub session_timeout_secs: Duration,
+    /// Send attempts before a mail is parked as a dead letter.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..=1000))]
+    pub mail_max_attempts: i32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Role {
     Api,
     Relay,
+    Mail,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Roles to run in this process.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "api,relay")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "api,relay,mail"
+    )]
     pub roles: Vec<Role>,
     /// Address of the HTTP API.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
@@ -73,6 +145,8 @@ pub struct ServeArgs {
     /// Seconds a relay lease lasts; a standby takes over after it expires.
     #[arg(long, default_value = "3", value_parser = parse_lease)]
     pub relay_lease_secs: Duration,
+    #[command(flatten)]
+    pub mail: MailArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -86,6 +160,8 @@ pub struct DemoArgs {
     /// Exit after showing the sample orders instead of serving until Ctrl-C.
     #[arg(long)]
     pub no_wait: bool,
+    #[command(flatten)]
+    pub mail: MailArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -151,6 +227,16 @@ fn parse_lease(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !(0.1..=3600.0).contains(&secs) {
         return Err("the lease must be between 0.1 and 3600 seconds".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_session_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.3..=1800.0).contains(&secs) {
+        return Err("the session timeout must be between 0.3 and 1800 seconds".into());
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -223,10 +309,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let db = Database::open(&cli, announce).await?;
     let result = match &cli.command {
         Command::Migrate => migrate(&db.url).await,
-        Command::Serve(args) => serve(&db.url, args).await,
+        Command::Serve(args) => serve(&db.url, args, &cli.data_dir).await,
         Command::Demo(args) => demo(&db.url, args, &cli).await,
         Command::Topics(cmd) => topics(&db.url, cmd).await,
         Command::Tail(args) => tail(&db.url, args).await,
+        Command::Groups(cmd) => groups(&db.url, cmd).await,
+        Command::DeadLetters(cmd) => dead_letters(&db.url, cmd).await,
     };
     db.close();
     result
@@ -262,12 +350,17 @@ struct Running {
     http_addr: Option<SocketAddr>,
 }
 
-async fn start_roles(
-    url: &str,
-    roles: &[Role],
+/// What `serve` and `demo` start.
+struct RoleSettings<'a> {
+    roles: &'a [Role],
     http_addr: SocketAddr,
     lease: Duration,
-) -> anyhow::Result<Running> {
+    mail: &'a MailArgs,
+    data_dir: &'a std::path::Path,
+}
+
+async fn start_roles(url: &str, settings: &RoleSettings<'_>) -> anyhow::Result<Running> {
+    let (roles, http_addr, lease) = (settings.roles, settings.http_addr, settings.lease);
     let (trigger, shutdown) = shutdown::channel();
     let mut tasks = Vec::new();
     let mut bound = None;
@@ -308,6 +401,45 @@ async fn start_roles(
             }),
         ));
     }
+    if roles.contains(&Role::Mail) {
+        let mail = settings.mail;
+        let target = match &mail.smtp_url {
+            Some(url) => crate::mail::SmtpTarget::parse(url)?,
+            None => crate::mail::SmtpTarget::Files {
+                dir: std::path::absolute(settings.data_dir.join("mail"))?,
+            },
+        };
+        let from: lettre::message::Mailbox = crate::order::EmailAddress::parse(&mail.mail_from)
+            .map_err(|e| anyhow::anyhow!("MAIL_FROM: {e}"))?
+            .as_str()
+            .parse()?;
+        tracing::info!(transport = %target, "mail worker sends through {target}");
+        let worker = crate::mail::MailWorker::new(
+            crate::db::pool(url, 16)?,
+            target.transport(mail.smtp_pool_size)?,
+            from,
+            crate::mail::RetryPolicy {
+                max_attempts: mail.mail_max_attempts,
+                ..Default::default()
+            },
+        );
+        let mut group = crate::group::GroupConfig::new(
+            crate::mail::MAIL_GROUP,
+            &[crate::order::ORDER_CREATED_TOPIC],
+        );
+        group.session_timeout = mail.session_timeout_secs;
+        group.heartbeat_interval = (mail.session_timeout_secs / 5).min(Duration::from_secs(1));
+        let mut consumer = crate::consumer::ConsumerConfig::new(group);
+        consumer.concurrency = mail.mail_concurrency as usize;
+        let s = shutdown.clone();
+        let url = url.to_string();
+        tasks.push((
+            "mail",
+            tokio::spawn(async move {
+                crate::consumer::run(&url, consumer, std::sync::Arc::new(worker), s).await
+            }),
+        ));
+    }
     Ok(Running {
         tasks,
         trigger,
@@ -343,11 +475,21 @@ impl Running {
     }
 }
 
-async fn serve(url: &str, args: &ServeArgs) -> anyhow::Result<()> {
+async fn serve(url: &str, args: &ServeArgs, data_dir: &std::path::Path) -> anyhow::Result<()> {
     if !args.no_migrate {
         apply_migrations(url).await?;
     }
-    let running = start_roles(url, &args.roles, args.http_addr, args.relay_lease_secs).await?;
+    let running = start_roles(
+        url,
+        &RoleSettings {
+            roles: &args.roles,
+            http_addr: args.http_addr,
+            lease: args.relay_lease_secs,
+            mail: &args.mail,
+            data_dir,
+        },
+    )
+    .await?;
     running.wait().await
 }
 
@@ -355,9 +497,13 @@ async fn demo(url: &str, args: &DemoArgs, cli: &Cli) -> anyhow::Result<()> {
     apply_migrations(url).await?;
     let running = start_roles(
         url,
-        &[Role::Api, Role::Relay],
-        args.http_addr,
-        Duration::from_secs(3),
+        &RoleSettings {
+            roles: &[Role::Api, Role::Relay, Role::Mail],
+            http_addr: args.http_addr,
+            lease: Duration::from_secs(3),
+            mail: &args.mail,
+            data_dir: &cli.data_dir,
+        },
     )
     .await?;
     let addr = running.http_addr.context("the API did not start")?;
@@ -395,6 +541,37 @@ async fn demo(url: &str, args: &DemoArgs, cli: &Cli) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // And until the mail worker delivered their confirmations.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let sent: i64 = client
+            .query_one(
+                "SELECT count(*) FROM mail_deliveries d JOIN event_log e
+                    ON e.topic = d.topic AND e.partition = d.partition AND e.\"offset\" = d.\"offset\"
+                 WHERE d.group_id = 'mail-service' AND d.status = 'sent' AND e.key = ANY($1)",
+                &[&ids],
+            )
+            .await?
+            .get(0);
+        if sent == ids.len() as i64 {
+            let target = args.mail.smtp_url.as_deref().map(|u| {
+                crate::mail::SmtpTarget::parse(u)
+                    .map_or_else(|_| "SMTP".to_string(), |t| t.to_string())
+            });
+            println!(
+                "\n{sent} confirmation mails sent to {}",
+                target.unwrap_or_else(|| format!(
+                    "{}/ (.eml files)",
+                    cli.data_dir.join("mail").display()
+                ))
+            );
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the mail worker did not send the sample confirmations within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let db_hint = if cli.database_url.is_some() {
         String::new()
     } else {
@@ -406,6 +583,7 @@ async fn demo(url: &str, args: &DemoArgs, cli: &Cli) -> anyhow::Result<()> {
     println!("  curl -s http://{addr}/orders/{}", placed[0]);
     println!("  outbox-relay topics describe order-created");
     println!("  outbox-relay tail order-created --max 10");
+    println!("  outbox-relay groups describe mail-service");
     if args.no_wait {
         running.trigger.trigger();
         return running.wait_after_trigger().await;
@@ -582,4 +760,135 @@ async fn tail(url: &str, args: &TailArgs) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+async fn groups(url: &str, cmd: &GroupsCommand) -> anyhow::Result<()> {
+    let client = crate::db::connect(url).await?;
+    let mut out = String::new();
+    use std::fmt::Write;
+    match cmd {
+        GroupsCommand::List { output } => {
+            let groups = crate::group::list_groups(&client).await?;
+            match output {
+                Output::Json => out = serde_json::to_string_pretty(&groups)?,
+                Output::Table => {
+                    for g in groups {
+                        writeln!(out, "{g}")?;
+                    }
+                }
+            }
+        }
+        GroupsCommand::Describe { group, output } => {
+            let described = crate::group::describe(&client, group)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("consumer group {group:?} does not exist"))?;
+            match output {
+                Output::Json => out = serde_json::to_string_pretty(&described)?,
+                Output::Table => {
+                    if described.members.is_empty() {
+                        writeln!(out, "Consumer group '{group}' has no active members.\n")?;
+                    }
+                    writeln!(
+                        out,
+                        "{:<16} {:<20} {:>9} {:>14} {:>14} {:>8}  {:<40} {}",
+                        "GROUP",
+                        "TOPIC",
+                        "PARTITION",
+                        "CURRENT-OFFSET",
+                        "LOG-END-OFFSET",
+                        "LAG",
+                        "CONSUMER-ID",
+                        "HOST"
+                    )?;
+                    for p in &described.partitions {
+                        let host = p
+                            .owner
+                            .as_ref()
+                            .and_then(|o| described.members.iter().find(|m| &m.member_id == o))
+                            .map_or("-", |m| m.host.as_str());
+                        writeln!(
+                            out,
+                            "{:<16} {:<20} {:>9} {:>14} {:>14} {:>8}  {:<40} {}",
+                            described.group,
+                            p.topic,
+                            p.partition,
+                            p.committed_offset.map_or("-".into(), |o| o.to_string()),
+                            p.log_end_offset,
+                            p.lag.map_or("-".into(), |l| l.to_string()),
+                            p.owner.as_deref().unwrap_or("-"),
+                            host
+                        )?;
+                    }
+                    writeln!(
+                        out,
+                        "\nstate: {}, {} members",
+                        described.state,
+                        described.members.len()
+                    )?;
+                }
+            }
+        }
+    }
+    print_out(&out)
+}
+
+async fn dead_letters(url: &str, cmd: &DeadLettersCommand) -> anyhow::Result<()> {
+    let mut client = crate::db::connect(url).await?;
+    let mut out = String::new();
+    use std::fmt::Write;
+    match cmd {
+        DeadLettersCommand::List { group, output } => {
+            let letters = crate::mail::list_dead_letters(&client, group.as_deref()).await?;
+            match output {
+                Output::Json => out = serde_json::to_string_pretty(&letters)?,
+                Output::Table => {
+                    writeln!(
+                        out,
+                        "{:>6} {:<14} {:<16} {:>9} {:>8} {:>8}  {}",
+                        "ID", "GROUP", "TOPIC", "PARTITION", "OFFSET", "ATTEMPTS", "REASON"
+                    )?;
+                    for d in letters {
+                        writeln!(
+                            out,
+                            "{:>6} {:<14} {:<16} {:>9} {:>8} {:>8}  {}{}",
+                            d.id,
+                            d.group,
+                            d.topic,
+                            d.partition,
+                            d.offset,
+                            d.attempts,
+                            d.reason,
+                            d.last_error.map(|e| format!(" ({e})")).unwrap_or_default()
+                        )?;
+                    }
+                }
+            }
+        }
+        DeadLettersCommand::Retry { id, all } => {
+            let n =
+                crate::mail::retry_dead_letters(&mut client, if *all { None } else { *id }).await?;
+            if n == 0 && !*all {
+                bail!("no parked dead letter with id {}", id.unwrap_or_default());
+            }
+            writeln!(out, "republished {n} dead letter(s) through the outbox")?;
+        }
+        DeadLettersCommand::Discard { id } => {
+            if !crate::mail::discard_dead_letter(&client, *id).await? {
+                bail!("no parked dead letter with id {id}");
+            }
+            writeln!(out, "discarded dead letter {id}")?;
+        }
+    }
+    print_out(&out)
+}
+
+/// Prints without panicking on a closed pipe (`… | head`).
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    if !text.ends_with('\n') {
+        stdout.write_all(b"\n")?;
+    }
+    Ok(())
 }

@@ -17,11 +17,18 @@ pub struct Migration {
 }
 
 /// Every migration, in the order they apply.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "core",
-    sql: include_str!("../sql/0001_core.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "core",
+        sql: include_str!("../sql/0001_core.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "consumer_groups",
+        sql: include_str!("../sql/0002_consumer_groups.sql"),
+    },
+];
 
 /// The version a fully migrated database reports.
 pub fn latest_version() -> i32 {

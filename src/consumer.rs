@@ -1,0 +1,425 @@
+//! A consumer-group member that runs a [`RecordHandler`] over the records
+//! of the partitions it owns.
+//!
+//! Per partition, records are read in offset order. Records with different
+//! keys are handled concurrently (bounded by a shared limit); records with
+//! the same key one after another, in offset order. The committed offset is
+//! the lowest offset not yet finished, so a commit never passes unfinished
+//! work (at-least-once, invariant 7). The member waits for new records on a
+//! LISTEN connection of its own (a pooled connection would drop the
+//! notifications), with a slow poll as a fallback.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::event_log::{self, Record};
+use crate::group::{Assignment, GroupConfig, Membership};
+use crate::shutdown::Shutdown;
+
+/// Processes one record. It returns once the record is finished: done, or
+/// parked as a dead letter. Transient failures are the handler's to retry.
+pub trait RecordHandler: Send + Sync + 'static {
+    fn handle(&self, record: Record) -> impl Future<Output = ()> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub group: GroupConfig,
+    /// Records handled at once across all partitions of this member.
+    pub concurrency: usize,
+    /// Records read ahead per partition (in flight or queued behind a key).
+    pub max_in_flight_per_partition: usize,
+    /// How often progress is committed while records complete.
+    pub commit_interval: Duration,
+    /// On shutdown or hand-over, how long in-flight records may finish.
+    pub shutdown_grace: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn new(group: GroupConfig) -> ConsumerConfig {
+        ConsumerConfig {
+            group,
+            concurrency: 64,
+            max_in_flight_per_partition: 512,
+            commit_interval: Duration::from_millis(200),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How a partition worker is told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Running,
+    /// Finish (within the grace period), commit, then return.
+    Gracefully,
+    /// Lost ownership: drop everything, commit nothing.
+    Now,
+}
+
+struct PartitionWorker {
+    assignment: Assignment,
+    stop: watch::Sender<Stop>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs a group member until `shutdown`: heartbeats, rebalances, and one
+/// worker per owned partition.
+pub async fn run<H: RecordHandler>(
+    database_url: &str,
+    config: ConsumerConfig,
+    handler: Arc<H>,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let membership = Arc::new(Membership::join(database_url, config.group.clone()).await?);
+    let pool = crate::db::pool(database_url, 8)?;
+    let appended = listen_for_appends(database_url).await?;
+    let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let mut workers: HashMap<(String, i32), PartitionWorker> = HashMap::new();
+    tracing::info!(group = %config.group.group_id, member = %config.group.member_id, "joined consumer group");
+
+    loop {
+        match membership.heartbeat().await {
+            Ok(rebalance) => {
+                let owned: HashMap<(String, i32), i64> = rebalance
+                    .owned
+                    .iter()
+                    .map(|a| ((a.topic.clone(), a.partition), a.epoch))
+                    .collect();
+                // Lost (taken over, or fenced by a new epoch): stop at once, no commit.
+                let lost: Vec<(String, i32)> = workers
+                    .iter()
+                    .filter(|(key, w)| {
+                        owned.get(*key) != Some(&w.assignment.epoch)
+                            && !rebalance.to_release.contains(&w.assignment)
+                    })
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for key in lost {
+                    let worker = workers.remove(&key).expect("listed above");
+                    tracing::warn!(topic = %key.0, partition = key.1, "partition lost; stopping its work");
+                    let _ = worker.stop.send(Stop::Now);
+                    worker.task.abort();
+                }
+                // Hand-overs: finish, commit, then release.
+                for assignment in &rebalance.to_release {
+                    let key = (assignment.topic.clone(), assignment.partition);
+                    if let Some(worker) = workers.remove(&key) {
+                        let _ = worker.stop.send(Stop::Gracefully);
+                        let _ = worker.task.await;
+                    }
+                    membership.release(assignment).await?;
+                }
+                for assignment in rebalance.owned {
+                    let key = (assignment.topic.clone(), assignment.partition);
+                    if workers.contains_key(&key) {
+                        continue;
+                    }
+                    let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+                    let task = tokio::spawn(run_partition(
+                        pool.clone(),
+                        config.clone(),
+                        assignment.clone(),
+                        handler.clone(),
+                        permits.clone(),
+                        appended.clone(),
+                        stop_rx,
+                    ));
+                    workers.insert(
+                        key,
+                        PartitionWorker {
+                            assignment,
+                            stop: stop_tx,
+                            task,
+                        },
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "group heartbeat failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.group.heartbeat_interval) => {}
+            _ = shutdown.recv() => break,
+        }
+    }
+
+    // Graceful shutdown: finish or abandon in-flight work, commit, release, leave.
+    for worker in workers.values() {
+        let _ = worker.stop.send(Stop::Gracefully);
+    }
+    for (_, worker) in workers.drain() {
+        let _ = worker.task.await;
+        if let Err(e) = membership.release(&worker.assignment).await {
+            tracing::warn!(error = format!("{e:#}"), "could not release a partition");
+        }
+    }
+    membership.leave().await?;
+    tracing::info!(group = %config.group.group_id, member = %config.group.member_id, "left consumer group");
+    Ok(())
+}
+
+/// A counter bumped on every relay batch notification, from a dedicated
+/// LISTEN connection (reconnected if it drops).
+async fn listen_for_appends(database_url: &str) -> anyhow::Result<watch::Receiver<u64>> {
+    let (tx, rx) = watch::channel(0u64);
+    let url = database_url.to_string();
+    let config = crate::db::parse_url(&url)?;
+    tokio::spawn(async move {
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            match config.connect(tokio_postgres::NoTls).await {
+                Ok((client, mut connection)) => {
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    let statement = format!("LISTEN {}", crate::relay::LOG_NOTIFY_CHANNEL);
+                    let listen = client.batch_execute(&statement);
+                    // Drive the connection while LISTEN is sent, then read notifications.
+                    tokio::pin!(listen);
+                    let mut listening = false;
+                    loop {
+                        tokio::select! {
+                            result = &mut listen, if !listening => {
+                                if result.is_err() { break; }
+                                listening = true;
+                            }
+                            message = messages.next() => match message {
+                                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                                    tx.send_modify(|n| *n += 1);
+                                }
+                                Some(Ok(_)) => {}
+                                _ => break,
+                            },
+                            _ = tx.closed() => return,
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "LISTEN connection failed"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    Ok(rx)
+}
+
+/// Consumes one owned partition until told to stop or fenced.
+async fn run_partition<H: RecordHandler>(
+    pool: deadpool_postgres::Pool,
+    config: ConsumerConfig,
+    assignment: Assignment,
+    handler: Arc<H>,
+    permits: Arc<Semaphore>,
+    mut appended: watch::Receiver<u64>,
+    mut stop: watch::Receiver<Stop>,
+) {
+    let result = async {
+        let client = pool.get().await?;
+        let mut next = crate::group::start_offset(
+            &**client,
+            &config.group.group_id,
+            &assignment.topic,
+            assignment.partition,
+            config.group.offset_reset,
+        )
+        .await?;
+        drop(client);
+        let mut partition = PartitionState::default();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(i64, Option<String>)>();
+        let mut tasks = JoinSet::new();
+        let mut last_commit = Instant::now();
+        let mut committed = None;
+        let mut caught_up = false;
+        let mut grace_deadline: Option<Instant> = None;
+
+        loop {
+            let stopping = *stop.borrow();
+            if stopping == Stop::Now {
+                tasks.abort_all();
+                return Ok(());
+            }
+            if stopping == Stop::Running {
+                // Read ahead while there is room.
+                if !caught_up && partition.in_flight.len() < config.max_in_flight_per_partition {
+                    let room = (config.max_in_flight_per_partition - partition.in_flight.len()) as i64;
+                    let client = pool.get().await?;
+                    let records =
+                        event_log::read(&**client, &assignment.topic, assignment.partition, next, room.min(500))
+                            .await
+                            .context("reading the partition")?;
+                    drop(client);
+                    caught_up = records.is_empty();
+                    for record in records {
+                        next = record.offset + 1;
+                        partition.enqueue(record);
+                    }
+                }
+                // Start the head record of every idle key.
+                for record in partition.take_ready() {
+                    let (handler, permits, done) = (handler.clone(), permits.clone(), done_tx.clone());
+                    tasks.spawn(async move {
+                        let _permit = permits.acquire_owned().await;
+                        let (offset, key) = (record.offset, record.key.clone());
+                        handler.handle(record).await;
+                        let _ = done.send((offset, key));
+                    });
+                }
+            }
+            // Commit progress: the lowest unfinished offset (queued ones
+            // included), or `next` when nothing is unfinished.
+            let position = partition.committable(next);
+            let commit_due = last_commit.elapsed() >= config.commit_interval || stopping != Stop::Running;
+            if committed != Some(position) && commit_due {
+                let client = pool.get().await?;
+                if !crate::group::commit(&**client, &config.group, &assignment, position).await? {
+                    tracing::warn!(topic = %assignment.topic, partition = assignment.partition, "commit fenced: partition lost");
+                    tasks.abort_all();
+                    return Ok(());
+                }
+                committed = Some(position);
+                last_commit = Instant::now();
+            }
+            if stopping == Stop::Gracefully && partition.running.is_empty() {
+                return Ok(());
+            }
+
+            let wake_for_records = caught_up || partition.in_flight.len() >= config.max_in_flight_per_partition;
+            let timer = match grace_deadline {
+                Some(deadline) => deadline,
+                None if committed != Some(partition.committable(next)) => Instant::now() + config.commit_interval,
+                // Idle: a slow poll in case a notification was missed.
+                None => Instant::now() + Duration::from_secs(1),
+            };
+            tokio::select! {
+                Some((offset, key)) = done_rx.recv() => partition.finish(offset, key),
+                changed = appended.changed(), if wake_for_records && stopping == Stop::Running => {
+                    if changed.is_ok() { caught_up = false; }
+                }
+                _ = stop.changed() => {
+                    if *stop.borrow() == Stop::Gracefully {
+                        grace_deadline = Some(Instant::now() + config.shutdown_grace);
+                    }
+                }
+                _ = tokio::time::sleep_until(timer) => {
+                    if grace_deadline.is_some_and(|d| d <= Instant::now()) {
+                        // Grace is over: abandon what still runs (it stays uncommitted).
+                        tasks.abort_all();
+                        partition.running.clear();
+                    }
+                    caught_up = false;
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        let e: anyhow::Error = e;
+        tracing::warn!(topic = %assignment.topic, partition = assignment.partition, error = format!("{e:#}"),
+            "partition worker failed; the next heartbeat restarts it");
+    }
+}
+
+/// Per-partition bookkeeping: queued records per key, offsets in flight.
+#[derive(Default)]
+struct PartitionState {
+    /// Offsets read but not finished (queued, ready or running).
+    in_flight: BTreeSet<i64>,
+    /// Records waiting behind a running record of the same key.
+    queues: HashMap<Option<String>, VecDeque<Record>>,
+    /// Keys with a record running, and its offset.
+    running: HashMap<Option<String>, i64>,
+    /// Records that may start now (their key is idle).
+    ready: Vec<Record>,
+}
+
+impl PartitionState {
+    fn enqueue(&mut self, record: Record) {
+        self.in_flight.insert(record.offset);
+        let key = record.key.clone();
+        if self.running.contains_key(&key) || self.ready.iter().any(|r| r.key == key) {
+            self.queues.entry(key).or_default().push_back(record);
+        } else {
+            self.ready.push(record);
+        }
+    }
+
+    /// Records to start now; their keys become busy.
+    fn take_ready(&mut self) -> Vec<Record> {
+        let ready = std::mem::take(&mut self.ready);
+        for record in &ready {
+            self.running.insert(record.key.clone(), record.offset);
+        }
+        ready
+    }
+
+    /// A record finished: the next one of its key becomes ready.
+    fn finish(&mut self, offset: i64, key: Option<String>) {
+        self.in_flight.remove(&offset);
+        self.running.remove(&key);
+        if let Some(queue) = self.queues.get_mut(&key) {
+            if let Some(next) = queue.pop_front() {
+                self.ready.push(next);
+            }
+            if queue.is_empty() {
+                self.queues.remove(&key);
+            }
+        }
+    }
+
+    /// The offset to commit: the lowest unfinished one, else `next`.
+    fn committable(&self, next: i64) -> i64 {
+        self.in_flight.first().copied().unwrap_or(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(offset: i64, key: &str) -> Record {
+        Record {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            key: Some(key.into()),
+            created_at: chrono::Utc::now(),
+            appended_at: chrono::Utc::now(),
+            headers: serde_json::json!({}),
+            payload: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn keys_run_concurrently_in_order_and_commits_never_pass_unfinished_work() {
+        let mut p = PartitionState::default();
+        for (offset, key) in [(10, "a"), (11, "b"), (12, "a"), (13, "c")] {
+            p.enqueue(record(offset, key));
+        }
+        let started: Vec<i64> = p.take_ready().iter().map(|r| r.offset).collect();
+        assert_eq!(started, vec![10, 11, 13], "one record per key at a time");
+        p.finish(11, Some("b".into()));
+        p.finish(13, Some("c".into()));
+        assert_eq!(
+            p.committable(14),
+            10,
+            "10 is unfinished: commit stays below it"
+        );
+        assert!(p.take_ready().is_empty(), "12 waits for 10 (same key)");
+        p.finish(10, Some("a".into()));
+        assert_eq!(p.committable(14), 12);
+        assert_eq!(
+            p.take_ready().iter().map(|r| r.offset).collect::<Vec<_>>(),
+            vec![12]
+        );
+        p.finish(12, Some("a".into()));
+        assert_eq!(p.committable(14), 14);
+    }
+}

@@ -1,0 +1,675 @@
+//! The mail worker: consumes `order-created` as group `mail-service` and
+//! sends each order's confirmation mail over SMTP (lettre, pooled).
+//!
+//! Delivery is at-least-once with one documented duplicate window
+//! (invariant 8): a ledger row per (group, event) goes `pending` → `sent` |
+//! `failed`, written around (never across) the SMTP exchange. An event
+//! redelivered after a crash, rebalance or reset is not mailed again once
+//! `sent`. A crash after the server accepted the mail and before the ledger
+//! says `sent` sends it again on redelivery; its Message-ID is derived from
+//! the event, so the duplicate is recognisable.
+//!
+//! Failures (invariant 9): transient ones (connection refused, timeouts,
+//! 4xx) retry with exponential backoff and full jitter, in the record's own
+//! task, so other keys and partitions go on; permanent ones (5xx, a bad
+//! address, an undecodable payload) or a spent retry budget park the event
+//! as a dead letter and the partition moves on.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use lettre::message::{header, Mailbox, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::PoolConfig;
+use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use serde::Deserialize;
+
+use crate::consumer::RecordHandler;
+use crate::event_log::Record;
+use crate::order::EmailAddress;
+
+/// The consumer group the mail worker runs as.
+pub const MAIL_GROUP: &str = "mail-service";
+
+/// Where mails go.
+#[derive(Clone)]
+pub enum MailTransport {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    /// `.eml` files in a directory: the embedded default.
+    Files(AsyncFileTransport<Tokio1Executor>),
+}
+
+/// An `SMTP_URL`, parsed; `Display` never shows credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SmtpTarget {
+    Plain {
+        host: String,
+        port: u16,
+    },
+    StartTls {
+        host: String,
+        port: u16,
+        credentials: Option<(String, String)>,
+    },
+    ImplicitTls {
+        host: String,
+        port: u16,
+        credentials: Option<(String, String)>,
+    },
+    Files {
+        dir: PathBuf,
+    },
+}
+
+impl std::fmt::Display for SmtpTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SmtpTarget::Plain { host, port } => write!(f, "smtp://{host}:{port}"),
+            SmtpTarget::StartTls { host, port, .. } => write!(f, "smtp+starttls://{host}:{port}"),
+            SmtpTarget::ImplicitTls { host, port, .. } => write!(f, "smtps://{host}:{port}"),
+            SmtpTarget::Files { dir } => write!(f, "file://{}", dir.display()),
+        }
+    }
+}
+
+impl SmtpTarget {
+    /// `smtp://host:port`, `smtp+starttls://user:pass@host:587`,
+    /// `smtps://user:pass@host:465` or `file:///dir`.
+    pub fn parse(input: &str) -> anyhow::Result<SmtpTarget> {
+        // Never echo the input: it may hold a password.
+        let url = url::Url::parse(input)
+            .map_err(|e| anyhow::anyhow!("SMTP_URL is not a valid URL ({e})"))?;
+        let host = || -> anyhow::Result<String> {
+            url.host_str()
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .context("SMTP_URL has no host")
+        };
+        let credentials = || -> anyhow::Result<Option<(String, String)>> {
+            if url.username().is_empty() {
+                return Ok(None);
+            }
+            let decode = |s: &str| {
+                percent_decode(s)
+                    .context("SMTP_URL credentials are not valid percent-encoded UTF-8")
+            };
+            Ok(Some((
+                decode(url.username())?,
+                decode(url.password().unwrap_or(""))?,
+            )))
+        };
+        Ok(match url.scheme() {
+            "smtp" => SmtpTarget::Plain {
+                host: host()?,
+                port: url.port().unwrap_or(25),
+            },
+            "smtp+starttls" => SmtpTarget::StartTls {
+                host: host()?,
+                port: url.port().unwrap_or(587),
+                credentials: credentials()?,
+            },
+            "smtps" => SmtpTarget::ImplicitTls {
+                host: host()?,
+                port: url.port().unwrap_or(465),
+                credentials: credentials()?,
+            },
+            "file" => SmtpTarget::Files {
+                dir: url
+                    .to_file_path()
+                    .map_err(|_| anyhow::anyhow!("SMTP_URL file:// needs an absolute path"))?,
+            },
+            other => {
+                bail!("SMTP_URL scheme {other:?} is not one of smtp, smtp+starttls, smtps, file")
+            }
+        })
+    }
+
+    /// Builds the transport; SMTP transports keep a pool of `pool_size` connections.
+    pub fn transport(&self, pool_size: u32) -> anyhow::Result<MailTransport> {
+        let pool = PoolConfig::new().max_size(pool_size.max(1));
+        let timeout = Some(Duration::from_secs(15));
+        Ok(match self {
+            SmtpTarget::Plain { host, port } => MailTransport::Smtp(
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.as_str())
+                    .port(*port)
+                    .timeout(timeout)
+                    .pool_config(pool)
+                    .build(),
+            ),
+            SmtpTarget::StartTls {
+                host,
+                port,
+                credentials,
+            } => {
+                let mut builder = AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host)?
+                    .port(*port)
+                    .timeout(timeout)
+                    .pool_config(pool);
+                if let Some((user, pass)) = credentials {
+                    builder = builder.credentials(Credentials::new(user.clone(), pass.clone()));
+                }
+                MailTransport::Smtp(builder.build())
+            }
+            SmtpTarget::ImplicitTls {
+                host,
+                port,
+                credentials,
+            } => {
+                let mut builder = AsyncSmtpTransport::<Tokio1Executor>::relay(host)?
+                    .port(*port)
+                    .timeout(timeout)
+                    .pool_config(pool);
+                if let Some((user, pass)) = credentials {
+                    builder = builder.credentials(Credentials::new(user.clone(), pass.clone()));
+                }
+                MailTransport::Smtp(builder.build())
+            }
+            SmtpTarget::Files { dir } => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating mail directory {}", dir.display()))?;
+                MailTransport::Files(AsyncFileTransport::new(dir))
+            }
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> anyhow::Result<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3])?;
+            out.push(u8::from_str_radix(hex, 16)?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(String::from_utf8(out)?)
+}
+
+/// How a send attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    Sent,
+    /// Worth retrying: connection refused, timeout, 4xx.
+    Transient(String),
+    /// Not worth retrying: 5xx, a refused recipient.
+    Permanent(String),
+}
+
+impl MailTransport {
+    pub async fn send(&self, message: Message) -> SendOutcome {
+        match self {
+            MailTransport::Smtp(smtp) => match smtp.send(message).await {
+                Ok(_) => SendOutcome::Sent,
+                Err(e) if e.is_permanent() => SendOutcome::Permanent(e.to_string()),
+                Err(e) => SendOutcome::Transient(e.to_string()),
+            },
+            MailTransport::Files(files) => match files.send(message).await {
+                Ok(_) => SendOutcome::Sent,
+                Err(e) => SendOutcome::Transient(e.to_string()),
+            },
+        }
+    }
+}
+
+/// Retry schedule for transient failures.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts before the event is parked as a dead letter.
+    pub max_attempts: i32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with full jitter before attempt `attempt + 1`.
+    pub fn backoff(&self, attempt: i32) -> Duration {
+        let exp = self
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(attempt.clamp(0, 20) as u32))
+            .min(self.max_backoff);
+        exp.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+    }
+}
+
+/// The `OrderCreated` event as the mail worker reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OrderCreated {
+    pub order_id: i64,
+    pub user_id: i64,
+    pub amount: i64,
+    pub email: String,
+}
+
+/// The Message-ID of the confirmation for an event: derived from the event,
+/// so a duplicate sent in the crash window carries the same one.
+pub fn message_id(record: &Record) -> String {
+    format!(
+        "<{}.{}.{}@outbox-relay>",
+        record.topic, record.partition, record.offset
+    )
+}
+
+/// Renders the confirmation mail (plain text with an HTML alternative).
+pub fn render(
+    record: &Record,
+    order: &OrderCreated,
+    to: &EmailAddress,
+    from: &Mailbox,
+) -> anyhow::Result<Message> {
+    let to: Mailbox = to.as_str().parse().context("recipient address")?;
+    let subject = format!("Your order #{} is confirmed", order.order_id);
+    let text = format!(
+        "Hello,\n\nthank you for your order #{id}.\nOrder total: {amount}\n\n\
+         We will let you know when it ships.\n",
+        id = order.order_id,
+        amount = order.amount
+    );
+    let html = format!(
+        "<!doctype html><html><body><p>Hello,</p>\
+         <p>thank you for your order <strong>#{id}</strong>.</p>\
+         <p>Order total: <strong>{amount}</strong></p>\
+         <p>We will let you know when it ships.</p></body></html>",
+        id = order.order_id,
+        amount = order.amount
+    );
+    Message::builder()
+        .message_id(Some(message_id(record)))
+        .from(from.clone())
+        .to(to)
+        .subject(subject)
+        .multipart(
+            MultiPart::alternative()
+                .singlepart(
+                    SinglePart::builder()
+                        .header(header::ContentType::TEXT_PLAIN)
+                        .body(text),
+                )
+                .singlepart(
+                    SinglePart::builder()
+                        .header(header::ContentType::TEXT_HTML)
+                        .body(html),
+                ),
+        )
+        .context("building the message")
+}
+
+/// What the worker did with one record (returned by [`MailWorker::process`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Sent {
+        attempts: i32,
+    },
+    /// The ledger says it was sent already: not mailed again.
+    AlreadySent,
+    /// The ledger says it failed and was parked already.
+    AlreadyParked,
+    Parked {
+        reason: String,
+    },
+}
+
+/// The mail worker: a [`RecordHandler`] for `order-created`.
+pub struct MailWorker {
+    pool: deadpool_postgres::Pool,
+    transport: MailTransport,
+    from: Mailbox,
+    group: String,
+    retry: RetryPolicy,
+}
+
+const CLAIM_DELIVERY: &str = "
+    INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, recipient, status)
+    VALUES ($1, $2, $3, $4, $5, $6, 'pending')
+    ON CONFLICT (group_id, topic, partition, \"offset\") DO UPDATE SET updated_at = now()
+    RETURNING status, attempts";
+
+const MARK_SENT: &str = "
+    UPDATE mail_deliveries SET status = 'sent', attempts = attempts + 1, sent_at = now(), updated_at = now(), last_error = NULL
+     WHERE group_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" = $4";
+
+const MARK_ATTEMPT_FAILED: &str = "
+    UPDATE mail_deliveries SET attempts = attempts + 1, last_error = $5, updated_at = now()
+     WHERE group_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" = $4
+    RETURNING attempts";
+
+impl MailWorker {
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        transport: MailTransport,
+        from: Mailbox,
+        retry: RetryPolicy,
+    ) -> MailWorker {
+        MailWorker {
+            pool,
+            transport,
+            from,
+            group: MAIL_GROUP.to_string(),
+            retry,
+        }
+    }
+
+    /// Handles one record to its end. Database errors are retried here
+    /// too: giving up would commit past a record whose mail never went out.
+    pub async fn process(&self, record: &Record) -> Delivery {
+        let mut db_backoff = 0;
+        loop {
+            match self.try_process(record).await {
+                Ok(delivery) => return delivery,
+                Err(e) => {
+                    tracing::warn!(
+                        offset = record.offset,
+                        partition = record.partition,
+                        error = format!("{e:#}"),
+                        "mail delivery bookkeeping failed; retrying"
+                    );
+                    tokio::time::sleep(self.retry.backoff(db_backoff)).await;
+                    db_backoff += 1;
+                }
+            }
+        }
+    }
+
+    async fn try_process(&self, record: &Record) -> anyhow::Result<Delivery> {
+        let decoded = serde_json::from_value::<OrderCreated>(record.payload.clone())
+            .map_err(|e| format!("undecodable payload: {e}"))
+            .and_then(|order| {
+                let to = EmailAddress::parse(&order.email)
+                    .map_err(|e| format!("invalid recipient: {e}"))?;
+                Ok((order, to))
+            });
+        let (order, to) = match decoded {
+            Ok(decoded) => decoded,
+            Err(reason) => return self.park(record, &reason, 0, None).await,
+        };
+        let message_id = message_id(record);
+        let client = self.pool.get().await?;
+        let key = (
+            &self.group,
+            &record.topic,
+            &record.partition,
+            &record.offset,
+        );
+        let row = client
+            .query_one(
+                CLAIM_DELIVERY,
+                &[key.0, key.1, key.2, key.3, &message_id, &to.as_str()],
+            )
+            .await?;
+        let (status, mut attempts): (String, i32) = (row.get(0), row.get(1));
+        drop(client);
+        match status.as_str() {
+            "sent" => return Ok(Delivery::AlreadySent),
+            "failed" => return Ok(Delivery::AlreadyParked),
+            _ => {}
+        }
+        let message = match render(record, &order, &to, &self.from) {
+            Ok(m) => m,
+            Err(e) => {
+                return self
+                    .park(record, &format!("cannot render: {e:#}"), attempts, None)
+                    .await
+            }
+        };
+        loop {
+            // No transaction is open here: the SMTP exchange runs on its own.
+            let outcome = self.transport.send(message.clone()).await;
+            let client = self.pool.get().await?;
+            match outcome {
+                SendOutcome::Sent => {
+                    client
+                        .execute(MARK_SENT, &[key.0, key.1, key.2, key.3])
+                        .await?;
+                    return Ok(Delivery::Sent {
+                        attempts: attempts + 1,
+                    });
+                }
+                SendOutcome::Permanent(error) => {
+                    drop(client);
+                    return self
+                        .park(record, "permanent SMTP failure", attempts + 1, Some(&error))
+                        .await;
+                }
+                SendOutcome::Transient(error) => {
+                    attempts = client
+                        .query_one(MARK_ATTEMPT_FAILED, &[key.0, key.1, key.2, key.3, &error])
+                        .await?
+                        .get(0);
+                    drop(client);
+                    if attempts >= self.retry.max_attempts {
+                        return self
+                            .park(record, "retry budget spent", attempts, Some(&error))
+                            .await;
+                    }
+                    tracing::info!(offset = record.offset, partition = record.partition, attempts, error = %error,
+                        "transient SMTP failure; will retry");
+                    tokio::time::sleep(self.retry.backoff(attempts - 1)).await;
+                }
+            }
+        }
+    }
+
+    /// Parks the record as a dead letter and marks the ledger `failed`,
+    /// in one transaction.
+    async fn park(
+        &self,
+        record: &Record,
+        reason: &str,
+        attempts: i32,
+        last_error: Option<&str>,
+    ) -> anyhow::Result<Delivery> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        park_dead_letter(&*tx, &self.group, record, reason, attempts, last_error).await?;
+        tx.execute(
+            "INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, status, attempts, last_error)
+             VALUES ($1, $2, $3, $4, $5, 'failed', $6, $7)
+             ON CONFLICT (group_id, topic, partition, \"offset\")
+             DO UPDATE SET status = 'failed', attempts = $6, last_error = $7, updated_at = now()",
+            &[&self.group, &record.topic, &record.partition, &record.offset, &message_id(record), &attempts, &last_error],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason,
+            "parked as a dead letter");
+        Ok(Delivery::Parked {
+            reason: reason.to_string(),
+        })
+    }
+}
+
+impl RecordHandler for MailWorker {
+    async fn handle(&self, record: Record) {
+        self.process(&record).await;
+    }
+}
+
+// ─── Dead letters (any consumer group) ──────────────────────────────────────
+
+/// Parks a record for `group` (idempotent per event).
+pub async fn park_dead_letter(
+    client: &impl tokio_postgres::GenericClient,
+    group: &str,
+    record: &Record,
+    reason: &str,
+    attempts: i32,
+    last_error: Option<&str>,
+) -> anyhow::Result<()> {
+    client
+        .execute(
+            "INSERT INTO dead_letters (group_id, topic, partition, \"offset\", key, headers, payload, reason, attempts, last_error)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (group_id, topic, partition, \"offset\") DO NOTHING",
+            &[
+                &group,
+                &record.topic,
+                &record.partition,
+                &record.offset,
+                &record.key,
+                &record.headers,
+                &record.payload,
+                &reason,
+                &attempts,
+                &last_error,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub reason: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub parked_at: chrono::DateTime<chrono::Utc>,
+    pub payload: serde_json::Value,
+}
+
+/// Parked (unresolved) dead letters, optionally of one group.
+pub async fn list_dead_letters(
+    client: &impl tokio_postgres::GenericClient,
+    group: Option<&str>,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let rows = client
+        .query(
+            "SELECT id, group_id, topic, partition, \"offset\", key, reason, attempts, last_error, parked_at, payload
+               FROM dead_letters WHERE status = 'parked' AND ($1::text IS NULL OR group_id = $1)
+              ORDER BY id",
+            &[&group],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| DeadLetter {
+            id: r.get(0),
+            group: r.get(1),
+            topic: r.get(2),
+            partition: r.get(3),
+            offset: r.get(4),
+            key: r.get(5),
+            reason: r.get(6),
+            attempts: r.get(7),
+            last_error: r.get(8),
+            parked_at: r.get(9),
+            payload: r.get(10),
+        })
+        .collect())
+}
+
+/// Retries dead letters (one by id, or all parked ones when `id` is None)
+/// by publishing each record again through the outbox, with a `retry-of`
+/// header; the consumer then handles it as a new event. Returns how many.
+pub async fn retry_dead_letters(
+    client: &mut tokio_postgres::Client,
+    id: Option<i64>,
+) -> anyhow::Result<u64> {
+    let tx = client.transaction().await?;
+    let retried = tx
+        .execute(
+            "WITH retried AS (
+                 UPDATE dead_letters SET status = 'retried', resolved_at = now()
+                  WHERE status = 'parked' AND ($1::int8 IS NULL OR id = $1)
+                 RETURNING topic, partition, \"offset\", key, headers, payload)
+             INSERT INTO outbox (topic, key, payload, headers)
+             SELECT topic, key, payload,
+                    headers || jsonb_build_object('retry-of', topic || '/' || partition || '/' || \"offset\")
+               FROM retried",
+            &[&id],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(retried)
+}
+
+/// Discards one parked dead letter. Returns false if there is none with that id.
+pub async fn discard_dead_letter(
+    client: &impl tokio_postgres::GenericClient,
+    id: i64,
+) -> anyhow::Result<bool> {
+    let n = client
+        .execute(
+            "UPDATE dead_letters SET status = 'discarded', resolved_at = now() WHERE id = $1 AND status = 'parked'",
+            &[&id],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_smtp_urls_without_leaking_credentials() {
+        assert_eq!(
+            SmtpTarget::parse("smtp://mailhog:1025").unwrap(),
+            SmtpTarget::Plain {
+                host: "mailhog".into(),
+                port: 1025
+            }
+        );
+        let tls = SmtpTarget::parse("smtp+starttls://user:p%40ss@mail.example.com:587").unwrap();
+        assert_eq!(
+            tls,
+            SmtpTarget::StartTls {
+                host: "mail.example.com".into(),
+                port: 587,
+                credentials: Some(("user".into(), "p@ss".into()))
+            }
+        );
+        assert_eq!(tls.to_string(), "smtp+starttls://mail.example.com:587");
+        assert!(matches!(
+            SmtpTarget::parse("smtps://u:p@h").unwrap(),
+            SmtpTarget::ImplicitTls { port: 465, .. }
+        ));
+        assert_eq!(
+            SmtpTarget::parse("file:///tmp/mail").unwrap(),
+            SmtpTarget::Files {
+                dir: "/tmp/mail".into()
+            }
+        );
+        let err = SmtpTarget::parse("http://user:secret@host")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("secret"), "{err}");
+        assert!(SmtpTarget::parse("not a url secret")
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid URL"));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        };
+        assert!(policy.backoff(0) <= Duration::from_millis(100));
+        assert!(policy.backoff(0) >= Duration::from_millis(50));
+        assert!(policy.backoff(3) >= Duration::from_millis(400));
+        assert!(policy.backoff(30) <= Duration::from_secs(1));
+    }
+}

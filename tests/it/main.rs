@@ -4,6 +4,9 @@
 mod api;
 mod cli;
 mod event_log;
+mod groups;
 mod harness;
+mod mail;
 mod migrate;
 mod relay;
+mod smtp;

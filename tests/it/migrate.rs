@@ -7,7 +7,10 @@ async fn migrating_twice_changes_nothing() {
     let db = TestDb::empty().await;
     let mut client = db.client().await;
     let first = outbox_relay::migrate::run(&mut client).await.unwrap();
-    let all: Vec<i32> = outbox_relay::migrate::MIGRATIONS.iter().map(|m| m.version).collect();
+    let all: Vec<i32> = outbox_relay::migrate::MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .collect();
     assert_eq!(first, all);
     let schema_before = count(
         &client,

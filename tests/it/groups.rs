@@ -1,0 +1,284 @@
+//! Consumer groups (DESIGN.md invariants 6 and 7) against a real Postgres.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outbox_relay::consumer::{ConsumerConfig, RecordHandler};
+use outbox_relay::event_log::Record;
+use outbox_relay::group::{self, Membership};
+use outbox_relay::shutdown;
+use serde_json::json;
+
+use crate::harness::*;
+use crate::mail::fast_group_config;
+
+/// Records what it handled.
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Vec<(i32, i64)>>,
+    delay: Duration,
+}
+
+impl RecordHandler for Recorder {
+    async fn handle(&self, record: Record) {
+        tokio::time::sleep(self.delay).await;
+        self.seen
+            .lock()
+            .unwrap()
+            .push((record.partition, record.offset));
+    }
+}
+
+struct Member {
+    trigger: shutdown::ShutdownTrigger,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn spawn_member(db: &TestDb, group: &str, handler: Arc<Recorder>) -> Member {
+    let (trigger, shutdown) = shutdown::channel();
+    let config = ConsumerConfig::new(fast_group_config(group));
+    let url = db.url.clone();
+    let task = tokio::spawn(async move {
+        outbox_relay::consumer::run(&url, config, handler, shutdown)
+            .await
+            .unwrap();
+    });
+    Member { trigger, task }
+}
+
+async fn describe(db: &TestDb, group: &str) -> group::GroupDescription {
+    let client = db.client().await;
+    group::describe(&client, group)
+        .await
+        .unwrap()
+        .expect("group exists")
+}
+
+/// Waits until `members` live members own all 8 partitions, each at most
+/// ceil(8 / members); returns the partition counts per member.
+async fn wait_for_even_spread(db: &TestDb, group: &str, members: usize) -> Vec<usize> {
+    let limit = 8usize.div_ceil(members);
+    eventually(
+        &format!("{members} members to share 8 partitions evenly"),
+        Duration::from_secs(30),
+        || async {
+            let client = db.client().await;
+            let d = group::describe(&client, group).await.unwrap()?;
+            let counts: Vec<usize> = d.members.iter().map(|m| m.partitions.len()).collect();
+            let owned = d.partitions.iter().filter(|p| p.owner.is_some()).count();
+            (d.members.len() == members
+                && owned == 8
+                && counts.iter().all(|&c| c <= limit && c > 0))
+            .then_some(counts)
+        },
+    )
+    .await
+}
+
+async fn relay_events(db: &TestDb, n: i64) {
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outbox (topic, key, payload)
+             SELECT 'order-created', n::text, jsonb_build_object('n', n) FROM generate_series(1, $1::int8) n",
+            &[&n],
+        )
+        .await
+        .unwrap();
+    drain(&mut db.relay()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_in_one_process_share_eight_partitions_evenly_and_rebalance_on_leave() {
+    let db = TestDb::migrated().await;
+    relay_events(&db, 300).await;
+    let recorder = Arc::new(Recorder::default());
+    let a = spawn_member(&db, "g", recorder.clone());
+    wait_for_even_spread(&db, "g", 1).await;
+    let b = spawn_member(&db, "g", recorder.clone());
+    let c = spawn_member(&db, "g", recorder.clone());
+    let mut counts = wait_for_even_spread(&db, "g", 3).await;
+    counts.sort();
+    assert_eq!(counts, vec![2, 3, 3]);
+
+    // One leaves gracefully: the other two take its partitions at once.
+    c.trigger.trigger();
+    c.task.await.unwrap();
+    wait_for_even_spread(&db, "g", 2).await;
+    eventually("every record handled", Duration::from_secs(30), || async {
+        (recorder
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .collect::<HashSet<_>>()
+            .len()
+            == 300)
+            .then_some(())
+    })
+    .await;
+    for m in [a, b] {
+        m.trigger.trigger();
+        m.task.await.unwrap();
+    }
+    let d = describe(&db, "g").await;
+    assert_eq!(d.state, "Empty");
+    assert!(
+        d.partitions.iter().all(|p| p.lag == Some(0)),
+        "{:?}",
+        d.partitions
+    );
+}
+
+/// A member that dies (no goodbye) loses its partitions within the session
+/// timeout; the survivor takes them over and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_killed_mid_stream_is_taken_over_and_nothing_is_lost() {
+    let db = TestDb::migrated().await;
+    let recorder = Arc::new(Recorder {
+        delay: Duration::from_millis(3),
+        ..Default::default()
+    });
+    let a = spawn_member(&db, "g", recorder.clone());
+    let b = spawn_member(&db, "g", recorder.clone());
+    wait_for_even_spread(&db, "g", 2).await;
+    relay_events(&db, 400).await;
+    eventually("work to start", Duration::from_secs(10), || async {
+        (recorder.seen.lock().unwrap().len() > 20).then_some(())
+    })
+    .await;
+    a.task.abort(); // dies mid-stream: no commit, no release, no leave
+    let died = std::time::Instant::now();
+    wait_for_even_spread(&db, "g", 1).await;
+    assert!(
+        died.elapsed() < Duration::from_secs(5),
+        "takeover took {:?}",
+        died.elapsed()
+    );
+    eventually(
+        "every record handled at least once",
+        Duration::from_secs(30),
+        || async {
+            (recorder
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .collect::<HashSet<_>>()
+                .len()
+                == 400)
+                .then_some(())
+        },
+    )
+    .await;
+    b.trigger.trigger();
+    b.task.await.unwrap();
+}
+
+/// Invariant 6: once its partition moved on, a stale member cannot commit.
+#[tokio::test]
+async fn a_fenced_stale_member_cannot_commit() {
+    let db = TestDb::migrated().await;
+    let mut config = fast_group_config("g");
+    config.session_timeout = Duration::from_millis(500);
+    let stale = Membership::join(&db.url, config.clone()).await.unwrap();
+    let owned = stale.heartbeat().await.unwrap().owned;
+    assert_eq!(owned.len(), 8);
+    assert!(
+        stale.commit(&owned[0], 1).await.unwrap(),
+        "the owner can commit"
+    );
+
+    // The stale member stops heartbeating; another takes over after the timeout.
+    let mut other_config = fast_group_config("g");
+    other_config.member_id = "other".into();
+    let other = Membership::join(&db.url, other_config).await.unwrap();
+    let taken = eventually("the takeover", Duration::from_secs(10), || async {
+        let owned = other.heartbeat().await.unwrap().owned;
+        (owned.len() == 8).then_some(owned)
+    })
+    .await;
+    assert!(
+        !stale.commit(&owned[0], 5).await.unwrap(),
+        "a stale member's commit must be refused"
+    );
+    let committed = count(
+        &db.client().await,
+        "SELECT committed_offset FROM group_partitions WHERE group_id = 'g' AND partition = 0",
+    )
+    .await;
+    assert_eq!(committed, 1);
+    assert!(other.commit(&taken[0], 5).await.unwrap());
+    let _ = json!({});
+}
+
+/// Graceful shutdown releases leases at once: a new member owns them on
+/// its first heartbeat, well before any session timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_releases_leases_immediately() {
+    let db = TestDb::migrated().await;
+    let mut config = fast_group_config("g");
+    config.session_timeout = Duration::from_secs(60);
+    let (trigger, shutdown) = shutdown::channel();
+    let url = db.url.clone();
+    let member = tokio::spawn(async move {
+        outbox_relay::consumer::run(
+            &url,
+            ConsumerConfig::new(config),
+            Arc::new(Recorder::default()),
+            shutdown,
+        )
+        .await
+        .unwrap();
+    });
+    wait_for_even_spread(&db, "g", 1).await;
+    trigger.trigger();
+    member.await.unwrap();
+    let d = describe(&db, "g").await;
+    assert_eq!(d.state, "Empty");
+    assert!(d.partitions.iter().all(|p| p.owner.is_none()));
+    let mut next = fast_group_config("g");
+    next.session_timeout = Duration::from_secs(60);
+    let newcomer = Membership::join(&db.url, next).await.unwrap();
+    assert_eq!(
+        newcomer.heartbeat().await.unwrap().owned.len(),
+        8,
+        "nothing to wait for"
+    );
+}
+
+/// Members in two processes (the binary's mail role and two in this one)
+/// share the partitions evenly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_across_two_processes_share_partitions_evenly() {
+    let db = TestDb::migrated().await;
+    let mail_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("mail-{:x}", rand::random::<u32>()));
+    let mut other_process = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args([
+            "serve",
+            "--roles",
+            "mail",
+            "--no-migrate",
+            "--session-timeout-secs",
+            "1.5",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env("SMTP_URL", format!("file://{}", mail_dir.display()))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let a = spawn_member(&db, "mail-service", recorder.clone());
+    let b = spawn_member(&db, "mail-service", recorder.clone());
+    let mut counts = wait_for_even_spread(&db, "mail-service", 3).await;
+    counts.sort();
+    assert_eq!(counts, vec![2, 3, 3]);
+    other_process.kill().await.unwrap();
+    for m in [a, b] {
+        m.trigger.trigger();
+        m.task.await.unwrap();
+    }
+}

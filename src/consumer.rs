@@ -84,11 +84,16 @@ pub async fn run<H: RecordHandler>(
     let appended = listen_for_appends(database_url).await?;
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let mut workers: HashMap<(String, i32), PartitionWorker> = HashMap::new();
+    let mut last_heartbeat = Instant::now();
     tracing::info!(group = %config.group.group_id, member = %config.group.member_id, "joined consumer group");
 
     loop {
+        // A worker that failed (say, the database went away) is restarted
+        // by this heartbeat if the partition is still ours.
+        workers.retain(|_, w| !w.task.is_finished());
         match membership.heartbeat().await {
             Ok(rebalance) => {
+                last_heartbeat = Instant::now();
                 let owned: HashMap<(String, i32), i64> = rebalance
                     .owned
                     .iter()
@@ -143,7 +148,20 @@ pub async fn run<H: RecordHandler>(
                     );
                 }
             }
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "group heartbeat failed; retrying"),
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "group heartbeat failed; retrying");
+                // Past the session timeout others may own our partitions:
+                // stop working on them rather than race a new owner.
+                if last_heartbeat.elapsed() > config.group.session_timeout && !workers.is_empty() {
+                    tracing::warn!(
+                        "no heartbeat within the session timeout; stopping all partitions"
+                    );
+                    for (_, worker) in workers.drain() {
+                        let _ = worker.stop.send(Stop::Now);
+                        worker.task.abort();
+                    }
+                }
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(config.group.heartbeat_interval) => {}

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
-use tokio_postgres::Client;
 
 /// What a group with no committed offset for a partition starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -127,20 +126,22 @@ const FORGET_DEAD: &str = "
     DELETE FROM group_members
      WHERE group_id = $1 AND heartbeat_at + session_timeout * 3 < now()";
 
-/// One member's view of its group, over a dedicated connection.
+/// One member's view of its group. Connections come from a small pool, so
+/// one that dropped is replaced by the next heartbeat.
 pub struct Membership {
     pub config: GroupConfig,
-    client: Client,
+    pool: deadpool_postgres::Pool,
 }
 
 impl Membership {
     /// Joins the group (registers the member; creates partition rows).
     pub async fn join(database_url: &str, config: GroupConfig) -> anyhow::Result<Membership> {
-        let client = crate::db::connect(database_url).await?;
-        let membership = Membership { config, client };
+        let pool = crate::db::pool(database_url, 2)?;
+        let membership = Membership { config, pool };
         membership.register().await?;
         membership
-            .client
+            .client()
+            .await?
             .execute(
                 ENSURE_PARTITIONS,
                 &[&membership.config.group_id, &membership.config.topics],
@@ -150,9 +151,17 @@ impl Membership {
         Ok(membership)
     }
 
+    async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
+        self.pool
+            .get()
+            .await
+            .context("no database connection for the group")
+    }
+
     async fn register(&self) -> anyhow::Result<()> {
         let c = &self.config;
-        self.client
+        self.client()
+            .await?
             .execute(
                 JOIN,
                 &[
@@ -172,8 +181,8 @@ impl Membership {
     /// what it should hand over.
     pub async fn heartbeat(&self) -> anyhow::Result<Rebalance> {
         let c = &self.config;
-        if self
-            .client
+        let client = self.client().await?;
+        if client
             .execute(HEARTBEAT, &[&c.group_id, &c.member_id])
             .await?
             == 0
@@ -181,16 +190,14 @@ impl Membership {
             // We were forgotten (a long pause): join again; our old epochs are fenced.
             self.register().await?;
         }
-        self.client.execute(FORGET_DEAD, &[&c.group_id]).await?;
-        let live: Vec<String> = self
-            .client
+        client.execute(FORGET_DEAD, &[&c.group_id]).await?;
+        let live: Vec<String> = client
             .query(LIVE_MEMBERS, &[&c.group_id])
             .await?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let rows = self
-            .client
+        let rows = client
             .query(PARTITION_OWNERS, &[&c.group_id, &c.topics])
             .await?;
         let partitions: Vec<(String, i32, Option<String>, i64)> = rows
@@ -250,8 +257,7 @@ impl Membership {
         for (topic, partition, owner, epoch) in
             free.into_iter().take(ceil.saturating_sub(owned.len()))
         {
-            let claimed = self
-                .client
+            let claimed = client
                 .query_opt(
                     CLAIM,
                     &[&c.group_id, topic, partition, &c.member_id, owner, epoch],
@@ -273,13 +279,14 @@ impl Membership {
     /// Commits `offset` (the next offset to read) for `assignment`. Returns
     /// false when fenced: the member no longer owns the partition at that epoch.
     pub async fn commit(&self, assignment: &Assignment, offset: i64) -> anyhow::Result<bool> {
-        commit(&self.client, &self.config, assignment, offset).await
+        commit(&**self.client().await?, &self.config, assignment, offset).await
     }
 
     /// Hands a partition back (after its last commit).
     pub async fn release(&self, assignment: &Assignment) -> anyhow::Result<()> {
         let c = &self.config;
-        self.client
+        self.client()
+            .await?
             .execute(
                 RELEASE,
                 &[
@@ -298,7 +305,8 @@ impl Membership {
     /// Leaves the group: others see our partitions free at once.
     pub async fn leave(&self) -> anyhow::Result<()> {
         let c = &self.config;
-        self.client
+        self.client()
+            .await?
             .execute(LEAVE, &[&c.group_id, &c.member_id])
             .await?;
         Ok(())

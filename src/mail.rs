@@ -16,11 +16,14 @@
 //! as a dead letter and the partition moves on.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use lettre::message::{header, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::AsyncSmtpConnection;
+use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::PoolConfig;
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
@@ -35,6 +38,9 @@ pub const MAIL_GROUP: &str = "mail-service";
 /// Where mails go.
 #[derive(Clone)]
 pub enum MailTransport {
+    /// Plain SMTP through [`PlainSmtpPool`] (TCP_NODELAY set).
+    Plain(Arc<PlainSmtpPool>),
+    /// TLS (STARTTLS or implicit) through lettre's pooled transport.
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
     /// `.eml` files in a directory: the embedded default.
     Files(AsyncFileTransport<Tokio1Executor>),
@@ -130,13 +136,13 @@ impl SmtpTarget {
         let pool = PoolConfig::new().max_size(pool_size.max(1));
         let timeout = Some(Duration::from_secs(15));
         Ok(match self {
-            SmtpTarget::Plain { host, port } => MailTransport::Smtp(
-                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.as_str())
-                    .port(*port)
-                    .timeout(timeout)
-                    .pool_config(pool)
-                    .build(),
-            ),
+            SmtpTarget::Plain { host, port } => MailTransport::Plain(Arc::new(PlainSmtpPool {
+                host: host.clone(),
+                port: *port,
+                timeout: Duration::from_secs(15),
+                idle: Mutex::new(Vec::new()),
+                permits: tokio::sync::Semaphore::new(pool_size.max(1) as usize),
+            })),
             SmtpTarget::StartTls {
                 host,
                 port,
@@ -191,6 +197,90 @@ fn percent_decode(s: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8(out)?)
 }
 
+/// A pool of plain SMTP connections opened with TCP_NODELAY.
+///
+/// lettre 0.11.23 leaves Nagle's algorithm on: it writes a message body and
+/// its terminating `.` in two writes, and the second waits for the server's
+/// delayed ACK, 40 ms on Linux, for every mail (fixed upstream in lettre PR
+/// 1159, not yet released). This pool opens the TCP connections itself,
+/// sets TCP_NODELAY, and hands them to lettre's SMTP client; the protocol is
+/// still all lettre's.
+pub struct PlainSmtpPool {
+    host: String,
+    port: u16,
+    timeout: Duration,
+    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    permits: tokio::sync::Semaphore,
+}
+
+/// Idle connections older than this are closed rather than reused.
+const MAX_IDLE: Duration = Duration::from_secs(30);
+
+impl PlainSmtpPool {
+    async fn connect(&self) -> Result<AsyncSmtpConnection, String> {
+        let stream = tokio::time::timeout(
+            self.timeout,
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| "connection timed out".to_string())?
+        .map_err(|e| format!("connection failed: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let hello = ClientId::default();
+        tokio::time::timeout(
+            self.timeout,
+            AsyncSmtpConnection::connect_with_transport(Box::new(stream), &hello),
+        )
+        .await
+        .map_err(|_| "greeting timed out".to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    async fn send(&self, message: &Message) -> SendOutcome {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return SendOutcome::Transient("SMTP pool closed".into());
+        };
+        let body = message.formatted();
+        // A reused connection may have been closed by the server while idle:
+        // on a network error it is replaced once, at once.
+        for _ in 0..2 {
+            let reused = self.idle.lock().expect("pool lock").pop();
+            let (mut connection, reused) = match reused {
+                Some((c, since)) if since.elapsed() < MAX_IDLE && !c.has_broken() => (c, true),
+                _ => match self.connect().await {
+                    Ok(c) => (c, false),
+                    Err(e) => return SendOutcome::Transient(e),
+                },
+            };
+            match tokio::time::timeout(self.timeout, connection.send(message.envelope(), &body))
+                .await
+            {
+                Ok(Ok(_)) => {
+                    self.idle
+                        .lock()
+                        .expect("pool lock")
+                        .push((connection, Instant::now()));
+                    return SendOutcome::Sent;
+                }
+                Ok(Err(e)) if e.is_permanent() => {
+                    connection.abort().await;
+                    return SendOutcome::Permanent(e.to_string());
+                }
+                Ok(Err(e)) if e.is_transient() || !reused => {
+                    connection.abort().await;
+                    return SendOutcome::Transient(e.to_string());
+                }
+                Ok(Err(_)) => connection.abort().await,
+                Err(_) => {
+                    connection.abort().await;
+                    return SendOutcome::Transient("SMTP exchange timed out".into());
+                }
+            }
+        }
+        SendOutcome::Transient("SMTP connection dropped twice".into())
+    }
+}
+
 /// How a send attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {
@@ -204,6 +294,7 @@ pub enum SendOutcome {
 impl MailTransport {
     pub async fn send(&self, message: Message) -> SendOutcome {
         match self {
+            MailTransport::Plain(pool) => pool.send(&message).await,
             MailTransport::Smtp(smtp) => match smtp.send(message).await {
                 Ok(_) => SendOutcome::Sent,
                 Err(e) if e.is_permanent() => SendOutcome::Permanent(e.to_string()),
@@ -327,26 +418,87 @@ pub enum Delivery {
 /// The mail worker: a [`RecordHandler`] for `order-created`.
 pub struct MailWorker {
     pool: deadpool_postgres::Pool,
+    ledger: tokio::sync::mpsc::Sender<SentMark>,
     transport: MailTransport,
     from: Mailbox,
     group: String,
     retry: RetryPolicy,
 }
 
-const CLAIM_DELIVERY: &str = "
-    INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, recipient, status)
-    VALUES ($1, $2, $3, $4, $5, $6, 'pending')
-    ON CONFLICT (group_id, topic, partition, \"offset\") DO UPDATE SET updated_at = now()
-    RETURNING status, attempts";
-
-const MARK_SENT: &str = "
-    UPDATE mail_deliveries SET status = 'sent', attempts = attempts + 1, sent_at = now(), updated_at = now(), last_error = NULL
+/// The ledger's word on an event (no row: never attempted).
+const LEDGER_STATUS: &str = "
+    SELECT status, attempts FROM mail_deliveries
      WHERE group_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" = $4";
 
+/// Records `sent` for a batch of events in one statement (one commit).
+const MARK_SENT: &str = "
+    INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, recipient, status, attempts, sent_at)
+    SELECT $1, v.topic, v.partition, v.log_offset, v.message_id, v.recipient, 'sent', 1, now()
+      FROM unnest($2::text[], $3::int4[], $4::int8[], $5::text[], $6::text[])
+           AS v(topic, partition, log_offset, message_id, recipient)
+    ON CONFLICT (group_id, topic, partition, \"offset\") DO UPDATE
+       SET status = 'sent', attempts = mail_deliveries.attempts + 1, sent_at = now(),
+           last_error = NULL, updated_at = now()";
+
+/// Records a failed attempt; the event stays `pending`.
 const MARK_ATTEMPT_FAILED: &str = "
-    UPDATE mail_deliveries SET attempts = attempts + 1, last_error = $5, updated_at = now()
-     WHERE group_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" = $4
+    INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, recipient, status, attempts, last_error)
+    VALUES ($1, $2, $3, $4, $5, $6, 'pending', 1, $7)
+    ON CONFLICT (group_id, topic, partition, \"offset\") DO UPDATE
+       SET attempts = mail_deliveries.attempts + 1, last_error = $7, updated_at = now()
     RETURNING attempts";
+
+/// One `sent` to record, and who waits for it.
+struct SentMark {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    message_id: String,
+    recipient: String,
+    recorded: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Writes `sent` marks in batches: whatever arrived while the previous
+/// batch was being written goes in the next statement, so many mails share
+/// one commit (and one fsync).
+fn spawn_ledger_writer(
+    pool: deadpool_postgres::Pool,
+    group: String,
+) -> tokio::sync::mpsc::Sender<SentMark> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<SentMark>(4096);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < 1000 {
+                match rx.try_recv() {
+                    Ok(mark) => batch.push(mark),
+                    Err(_) => break,
+                }
+            }
+            let result = async {
+                let client = pool.get().await?;
+                let topics: Vec<&str> = batch.iter().map(|m| m.topic.as_str()).collect();
+                let partitions: Vec<i32> = batch.iter().map(|m| m.partition).collect();
+                let offsets: Vec<i64> = batch.iter().map(|m| m.offset).collect();
+                let ids: Vec<&str> = batch.iter().map(|m| m.message_id.as_str()).collect();
+                let recipients: Vec<&str> = batch.iter().map(|m| m.recipient.as_str()).collect();
+                client
+                    .execute(
+                        MARK_SENT,
+                        &[&group, &topics, &partitions, &offsets, &ids, &recipients],
+                    )
+                    .await?;
+                anyhow::Ok(())
+            }
+            .await
+            .map_err(|e| format!("{e:#}"));
+            for mark in batch {
+                let _ = mark.recorded.send(result.clone());
+            }
+        }
+    });
+    tx
+}
 
 impl MailWorker {
     pub fn new(
@@ -356,6 +508,7 @@ impl MailWorker {
         retry: RetryPolicy,
     ) -> MailWorker {
         MailWorker {
+            ledger: spawn_ledger_writer(pool.clone(), MAIL_GROUP.to_string()),
             pool,
             transport,
             from,
@@ -398,24 +551,21 @@ impl MailWorker {
             Err(reason) => return self.park(record, &reason, 0, None).await,
         };
         let message_id = message_id(record);
-        let client = self.pool.get().await?;
         let key = (
             &self.group,
             &record.topic,
             &record.partition,
             &record.offset,
         );
-        let row = client
-            .query_one(
-                CLAIM_DELIVERY,
-                &[key.0, key.1, key.2, key.3, &message_id, &to.as_str()],
-            )
+        let client = self.pool.get().await?;
+        let ledger = client
+            .query_opt(LEDGER_STATUS, &[key.0, key.1, key.2, key.3])
             .await?;
-        let (status, mut attempts): (String, i32) = (row.get(0), row.get(1));
         drop(client);
-        match status.as_str() {
-            "sent" => return Ok(Delivery::AlreadySent),
-            "failed" => return Ok(Delivery::AlreadyParked),
+        let mut attempts: i32 = ledger.as_ref().map_or(0, |row| row.get(1));
+        match ledger.as_ref().map(|row| row.get::<_, &str>(0)) {
+            Some("sent") => return Ok(Delivery::AlreadySent),
+            Some("failed") => return Ok(Delivery::AlreadyParked),
             _ => {}
         }
         let message = match render(record, &order, &to, &self.from) {
@@ -428,29 +578,37 @@ impl MailWorker {
         };
         loop {
             // No transaction is open here: the SMTP exchange runs on its own.
-            let outcome = self.transport.send(message.clone()).await;
-            let client = self.pool.get().await?;
-            match outcome {
+            match self.transport.send(message.clone()).await {
                 SendOutcome::Sent => {
-                    client
-                        .execute(MARK_SENT, &[key.0, key.1, key.2, key.3])
-                        .await?;
+                    self.record_sent(record, &message_id, to.as_str()).await;
                     return Ok(Delivery::Sent {
                         attempts: attempts + 1,
                     });
                 }
                 SendOutcome::Permanent(error) => {
-                    drop(client);
                     return self
                         .park(record, "permanent SMTP failure", attempts + 1, Some(&error))
                         .await;
                 }
                 SendOutcome::Transient(error) => {
-                    attempts = client
-                        .query_one(MARK_ATTEMPT_FAILED, &[key.0, key.1, key.2, key.3, &error])
+                    attempts = self
+                        .pool
+                        .get()
+                        .await?
+                        .query_one(
+                            MARK_ATTEMPT_FAILED,
+                            &[
+                                key.0,
+                                key.1,
+                                key.2,
+                                key.3,
+                                &message_id,
+                                &to.as_str(),
+                                &error,
+                            ],
+                        )
                         .await?
                         .get(0);
-                    drop(client);
                     if attempts >= self.retry.max_attempts {
                         return self
                             .park(record, "retry budget spent", attempts, Some(&error))
@@ -461,6 +619,34 @@ impl MailWorker {
                     tokio::time::sleep(self.retry.backoff(attempts - 1)).await;
                 }
             }
+        }
+    }
+
+    /// Records `sent`, retrying until the ledger has it: the mail is out,
+    /// so sending it again is never the answer to a database error.
+    async fn record_sent(&self, record: &Record, message_id: &str, recipient: &str) {
+        let mut attempt = 0;
+        loop {
+            let (recorded, outcome) = tokio::sync::oneshot::channel();
+            let mark = SentMark {
+                topic: record.topic.clone(),
+                partition: record.partition,
+                offset: record.offset,
+                message_id: message_id.to_string(),
+                recipient: recipient.to_string(),
+                recorded,
+            };
+            let error = match self.ledger.send(mark).await {
+                Ok(()) => match outcome.await {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e,
+                    Err(_) => "ledger writer stopped".to_string(),
+                },
+                Err(_) => "ledger writer stopped".to_string(),
+            };
+            tracing::warn!(offset = record.offset, error = %error, "could not record a sent mail; retrying");
+            tokio::time::sleep(self.retry.backoff(attempt)).await;
+            attempt += 1;
         }
     }
 

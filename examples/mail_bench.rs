@@ -78,9 +78,11 @@ async fn main() -> anyhow::Result<()> {
     let consumer = tokio::spawn(async move {
         outbox_relay::consumer::run(&consumer_url, config, Arc::new(worker), shutdown).await
     });
-    let sent_count = "SELECT count(*) FROM mail_deliveries WHERE status = 'sent'";
+    let finished = "SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FROM mail_deliveries WHERE status <> 'pending'";
     loop {
-        let sent: i64 = client.query_one(sent_count, &[]).await?.get(0);
+        let row = client.query_one(finished, &[]).await?;
+        let (sent, done): (i64, i64) = (row.get(0), row.get(1));
+        anyhow::ensure!(sent == done, "{} mails failed: see dead_letters in bench_mail", done - sent);
         if sent >= orders {
             break;
         }

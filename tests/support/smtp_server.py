@@ -6,6 +6,7 @@ options below only choose how it answers, to exercise the mail worker:
   --reject RCPT          answer 550 to RCPT TO for this address (repeatable)
   --tempfail-seconds S   answer 451 to DATA for the first S seconds
   --delay-ms MS          wait MS before accepting each message
+  --discard              accept messages without storing them (benchmarks)
 
 Prints "READY <port>" once listening; runs until killed.
 """
@@ -20,8 +21,9 @@ from aiosmtpd.handlers import Mailbox
 
 
 class TestHandler(Mailbox):
-    def __init__(self, maildir, rejected, tempfail_seconds, delay_ms):
+    def __init__(self, maildir, rejected, tempfail_seconds, delay_ms, discard):
         super().__init__(maildir)
+        self.discard = discard
         self.rejected = {r.lower() for r in rejected}
         self.tempfail_until = time.monotonic() + tempfail_seconds
         self.delay = delay_ms / 1000.0
@@ -37,6 +39,8 @@ class TestHandler(Mailbox):
             return "451 4.3.0 temporarily unavailable, try again later"
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.discard:
+            return "250 OK"
         return await super().handle_DATA(server, session, envelope)
 
 
@@ -47,8 +51,9 @@ def main():
     parser.add_argument("--reject", action="append", default=[])
     parser.add_argument("--tempfail-seconds", type=float, default=0.0)
     parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--discard", action="store_true")
     args = parser.parse_args()
-    handler = TestHandler(args.maildir, args.reject, args.tempfail_seconds, args.delay_ms)
+    handler = TestHandler(args.maildir, args.reject, args.tempfail_seconds, args.delay_ms, args.discard)
     controller = Controller(handler, hostname="127.0.0.1", port=args.port)
     controller.start()
     print("READY %d" % args.port, flush=True)

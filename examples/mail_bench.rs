@@ -82,7 +82,11 @@ async fn main() -> anyhow::Result<()> {
     loop {
         let row = client.query_one(finished, &[]).await?;
         let (sent, done): (i64, i64) = (row.get(0), row.get(1));
-        anyhow::ensure!(sent == done, "{} mails failed: see dead_letters in bench_mail", done - sent);
+        anyhow::ensure!(
+            sent == done,
+            "{} mails failed: see dead_letters in bench_mail",
+            done - sent
+        );
         if sent >= orders {
             break;
         }

@@ -24,7 +24,7 @@ use lettre::message::{header, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::extension::ClientId;
-use lettre::transport::smtp::PoolConfig;
+use lettre::transport::smtp::{AsyncSmtpTransportBuilder, PoolConfig};
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 
@@ -147,36 +147,46 @@ impl SmtpTarget {
                 host,
                 port,
                 credentials,
-            } => {
-                let mut builder = AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host)?
-                    .port(*port)
-                    .timeout(timeout)
-                    .pool_config(pool);
-                if let Some((user, pass)) = credentials {
-                    builder = builder.credentials(Credentials::new(user.clone(), pass.clone()));
-                }
-                MailTransport::Smtp(builder.build())
-            }
+            } => MailTransport::Smtp(
+                with_credentials(
+                    AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host)?,
+                    credentials,
+                )
+                .port(*port)
+                .timeout(timeout)
+                .pool_config(pool)
+                .build(),
+            ),
             SmtpTarget::ImplicitTls {
                 host,
                 port,
                 credentials,
-            } => {
-                let mut builder = AsyncSmtpTransport::<Tokio1Executor>::relay(host)?
-                    .port(*port)
-                    .timeout(timeout)
-                    .pool_config(pool);
-                if let Some((user, pass)) = credentials {
-                    builder = builder.credentials(Credentials::new(user.clone(), pass.clone()));
-                }
-                MailTransport::Smtp(builder.build())
-            }
+            } => MailTransport::Smtp(
+                with_credentials(
+                    AsyncSmtpTransport::<Tokio1Executor>::relay(host)?,
+                    credentials,
+                )
+                .port(*port)
+                .timeout(timeout)
+                .pool_config(pool)
+                .build(),
+            ),
             SmtpTarget::Files { dir } => {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating mail directory {}", dir.display()))?;
                 MailTransport::Files(AsyncFileTransport::new(dir))
             }
         })
+    }
+}
+
+fn with_credentials(
+    builder: AsyncSmtpTransportBuilder,
+    credentials: &Option<(String, String)>,
+) -> AsyncSmtpTransportBuilder {
+    match credentials {
+        Some((user, pass)) => builder.credentials(Credentials::new(user.clone(), pass.clone())),
+        None => builder,
     }
 }
 

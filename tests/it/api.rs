@@ -104,58 +104,48 @@ async fn post_order_writes_order_and_event_in_one_transaction() {
 #[tokio::test]
 async fn get_unknown_or_invalid_order_is_a_json_error() {
     let api = TestApi::spawn().await;
-    let response = api
-        .http
-        .get(format!("{}/orders/999", api.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::NOT_FOUND);
-    assert_eq!(
-        error_code(&response.json().await.unwrap()),
-        "order_not_found"
-    );
-    let response = api
-        .http
-        .get(format!("{}/orders/abc", api.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(
-        error_code(&response.json().await.unwrap()),
-        "invalid_order_id"
-    );
-    let response = api
-        .http
-        .get(format!("{}/orders/%FF", api.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(
-        error_code(&response.json().await.unwrap()),
-        "invalid_order_id"
-    );
-    let response = api
-        .http
-        .get(format!("{}/nope", api.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::NOT_FOUND);
-    assert_eq!(error_code(&response.json().await.unwrap()), "not_found");
-    let response = api
-        .http
-        .delete(format!("{}/orders", api.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(
-        error_code(&response.json().await.unwrap()),
-        "method_not_allowed"
-    );
+    let cases = [
+        (
+            reqwest::Method::GET,
+            "/orders/999",
+            StatusCode::NOT_FOUND,
+            "order_not_found",
+        ),
+        (
+            reqwest::Method::GET,
+            "/orders/abc",
+            StatusCode::BAD_REQUEST,
+            "invalid_order_id",
+        ),
+        (
+            reqwest::Method::GET,
+            "/orders/%FF",
+            StatusCode::BAD_REQUEST,
+            "invalid_order_id",
+        ),
+        (
+            reqwest::Method::GET,
+            "/nope",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/orders",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ];
+    for (method, path, status, code) in cases {
+        let response = api
+            .http
+            .request(method, format!("{}{path}", api.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{path}");
+        assert_eq!(error_code(&response.json().await.unwrap()), code, "{path}");
+    }
 }
 
 #[tokio::test]

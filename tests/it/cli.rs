@@ -226,3 +226,194 @@ async fn demo_runs_the_pipeline_on_the_embedded_default() {
     assert!(stdout.contains("placed 3 sample orders"), "{stdout}");
     assert_eq!(stdout.matches("partition ").count(), 3, "{stdout}");
 }
+
+/// The whole pipeline as deployed: `outbox-relay serve` with SMTP_URL at a
+/// real SMTP server mails one confirmation per order placed over HTTP, and
+/// SIGTERM leaves the consumer group at once (partitions released).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_mails_one_confirmation_per_order_and_leaves_cleanly_on_sigterm() {
+    let db = TestDb::migrated().await;
+    let smtp = crate::smtp::SmtpServer::start(&[]).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["serve", "--http-addr", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", &db.url)
+        .env("SMTP_URL", smtp.url())
+        .env("MAIL_FROM", "orders@shop.example.com")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    eventually(
+        "serve to be ready",
+        std::time::Duration::from_secs(30),
+        || async {
+            let answer = http.get(&ready).send().await.ok()?;
+            answer.status().is_success().then_some(())
+        },
+    )
+    .await;
+    for i in 0..5 {
+        let answer = http
+            .post(format!("http://127.0.0.1:{port}/orders"))
+            .header("content-type", "application/json")
+            .body(
+                json!({"user_id": 1, "email": format!("client{i}@example.com"), "amount": 100 + i})
+                    .to_string(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), reqwest::StatusCode::CREATED);
+    }
+    eventually(
+        "five confirmation mails",
+        std::time::Duration::from_secs(30),
+        || async { (smtp.messages().len() >= 5).then_some(()) },
+    )
+    .await;
+    let client = db.client().await;
+    eventually(
+        "the group to commit everything",
+        std::time::Duration::from_secs(30),
+        || async {
+            let lag = count(
+                &client,
+                "SELECT coalesce(sum(h.log_end_offset - coalesce(p.committed_offset, 0)), -1)::int8
+               FROM partition_heads h JOIN group_partitions p USING (topic, partition)
+              WHERE p.group_id = 'mail-service'",
+            )
+            .await;
+            (lag == 0).then_some(())
+        },
+    )
+    .await;
+
+    let pid = serve.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), serve.wait())
+        .await
+        .expect("serve stops within 20 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "serve exited with {status}");
+    let mails = smtp.messages();
+    assert_eq!(mails.len(), 5, "one mail per order");
+    assert!(mails
+        .iter()
+        .all(|m| m.raw.contains("orders@shop.example.com")));
+    let owned = count(
+        &client,
+        "SELECT count(*) FROM group_partitions WHERE owner IS NOT NULL",
+    )
+    .await;
+    assert_eq!(owned, 0, "SIGTERM releases the partitions at once");
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM group_members").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM relay_state WHERE holder IS NOT NULL"
+        )
+        .await,
+        0
+    );
+
+    // The operator's view of the group, as JSON.
+    let url = db.url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        outbox_relay(
+            Some(&url),
+            &["groups", "describe", "mail-service", "--output", "json"],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let described: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(described["state"], "Empty");
+    let partitions = described["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 8);
+    assert!(partitions.iter().all(|p| p["lag"] == 0), "{described}");
+}
+
+/// Dead letters through the CLI: list, discard, retry (republished through the outbox).
+#[tokio::test]
+async fn dead_letters_cli_lists_retries_and_discards() {
+    let db = db_with_events(2).await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO dead_letters (group_id, topic, partition, \"offset\", key, headers, payload, reason, attempts)
+             SELECT 'mail-service', topic, partition, \"offset\", key, headers, payload, 'permanent SMTP failure', 1
+               FROM event_log",
+            &[],
+        )
+        .await
+        .unwrap();
+    let ids: Vec<i64> = client
+        .query("SELECT id FROM dead_letters ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let url = db.url.clone();
+    let (first, second) = (ids[0].to_string(), ids[1].to_string());
+    tokio::task::spawn_blocking(move || {
+        let out = outbox_relay(Some(&url), &["dead-letters", "list", "--output", "json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(listed.as_array().unwrap().len(), 2);
+        assert_eq!(listed[0]["reason"], "permanent SMTP failure");
+        assert!(
+            outbox_relay(Some(&url), &["dead-letters", "discard", &first])
+                .status
+                .success()
+        );
+        assert_one_line_failure(
+            &outbox_relay(Some(&url), &["dead-letters", "discard", &first]),
+            "no parked dead letter",
+        );
+        let out = outbox_relay(Some(&url), &["dead-letters", "retry", &second]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("republished 1"),
+            "{}",
+            stderr(&out)
+        );
+        assert_one_line_failure(
+            &outbox_relay(Some(&url), &["dead-letters", "retry"]),
+            "error:",
+        );
+        let out = outbox_relay(Some(&url), &["dead-letters", "list", "--output", "json"]);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out.stdout)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM outbox WHERE headers ? 'retry-of'"
+        )
+        .await,
+        1
+    );
+}

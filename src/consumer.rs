@@ -84,6 +84,8 @@ pub async fn run<H: RecordHandler>(
     let appended = listen_for_appends(database_url).await?;
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let mut workers: HashMap<(String, i32), PartitionWorker> = HashMap::new();
+    // Partitions being handed over: finishing their in-flight records.
+    let mut handing_over: Vec<PartitionWorker> = Vec::new();
     let mut last_heartbeat = Instant::now();
     tracing::info!(group = %config.group.group_id, member = %config.group.member_id, "joined consumer group");
 
@@ -91,6 +93,13 @@ pub async fn run<H: RecordHandler>(
         // A worker that failed (say, the database went away) is restarted
         // by this heartbeat if the partition is still ours.
         workers.retain(|_, w| !w.task.is_finished());
+        // Hand-overs whose worker has committed and stopped: release now.
+        let (done, busy): (Vec<_>, Vec<_>) =
+            handing_over.drain(..).partition(|w| w.task.is_finished());
+        handing_over = busy;
+        for worker in done {
+            release(&membership, &worker.assignment).await;
+        }
         match membership.heartbeat().await {
             Ok(rebalance) => {
                 last_heartbeat = Instant::now();
@@ -114,14 +123,16 @@ pub async fn run<H: RecordHandler>(
                     let _ = worker.stop.send(Stop::Now);
                     worker.task.abort();
                 }
-                // Hand-overs: finish, commit, then release.
+                // Hand-overs: finish, commit, then release (on a later
+                // heartbeat, so heartbeats go on meanwhile).
                 for assignment in &rebalance.to_release {
                     let key = (assignment.topic.clone(), assignment.partition);
                     if let Some(worker) = workers.remove(&key) {
                         let _ = worker.stop.send(Stop::Gracefully);
-                        let _ = worker.task.await;
+                        handing_over.push(worker);
+                    } else if !handing_over.iter().any(|w| &w.assignment == assignment) {
+                        release(&membership, assignment).await;
                     }
-                    membership.release(assignment).await?;
                 }
                 for assignment in rebalance.owned {
                     let key = (assignment.topic.clone(), assignment.partition);
@@ -170,18 +181,28 @@ pub async fn run<H: RecordHandler>(
     }
 
     // Graceful shutdown: finish or abandon in-flight work, commit, release, leave.
-    for worker in workers.values() {
+    let stopping: Vec<PartitionWorker> = workers.into_values().chain(handing_over).collect();
+    for worker in &stopping {
         let _ = worker.stop.send(Stop::Gracefully);
     }
-    for (_, worker) in workers.drain() {
+    for worker in stopping {
         let _ = worker.task.await;
-        if let Err(e) = membership.release(&worker.assignment).await {
-            tracing::warn!(error = format!("{e:#}"), "could not release a partition");
-        }
+        release(&membership, &worker.assignment).await;
     }
     membership.leave().await?;
     tracing::info!(group = %config.group.group_id, member = %config.group.member_id, "left consumer group");
     Ok(())
+}
+
+async fn release(membership: &Membership, assignment: &Assignment) {
+    if let Err(e) = membership.release(assignment).await {
+        // Not fatal: the partition frees itself when our session times out.
+        tracing::warn!(
+            error = format!("{e:#}"),
+            partition = assignment.partition,
+            "could not release a partition"
+        );
+    }
 }
 
 /// A counter bumped on every relay batch notification, from a dedicated

@@ -27,9 +27,12 @@ impl ShutdownTrigger {
 impl Shutdown {
     /// A shutdown that never fires (for one-shot commands and tests).
     pub fn never() -> Shutdown {
-        let (tx, rx) = watch::channel(false);
-        std::mem::forget(tx);
-        Shutdown { rx }
+        // One sender kept for the life of the process, so `recv` never
+        // returns for lack of senders.
+        static NEVER: std::sync::OnceLock<watch::Sender<bool>> = std::sync::OnceLock::new();
+        Shutdown {
+            rx: NEVER.get_or_init(|| watch::channel(false).0).subscribe(),
+        }
     }
 
     pub fn is_triggered(&self) -> bool {

@@ -65,14 +65,13 @@ async fn main() -> anyhow::Result<()> {
     let (trigger, shutdown) = outbox_relay::shutdown::channel();
     let worker = MailWorker::new(
         outbox_relay::db::pool(&url, 16)?,
-        SmtpTarget::parse(&smtp_url)?.transport(pool_size)?,
+        SmtpTarget::parse(&smtp_url)?.transport(pool_size, Duration::from_secs(15))?,
         "shop@example.com".parse()?,
         RetryPolicy::default(),
     );
     let mut group = GroupConfig::new(MAIL_GROUP, &["order-created"]);
     group.heartbeat_interval = Duration::from_millis(200);
-    let mut config = ConsumerConfig::new(group);
-    config.concurrency = pool_size as usize * 2;
+    let config = ConsumerConfig::new(group);
     let started = Instant::now();
     let consumer_url = url.clone();
     let consumer = tokio::spawn(async move {

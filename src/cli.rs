@@ -108,12 +108,12 @@ pub struct MailArgs {
     /// SMTP connections kept in the pool.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub smtp_pool_size: u32,
-    /// Mails in flight at once (across keys and partitions).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub mail_concurrency: u32,
     /// Seconds without a heartbeat before a group member's partitions move.
     #[arg(long, default_value = "10", value_parser = parse_session_timeout)]
     pub session_timeout_secs: Duration,
+    /// Seconds an SMTP exchange may take before it counts as a transient failure.
+    #[arg(long, default_value = "15", value_parser = parse_smtp_timeout)]
+    pub smtp_timeout_secs: Duration,
     /// Send attempts before a mail is parked as a dead letter.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..=1000))]
     pub mail_max_attempts: i32,
@@ -227,6 +227,16 @@ fn parse_lease(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !(0.1..=3600.0).contains(&secs) {
         return Err("the lease must be between 0.1 and 3600 seconds".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_smtp_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.1..=600.0).contains(&secs) {
+        return Err("the SMTP timeout must be between 0.1 and 600 seconds".into());
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -416,7 +426,7 @@ async fn start_roles(url: &str, settings: &RoleSettings<'_>) -> anyhow::Result<R
         tracing::info!(transport = %target, "mail worker sends through {target}");
         let worker = crate::mail::MailWorker::new(
             crate::db::pool(url, 16)?,
-            target.transport(mail.smtp_pool_size)?,
+            target.transport(mail.smtp_pool_size, mail.smtp_timeout_secs)?,
             from,
             crate::mail::RetryPolicy {
                 max_attempts: mail.mail_max_attempts,
@@ -429,8 +439,7 @@ async fn start_roles(url: &str, settings: &RoleSettings<'_>) -> anyhow::Result<R
         );
         group.session_timeout = mail.session_timeout_secs;
         group.heartbeat_interval = (mail.session_timeout_secs / 5).min(Duration::from_secs(1));
-        let mut consumer = crate::consumer::ConsumerConfig::new(group);
-        consumer.concurrency = mail.mail_concurrency as usize;
+        let consumer = crate::consumer::ConsumerConfig::new(group);
         let s = shutdown.clone();
         let url = url.to_string();
         tasks.push((
@@ -825,6 +834,25 @@ async fn groups(url: &str, cmd: &GroupsCommand) -> anyhow::Result<()> {
                         described.state,
                         described.members.len()
                     )?;
+                    if !described.members.is_empty() {
+                        writeln!(
+                            out,
+                            "\n{:<40} {:<20} {:<14} {:<25} {}",
+                            "CONSUMER-ID", "HOST", "CLIENT-ID", "LAST-HEARTBEAT", "PARTITIONS"
+                        )?;
+                        for m in &described.members {
+                            writeln!(
+                                out,
+                                "{:<40} {:<20} {:<14} {:<25} {}",
+                                m.member_id,
+                                m.host,
+                                m.client_id,
+                                m.last_heartbeat
+                                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                                m.partitions.join(",")
+                            )?;
+                        }
+                    }
                 }
             }
         }

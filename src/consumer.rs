@@ -1,9 +1,11 @@
 //! A consumer-group member that runs a [`RecordHandler`] over the records
 //! of the partitions it owns.
 //!
-//! Per partition, records are read in offset order. Records with different
-//! keys are handled concurrently (bounded by a shared limit); records with
-//! the same key one after another, in offset order. The committed offset is
+//! Per partition, records are read in offset order, up to a read-ahead
+//! window. Records with different keys are handled concurrently (what they
+//! share, such as an SMTP pool, bounds them; a record waiting out a retry
+//! backoff holds nothing); records with the same key one after another, in
+//! offset order. The committed offset is
 //! the lowest offset not yet finished, so a commit never passes unfinished
 //! work (at-least-once, invariant 7). The member waits for new records on a
 //! LISTEN connection of its own (a pooled connection would drop the
@@ -16,8 +18,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::event_log::{self, Record};
@@ -33,8 +35,6 @@ pub trait RecordHandler: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     pub group: GroupConfig,
-    /// Records handled at once across all partitions of this member.
-    pub concurrency: usize,
     /// Records read ahead per partition (in flight or queued behind a key).
     pub max_in_flight_per_partition: usize,
     /// How often progress is committed while records complete.
@@ -47,7 +47,6 @@ impl ConsumerConfig {
     pub fn new(group: GroupConfig) -> ConsumerConfig {
         ConsumerConfig {
             group,
-            concurrency: 64,
             max_in_flight_per_partition: 512,
             commit_interval: Duration::from_millis(200),
             shutdown_grace: Duration::from_secs(10),
@@ -68,7 +67,16 @@ enum Stop {
 struct PartitionWorker {
     assignment: Assignment,
     stop: watch::Sender<Stop>,
-    task: tokio::task::JoinHandle<()>,
+    /// The task lives in the member's `JoinSet`: dropping the member (or
+    /// aborting `run`) aborts every partition worker with it.
+    task: AbortHandle,
+}
+
+impl PartitionWorker {
+    fn stop_now(&self) {
+        let _ = self.stop.send(Stop::Now);
+        self.task.abort();
+    }
 }
 
 /// Runs a group member until `shutdown`: heartbeats, rebalances, and one
@@ -82,27 +90,45 @@ pub async fn run<H: RecordHandler>(
     let membership = Arc::new(Membership::join(database_url, config.group.clone()).await?);
     let pool = crate::db::pool(database_url, 8)?;
     let appended = listen_for_appends(database_url).await?;
-    let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let mut tasks: JoinSet<()> = JoinSet::new();
     let mut workers: HashMap<(String, i32), PartitionWorker> = HashMap::new();
     // Partitions being handed over: finishing their in-flight records.
-    let mut handing_over: Vec<PartitionWorker> = Vec::new();
-    let mut last_heartbeat = Instant::now();
+    let mut handing_over: HashMap<(String, i32), PartitionWorker> = HashMap::new();
+    // When the last successful heartbeat was *sent*: our session runs from there.
+    let mut session_start = Instant::now();
+    // Stop working a little before others may take our partitions over.
+    let self_fence_after = config
+        .group
+        .session_timeout
+        .saturating_sub(config.group.heartbeat_interval);
     tracing::info!(group = %config.group.group_id, member = %config.group.member_id, "joined consumer group");
 
     loop {
+        while tasks.try_join_next().is_some() {}
         // A worker that failed (say, the database went away) is restarted
         // by this heartbeat if the partition is still ours.
         workers.retain(|_, w| !w.task.is_finished());
         // Hand-overs whose worker has committed and stopped: release now.
-        let (done, busy): (Vec<_>, Vec<_>) =
-            handing_over.drain(..).partition(|w| w.task.is_finished());
-        handing_over = busy;
-        for worker in done {
+        let done: Vec<(String, i32)> = handing_over
+            .iter()
+            .filter(|(_, w)| w.task.is_finished())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in done {
+            let worker = handing_over.remove(&key).expect("listed above");
             release(&membership, &worker.assignment).await;
         }
-        match membership.heartbeat().await {
+
+        let sent_at = Instant::now();
+        let heartbeat = tokio::select! {
+            result = tokio::time::timeout(config.group.session_timeout / 3, membership.heartbeat()) => {
+                result.unwrap_or_else(|_| Err(anyhow::anyhow!("heartbeat timed out")))
+            }
+            _ = shutdown.recv() => break,
+        };
+        match heartbeat {
             Ok(rebalance) => {
-                last_heartbeat = Instant::now();
+                session_start = sent_at;
                 let owned: HashMap<(String, i32), i64> = rebalance
                     .owned
                     .iter()
@@ -118,10 +144,8 @@ pub async fn run<H: RecordHandler>(
                     .map(|(key, _)| key.clone())
                     .collect();
                 for key in lost {
-                    let worker = workers.remove(&key).expect("listed above");
                     tracing::warn!(topic = %key.0, partition = key.1, "partition lost; stopping its work");
-                    let _ = worker.stop.send(Stop::Now);
-                    worker.task.abort();
+                    workers.remove(&key).expect("listed above").stop_now();
                 }
                 // Hand-overs: finish, commit, then release (on a later
                 // heartbeat, so heartbeats go on meanwhile).
@@ -129,23 +153,24 @@ pub async fn run<H: RecordHandler>(
                     let key = (assignment.topic.clone(), assignment.partition);
                     if let Some(worker) = workers.remove(&key) {
                         let _ = worker.stop.send(Stop::Gracefully);
-                        handing_over.push(worker);
-                    } else if !handing_over.iter().any(|w| &w.assignment == assignment) {
+                        handing_over.insert(key, worker);
+                    } else if !handing_over.contains_key(&key) {
                         release(&membership, assignment).await;
                     }
                 }
                 for assignment in rebalance.owned {
                     let key = (assignment.topic.clone(), assignment.partition);
-                    if workers.contains_key(&key) {
+                    // One worker per partition: a partition still finishing
+                    // its hand-over is released first, then claimed anew.
+                    if workers.contains_key(&key) || handing_over.contains_key(&key) {
                         continue;
                     }
                     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
-                    let task = tokio::spawn(run_partition(
+                    let task = tasks.spawn(run_partition(
                         pool.clone(),
                         config.clone(),
                         assignment.clone(),
                         handler.clone(),
-                        permits.clone(),
                         appended.clone(),
                         stop_rx,
                     ));
@@ -161,15 +186,16 @@ pub async fn run<H: RecordHandler>(
             }
             Err(e) => {
                 tracing::warn!(error = format!("{e:#}"), "group heartbeat failed; retrying");
-                // Past the session timeout others may own our partitions:
+                // Near the session timeout others may take our partitions:
                 // stop working on them rather than race a new owner.
-                if last_heartbeat.elapsed() > config.group.session_timeout && !workers.is_empty() {
+                if session_start.elapsed() >= self_fence_after
+                    && !(workers.is_empty() && handing_over.is_empty())
+                {
                     tracing::warn!(
                         "no heartbeat within the session timeout; stopping all partitions"
                     );
-                    for (_, worker) in workers.drain() {
-                        let _ = worker.stop.send(Stop::Now);
-                        worker.task.abort();
+                    for (_, worker) in workers.drain().chain(handing_over.drain()) {
+                        worker.stop_now();
                     }
                 }
             }
@@ -181,12 +207,15 @@ pub async fn run<H: RecordHandler>(
     }
 
     // Graceful shutdown: finish or abandon in-flight work, commit, release, leave.
-    let stopping: Vec<PartitionWorker> = workers.into_values().chain(handing_over).collect();
+    let stopping: Vec<PartitionWorker> = workers
+        .into_values()
+        .chain(handing_over.into_values())
+        .collect();
     for worker in &stopping {
         let _ = worker.stop.send(Stop::Gracefully);
     }
+    while tasks.join_next().await.is_some() {}
     for worker in stopping {
-        let _ = worker.task.await;
         release(&membership, &worker.assignment).await;
     }
     membership.leave().await?;
@@ -256,7 +285,6 @@ async fn run_partition<H: RecordHandler>(
     config: ConsumerConfig,
     assignment: Assignment,
     handler: Arc<H>,
-    permits: Arc<Semaphore>,
     mut appended: watch::Receiver<u64>,
     mut stop: watch::Receiver<Stop>,
 ) {
@@ -303,9 +331,8 @@ async fn run_partition<H: RecordHandler>(
                 }
                 // Start the head record of every idle key.
                 for record in partition.take_ready() {
-                    let (handler, permits, done) = (handler.clone(), permits.clone(), done_tx.clone());
+                    let (handler, done) = (handler.clone(), done_tx.clone());
                     tasks.spawn(async move {
-                        let _permit = permits.acquire_owned().await;
                         let (offset, key) = (record.offset, record.key.clone());
                         handler.handle(record).await;
                         let _ = done.send((offset, key));
@@ -315,7 +342,10 @@ async fn run_partition<H: RecordHandler>(
             // Commit progress: the lowest unfinished offset (queued ones
             // included), or `next` when nothing is unfinished.
             let position = partition.committable(next);
-            let commit_due = last_commit.elapsed() >= config.commit_interval || stopping != Stop::Running;
+            // The first commit is at once: with `latest`, the starting
+            // position must be recorded before anything else happens.
+            let commit_due =
+                committed.is_none() || last_commit.elapsed() >= config.commit_interval || stopping != Stop::Running;
             if committed != Some(position) && commit_due {
                 let client = pool.get().await?;
                 if !crate::group::commit(&**client, &config.group, &assignment, position).await? {
@@ -339,14 +369,31 @@ async fn run_partition<H: RecordHandler>(
             };
             tokio::select! {
                 Some((offset, key)) = done_rx.recv() => partition.finish(offset, key),
+                Some(joined) = tasks.join_next() => {
+                    // A handler that panicked never finishes its record:
+                    // stop here, uncommitted; the next heartbeat restarts
+                    // the partition from its committed offset.
+                    if let Err(e) = joined {
+                        if e.is_panic() {
+                            tasks.abort_all();
+                            anyhow::bail!("a record handler panicked");
+                        }
+                    }
+                }
                 changed = appended.changed(), if wake_for_records && stopping == Stop::Running => {
                     if changed.is_ok() { caught_up = false; }
                 }
-                _ = stop.changed() => {
-                    if *stop.borrow() == Stop::Gracefully {
+                changed = stop.changed() => match changed {
+                    Ok(()) if *stop.borrow() == Stop::Gracefully => {
                         grace_deadline = Some(Instant::now() + config.shutdown_grace);
                     }
-                }
+                    Ok(()) => {}
+                    // The member is gone: nobody may commit for it any more.
+                    Err(_) => {
+                        tasks.abort_all();
+                        return Ok(());
+                    }
+                },
                 _ = tokio::time::sleep_until(timer) => {
                     if grace_deadline.is_some_and(|d| d <= Instant::now()) {
                         // Grace is over: abandon what still runs (it stays uncommitted).

@@ -1,6 +1,8 @@
 //! Connections: a deadpool pool for request/worker traffic, and single
 //! dedicated clients where a session must not be shared (migrations, LISTEN).
 
+use std::time::Duration;
+
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::{Client, Config, NoTls};
@@ -14,7 +16,9 @@ pub fn parse_url(url: &str) -> anyhow::Result<Config> {
 /// Builds a pool of `size` connections. Connections are opened lazily;
 /// call [`check`] to fail fast on an unreachable database.
 pub fn pool(url: &str, size: usize) -> anyhow::Result<Pool> {
-    let config = parse_url(url)?;
+    let mut config = parse_url(url)?;
+    // A peer that vanished without closing is noticed within a minute.
+    config.keepalives_idle(Duration::from_secs(30));
     let manager = Manager::from_config(
         config,
         NoTls,
@@ -22,8 +26,14 @@ pub fn pool(url: &str, size: usize) -> anyhow::Result<Pool> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
+    // Bounded waits: a stuck database turns into errors callers handle
+    // (heartbeats fail, requests answer 503) instead of hanging.
     Pool::builder(manager)
         .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
         .build()
         .context("building the connection pool")
 }

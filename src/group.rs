@@ -190,6 +190,10 @@ impl Membership {
             // We were forgotten (a long pause): join again; our old epochs are fenced.
             self.register().await?;
         }
+        // Picks up partitions of topics created since we joined.
+        client
+            .execute(ENSURE_PARTITIONS, &[&c.group_id, &c.topics])
+            .await?;
         client.execute(FORGET_DEAD, &[&c.group_id]).await?;
         let live: Vec<String> = client
             .query(LIVE_MEMBERS, &[&c.group_id])

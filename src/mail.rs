@@ -131,15 +131,17 @@ impl SmtpTarget {
         })
     }
 
-    /// Builds the transport; SMTP transports keep a pool of `pool_size` connections.
-    pub fn transport(&self, pool_size: u32) -> anyhow::Result<MailTransport> {
+    /// Builds the transport; SMTP transports keep a pool of `pool_size`
+    /// connections and give up on an exchange after `timeout`.
+    pub fn transport(&self, pool_size: u32, timeout: Duration) -> anyhow::Result<MailTransport> {
         let pool = PoolConfig::new().max_size(pool_size.max(1));
-        let timeout = Some(Duration::from_secs(15));
+        let plain_timeout = timeout;
+        let timeout = Some(timeout);
         Ok(match self {
             SmtpTarget::Plain { host, port } => MailTransport::Plain(Arc::new(PlainSmtpPool {
                 host: host.clone(),
                 port: *port,
-                timeout: Duration::from_secs(15),
+                timeout: plain_timeout,
                 idle: Mutex::new(Vec::new()),
                 permits: tokio::sync::Semaphore::new(pool_size.max(1) as usize),
             })),
@@ -250,18 +252,14 @@ impl PlainSmtpPool {
         let Ok(_permit) = self.permits.acquire().await else {
             return SendOutcome::Transient("SMTP pool closed".into());
         };
+        let mut connection = match self.checkout().await {
+            Ok(connection) => connection,
+            Err(e) => return SendOutcome::Transient(e),
+        };
         let body = message.formatted();
-        // A reused connection may have been closed by the server while idle:
-        // on a network error it is replaced once, at once.
-        for _ in 0..2 {
-            let reused = self.idle.lock().expect("pool lock").pop();
-            let (mut connection, reused) = match reused {
-                Some((c, since)) if since.elapsed() < MAX_IDLE && !c.has_broken() => (c, true),
-                _ => match self.connect().await {
-                    Ok(c) => (c, false),
-                    Err(e) => return SendOutcome::Transient(e),
-                },
-            };
+        // Never retried here: once the body may have reached the server, only
+        // the ledger decides whether to send again (after a backoff).
+        let outcome =
             match tokio::time::timeout(self.timeout, connection.send(message.envelope(), &body))
                 .await
             {
@@ -272,22 +270,40 @@ impl PlainSmtpPool {
                         .push((connection, Instant::now()));
                     return SendOutcome::Sent;
                 }
-                Ok(Err(e)) if e.is_permanent() => {
-                    connection.abort().await;
-                    return SendOutcome::Permanent(e.to_string());
+                Ok(Err(e)) if e.is_permanent() => SendOutcome::Permanent(e.to_string()),
+                Ok(Err(e)) => {
+                    if !e.is_transient() {
+                        // A network error: the server may have restarted; its
+                        // other idle connections are as dead as this one.
+                        self.idle.lock().expect("pool lock").clear();
+                    }
+                    SendOutcome::Transient(e.to_string())
                 }
-                Ok(Err(e)) if e.is_transient() || !reused => {
-                    connection.abort().await;
-                    return SendOutcome::Transient(e.to_string());
-                }
-                Ok(Err(_)) => connection.abort().await,
-                Err(_) => {
-                    connection.abort().await;
-                    return SendOutcome::Transient("SMTP exchange timed out".into());
-                }
+                // The server may or may not have accepted it: an unknown outcome,
+                // retried like a transient failure (the documented duplicate window).
+                Err(_) => SendOutcome::Transient("SMTP exchange timed out".into()),
+            };
+        // Closing politely must not hang on a server that stopped answering.
+        let _ = tokio::time::timeout(Duration::from_secs(1), connection.abort()).await;
+        outcome
+    }
+
+    /// An idle connection that still answers (NOOP), or a new one.
+    async fn checkout(&self) -> Result<AsyncSmtpConnection, String> {
+        loop {
+            let idle = self.idle.lock().expect("pool lock").pop();
+            let Some((mut connection, since)) = idle else {
+                break;
+            };
+            if since.elapsed() < MAX_IDLE
+                && !connection.has_broken()
+                && tokio::time::timeout(self.timeout, connection.test_connected()).await == Ok(true)
+            {
+                return Ok(connection);
             }
+            let _ = tokio::time::timeout(Duration::from_secs(1), connection.abort()).await;
         }
-        SendOutcome::Transient("SMTP connection dropped twice".into())
+        self.connect().await
     }
 }
 
@@ -358,12 +374,27 @@ pub struct OrderCreated {
 }
 
 /// The Message-ID of the confirmation for an event: derived from the event,
-/// so a duplicate sent in the crash window carries the same one.
+/// so a duplicate sent in the crash window carries the same one. A retried
+/// dead letter keeps the Message-ID of the event it retries (`retry-of`).
 pub fn message_id(record: &Record) -> String {
-    format!(
-        "<{}.{}.{}@outbox-relay>",
-        record.topic, record.partition, record.offset
-    )
+    let origin = record
+        .headers
+        .get("retry-of")
+        .and_then(|v| v.as_str())
+        .and_then(|o| {
+            let mut parts = o.rsplitn(3, '/');
+            let (offset, partition, topic) = (parts.next()?, parts.next()?, parts.next()?);
+            let topic_ok = !topic.is_empty()
+                && topic
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            let valid =
+                topic_ok && offset.parse::<i64>().is_ok() && partition.parse::<i32>().is_ok();
+            valid.then(|| format!("{topic}.{partition}.{offset}"))
+        });
+    let id = origin
+        .unwrap_or_else(|| format!("{}.{}.{}", record.topic, record.partition, record.offset));
+    format!("<{id}@outbox-relay>")
 }
 
 /// Renders the confirmation mail (plain text with an HTML alternative).
@@ -854,6 +885,29 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not a valid URL"));
+    }
+
+    #[test]
+    fn message_ids_come_from_the_event_or_the_event_it_retries() {
+        let mut record = Record {
+            topic: "order-created".into(),
+            partition: 3,
+            offset: 42,
+            key: None,
+            created_at: chrono::Utc::now(),
+            appended_at: chrono::Utc::now(),
+            headers: serde_json::json!({}),
+            payload: serde_json::json!({}),
+        };
+        assert_eq!(message_id(&record), "<order-created.3.42@outbox-relay>");
+        record.headers = serde_json::json!({"retry-of": "order-created/1/7"});
+        assert_eq!(message_id(&record), "<order-created.1.7@outbox-relay>");
+        record.headers = serde_json::json!({"retry-of": "x>\r\nBcc: a@b.c/1/7"});
+        assert_eq!(
+            message_id(&record),
+            "<order-created.3.42@outbox-relay>",
+            "a forged header is ignored"
+        );
     }
 
     #[test]

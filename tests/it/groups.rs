@@ -77,12 +77,17 @@ async fn wait_for_even_spread(db: &TestDb, group: &str, members: usize) -> Vec<u
 }
 
 async fn relay_events(db: &TestDb, n: i64) {
+    relay_events_with_keys(db, n, n).await
+}
+
+/// `n` events over `keys` distinct keys (records of one key run one by one).
+async fn relay_events_with_keys(db: &TestDb, n: i64, keys: i64) {
     let client = db.client().await;
     client
         .execute(
             "INSERT INTO outbox (topic, key, payload)
-             SELECT 'order-created', n::text, jsonb_build_object('n', n) FROM generate_series(1, $1::int8) n",
-            &[&n],
+             SELECT 'order-created', (n % $2)::text, jsonb_build_object('n', n) FROM generate_series(1, $1::int8) n",
+            &[&n, &keys],
         )
         .await
         .unwrap();
@@ -105,7 +110,14 @@ async fn three_members_in_one_process_share_eight_partitions_evenly_and_rebalanc
     // One leaves gracefully: the other two take its partitions at once.
     c.trigger.trigger();
     c.task.await.unwrap();
+    let left = std::time::Instant::now();
     wait_for_even_spread(&db, "g", 2).await;
+    // Well before its session (1.5 s) would have expired.
+    assert!(
+        left.elapsed() < Duration::from_millis(1000),
+        "rebalance took {:?}",
+        left.elapsed()
+    );
     eventually("every record handled", Duration::from_secs(30), || async {
         (recorder
             .seen
@@ -137,18 +149,20 @@ async fn three_members_in_one_process_share_eight_partitions_evenly_and_rebalanc
 async fn member_killed_mid_stream_is_taken_over_and_nothing_is_lost() {
     let db = TestDb::migrated().await;
     let recorder = Arc::new(Recorder {
-        delay: Duration::from_millis(3),
+        delay: Duration::from_millis(50),
         ..Default::default()
     });
     let a = spawn_member(&db, "g", recorder.clone());
     let b = spawn_member(&db, "g", recorder.clone());
     wait_for_even_spread(&db, "g", 2).await;
-    relay_events(&db, 400).await;
+    relay_events_with_keys(&db, 400, 16).await;
     eventually("work to start", Duration::from_secs(10), || async {
         (recorder.seen.lock().unwrap().len() > 20).then_some(())
     })
     .await;
-    a.task.abort(); // dies mid-stream: no commit, no release, no leave
+    a.task.abort(); // dies mid-stream: no commit, no release, no leave; its workers die with it
+    let handled_at_death = recorder.seen.lock().unwrap().len();
+    assert!(handled_at_death < 400, "the stream was already done");
     let died = std::time::Instant::now();
     wait_for_even_spread(&db, "g", 1).await;
     assert!(
@@ -174,6 +188,14 @@ async fn member_killed_mid_stream_is_taken_over_and_nothing_is_lost() {
     .await;
     b.trigger.trigger();
     b.task.await.unwrap();
+    let client = db.client().await;
+    let behind = count(
+        &client,
+        "SELECT count(*) FROM group_partitions p JOIN partition_heads h USING (topic, partition)
+          WHERE p.group_id = 'g' AND p.committed_offset IS DISTINCT FROM h.log_end_offset",
+    )
+    .await;
+    assert_eq!(behind, 0, "every partition committed to its log end");
 }
 
 /// Invariant 6: once its partition moved on, a stale member cannot commit.
@@ -233,11 +255,27 @@ async fn graceful_shutdown_releases_leases_immediately() {
         .unwrap();
     });
     wait_for_even_spread(&db, "g", 1).await;
+    relay_events(&db, 50).await;
+    let client = db.client().await;
+    eventually("the member to commit everything", Duration::from_secs(30), || async {
+        let lag = count(
+            &client,
+            "SELECT coalesce(sum(h.log_end_offset - coalesce(p.committed_offset, 0)), -1)::int8
+               FROM group_partitions p JOIN partition_heads h USING (topic, partition) WHERE p.group_id = 'g'",
+        )
+        .await;
+        (lag == 0).then_some(())
+    })
+    .await;
     trigger.trigger();
     member.await.unwrap();
-    let d = describe(&db, "g").await;
-    assert_eq!(d.state, "Empty");
-    assert!(d.partitions.iter().all(|p| p.owner.is_none()));
+    assert_eq!(describe(&db, "g").await.state, "Empty");
+    let owned = count(
+        &client,
+        "SELECT count(*) FROM group_partitions WHERE group_id = 'g' AND owner IS NOT NULL",
+    )
+    .await;
+    assert_eq!(owned, 0, "leases released, not left to expire");
     let mut next = fast_group_config("g");
     next.session_timeout = Duration::from_secs(60);
     let newcomer = Membership::join(&db.url, next).await.unwrap();

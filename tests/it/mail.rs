@@ -25,7 +25,10 @@ impl Pipeline {
         let relay = tokio::spawn(db.relay().run(shutdown.clone()));
         let worker = MailWorker::new(
             db.pool(8),
-            SmtpTarget::parse(smtp_url).unwrap().transport(8).unwrap(),
+            SmtpTarget::parse(smtp_url)
+                .unwrap()
+                .transport(8, Duration::from_secs(2))
+                .unwrap(),
             "shop@example.com".parse().unwrap(),
             retry,
         );
@@ -179,20 +182,48 @@ async fn redelivered_events_are_not_mailed_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_failures_are_retried_until_they_succeed() {
     let db = TestDb::migrated().await;
-    let smtp = SmtpServer::start(&["--tempfail-seconds", "1.5"]).await;
+    // The first three DATA commands are answered 451.
+    let smtp = SmtpServer::start(&["--tempfail-first", "3"]).await;
     let pipeline = Pipeline::start(&db, &smtp.url(), fast_retry(50)).await;
     place_orders(&db, &["a@example.com", "b@example.com"]).await;
     wait_for_mails(&smtp, 2, Duration::from_secs(30)).await;
     wait_until_caught_up(&db).await;
     pipeline.stop().await;
     let client = db.client().await;
-    let retried = count(
+    let attempts = count(
         &client,
-        "SELECT count(*) FROM mail_deliveries WHERE status = 'sent' AND attempts > 1",
+        "SELECT sum(attempts)::int8 FROM mail_deliveries WHERE status = 'sent'",
     )
     .await;
-    assert_eq!(retried, 2, "both mails needed more than one attempt");
+    assert_eq!(attempts, 2 + 3, "two successes after three refusals");
     assert_eq!(count(&client, "SELECT count(*) FROM dead_letters").await, 0);
+    assert_eq!(smtp.messages().len(), 2);
+}
+
+/// A server that stops answering mid-exchange costs a timeout per attempt,
+/// never a stuck worker: the mail is parked once the budget is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_smtp_server_times_out_and_the_mail_is_parked() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&["--hang"]).await;
+    // The pipeline's SMTP timeout is 2 s; two attempts.
+    let pipeline = Pipeline::start(&db, &smtp.url(), fast_retry(2)).await;
+    place_orders(&db, &["a@example.com"]).await;
+    let client = db.client().await;
+    let reason: String = eventually("the mail to be parked", Duration::from_secs(30), || async {
+        client
+            .query_opt(
+                "SELECT last_error FROM dead_letters WHERE reason = 'retry budget spent'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    })
+    .await;
+    assert!(reason.contains("timed out"), "{reason}");
+    wait_until_caught_up(&db).await;
+    pipeline.stop().await;
 }
 
 /// A server that is down and comes back: nothing is lost meanwhile.

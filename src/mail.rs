@@ -227,6 +227,8 @@ pub struct PlainSmtpPool {
 
 /// Idle connections older than this are closed rather than reused.
 const MAX_IDLE: Duration = Duration::from_secs(30);
+/// Idle connections older than this are probed (NOOP) before reuse.
+const PROBE_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 impl PlainSmtpPool {
     async fn connect(&self) -> Result<AsyncSmtpConnection, String> {
@@ -288,16 +290,22 @@ impl PlainSmtpPool {
         outcome
     }
 
-    /// An idle connection that still answers (NOOP), or a new one.
+    /// An idle connection that still answers, or a new one. One idle for
+    /// more than a second is probed with NOOP first (the server may have
+    /// closed it); one used a moment ago is taken as it is, which keeps the
+    /// probe's round trip off the busy path.
     async fn checkout(&self) -> Result<AsyncSmtpConnection, String> {
         loop {
             let idle = self.idle.lock().expect("pool lock").pop();
             let Some((mut connection, since)) = idle else {
                 break;
             };
+            let fresh = since.elapsed() < PROBE_AFTER_IDLE;
             if since.elapsed() < MAX_IDLE
                 && !connection.has_broken()
-                && tokio::time::timeout(self.timeout, connection.test_connected()).await == Ok(true)
+                && (fresh
+                    || tokio::time::timeout(self.timeout, connection.test_connected()).await
+                        == Ok(true))
             {
                 return Ok(connection);
             }

@@ -320,3 +320,66 @@ async fn members_across_two_processes_share_partitions_evenly() {
         m.task.await.unwrap();
     }
 }
+
+/// A member whose partition was taken over (its epoch moved on) stops
+/// working on it at its next heartbeat and never handles its records again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_stops_working_on_a_partition_it_lost() {
+    let db = TestDb::migrated().await;
+    let recorder = Arc::new(Recorder::default());
+    let member = spawn_member(&db, "g", recorder.clone());
+    wait_for_even_spread(&db, "g", 1).await;
+    // Another process takes partition 0 over (as after a session timeout).
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO group_members (group_id, member_id, host, client_id, session_timeout, heartbeat_at)
+             VALUES ('g', 'usurper', 'elsewhere', 'test', interval '1 hour', now() + interval '1 hour');
+             UPDATE group_partitions SET owner = 'usurper', epoch = epoch + 1 WHERE group_id = 'g' AND partition = 0",
+        )
+        .await
+        .unwrap();
+    // Let at least two heartbeats (100 ms apart) see it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let keys: Vec<String> = (0..200)
+        .map(|n: i32| format!("k{n}"))
+        .filter(|k| outbox_relay::partitioner::partition_for_key(k, 8) == 0)
+        .take(10)
+        .collect();
+    for key in &keys {
+        insert_event(&client, "order-created", key, json!({})).await;
+    }
+    insert_event(&client, "order-created", "k1", json!({})).await; // another partition
+    drain(&mut db.relay()).await;
+    let other = outbox_relay::partitioner::partition_for_key("k1", 8) as i32;
+    eventually(
+        "the record of a partition still owned",
+        Duration::from_secs(10),
+        || async {
+            recorder
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(p, _)| *p == other)
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        recorder.seen.lock().unwrap().iter().all(|(p, _)| *p != 0),
+        "records of a lost partition were handled"
+    );
+    let committed = count(
+        &client,
+        "SELECT coalesce(committed_offset, -1) FROM group_partitions WHERE group_id = 'g' AND partition = 0",
+    )
+    .await;
+    assert!(
+        committed <= 0,
+        "a lost partition's offset moved: {committed}"
+    );
+    member.trigger.trigger();
+    member.task.await.unwrap();
+}

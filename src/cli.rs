@@ -799,15 +799,14 @@ async fn groups(url: &str, cmd: &GroupsCommand) -> anyhow::Result<()> {
                     }
                     writeln!(
                         out,
-                        "{:<16} {:<20} {:>9} {:>14} {:>14} {:>8}  {:<40} {}",
+                        "{:<16} {:<20} {:>9} {:>14} {:>14} {:>8}  {:<40} HOST",
                         "GROUP",
                         "TOPIC",
                         "PARTITION",
                         "CURRENT-OFFSET",
                         "LOG-END-OFFSET",
                         "LAG",
-                        "CONSUMER-ID",
-                        "HOST"
+                        "CONSUMER-ID"
                     )?;
                     for p in &described.partitions {
                         let host = p
@@ -837,8 +836,8 @@ async fn groups(url: &str, cmd: &GroupsCommand) -> anyhow::Result<()> {
                     if !described.members.is_empty() {
                         writeln!(
                             out,
-                            "\n{:<40} {:<20} {:<14} {:<25} {}",
-                            "CONSUMER-ID", "HOST", "CLIENT-ID", "LAST-HEARTBEAT", "PARTITIONS"
+                            "\n{:<40} {:<20} {:<14} {:<25} PARTITIONS",
+                            "CONSUMER-ID", "HOST", "CLIENT-ID", "LAST-HEARTBEAT"
                         )?;
                         for m in &described.members {
                             writeln!(
@@ -872,8 +871,8 @@ async fn dead_letters(url: &str, cmd: &DeadLettersCommand) -> anyhow::Result<()>
                 Output::Table => {
                     writeln!(
                         out,
-                        "{:>6} {:<14} {:<16} {:>9} {:>8} {:>8}  {}",
-                        "ID", "GROUP", "TOPIC", "PARTITION", "OFFSET", "ATTEMPTS", "REASON"
+                        "{:>6} {:<14} {:<16} {:>9} {:>8} {:>8}  REASON",
+                        "ID", "GROUP", "TOPIC", "PARTITION", "OFFSET", "ATTEMPTS"
                     )?;
                     for d in letters {
                         writeln!(

@@ -202,7 +202,7 @@ async fn create_order(
         "amount": new_order.amount,
     });
     if let Some(key) = &idempotency_key {
-        if let Some(previous) = earlier_answer(&**client, key, &canonical).await? {
+        if let Some(previous) = earlier_answer(&client, key, &canonical).await? {
             return Ok(previous);
         }
     }
@@ -219,7 +219,7 @@ async fn create_order(
         if claimed == 0 {
             // A concurrent request with this key committed first: drop ours.
             tx.rollback().await?;
-            return earlier_answer(&**client, key, &canonical)
+            return earlier_answer(&client, key, &canonical)
                 .await?
                 .ok_or_else(|| ApiError::internal("idempotency key vanished"));
         }

@@ -232,7 +232,6 @@ async fn a_fenced_stale_member_cannot_commit() {
     .await;
     assert_eq!(committed, 1);
     assert!(other.commit(&taken[0], 5).await.unwrap());
-    let _ = json!({});
 }
 
 /// Graceful shutdown releases leases at once: a new member owns them on

@@ -111,6 +111,10 @@ pub struct MailArgs {
     /// Seconds without a heartbeat before a group member's partitions move.
     #[arg(long, default_value = "10", value_parser = parse_session_timeout)]
     pub session_timeout_secs: Duration,
+    /// Where the mail group starts in a partition it has no committed offset
+    /// for: `earliest` (no order missed) or `latest` (only new orders).
+    #[arg(long, value_enum, default_value_t = crate::group::OffsetReset::Earliest)]
+    pub mail_offset_reset: crate::group::OffsetReset,
     /// Seconds an SMTP exchange may take before it counts as a transient failure.
     #[arg(long, default_value = "15", value_parser = parse_smtp_timeout)]
     pub smtp_timeout_secs: Duration,
@@ -438,6 +442,7 @@ async fn start_roles(url: &str, settings: &RoleSettings<'_>) -> anyhow::Result<R
             &[crate::order::ORDER_CREATED_TOPIC],
         );
         group.session_timeout = mail.session_timeout_secs;
+        group.offset_reset = mail.mail_offset_reset;
         group.heartbeat_interval = (mail.session_timeout_secs / 5).min(Duration::from_secs(1));
         let consumer = crate::consumer::ConsumerConfig::new(group);
         let s = shutdown.clone();

@@ -91,7 +91,9 @@ async fn relay_events_with_keys(db: &TestDb, n: i64, keys: i64) {
         )
         .await
         .unwrap();
-    drain(&mut db.relay()).await;
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    relay.release().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,4 +383,59 @@ async fn a_member_stops_working_on_a_partition_it_lost() {
     );
     member.trigger.trigger();
     member.task.await.unwrap();
+}
+
+/// `auto.offset.reset`: a new group reading with `latest` skips what is
+/// already in the log; with `earliest` it reads it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_reset_policy_applies_to_partitions_without_a_commit() {
+    let db = TestDb::migrated().await;
+    relay_events(&db, 30).await;
+    let spawn = |group: &str, reset: group::OffsetReset, recorder: Arc<Recorder>| {
+        let (trigger, shutdown) = shutdown::channel();
+        let mut config = fast_group_config(group);
+        config.offset_reset = reset;
+        let url = db.url.clone();
+        let task = tokio::spawn(async move {
+            outbox_relay::consumer::run(&url, ConsumerConfig::new(config), recorder, shutdown)
+                .await
+                .unwrap();
+        });
+        Member { trigger, task }
+    };
+    let (early, late) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+    let earliest = spawn("from-start", group::OffsetReset::Earliest, early.clone());
+    let latest = spawn("from-now", group::OffsetReset::Latest, late.clone());
+    wait_for_even_spread(&db, "from-start", 1).await;
+    wait_for_even_spread(&db, "from-now", 1).await;
+    // Both have committed their starting positions; now 5 more events.
+    let client = db.client().await;
+    eventually(
+        "latest to commit its start at the log end",
+        Duration::from_secs(10),
+        || async {
+            let at_end = count(
+            &client,
+            "SELECT count(*) FROM group_partitions p JOIN partition_heads h USING (topic, partition)
+              WHERE p.group_id = 'from-now' AND p.committed_offset = h.log_end_offset",
+        )
+        .await;
+            (at_end == 8).then_some(())
+        },
+    )
+    .await;
+    relay_events(&db, 5).await;
+    eventually(
+        "both groups to see the new events",
+        Duration::from_secs(10),
+        || async {
+            (early.seen.lock().unwrap().len() == 35 && late.seen.lock().unwrap().len() == 5)
+                .then_some(())
+        },
+    )
+    .await;
+    for m in [earliest, latest] {
+        m.trigger.trigger();
+        m.task.await.unwrap();
+    }
 }

@@ -13,6 +13,7 @@ pub mod event_log;
 pub mod group;
 pub mod http;
 pub mod mail;
+pub mod metrics;
 pub mod migrate;
 pub mod order;
 pub mod outbox;

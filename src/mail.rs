@@ -572,7 +572,17 @@ impl MailWorker {
         let mut db_backoff = 0;
         loop {
             match self.try_process(record).await {
-                Ok(delivery) => return delivery,
+                Ok(delivery) => {
+                    let metrics = crate::metrics::metrics();
+                    match &delivery {
+                        Delivery::Sent { .. } => metrics.mail_sent.inc(),
+                        Delivery::Parked { .. } => {
+                            metrics.mail_failed.with_label_values(&["parked"]).inc()
+                        }
+                        Delivery::AlreadySent | Delivery::AlreadyParked => {}
+                    }
+                    return delivery;
+                }
                 Err(e) => {
                     tracing::warn!(
                         offset = record.offset,
@@ -640,6 +650,10 @@ impl MailWorker {
                         .await;
                 }
                 SendOutcome::Transient(error) => {
+                    crate::metrics::metrics()
+                        .mail_failed
+                        .with_label_values(&["transient"])
+                        .inc();
                     attempts = self
                         .pool
                         .get()

@@ -336,8 +336,11 @@ impl Relay {
     }
 
     fn set_role(&mut self, role: Role) {
-        self.is_leader
-            .store(matches!(role, Role::Leader { .. }), Ordering::Relaxed);
+        let leading = matches!(role, Role::Leader { .. });
+        self.is_leader.store(leading, Ordering::Relaxed);
+        crate::metrics::metrics()
+            .relay_is_leader
+            .set(i64::from(leading));
         self.role = role;
     }
 
@@ -637,6 +640,17 @@ impl Relay {
         )
         .await?;
         tx.commit().await.context("committing the relay batch")?;
+        let metrics = crate::metrics::metrics();
+        metrics.relay_batch_size.observe(batch.len() as f64);
+        let now = Utc::now();
+        for (row, _) in &placed {
+            metrics
+                .relay_appended
+                .with_label_values(&[row.topic.as_str()])
+                .inc();
+            let age = (now - row.created_at).to_std().unwrap_or_default();
+            metrics.commit_to_log_seconds.observe(age.as_secs_f64());
+        }
 
         self.batch_size = if full {
             (self.batch_size * 2).min(self.config.max_batch)

@@ -7,6 +7,7 @@ mod event_log;
 mod groups;
 mod harness;
 mod mail;
+mod metrics;
 mod migrate;
 mod relay;
 mod smtp;

@@ -1,0 +1,177 @@
+//! Prometheus metrics, served at `GET /metrics` by the API role.
+//!
+//! Counters and histograms are recorded where the work happens (relay
+//! batches, mail outcomes, HTTP requests); gauges that describe the database
+//! (outbox backlog, consumer lag, parked dead letters, log end offsets) are
+//! read from Postgres when Prometheus scrapes, so any process with the API
+//! role reports them, whichever process does the work.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub relay_appended: IntCounterVec,
+    pub relay_batch_size: Histogram,
+    pub commit_to_log_seconds: Histogram,
+    pub relay_is_leader: IntGauge,
+    pub mail_sent: IntCounter,
+    pub mail_failed: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    outbox_backlog: IntGauge,
+    log_end_offset: IntGaugeVec,
+    group_lag: IntGaugeVec,
+    dead_letters: IntGauge,
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| Metrics::new().expect("metric definitions are valid"))
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let m = Metrics {
+            relay_appended: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_appended_total",
+                    "Records the relay appended to the event log",
+                ),
+                &["topic"],
+            )?,
+            relay_batch_size: Histogram::with_opts(
+                HistogramOpts::new(
+                    "outbox_relay_batch_size",
+                    "Outbox rows moved per relay batch",
+                )
+                .buckets(prometheus::exponential_buckets(1.0, 4.0, 9)?),
+            )?,
+            commit_to_log_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "outbox_relay_commit_to_log_seconds",
+                    "From an outbox row's created_at to its append to the log",
+                )
+                .buckets(prometheus::exponential_buckets(0.001, 2.0, 16)?),
+            )?,
+            relay_is_leader: IntGauge::new(
+                "outbox_relay_is_leader",
+                "1 while this process holds the relay lease",
+            )?,
+            mail_sent: IntCounter::new(
+                "outbox_relay_mail_sent_total",
+                "Confirmation mails accepted by the SMTP server",
+            )?,
+            mail_failed: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_mail_failed_total",
+                    "Mail attempts that failed, by kind",
+                ),
+                &["kind"],
+            )?,
+            http_requests: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_http_requests_total",
+                    "HTTP requests answered, by route and status",
+                ),
+                &["route", "status"],
+            )?,
+            outbox_backlog: IntGauge::new(
+                "outbox_relay_outbox_backlog",
+                "Outbox rows not yet in the log (estimate)",
+            )?,
+            log_end_offset: IntGaugeVec::new(
+                Opts::new(
+                    "outbox_relay_log_end_offset",
+                    "Next offset to be assigned, per partition",
+                ),
+                &["topic", "partition"],
+            )?,
+            group_lag: IntGaugeVec::new(
+                Opts::new(
+                    "outbox_relay_consumer_group_lag",
+                    "Log end offset minus committed offset",
+                ),
+                &["group", "topic", "partition"],
+            )?,
+            dead_letters: IntGauge::new("outbox_relay_dead_letters", "Parked dead letters")?,
+            registry,
+        };
+        m.registry.register(Box::new(m.relay_appended.clone()))?;
+        m.registry.register(Box::new(m.relay_batch_size.clone()))?;
+        m.registry
+            .register(Box::new(m.commit_to_log_seconds.clone()))?;
+        m.registry.register(Box::new(m.relay_is_leader.clone()))?;
+        m.registry.register(Box::new(m.mail_sent.clone()))?;
+        m.registry.register(Box::new(m.mail_failed.clone()))?;
+        m.registry.register(Box::new(m.http_requests.clone()))?;
+        m.registry.register(Box::new(m.outbox_backlog.clone()))?;
+        m.registry.register(Box::new(m.log_end_offset.clone()))?;
+        m.registry.register(Box::new(m.group_lag.clone()))?;
+        m.registry.register(Box::new(m.dead_letters.clone()))?;
+        Ok(m)
+    }
+
+    /// Reads the database gauges, then renders everything in the text format.
+    pub async fn render(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+    ) -> anyhow::Result<String> {
+        // Relayed rows are deleted in the background: the count since the
+        // relayed snapshot's xmin is a cheap upper-bound estimate.
+        let backlog: i64 = client
+            .query_one(
+                "SELECT count(*) FROM outbox
+                  WHERE txid >= (SELECT pg_snapshot_xmin(relayed_snapshot) FROM relay_state WHERE relay = 'default')",
+                &[],
+            )
+            .await?
+            .get(0);
+        self.outbox_backlog.set(backlog);
+        self.log_end_offset.reset();
+        for row in client
+            .query(
+                "SELECT topic, partition, log_end_offset FROM partition_heads",
+                &[],
+            )
+            .await?
+        {
+            let (topic, partition, end): (String, i32, i64) = (row.get(0), row.get(1), row.get(2));
+            self.log_end_offset
+                .with_label_values(&[topic.as_str(), &partition.to_string()])
+                .set(end);
+        }
+        self.group_lag.reset();
+        for row in client
+            .query(
+                "SELECT p.group_id, p.topic, p.partition, greatest(h.log_end_offset - p.committed_offset, 0)
+                   FROM group_partitions p JOIN partition_heads h USING (topic, partition)
+                  WHERE p.committed_offset IS NOT NULL",
+                &[],
+            )
+            .await?
+        {
+            let (group, topic, partition, lag): (String, String, i32, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+            self.group_lag
+                .with_label_values(&[group.as_str(), topic.as_str(), &partition.to_string()])
+                .set(lag);
+        }
+        let parked: i64 = client
+            .query_one(
+                "SELECT count(*) FROM dead_letters WHERE status = 'parked'",
+                &[],
+            )
+            .await?
+            .get(0);
+        self.dead_letters.set(parked);
+
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        Ok(String::from_utf8(buffer)?)
+    }
+}

@@ -1,0 +1,127 @@
+//! `/metrics` scraped by a real Prometheus server (Debian package
+//! `prometheus`, installed by .ci/run).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+/// A Prometheus server scraping `target` every 200 ms.
+struct Prometheus {
+    child: tokio::process::Child,
+    port: u16,
+}
+
+impl Prometheus {
+    async fn start(target: &str) -> Prometheus {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir =
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("prometheus-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 200ms\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: outbox-relay\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let child = tokio::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start prometheus (apt-get install prometheus)");
+        Prometheus { child, port }
+    }
+
+    /// The value of an instant query's first series, once there is one.
+    async fn value(&self, query: &str) -> Option<f64> {
+        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
+        let answer: Value = reqwest::Client::new()
+            .get(url)
+            .query(&[("query", query)])
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        answer["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_relay_api_and_lag_metrics() {
+    let db = TestDb::migrated().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    tokio::spawn(outbox_relay::http::serve(
+        listener,
+        db.pool(4),
+        outbox_relay::shutdown::Shutdown::never(),
+    ));
+    let answer = reqwest::Client::new()
+        .post(format!("http://{api}/orders"))
+        .header("content-type", "application/json")
+        .body(json!({"user_id": 1, "email": "m@example.com", "amount": 5}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), reqwest::StatusCode::CREATED);
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    // A group that committed nothing beyond offset 0: its lag is the log end.
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO group_partitions (group_id, topic, partition, committed_offset)
+             SELECT 'lagging', topic, partition, 0 FROM partition_heads",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let mut prometheus = Prometheus::start(&api.to_string()).await;
+    let appended = eventually(
+        "Prometheus to scrape the relay counter",
+        Duration::from_secs(60),
+        || async {
+            prometheus
+                .value("sum(outbox_relay_appended_total{topic=\"order-created\"})")
+                .await
+        },
+    )
+    .await;
+    assert!(appended >= 1.0, "{appended}");
+    let created = eventually("the HTTP counter", Duration::from_secs(30), || async {
+        prometheus
+            .value("sum(outbox_relay_http_requests_total{route=\"/orders\",status=\"201\"})")
+            .await
+    })
+    .await;
+    assert!(created >= 1.0);
+    let lag = eventually("the lag gauge", Duration::from_secs(30), || async {
+        prometheus
+            .value("sum(outbox_relay_consumer_group_lag{group=\"lagging\"})")
+            .await
+    })
+    .await;
+    assert_eq!(lag, 1.0, "one order in the log, nothing consumed");
+    let _ = prometheus.child.kill().await;
+}

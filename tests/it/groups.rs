@@ -20,6 +20,18 @@ struct Recorder {
     delay: Duration,
 }
 
+impl Recorder {
+    /// How many distinct (partition, offset) records were handled.
+    fn distinct(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .collect::<HashSet<_>>()
+            .len()
+    }
+}
+
 impl RecordHandler for Recorder {
     async fn handle(&self, record: Record) {
         tokio::time::sleep(self.delay).await;
@@ -121,15 +133,7 @@ async fn three_members_in_one_process_share_eight_partitions_evenly_and_rebalanc
         left.elapsed()
     );
     eventually("every record handled", Duration::from_secs(30), || async {
-        (recorder
-            .seen
-            .lock()
-            .unwrap()
-            .iter()
-            .collect::<HashSet<_>>()
-            .len()
-            == 300)
-            .then_some(())
+        (recorder.distinct() == 300).then_some(())
     })
     .await;
     for m in [a, b] {
@@ -175,17 +179,7 @@ async fn member_killed_mid_stream_is_taken_over_and_nothing_is_lost() {
     eventually(
         "every record handled at least once",
         Duration::from_secs(30),
-        || async {
-            (recorder
-                .seen
-                .lock()
-                .unwrap()
-                .iter()
-                .collect::<HashSet<_>>()
-                .len()
-                == 400)
-                .then_some(())
-        },
+        || async { (recorder.distinct() == 400).then_some(()) },
     )
     .await;
     b.trigger.trigger();

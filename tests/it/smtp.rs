@@ -13,6 +13,9 @@ pub struct SmtpServer {
     pub maildir: PathBuf,
     options: Vec<String>,
     child: Option<Child>,
+    /// While stopped, a bound but not listening socket keeps the port ours
+    /// (connections are refused) so a parallel test cannot take it.
+    reserved: Option<tokio::net::TcpSocket>,
 }
 
 /// A message as the server stored it.
@@ -39,6 +42,7 @@ impl SmtpServer {
             maildir,
             options: options.iter().map(|o| o.to_string()).collect(),
             child: None,
+            reserved: None,
         };
         server.restart().await;
         server
@@ -46,6 +50,7 @@ impl SmtpServer {
 
     /// (Re)starts the server on the same port and Maildir.
     pub async fn restart(&mut self) {
+        self.reserved = None;
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/smtp_server.py");
         let mut child = Command::new("python3")
             .arg(script)
@@ -76,7 +81,22 @@ impl SmtpServer {
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;
+            let _ = child.wait().await;
         }
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        for _ in 0..100 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_reuseaddr(true).unwrap();
+            if socket.bind(address).is_ok() {
+                self.reserved = Some(socket);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "could not hold port {} while the SMTP server is down",
+            self.port
+        );
     }
 
     pub fn url(&self) -> String {

@@ -135,11 +135,12 @@ async fn count_requests(request: axum::extract::Request, next: axum::middleware:
     response
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: Prometheus text format. The process's counters are
+/// served even when the database is down (`outbox_relay_database_up` 0).
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let client = state.pool.get().await?;
+    let mut client = state.pool.get().await.ok();
     let body = crate::metrics::metrics()
-        .render(&**client)
+        .render(client.as_deref_mut().map(|c| &mut **c))
         .await
         .map_err(ApiError::internal)?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())

@@ -2,15 +2,16 @@
 //! sends each order's confirmation mail over SMTP (lettre, pooled).
 //!
 //! Delivery is at-least-once with one documented duplicate window
-//! (invariant 8): a ledger row per (group, event) goes `pending` → `sent` |
-//! `failed`, written around (never across) the SMTP exchange. An event
+//! (invariant 8): a ledger row per (group, event) goes `pending` (written
+//! once an attempt failed) → `sent` | `failed`, read before and written
+//! after (never across) the SMTP exchange. An event
 //! redelivered after a crash, rebalance or reset is not mailed again once
 //! `sent`. A crash after the server accepted the mail and before the ledger
 //! says `sent` sends it again on redelivery; its Message-ID is derived from
 //! the event, so the duplicate is recognisable.
 //!
 //! Failures (invariant 9): transient ones (connection refused, timeouts,
-//! 4xx) retry with exponential backoff and full jitter, in the record's own
+//! 4xx) retry with exponential backoff and jitter, in the record's own
 //! task, so other keys and partitions go on; permanent ones (5xx, a bad
 //! address, an undecodable payload) or a spent retry budget park the event
 //! as a dead letter and the partition moves on.
@@ -362,7 +363,8 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Exponential backoff with full jitter before attempt `attempt + 1`.
+    /// Exponential backoff before attempt `attempt + 1`, jittered to
+    /// between half and all of the delay.
     pub fn backoff(&self, attempt: i32) -> Duration {
         let exp = self
             .initial_backoff

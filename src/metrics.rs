@@ -26,6 +26,9 @@ pub struct Metrics {
     log_end_offset: IntGaugeVec,
     group_lag: IntGaugeVec,
     dead_letters: IntGauge,
+    database_up: IntGauge,
+    /// One scrape at a time: the database gauges are reset and refilled.
+    scrape: tokio::sync::Mutex<()>,
 }
 
 /// The process's metrics.
@@ -35,6 +38,69 @@ pub fn metrics() -> &'static Metrics {
 }
 
 impl Metrics {
+    async fn read_database_gauges(
+        &self,
+        client: &mut tokio_postgres::Client,
+    ) -> anyhow::Result<()> {
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL statement_timeout = '2s'")
+            .await?;
+        // Outbox rows not yet in the log: those of transactions the relayed
+        // snapshot does not see (in-progress ones are invisible to count).
+        let backlog: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM outbox o, relay_state r
+                  WHERE r.relay = 'default'
+                    AND (o.txid >= pg_snapshot_xmax(r.relayed_snapshot)
+                         OR o.txid IN (SELECT pg_snapshot_xip(r.relayed_snapshot)))",
+                &[],
+            )
+            .await?
+            .get(0);
+        let heads = tx
+            .query(
+                "SELECT topic, partition, log_start_offset, log_end_offset FROM partition_heads",
+                &[],
+            )
+            .await?;
+        // A partition without a commit lags by all it retains.
+        let lags = tx
+            .query(
+                "SELECT p.group_id, p.topic, p.partition,
+                        greatest(h.log_end_offset - coalesce(p.committed_offset, h.log_start_offset), 0)
+                   FROM group_partitions p JOIN partition_heads h USING (topic, partition)",
+                &[],
+            )
+            .await?;
+        let parked: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM dead_letters WHERE status = 'parked'",
+                &[],
+            )
+            .await?
+            .get(0);
+        tx.commit().await?;
+
+        self.outbox_backlog.set(backlog);
+        self.log_end_offset.reset();
+        for row in heads {
+            let (topic, partition, end): (String, i32, i64) = (row.get(0), row.get(1), row.get(3));
+            self.log_end_offset
+                .with_label_values(&[topic.as_str(), &partition.to_string()])
+                .set(end);
+        }
+        self.group_lag.reset();
+        for row in lags {
+            let (group, topic, partition, lag): (String, String, i32, i64) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            self.group_lag
+                .with_label_values(&[group.as_str(), topic.as_str(), &partition.to_string()])
+                .set(lag);
+        }
+        self.dead_letters.set(parked);
+        Ok(())
+    }
+
     fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
         let m = Metrics {
@@ -100,6 +166,11 @@ impl Metrics {
                 &["group", "topic", "partition"],
             )?,
             dead_letters: IntGauge::new("outbox_relay_dead_letters", "Parked dead letters")?,
+            database_up: IntGauge::new(
+                "outbox_relay_database_up",
+                "1 if the last scrape could read the database gauges",
+            )?,
+            scrape: tokio::sync::Mutex::new(()),
             registry,
         };
         m.registry.register(Box::new(m.relay_appended.clone()))?;
@@ -114,62 +185,32 @@ impl Metrics {
         m.registry.register(Box::new(m.log_end_offset.clone()))?;
         m.registry.register(Box::new(m.group_lag.clone()))?;
         m.registry.register(Box::new(m.dead_letters.clone()))?;
+        m.registry.register(Box::new(m.database_up.clone()))?;
         Ok(m)
     }
 
-    /// Reads the database gauges, then renders everything in the text format.
+    /// Reads the database gauges (best effort: a database that does not
+    /// answer within two seconds leaves them stale and sets
+    /// `outbox_relay_database_up` to 0), then renders everything.
     pub async fn render(
         &self,
-        client: &impl tokio_postgres::GenericClient,
+        client: Option<&mut tokio_postgres::Client>,
     ) -> anyhow::Result<String> {
-        // Relayed rows are deleted in the background: the count since the
-        // relayed snapshot's xmin is a cheap upper-bound estimate.
-        let backlog: i64 = client
-            .query_one(
-                "SELECT count(*) FROM outbox
-                  WHERE txid >= (SELECT pg_snapshot_xmin(relayed_snapshot) FROM relay_state WHERE relay = 'default')",
-                &[],
-            )
-            .await?
-            .get(0);
-        self.outbox_backlog.set(backlog);
-        self.log_end_offset.reset();
-        for row in client
-            .query(
-                "SELECT topic, partition, log_end_offset FROM partition_heads",
-                &[],
-            )
-            .await?
-        {
-            let (topic, partition, end): (String, i32, i64) = (row.get(0), row.get(1), row.get(2));
-            self.log_end_offset
-                .with_label_values(&[topic.as_str(), &partition.to_string()])
-                .set(end);
+        let _one_at_a_time = self.scrape.lock().await;
+        let read = match client {
+            Some(client) => self.read_database_gauges(client).await,
+            None => Err(anyhow::anyhow!("no database connection")),
+        };
+        match read {
+            Ok(()) => self.database_up.set(1),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "metrics: could not read the database gauges"
+                );
+                self.database_up.set(0);
+            }
         }
-        self.group_lag.reset();
-        for row in client
-            .query(
-                "SELECT p.group_id, p.topic, p.partition, greatest(h.log_end_offset - p.committed_offset, 0)
-                   FROM group_partitions p JOIN partition_heads h USING (topic, partition)
-                  WHERE p.committed_offset IS NOT NULL",
-                &[],
-            )
-            .await?
-        {
-            let (group, topic, partition, lag): (String, String, i32, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
-            self.group_lag
-                .with_label_values(&[group.as_str(), topic.as_str(), &partition.to_string()])
-                .set(lag);
-        }
-        let parked: i64 = client
-            .query_one(
-                "SELECT count(*) FROM dead_letters WHERE status = 'parked'",
-                &[],
-            )
-            .await?
-            .get(0);
-        self.dead_letters.set(parked);
-
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
         Ok(String::from_utf8(buffer)?)

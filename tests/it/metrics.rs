@@ -69,6 +69,14 @@ impl Prometheus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_relay_api_and_lag_metrics() {
     let db = TestDb::migrated().await;
+    // Counters are per process and the tests share one: this test's own
+    // topic and group make its series its own.
+    let topic = format!("metrics-{:x}", rand::random::<u32>());
+    let group = format!("lagging-{topic}");
+    let mut client = db.client().await;
+    outbox_relay::event_log::create_topic(&mut client, &topic, 1, Duration::from_secs(86_400))
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = listener.local_addr().unwrap();
     tokio::spawn(outbox_relay::http::serve(
@@ -84,18 +92,35 @@ async fn prometheus_scrapes_relay_api_and_lag_metrics() {
         .await
         .unwrap();
     assert_eq!(answer.status(), reqwest::StatusCode::CREATED);
+    for key in ["a", "b"] {
+        insert_event(&client, &topic, key, json!({})).await;
+    }
     let mut relay = db.relay();
     drain(&mut relay).await;
-    // A group that committed nothing beyond offset 0: its lag is the log end.
-    let client = db.client().await;
+    // A group that never committed lags by everything retained.
     client
         .execute(
-            "INSERT INTO group_partitions (group_id, topic, partition, committed_offset)
-             SELECT 'lagging', topic, partition, 0 FROM partition_heads",
-            &[],
+            "INSERT INTO group_partitions (group_id, topic, partition) VALUES ($1, $2, 0)",
+            &[&group, &topic],
         )
         .await
         .unwrap();
+
+    // Parallel scrapes each see every database series.
+    let scrapes = futures_util::future::join_all((0..16).map(|_| async {
+        reqwest::get(format!("http://{api}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }))
+    .await;
+    for body in &scrapes {
+        let series = format!("outbox_relay_log_end_offset{{partition=\"0\",topic=\"{topic}\"}} 2");
+        assert!(body.contains(&series), "a scrape lacks {series}");
+        assert!(body.contains("outbox_relay_database_up 1"));
+    }
 
     let mut prometheus = Prometheus::start(&api.to_string()).await;
     let appended = eventually(
@@ -103,12 +128,23 @@ async fn prometheus_scrapes_relay_api_and_lag_metrics() {
         Duration::from_secs(60),
         || async {
             prometheus
-                .value("sum(outbox_relay_appended_total{topic=\"order-created\"})")
+                .value(&format!(
+                    "sum(outbox_relay_appended_total{{topic=\"{topic}\"}})"
+                ))
                 .await
         },
     )
     .await;
-    assert!(appended >= 1.0, "{appended}");
+    assert_eq!(appended, 2.0, "two records appended to this topic");
+    let lag = eventually("the lag gauge", Duration::from_secs(30), || async {
+        prometheus
+            .value(&format!(
+                "sum(outbox_relay_consumer_group_lag{{group=\"{group}\"}})"
+            ))
+            .await
+    })
+    .await;
+    assert_eq!(lag, 2.0, "nothing committed: the lag is the whole log");
     let created = eventually("the HTTP counter", Duration::from_secs(30), || async {
         prometheus
             .value("sum(outbox_relay_http_requests_total{route=\"/orders\",status=\"201\"})")
@@ -116,12 +152,5 @@ async fn prometheus_scrapes_relay_api_and_lag_metrics() {
     })
     .await;
     assert!(created >= 1.0);
-    let lag = eventually("the lag gauge", Duration::from_secs(30), || async {
-        prometheus
-            .value("sum(outbox_relay_consumer_group_lag{group=\"lagging\"})")
-            .await
-    })
-    .await;
-    assert_eq!(lag, 1.0, "one order in the log, nothing consumed");
     let _ = prometheus.child.kill().await;
 }

@@ -225,44 +225,59 @@ pub struct TailArgs {
     pub output: TailOutput,
 }
 
-fn parse_lease(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
+/// Parses a number of `unit_name`s (each `unit` seconds) within `range`
+/// (and above 0) as a duration; `out_of_range` is the error when it is not.
+fn bounded_duration(
+    s: &str,
+    range: std::ops::RangeInclusive<f64>,
+    (unit, unit_name): (f64, &str),
+    out_of_range: &str,
+) -> Result<Duration, String> {
+    let value: f64 = s
         .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(0.1..=3600.0).contains(&secs) {
-        return Err("the lease must be between 0.1 and 3600 seconds".into());
+        .map_err(|_| format!("{s:?} is not a number of {unit_name}"))?;
+    if !(value > 0.0 && range.contains(&value)) {
+        return Err(out_of_range.to_string());
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(Duration::from_secs_f64(value * unit))
+}
+
+const SECONDS: (f64, &str) = (1.0, "seconds");
+
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    bounded_duration(
+        s,
+        0.1..=3600.0,
+        SECONDS,
+        "the lease must be between 0.1 and 3600 seconds",
+    )
 }
 
 fn parse_smtp_timeout(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(0.1..=600.0).contains(&secs) {
-        return Err("the SMTP timeout must be between 0.1 and 600 seconds".into());
-    }
-    Ok(Duration::from_secs_f64(secs))
+    bounded_duration(
+        s,
+        0.1..=600.0,
+        SECONDS,
+        "the SMTP timeout must be between 0.1 and 600 seconds",
+    )
 }
 
 fn parse_session_timeout(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(0.3..=1800.0).contains(&secs) {
-        return Err("the session timeout must be between 0.3 and 1800 seconds".into());
-    }
-    Ok(Duration::from_secs_f64(secs))
+    bounded_duration(
+        s,
+        0.3..=1800.0,
+        SECONDS,
+        "the session timeout must be between 0.3 and 1800 seconds",
+    )
 }
 
 fn parse_retention_days(s: &str) -> Result<Duration, String> {
-    let days: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of days"))?;
-    if !(days > 0.0 && days <= 36_500.0) {
-        return Err("retention must be more than 0 and at most 36500 days".into());
-    }
-    Ok(Duration::from_secs_f64(days * 86_400.0))
+    bounded_duration(
+        s,
+        0.0..=36_500.0,
+        (86_400.0, "days"),
+        "retention must be more than 0 and at most 36500 days",
+    )
 }
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
@@ -599,15 +614,16 @@ async fn demo(url: &str, args: &DemoArgs, cli: &Cli) -> anyhow::Result<()> {
     println!("  outbox-relay tail order-created --max 10");
     println!("  outbox-relay groups describe mail-service");
     if args.no_wait {
-        running.trigger.trigger();
-        return running.wait_after_trigger().await;
+        return running.stop().await;
     }
     println!("\nserving on http://{addr}; Ctrl-C to stop");
     running.wait().await
 }
 
 impl Running {
-    async fn wait_after_trigger(self) -> anyhow::Result<()> {
+    /// Stops every role and waits for them (shutdown without a signal).
+    async fn stop(self) -> anyhow::Result<()> {
+        self.trigger.trigger();
         for (_, task) in self.tasks {
             let _ = task.await;
         }

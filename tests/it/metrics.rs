@@ -47,6 +47,16 @@ impl Prometheus {
         Prometheus { child, port }
     }
 
+    /// Polls `query` until it has a value, failing the test after `secs`.
+    async fn value_within(&self, query: &str, secs: u64) -> f64 {
+        eventually(
+            &format!("Prometheus to answer {query}"),
+            Duration::from_secs(secs),
+            || self.value(query),
+        )
+        .await
+    }
+
     /// The value of an instant query's first series, once there is one.
     async fn value(&self, query: &str) -> Option<f64> {
         let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
@@ -123,34 +133,27 @@ async fn prometheus_scrapes_relay_api_and_lag_metrics() {
     }
 
     let mut prometheus = Prometheus::start(&api.to_string()).await;
-    let appended = eventually(
-        "Prometheus to scrape the relay counter",
-        Duration::from_secs(60),
-        || async {
-            prometheus
-                .value(&format!(
-                    "sum(outbox_relay_appended_total{{topic=\"{topic}\"}})"
-                ))
-                .await
-        },
-    )
-    .await;
+    let appended = prometheus
+        .value_within(
+            &format!("sum(outbox_relay_appended_total{{topic=\"{topic}\"}})"),
+            60,
+        )
+        .await;
     assert_eq!(appended, 2.0, "two records appended to this topic");
-    let lag = eventually("the lag gauge", Duration::from_secs(30), || async {
-        prometheus
-            .value(&format!(
-                "sum(outbox_relay_consumer_group_lag{{group=\"{group}\"}})"
-            ))
-            .await
-    })
-    .await;
+    let lag = prometheus
+        .value_within(
+            &format!("sum(outbox_relay_consumer_group_lag{{group=\"{group}\"}})"),
+            30,
+        )
+        .await;
     assert_eq!(lag, 2.0, "nothing committed: the lag is the whole log");
-    let created = eventually("the HTTP counter", Duration::from_secs(30), || async {
-        prometheus
-            .value("sum(outbox_relay_http_requests_total{route=\"/orders\",status=\"201\"})")
-            .await
-    })
-    .await;
+    // Shared with the other tests in this process: at least this test's order.
+    let created = prometheus
+        .value_within(
+            "sum(outbox_relay_http_requests_total{route=\"/orders\",status=\"201\"})",
+            30,
+        )
+        .await;
     assert!(created >= 1.0);
     let _ = prometheus.child.kill().await;
 }

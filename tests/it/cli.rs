@@ -362,13 +362,7 @@ async fn dead_letters_cli_lists_retries_and_discards() {
         )
         .await
         .unwrap();
-    let ids: Vec<i64> = client
-        .query("SELECT id FROM dead_letters ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<i64> = column(&client, "SELECT id FROM dead_letters ORDER BY id").await;
     let url = db.url.clone();
     let (first, second) = (ids[0].to_string(), ids[1].to_string());
     tokio::task::spawn_blocking(move || {

@@ -158,6 +158,20 @@ pub async fn drain(relay: &mut Relay) {
     }
 }
 
+/// The first column of every row of `sql`.
+pub async fn column<T: for<'a> tokio_postgres::types::FromSql<'a>>(
+    client: &Client,
+    sql: &str,
+) -> Vec<T> {
+    client
+        .query(sql, &[])
+        .await
+        .expect(sql)
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Number of rows of a query returning one bigint.
 pub async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.expect(sql).get(0)

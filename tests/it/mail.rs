@@ -282,13 +282,11 @@ async fn permanent_failures_and_poison_payloads_are_parked_and_the_partition_mov
     let mails = smtp.messages();
     assert_eq!(mails.len(), 1);
     assert_eq!(mails[0].to, "ok@example.com");
-    let reasons: Vec<String> = client
-        .query("SELECT reason FROM dead_letters ORDER BY \"offset\"", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let reasons: Vec<String> = column(
+        &client,
+        "SELECT reason FROM dead_letters ORDER BY \"offset\"",
+    )
+    .await;
     assert_eq!(reasons.len(), 3, "{reasons:?}");
     assert!(reasons[0].starts_with("undecodable payload"), "{reasons:?}");
     assert_eq!(reasons[1], "permanent SMTP failure");

@@ -36,13 +36,7 @@ async fn rolled_back_writer_leaves_neither_order_nor_event() {
     drain(&mut relay).await;
 
     assert_eq!(count(&client, "SELECT count(*) FROM orders").await, 1);
-    let keys: Vec<String> = client
-        .query("SELECT key FROM event_log", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let keys: Vec<String> = column(&client, "SELECT key FROM event_log").await;
     assert_eq!(
         keys,
         vec![kept.to_string()],
@@ -576,16 +570,11 @@ async fn per_key_order_follows_insert_order_not_transaction_id_order() {
     let mut relay = db.relay();
     drain(&mut relay).await;
     let client = db.client().await;
-    let order: Vec<i64> = client
-        .query(
-            "SELECT (payload->>'v')::int8 FROM event_log WHERE key = 'K' ORDER BY \"offset\"",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let order: Vec<i64> = column(
+        &client,
+        "SELECT (payload->>'v')::int8 FROM event_log WHERE key = 'K' ORDER BY \"offset\"",
+    )
+    .await;
     assert_eq!(order, vec![1, 2]);
 }
 

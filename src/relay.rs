@@ -289,6 +289,16 @@ pub struct Relay {
     is_leader: Arc<AtomicBool>,
 }
 
+/// What one batch appends to one partition.
+struct PartitionAppend {
+    count: i64,
+    max_created_at: DateTime<Utc>,
+    /// From the advanced head: the next offset to hand out in this batch.
+    next_offset: i64,
+    /// The head's running maximum of created_at, for the time index.
+    running_max_created_at: DateTime<Utc>,
+}
+
 /// An outbox row as the relay sees it (the payload stays in Postgres).
 struct PendingRow {
     id: i64,
@@ -545,30 +555,44 @@ impl Relay {
             }
         }
 
-        // Count per partition (sorted, so concurrent lockers agree on order).
-        let mut per_partition: BTreeMap<(&str, i32), (i64, DateTime<Utc>)> = BTreeMap::new();
+        // What the batch adds to each partition it touches.
+        let mut per_partition: BTreeMap<(&str, i32), PartitionAppend> = BTreeMap::new();
         for (row, partition) in &placed {
             let entry = per_partition
                 .entry((row.topic.as_str(), *partition))
-                .or_insert((0, row.created_at));
-            entry.0 += 1;
-            entry.1 = entry.1.max(row.created_at);
+                .or_insert(PartitionAppend {
+                    count: 0,
+                    max_created_at: row.created_at,
+                    next_offset: 0,
+                    running_max_created_at: row.created_at,
+                });
+            entry.count += 1;
+            entry.max_created_at = entry.max_created_at.max(row.created_at);
         }
-        let mut next_offset: HashMap<(String, i32), i64> = HashMap::new();
-        let mut running_max: HashMap<(String, i32), DateTime<Utc>> = HashMap::new();
         if !per_partition.is_empty() {
             let topics: Vec<&str> = per_partition.keys().map(|k| k.0).collect();
             let partitions: Vec<i32> = per_partition.keys().map(|k| k.1).collect();
-            let counts: Vec<i64> = per_partition.values().map(|v| v.0).collect();
-            let maxes: Vec<DateTime<Utc>> = per_partition.values().map(|v| v.1).collect();
-            for head in tx
+            let counts: Vec<i64> = per_partition.values().map(|v| v.count).collect();
+            let maxes: Vec<DateTime<Utc>> =
+                per_partition.values().map(|v| v.max_created_at).collect();
+            let heads = tx
                 .query(ADVANCE_HEADS, &[&topics, &partitions, &counts, &maxes])
                 .await
-                .context("advancing partition heads")?
-            {
-                let key = (head.get::<_, String>(0), head.get::<_, i32>(1));
-                next_offset.insert(key.clone(), head.get(2));
-                running_max.insert(key, head.get(3));
+                .context("advancing partition heads")?;
+            // Every partition the batch touches has a head (partition counts
+            // come from the heads); anything else must not get offsets.
+            anyhow::ensure!(
+                heads.len() == per_partition.len(),
+                "a partition head is missing"
+            );
+            for head in heads {
+                let (topic, partition): (&str, i32) = (head.get(0), head.get(1));
+                let (_, append) = per_partition
+                    .iter_mut()
+                    .find(|(key, _)| key.0 == topic && key.1 == partition)
+                    .context("a partition head the batch did not ask for")?;
+                append.next_offset = head.get(2);
+                append.running_max_created_at = head.get(3);
             }
         }
 
@@ -577,13 +601,13 @@ impl Relay {
         let mut partitions = Vec::with_capacity(placed.len());
         let mut offsets = Vec::with_capacity(placed.len());
         for (row, partition) in &placed {
-            let offset = next_offset
-                .get_mut(&(row.topic.clone(), *partition))
-                .context("no partition head for a partition of a known topic")?;
+            let append = per_partition
+                .get_mut(&(row.topic.as_str(), *partition))
+                .expect("every placed row counted above");
             ids.push(row.id);
             partitions.push(*partition);
-            offsets.push(*offset);
-            *offset += 1;
+            offsets.push(append.next_offset);
+            append.next_offset += 1;
         }
         if !placed.is_empty() {
             let appended = tx
@@ -596,14 +620,12 @@ impl Relay {
                 placed.len()
             );
             let mut index = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((topic, partition), (count, _)) in &per_partition {
-                let key = (topic.to_string(), *partition);
-                let end = next_offset[&key];
+            for ((topic, partition), append) in &per_partition {
                 index.0.push(*topic);
                 index.1.push(*partition);
-                index.2.push(end - count);
-                index.3.push(end - 1);
-                index.4.push(running_max[&key]);
+                index.2.push(append.next_offset - append.count);
+                index.3.push(append.next_offset - 1);
+                index.4.push(append.running_max_created_at);
             }
             tx.execute(
                 APPEND_TIME_INDEX,

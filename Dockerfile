@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 
 # ---- build ------------------------------------------------------------------
-FROM rust:1-bookworm AS builder
+FROM rust:1.95-bookworm AS builder
 WORKDIR /src
 
 # The whole crate: Cargo.toml declares a test target (tests/it/main.rs) and

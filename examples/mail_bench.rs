@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
         .batch_execute("CREATE DATABASE bench_mail")
         .await?;
     let url = format!("{base}/bench_mail");
-    outbox_relay::cli::apply_migrations(&url).await?;
+    outbox_relay::migrate::apply_all(&url).await?;
 
     // Preload: orders in the outbox, relayed into the log (8 partitions).
     let client = outbox_relay::db::connect(&url).await?;

@@ -192,7 +192,7 @@ async fn fresh_db(
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await?;
     let url = format!("{base}/{name}");
-    outbox_relay::cli::apply_migrations(&url).await?;
+    outbox_relay::migrate::apply_all(&url).await?;
     Ok(url)
 }
 

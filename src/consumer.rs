@@ -79,6 +79,40 @@ impl PartitionWorker {
     }
 }
 
+/// A group member as a role of the process.
+pub struct Consumer<H> {
+    name: &'static str,
+    database_url: String,
+    config: ConsumerConfig,
+    handler: Arc<H>,
+}
+
+impl<H: RecordHandler> Consumer<H> {
+    pub fn new(
+        name: &'static str,
+        database_url: &str,
+        config: ConsumerConfig,
+        handler: Arc<H>,
+    ) -> Consumer<H> {
+        Consumer {
+            name,
+            database_url: database_url.to_string(),
+            config,
+            handler,
+        }
+    }
+}
+
+impl<H: RecordHandler> crate::service::Service for Consumer<H> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        run(&self.database_url, self.config, self.handler, shutdown).await
+    }
+}
+
 /// Runs a group member until `shutdown`: heartbeats, rebalances, and one
 /// worker per owned partition.
 pub async fn run<H: RecordHandler>(
@@ -102,6 +136,7 @@ pub async fn run<H: RecordHandler>(
         .session_timeout
         .saturating_sub(config.group.heartbeat_interval);
     tracing::info!(group = %config.group.group_id, member = %config.group.member_id, "joined consumer group");
+    let mut last_logged_assignment: Vec<String> = Vec::new();
 
     loop {
         while tasks.try_join_next().is_some() {}
@@ -182,6 +217,14 @@ pub async fn run<H: RecordHandler>(
                             task,
                         },
                     );
+                }
+                let mut assigned: Vec<&(String, i32)> = workers.keys().collect();
+                assigned.sort();
+                let assigned: Vec<String> =
+                    assigned.iter().map(|(t, p)| format!("{t}:{p}")).collect();
+                if assigned != last_logged_assignment {
+                    tracing::info!(group = %config.group.group_id, partitions = %assigned.join(","), "assignment changed");
+                    last_logged_assignment = assigned;
                 }
             }
             Err(e) => {

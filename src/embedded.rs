@@ -247,6 +247,66 @@ impl EmbeddedPostgres {
         )
     }
 
+    /// Once process `pid` has exited, stops the cluster (immediately: it
+    /// holds nothing worth a checkpoint) and deletes its data directory,
+    /// from a detached watcher. For throwaway clusters (the tests'), which
+    /// nothing else would stop after the last test.
+    pub fn discard_after_exit_of(&self, pid: u32) -> anyhow::Result<()> {
+        let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+        let data_dir = self.data_dir.to_string_lossy().to_string();
+        let pg_ctl = self.bin_dir.join("pg_ctl").to_string_lossy().to_string();
+        let run_as = match &self.run_as {
+            Some(user) => format!("runuser -u {} -- ", quote(user)),
+            None => String::new(),
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; \
+             {run_as}{} -D {} -m immediate -w stop >/dev/null 2>&1; rm -rf {}",
+            quote(&pg_ctl),
+            quote(&data_dir),
+            quote(&data_dir),
+        );
+        Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting the cluster's watcher (setsid sh)")?;
+        Ok(())
+    }
+
+    /// Stops a cluster left by a process that no longer runs and deletes
+    /// its data directory (a test run killed before its watcher ran).
+    pub fn discard_stale(data_dir: &Path) -> anyhow::Result<()> {
+        let cluster = EmbeddedPostgres {
+            bin_dir: find_bin_dir().ok_or_else(|| anyhow::anyhow!(INSTALL_HINT))?,
+            data_dir: data_dir.to_path_buf(),
+            run_as: if is_root() {
+                Some(unprivileged_user()?.0)
+            } else {
+                None
+            },
+            port: 0,
+            started_here: false,
+        };
+        if cluster.is_running() {
+            let _ = cluster.run(
+                "pg_ctl",
+                &[
+                    "-D",
+                    &data_dir.to_string_lossy(),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ],
+            );
+        }
+        std::fs::remove_dir_all(data_dir)
+            .with_context(|| format!("removing {}", data_dir.display()))
+    }
+
     fn command(&self, program: &str) -> Command {
         let exe = self.bin_dir.join(program);
         match &self.run_as {

@@ -246,7 +246,8 @@ fn partition_name(day: NaiveDate) -> String {
 }
 
 /// Creates the day partitions of `event_log` from yesterday to a few days
-/// ahead. Takes the schema lock: call inside a transaction.
+/// ahead, those that do not exist yet. Takes the schema lock: call inside a
+/// transaction.
 pub async fn ensure_day_partitions(tx: &impl GenericClient) -> anyhow::Result<()> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
         .await?;
@@ -254,16 +255,23 @@ pub async fn ensure_day_partitions(tx: &impl GenericClient) -> anyhow::Result<()
     for ahead in -1..=DAYS_AHEAD {
         let day = today + Duration::days(ahead);
         let next = day + Duration::days(1);
+        let name = partition_name(day);
+        let exists: bool = tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .await?
+            .get(0);
+        if exists {
+            continue;
+        }
         // Names and bounds come from dates we format ourselves, never from input.
         let ddl = format!(
-            "CREATE TABLE IF NOT EXISTS {name} PARTITION OF event_log
+            "CREATE TABLE {name} PARTITION OF event_log
                FOR VALUES FROM ('{day} 00:00:00+00') TO ('{next} 00:00:00+00')
-               WITH (autovacuum_enabled = true)",
-            name = partition_name(day),
+               WITH (autovacuum_enabled = true)"
         );
         tx.batch_execute(&ddl)
             .await
-            .with_context(|| format!("creating log partition {}", partition_name(day)))?;
+            .with_context(|| format!("creating log partition {name}"))?;
     }
     Ok(())
 }

@@ -268,7 +268,7 @@ impl Membership {
                 )
                 .await?;
             if let Some(row) = claimed {
-                tracing::info!(group = %c.group_id, topic, partition, member = %c.member_id, "claimed partition");
+                tracing::debug!(group = %c.group_id, topic, partition, member = %c.member_id, "claimed partition");
                 owned.push(Assignment {
                     topic: topic.clone(),
                     partition: *partition,
@@ -302,7 +302,7 @@ impl Membership {
                 ],
             )
             .await?;
-        tracing::info!(group = %c.group_id, topic = %assignment.topic, partition = assignment.partition, "released partition");
+        tracing::debug!(group = %c.group_id, topic = %assignment.topic, partition = assignment.partition, "released partition");
         Ok(())
     }
 

@@ -95,6 +95,28 @@ pub fn router(pool: Pool) -> Router {
         .with_state(AppState { pool })
 }
 
+/// The `api` role: the order API on a bound listener.
+pub struct ApiService {
+    listener: TcpListener,
+    pool: Pool,
+}
+
+impl ApiService {
+    pub fn new(listener: TcpListener, pool: Pool) -> ApiService {
+        ApiService { listener, pool }
+    }
+}
+
+impl crate::service::Service for ApiService {
+    fn name(&self) -> &'static str {
+        "api"
+    }
+
+    async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        serve(self.listener, self.pool, shutdown).await
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
@@ -321,12 +343,15 @@ async fn get_order(
         )
     })?;
     let client = state.pool.get().await?;
-    match order::find(&**client, order_id).await? {
-        Some(order) => Ok(Json(order).into_response()),
-        None => Err(ApiError::new(
+    let Some(order) = order::find(&**client, order_id).await? else {
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "order_not_found",
             format!("no order {order_id}"),
-        )),
-    }
+        ));
+    };
+    let mail = crate::mail::confirmation_mail(&**client, order_id).await?;
+    let mut body = serde_json::to_value(order).map_err(ApiError::internal)?;
+    body["confirmation_mail"] = serde_json::to_value(mail).map_err(ApiError::internal)?;
+    Ok(Json(body).into_response())
 }

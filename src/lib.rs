@@ -19,4 +19,5 @@ pub mod order;
 pub mod outbox;
 pub mod partitioner;
 pub mod relay;
+pub mod service;
 pub mod shutdown;

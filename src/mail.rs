@@ -26,7 +26,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::{AsyncSmtpTransportBuilder, PoolConfig};
-use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 
 use crate::consumer::RecordHandler;
@@ -44,7 +44,7 @@ pub enum MailTransport {
     /// TLS (STARTTLS or implicit) through lettre's pooled transport.
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
     /// `.eml` files in a directory: the embedded default.
-    Files(AsyncFileTransport<Tokio1Executor>),
+    Files(PathBuf),
 }
 
 /// An `SMTP_URL`, parsed; `Display` never shows credentials.
@@ -177,7 +177,7 @@ impl SmtpTarget {
             SmtpTarget::Files { dir } => {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating mail directory {}", dir.display()))?;
-                MailTransport::Files(AsyncFileTransport::new(dir))
+                MailTransport::Files(dir.clone())
             }
         })
     }
@@ -327,7 +327,9 @@ pub enum SendOutcome {
 }
 
 impl MailTransport {
-    pub async fn send(&self, message: Message) -> SendOutcome {
+    /// Sends `message`. `name` names the mail for people (the file
+    /// transport's file is `<name>.eml`); SMTP ignores it.
+    pub async fn send(&self, message: Message, name: &str) -> SendOutcome {
         match self {
             MailTransport::Plain(pool) => pool.send(&message).await,
             MailTransport::Smtp(smtp) => match smtp.send(message).await {
@@ -335,11 +337,76 @@ impl MailTransport {
                 Err(e) if e.is_permanent() => SendOutcome::Permanent(e.to_string()),
                 Err(e) => SendOutcome::Transient(e.to_string()),
             },
-            MailTransport::Files(files) => match files.send(message).await {
-                Ok(_) => SendOutcome::Sent,
-                Err(e) => SendOutcome::Transient(e.to_string()),
+            MailTransport::Files(dir) => match write_eml(dir, name, &message).await {
+                Ok(()) => SendOutcome::Sent,
+                Err(e) => SendOutcome::Transient(format!("writing the .eml file: {e}")),
             },
         }
+    }
+}
+
+/// Writes `<dir>/<name>.eml` whole or not at all (a temporary file renamed
+/// into place), so a reader never sees half a mail.
+async fn write_eml(dir: &std::path::Path, name: &str, message: &Message) -> std::io::Result<()> {
+    let path = dir.join(format!("{name}.eml"));
+    let partial = dir.join(format!(".{name}.eml.partial"));
+    tokio::fs::write(&partial, message.formatted()).await?;
+    tokio::fs::rename(&partial, &path).await
+}
+
+/// Every setting of the mail worker role, checked before anything starts.
+#[derive(Debug, Clone)]
+pub struct MailSettings {
+    pub target: SmtpTarget,
+    pub from: Mailbox,
+    /// SMTP connections kept open.
+    pub pool_size: u32,
+    /// Longest SMTP exchange.
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    /// Group session timeout (the heartbeat is a fifth of it, at most 1 s).
+    pub session_timeout: Duration,
+    pub offset_reset: crate::group::OffsetReset,
+}
+
+impl MailSettings {
+    /// Checks `SMTP_URL` (unset: `.eml` files in `<data_dir>/mail`) and
+    /// `MAIL_FROM`; the rest takes its defaults.
+    pub fn new(
+        smtp_url: Option<&str>,
+        mail_from: &str,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<MailSettings> {
+        let target = match smtp_url {
+            Some(url) => SmtpTarget::parse(url)?,
+            None => SmtpTarget::Files {
+                dir: std::path::absolute(data_dir.join("mail"))?,
+            },
+        };
+        let from: Mailbox = EmailAddress::parse(mail_from)
+            .map_err(|e| anyhow::anyhow!("MAIL_FROM {mail_from:?} is not usable: {e}"))?
+            .as_str()
+            .parse()
+            .with_context(|| format!("MAIL_FROM {mail_from:?}"))?;
+        Ok(MailSettings {
+            target,
+            from,
+            pool_size: 16,
+            timeout: Duration::from_secs(15),
+            retry: RetryPolicy::default(),
+            session_timeout: Duration::from_secs(10),
+            offset_reset: crate::group::OffsetReset::Earliest,
+        })
+    }
+
+    /// The mail group's consumer settings.
+    pub fn consumer_config(&self) -> crate::consumer::ConsumerConfig {
+        let mut group =
+            crate::group::GroupConfig::new(MAIL_GROUP, &[crate::order::ORDER_CREATED_TOPIC]);
+        group.session_timeout = self.session_timeout;
+        group.offset_reset = self.offset_reset;
+        group.heartbeat_interval = (self.session_timeout / 5).min(Duration::from_secs(1));
+        crate::consumer::ConsumerConfig::new(group)
     }
 }
 
@@ -483,18 +550,18 @@ const LEDGER_STATUS: &str = "
 
 /// Records `sent` for a batch of events in one statement (one commit).
 const MARK_SENT: &str = "
-    INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, recipient, status, attempts, sent_at)
-    SELECT $1, v.topic, v.partition, v.log_offset, v.message_id, v.recipient, 'sent', 1, now()
-      FROM unnest($2::text[], $3::int4[], $4::int8[], $5::text[], $6::text[])
-           AS v(topic, partition, log_offset, message_id, recipient)
+    INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", key, message_id, recipient, status, attempts, sent_at)
+    SELECT $1, v.topic, v.partition, v.log_offset, v.key, v.message_id, v.recipient, 'sent', 1, now()
+      FROM unnest($2::text[], $3::int4[], $4::int8[], $5::text[], $6::text[], $7::text[])
+           AS v(topic, partition, log_offset, message_id, recipient, key)
     ON CONFLICT (group_id, topic, partition, \"offset\") DO UPDATE
        SET status = 'sent', attempts = mail_deliveries.attempts + 1, sent_at = now(),
            last_error = NULL, updated_at = now()";
 
 /// Records a failed attempt; the event stays `pending`.
 const MARK_ATTEMPT_FAILED: &str = "
-    INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, recipient, status, attempts, last_error)
-    VALUES ($1, $2, $3, $4, $5, $6, 'pending', 1, $7)
+    INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, recipient, status, attempts, last_error, key)
+    VALUES ($1, $2, $3, $4, $5, $6, 'pending', 1, $7, $8)
     ON CONFLICT (group_id, topic, partition, \"offset\") DO UPDATE
        SET attempts = mail_deliveries.attempts + 1, last_error = $7, updated_at = now()
     RETURNING attempts";
@@ -504,6 +571,7 @@ struct SentMark {
     topic: String,
     partition: i32,
     offset: i64,
+    key: Option<String>,
     message_id: String,
     recipient: String,
     recorded: tokio::sync::oneshot::Sender<Result<(), String>>,
@@ -533,10 +601,19 @@ fn spawn_ledger_writer(
                 let offsets: Vec<i64> = batch.iter().map(|m| m.offset).collect();
                 let ids: Vec<&str> = batch.iter().map(|m| m.message_id.as_str()).collect();
                 let recipients: Vec<&str> = batch.iter().map(|m| m.recipient.as_str()).collect();
+                let keys: Vec<Option<&str>> = batch.iter().map(|m| m.key.as_deref()).collect();
                 client
                     .execute(
                         MARK_SENT,
-                        &[&group, &topics, &partitions, &offsets, &ids, &recipients],
+                        &[
+                            &group,
+                            &topics,
+                            &partitions,
+                            &offsets,
+                            &ids,
+                            &recipients,
+                            &keys,
+                        ],
                     )
                     .await?;
                 anyhow::Ok(())
@@ -552,6 +629,22 @@ fn spawn_ledger_writer(
 }
 
 impl MailWorker {
+    /// The worker for `settings` (builds its SMTP transport).
+    pub fn from_settings(
+        pool: deadpool_postgres::Pool,
+        settings: &MailSettings,
+    ) -> anyhow::Result<MailWorker> {
+        let transport = settings
+            .target
+            .transport(settings.pool_size, settings.timeout)?;
+        Ok(MailWorker::new(
+            pool,
+            transport,
+            settings.from.clone(),
+            settings.retry.clone(),
+        ))
+    }
+
     pub fn new(
         pool: deadpool_postgres::Pool,
         transport: MailTransport,
@@ -639,7 +732,11 @@ impl MailWorker {
         };
         loop {
             // No transaction is open here: the SMTP exchange runs on its own.
-            match self.transport.send(message.clone()).await {
+            let name = format!(
+                "order-{}.{}.{}.{}",
+                order.order_id, record.topic, record.partition, record.offset
+            );
+            match self.transport.send(message.clone(), &name).await {
                 SendOutcome::Sent => {
                     self.record_sent(record, &message_id, to.as_str()).await;
                     return Ok(Delivery::Sent {
@@ -670,6 +767,7 @@ impl MailWorker {
                                 &message_id,
                                 &to.as_str(),
                                 &error,
+                                &record.key,
                             ],
                         )
                         .await?
@@ -697,6 +795,7 @@ impl MailWorker {
                 topic: record.topic.clone(),
                 partition: record.partition,
                 offset: record.offset,
+                key: record.key.clone(),
                 message_id: message_id.to_string(),
                 recipient: recipient.to_string(),
                 recorded,
@@ -728,11 +827,11 @@ impl MailWorker {
         let tx = client.transaction().await?;
         park_dead_letter(&*tx, &self.group, record, reason, attempts, last_error).await?;
         tx.execute(
-            "INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, status, attempts, last_error)
-             VALUES ($1, $2, $3, $4, $5, 'failed', $6, $7)
+            "INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, status, attempts, last_error, key)
+             VALUES ($1, $2, $3, $4, $5, 'failed', $6, $7, $8)
              ON CONFLICT (group_id, topic, partition, \"offset\")
              DO UPDATE SET status = 'failed', attempts = $6, last_error = $7, updated_at = now()",
-            &[&self.group, &record.topic, &record.partition, &record.offset, &message_id(record), &attempts, &last_error],
+            &[&self.group, &record.topic, &record.partition, &record.offset, &message_id(record), &attempts, &last_error, &record.key],
         )
         .await?;
         tx.commit().await?;
@@ -748,6 +847,98 @@ impl RecordHandler for MailWorker {
     async fn handle(&self, record: Record) {
         self.process(&record).await;
     }
+}
+
+// ─── An order's confirmation mail, as the ledger tells it ──────────────────
+
+/// Where an order's confirmation mail stands (`GET /orders/{id}`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ConfirmationMail {
+    /// Not sent yet: not in the log yet, waiting for its turn, or between
+    /// retries (`attempts` failed so far, the last with `last_error`).
+    Pending {
+        attempts: i32,
+        last_error: Option<String>,
+    },
+    /// Accepted by the SMTP server.
+    Sent {
+        sent_at: Option<chrono::DateTime<chrono::Utc>>,
+        message_id: String,
+    },
+    /// Parked as a dead letter (see `outbox-relay dead-letters list`).
+    DeadLetter {
+        dead_letter_id: Option<i64>,
+        reason: Option<String>,
+        last_error: Option<String>,
+    },
+}
+
+/// The ledger's best word on the mail of events with `key`: `sent` if any
+/// was, else the latest attempt. A dead letter that was retried is pending
+/// again (its retry is a new event).
+const MAIL_FOR_KEY: &str = "
+    SELECT d.status, d.attempts, d.last_error, d.sent_at, d.message_id, l.id, l.reason, l.status
+      FROM mail_deliveries d
+      LEFT JOIN dead_letters l ON l.group_id = d.group_id AND l.topic = d.topic
+                              AND l.partition = d.partition AND l.\"offset\" = d.\"offset\"
+     WHERE d.group_id = $1 AND d.topic = $2 AND d.key = $3
+     ORDER BY d.status = 'sent' DESC, d.updated_at DESC
+     LIMIT 1";
+
+/// The confirmation mail of order `order_id`.
+pub async fn confirmation_mail(
+    client: &impl tokio_postgres::GenericClient,
+    order_id: i64,
+) -> Result<ConfirmationMail, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            MAIL_FOR_KEY,
+            &[
+                &MAIL_GROUP,
+                &crate::order::ORDER_CREATED_TOPIC,
+                &order_id.to_string(),
+            ],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(ConfirmationMail::Pending {
+            attempts: 0,
+            last_error: None,
+        });
+    };
+    let status: &str = row.get(0);
+    let dead_letter_status: Option<&str> = row.get(7);
+    Ok(match status {
+        "sent" => ConfirmationMail::Sent {
+            sent_at: row.get(3),
+            message_id: row.get(4),
+        },
+        "failed" if dead_letter_status != Some("retried") => ConfirmationMail::DeadLetter {
+            dead_letter_id: row.get(5),
+            reason: row.get(6),
+            last_error: row.get(2),
+        },
+        _ => ConfirmationMail::Pending {
+            attempts: row.get(1),
+            last_error: row.get(2),
+        },
+    })
+}
+
+/// How many of `keys` have a `sent` confirmation (the demo waits on it).
+pub async fn sent_count_for_keys(
+    client: &impl tokio_postgres::GenericClient,
+    keys: &[String],
+) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT count(DISTINCT key) FROM mail_deliveries
+              WHERE group_id = $1 AND topic = $2 AND status = 'sent' AND key = ANY($3)",
+            &[&MAIL_GROUP, &crate::order::ORDER_CREATED_TOPIC, &keys],
+        )
+        .await?
+        .get(0))
 }
 
 // ─── Dead letters (any consumer group) ──────────────────────────────────────
@@ -783,6 +974,36 @@ pub async fn park_dead_letter(
     Ok(())
 }
 
+/// Where a dead letter stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterStatus {
+    /// Waiting for an operator.
+    Parked,
+    /// Published again through the outbox.
+    Retried,
+    /// Given up on by an operator.
+    Discarded,
+}
+
+impl DeadLetterStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterStatus::Parked => "parked",
+            DeadLetterStatus::Retried => "retried",
+            DeadLetterStatus::Discarded => "discarded",
+        }
+    }
+
+    fn from_db(text: &str) -> DeadLetterStatus {
+        match text {
+            "retried" => DeadLetterStatus::Retried,
+            "discarded" => DeadLetterStatus::Discarded,
+            _ => DeadLetterStatus::Parked,
+        }
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeadLetter {
     pub id: i64,
@@ -791,24 +1012,30 @@ pub struct DeadLetter {
     pub partition: i32,
     pub offset: i64,
     pub key: Option<String>,
+    pub status: DeadLetterStatus,
     pub reason: String,
     pub attempts: i32,
     pub last_error: Option<String>,
     pub parked_at: chrono::DateTime<chrono::Utc>,
+    pub resolved_at: Option<chrono::DateTime<chrono::Utc>>,
     pub payload: serde_json::Value,
 }
 
-/// Parked (unresolved) dead letters, optionally of one group.
+/// Dead letters, optionally of one group and in one status, oldest first.
 pub async fn list_dead_letters(
     client: &impl tokio_postgres::GenericClient,
     group: Option<&str>,
+    status: Option<DeadLetterStatus>,
 ) -> anyhow::Result<Vec<DeadLetter>> {
+    let status = status.map(DeadLetterStatus::as_str);
     let rows = client
         .query(
-            "SELECT id, group_id, topic, partition, \"offset\", key, reason, attempts, last_error, parked_at, payload
-               FROM dead_letters WHERE status = 'parked' AND ($1::text IS NULL OR group_id = $1)
+            "SELECT id, group_id, topic, partition, \"offset\", key, status, reason, attempts,
+                    last_error, parked_at, resolved_at, payload
+               FROM dead_letters
+              WHERE ($1::text IS NULL OR group_id = $1) AND ($2::text IS NULL OR status = $2)
               ORDER BY id",
-            &[&group],
+            &[&group, &status],
         )
         .await?;
     Ok(rows
@@ -820,11 +1047,13 @@ pub async fn list_dead_letters(
             partition: r.get(3),
             offset: r.get(4),
             key: r.get(5),
-            reason: r.get(6),
-            attempts: r.get(7),
-            last_error: r.get(8),
-            parked_at: r.get(9),
-            payload: r.get(10),
+            status: DeadLetterStatus::from_db(r.get(6)),
+            reason: r.get(7),
+            attempts: r.get(8),
+            last_error: r.get(9),
+            parked_at: r.get(10),
+            resolved_at: r.get(11),
+            payload: r.get(12),
         })
         .collect())
 }

@@ -1,33 +1,26 @@
-//! `outbox-relay` binary: parses the command line and runs it; any error is
-//! printed as one line and the process exits non-zero.
+//! `outbox-relay` binary: parses the command line and runs it.
+//!
+//! A usage error (a missing argument, an unknown value) is clap's full
+//! message with the usage line, exit code 2; a runtime error is one line on
+//! stderr, exit code 1.
+
+use std::io::IsTerminal;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// Without `RUST_LOG`: our own logs at INFO; Postgres' notices (which
+/// tokio-postgres logs at INFO) only at WARN and above.
+const DEFAULT_LOG_FILTER: &str = "info,tokio_postgres=warn";
+
 fn main() -> std::process::ExitCode {
     let cli = match outbox_relay::cli::Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version.
-            let _ = e.print();
-            return std::process::ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            // clap's first line says what is wrong; the rest is a usage hint.
-            let message = e.to_string();
-            eprintln!(
-                "{}",
-                message.lines().next().unwrap_or("error: invalid arguments")
-            );
-            return std::process::ExitCode::from(2);
-        }
+        // --help and --version print to stdout and succeed; usage errors
+        // print in full (what is wrong, the usage, a hint) and exit 2.
+        Err(e) => e.exit(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -42,14 +35,24 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` joins the context chain; Postgres' DETAIL lines are folded in too.
-            let message = format!("{e:#}");
-            eprintln!(
-                "error: {}",
-                message.split_whitespace().collect::<Vec<_>>().join(" ")
-            );
+            eprintln!("error: {}", outbox_relay::cli::one_line(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs go to stderr: `LOG_FORMAT=json` for JSON lines, otherwise text,
+/// coloured only when stderr is a terminal.
+fn init_logging() {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
 }
 

@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "consumer_groups",
         sql: include_str!("../sql/0002_consumer_groups.sql"),
     },
+    Migration {
+        version: 3,
+        name: "mail_by_order",
+        sql: include_str!("../sql/0003_mail_by_order.sql"),
+    },
 ];
 
 /// The version a fully migrated database reports.
@@ -44,15 +49,18 @@ pub async fn run(client: &mut Client) -> anyhow::Result<Vec<i32>> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await
         .context("taking the migration lock")?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-             version    integer     PRIMARY KEY,
-             name       text        NOT NULL,
-             applied_at timestamptz NOT NULL DEFAULT now()
-         )",
-    )
-    .await?;
-    let current = current_version_in(&tx).await?;
+    let current = current_version(&tx).await?;
+    if current == 0 {
+        // Created only when missing: `IF NOT EXISTS` would print a notice at every start.
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    integer     PRIMARY KEY,
+                 name       text        NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await?;
+    }
     let mut applied = Vec::new();
     for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
         tx.batch_execute(migration.sql).await.with_context(|| {
@@ -80,6 +88,44 @@ async fn current_version_in(client: &impl tokio_postgres::GenericClient) -> anyh
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// Applies pending migrations and creates the log's day partitions ahead:
+/// what `migrate` and `serve` do at start. Returns the versions applied.
+pub async fn apply_all(url: &str) -> anyhow::Result<Vec<i32>> {
+    let mut client = crate::db::connect(url).await?;
+    let applied = run(&mut client).await?;
+    let tx = client.transaction().await?;
+    crate::event_log::ensure_day_partitions(&tx).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Fails with a hint unless the database has exactly this binary's schema.
+pub async fn require_current(url: &str) -> anyhow::Result<()> {
+    let client = crate::db::connect(url).await?;
+    let version = current_version(&client).await?;
+    check_version(version)
+}
+
+/// The hint for a database whose schema is not this binary's.
+pub fn check_version(version: i32) -> anyhow::Result<()> {
+    let expected = latest_version();
+    match version.cmp(&expected) {
+        std::cmp::Ordering::Equal => Ok(()),
+        _ if version == 0 => anyhow::bail!(
+            "the database has no outbox-relay schema: run `outbox-relay migrate` \
+             (or `outbox-relay serve`, which applies it at start)"
+        ),
+        std::cmp::Ordering::Less => anyhow::bail!(
+            "the database schema is version {version}, older than this binary's {expected}: \
+             run `outbox-relay migrate` (or `outbox-relay serve`, which applies it at start)"
+        ),
+        std::cmp::Ordering::Greater => anyhow::bail!(
+            "the database schema is version {version}, newer than this binary's {expected}: \
+             use a newer outbox-relay"
+        ),
+    }
 }
 
 /// The applied schema version, or 0 when the database was never migrated.

@@ -34,6 +34,10 @@ use crate::shutdown::Shutdown;
 /// Channel the relay notifies once per appended batch (for log readers).
 pub const LOG_NOTIFY_CHANNEL: &str = "event_log_appended";
 
+/// The `relay_state` row a relay uses unless configured otherwise (the
+/// schema creates it).
+pub const DEFAULT_RELAY_NAME: &str = "default";
+
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     /// Row of `relay_state` this relay uses (one per relay deployment).
@@ -54,7 +58,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
-            relay_name: "default".into(),
+            relay_name: DEFAULT_RELAY_NAME.into(),
             instance_id: instance_id(),
             lease_ttl: Duration::from_secs(3),
             standby_poll: Duration::from_millis(250),
@@ -757,6 +761,52 @@ impl Relay {
     }
 }
 
+impl crate::service::Service for Relay {
+    fn name(&self) -> &'static str {
+        "relay"
+    }
+
+    async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        Relay::run(self, shutdown).await;
+        Ok(())
+    }
+}
+
+/// The relay leader's upkeep, as a role of its own beside the relay.
+pub struct Maintenance {
+    database_url: String,
+    relay_name: String,
+    leadership: Arc<AtomicBool>,
+}
+
+impl Maintenance {
+    /// Upkeep that runs while `relay` leads.
+    pub fn new(database_url: &str, relay: &Relay) -> Maintenance {
+        Maintenance {
+            database_url: database_url.to_string(),
+            relay_name: relay.config.relay_name.clone(),
+            leadership: relay.leadership(),
+        }
+    }
+}
+
+impl crate::service::Service for Maintenance {
+    fn name(&self) -> &'static str {
+        "maintenance"
+    }
+
+    async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        run_maintenance(
+            self.database_url,
+            self.relay_name,
+            self.leadership,
+            shutdown,
+        )
+        .await;
+        Ok(())
+    }
+}
+
 /// Periodic upkeep while this process leads: remove relayed outbox rows,
 /// keep day partitions ahead, enforce retention.
 pub async fn run_maintenance(
@@ -806,6 +856,64 @@ pub async fn run_maintenance(
             tracing::warn!(error = format!("{e:#}"), "relay maintenance failed");
         }
     }
+}
+
+/// The lease and the backlog of one relay (`outbox-relay relay status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayStatus {
+    pub relay: String,
+    /// The process holding (or last holding) the lease.
+    pub holder: Option<String>,
+    /// Bumps at every change of leader; fences the previous one.
+    pub epoch: i64,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// A holder whose lease has not expired: someone is relaying.
+    pub leader_alive: bool,
+    /// A large difference is being moved in batches.
+    pub draining: bool,
+    /// Committed outbox rows not yet in the log.
+    pub backlog: i64,
+    /// Age of the oldest of them (by `created_at`), 0 when there are none.
+    pub oldest_age_seconds: f64,
+}
+
+/// Backlog rows: not visible in the relayed snapshot (committed later or
+/// in progress then), minus those a drain has already moved (visible in
+/// the drain's snapshot, at or below its cursor). Rows of transactions
+/// still open are invisible here, as they should be.
+const STATUS: &str = "
+    SELECT r.holder, r.epoch,
+           CASE WHEN r.lease_expires_at = '-infinity' THEN NULL ELSE r.lease_expires_at END,
+           r.holder IS NOT NULL AND r.lease_expires_at > now(),
+           r.draining_snapshot IS NOT NULL,
+           b.n, coalesce(extract(epoch FROM now() - b.oldest), 0)::float8
+      FROM relay_state r,
+      LATERAL (SELECT count(*) AS n, min(o.created_at) AS oldest FROM outbox o
+                WHERE (o.txid >= pg_snapshot_xmax(r.relayed_snapshot)
+                       OR o.txid IN (SELECT pg_snapshot_xip(r.relayed_snapshot)))
+                  AND NOT coalesce(pg_visible_in_snapshot(o.txid, r.draining_snapshot)
+                                   AND o.id <= r.cursor_id, false)) b
+     WHERE r.relay = $1";
+
+/// The status of relay `relay_name`.
+pub async fn status(
+    client: &impl tokio_postgres::GenericClient,
+    relay_name: &str,
+) -> anyhow::Result<RelayStatus> {
+    let row = client
+        .query_opt(STATUS, &[&relay_name])
+        .await?
+        .with_context(|| format!("no relay named {relay_name:?} in relay_state"))?;
+    Ok(RelayStatus {
+        relay: relay_name.to_string(),
+        holder: row.get(0),
+        epoch: row.get(1),
+        lease_expires_at: row.get(2),
+        leader_alive: row.get(3),
+        draining: row.get(4),
+        backlog: row.get(5),
+        oldest_age_seconds: f64::max(row.get(6), 0.0),
+    })
 }
 
 /// Deletes up to `limit` outbox rows that are certainly in the log: those

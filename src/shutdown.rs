@@ -35,8 +35,10 @@ impl Shutdown {
         }
     }
 
+    /// True once shutdown was requested, or once every trigger is gone
+    /// (whoever could stop us has: a loop checking this must not spin on).
     pub fn is_triggered(&self) -> bool {
-        *self.rx.borrow()
+        *self.rx.borrow() || self.rx.has_changed().is_err()
     }
 
     /// Waits until shutdown is requested (or every trigger is gone).
@@ -66,4 +68,26 @@ pub async fn signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loop that checks `is_triggered` between steps stops once nobody
+    /// can trigger it any more (the supervisor dropped after a failed start)
+    /// rather than spinning on a `recv` that returns at once.
+    #[tokio::test]
+    async fn a_dropped_trigger_counts_as_shutdown() {
+        let (trigger, mut shutdown) = channel();
+        assert!(!shutdown.is_triggered());
+        drop(trigger);
+        assert!(shutdown.is_triggered());
+        shutdown.recv().await;
+
+        let (trigger, shutdown) = channel();
+        trigger.trigger();
+        assert!(shutdown.is_triggered());
+        assert!(!Shutdown::never().is_triggered());
+    }
 }

@@ -143,8 +143,106 @@ async fn tail_prints_one_json_object_per_record() {
     assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 30);
 }
 
+/// A usage error is clap's whole message: what is wrong (naming the
+/// argument or listing the allowed values), the usage or a pointer to
+/// `--help`, exit code 2.
+fn assert_usage_error(output: &Output, needles: &[&str]) {
+    assert_eq!(output.status.code(), Some(2), "expected exit 2: {output:?}");
+    let text = stderr(output);
+    assert!(text.starts_with("error:"), "{text}");
+    assert!(
+        text.contains("Usage:") || text.contains("try '--help'"),
+        "no usage hint in {text:?}"
+    );
+    for needle in needles {
+        assert!(text.contains(needle), "{needle:?} not in {text:?}");
+    }
+}
+
 #[tokio::test]
-async fn bad_arguments_and_unreachable_database_fail_in_one_line() {
+async fn usage_errors_say_what_is_wrong_and_show_the_usage() {
+    let db = TestDb::migrated().await;
+    let url = db.url.clone();
+    tokio::task::spawn_blocking(move || {
+        let url = Some(url.as_str());
+        let out = outbox_relay(url, &["topics", "describe"]);
+        assert_usage_error(&out, &["<TOPIC>"]);
+        let out = outbox_relay(url, &["topics", "list", "--output", "yaml"]);
+        assert_usage_error(&out, &["yaml", "table", "json"]);
+        let out = outbox_relay(url, &["serve", "--roles", "foo"]);
+        assert_usage_error(&out, &["foo", "api", "relay", "mail"]);
+        let out = outbox_relay(url, &["tail", "order-created", "--partition", "-1"]);
+        assert_usage_error(&out, &["-1", "--partition"]);
+        let out = outbox_relay(url, &["tail", "order-created", "--from-time", "yesterday"]);
+        assert_usage_error(&out, &["RFC 3339"]);
+        let out = outbox_relay(url, &["demo", "--orders", "0"]);
+        assert_usage_error(&out, &["--orders"]);
+        let out = outbox_relay(url, &["topics", "create", "t", "--retention-days", "1e300"]);
+        assert_usage_error(&out, &["at most 36500 days"]);
+        let out = outbox_relay(url, &["topics", "create", "t", "--partitions", "0"]);
+        assert_usage_error(&out, &["--partitions"]);
+        let out = outbox_relay(url, &["serve", "--relay-lease-secs", "1e30"]);
+        assert_usage_error(&out, &["between 0.1 and 3600 seconds"]);
+        let out = outbox_relay(url, &["dead-letters", "retry"]);
+        assert_usage_error(&out, &["<ID>"]);
+        let out = outbox_relay(url, &["no-such-command"]);
+        assert_usage_error(&out, &["no-such-command"]);
+        // No command at all: the help, with every command listed.
+        let out = outbox_relay(url, &[]);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        for command in [
+            "serve",
+            "demo",
+            "topics",
+            "tail",
+            "groups",
+            "dead-letters",
+            "relay",
+        ] {
+            assert!(
+                stderr(&out).contains(command),
+                "{command} missing in {}",
+                stderr(&out)
+            );
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// `--help` describes every command, positional argument and flag.
+#[test]
+fn every_argument_and_flag_is_described_in_help() {
+    fn check(command: &clap::Command, path: &str, checked: &mut usize) {
+        assert!(
+            command.get_about().is_some() || path == "outbox-relay",
+            "{path} has no description"
+        );
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(arg.get_help().is_some(), "{path}: {id} has no description");
+            *checked += 1;
+        }
+        for sub in command.get_subcommands() {
+            if sub.get_name() != "help" {
+                check(sub, &format!("{path} {}", sub.get_name()), checked);
+            }
+        }
+    }
+    let mut checked = 0;
+    check(
+        &<outbox_relay::cli::Cli as clap::CommandFactory>::command(),
+        "outbox-relay",
+        &mut checked,
+    );
+    assert!(checked > 30, "only {checked} arguments found");
+}
+
+#[tokio::test]
+async fn runtime_errors_are_one_line() {
     let db = TestDb::migrated().await;
     let url = db.url.clone();
     tokio::task::spawn_blocking(move || {
@@ -152,30 +250,10 @@ async fn bad_arguments_and_unreachable_database_fail_in_one_line() {
         assert_one_line_failure(&out, "no partition 99");
         let out = outbox_relay(Some(&url), &["tail", "no-such-topic"]);
         assert_one_line_failure(&out, "unknown topic");
-        let out = outbox_relay(
-            Some(&url),
-            &["tail", "order-created", "--from-time", "yesterday"],
-        );
-        assert_one_line_failure(&out, "RFC 3339");
-        let out = outbox_relay(Some(&url), &["topics", "describe"]);
-        assert_one_line_failure(&out, "error:");
-        let out = outbox_relay(Some(&url), &["demo", "--orders", "0"]);
-        assert_one_line_failure(&out, "--orders");
-        let out = outbox_relay(
-            Some(&url),
-            &["topics", "create", "t", "--retention-days", "1e300"],
-        );
-        assert_one_line_failure(&out, "at most 36500 days");
-        let out = outbox_relay(Some(&url), &["topics", "create", "t", "--partitions", "0"]);
-        assert_one_line_failure(&out, "--partitions");
-        let out = outbox_relay(Some(&url), &["serve", "--relay-lease-secs", "1e30"]);
-        assert_one_line_failure(&out, "between 0.1 and 3600 seconds");
         let out = outbox_relay(Some(&url), &["topics", "create", "order-created"]);
         assert_one_line_failure(&out, "already exists");
         let out = outbox_relay(Some(&url), &["topics", "create", "bad topic!"]);
         assert_one_line_failure(&out, "invalid topic");
-        let out = outbox_relay(Some(&url), &["no-such-command"]);
-        assert_one_line_failure(&out, "error:");
         let out = outbox_relay(
             Some("postgres://postgres@127.0.0.1:1/nowhere"),
             &["topics", "list"],
@@ -186,6 +264,132 @@ async fn bad_arguments_and_unreachable_database_fail_in_one_line() {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn a_database_without_the_schema_gets_the_migrate_hint() {
+    let db = TestDb::empty().await;
+    let url = db.url.clone();
+    tokio::task::spawn_blocking(move || {
+        for args in [
+            &["topics", "list"][..],
+            &["tail", "order-created"],
+            &["groups", "list"],
+            &["dead-letters", "list"],
+            &["relay", "status"],
+            &["serve", "--no-migrate", "--roles", "relay"],
+        ] {
+            let out = outbox_relay(Some(&url), args);
+            assert_one_line_failure(&out, "no outbox-relay schema: run `outbox-relay migrate`");
+        }
+    })
+    .await
+    .unwrap();
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                                             applied_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO schema_migrations VALUES (1, 'core', now());",
+        )
+        .await
+        .unwrap();
+    let url = db.url.clone();
+    let out = tokio::task::spawn_blocking(move || outbox_relay(Some(&url), &["topics", "list"]))
+        .await
+        .unwrap();
+    assert_one_line_failure(&out, "schema is version 1, older than this binary's");
+}
+
+/// Bad settings stop `serve` and `demo` before anything starts: no port is
+/// bound, no migration runs, no role logs a line, and the error is the
+/// last and only thing printed.
+#[tokio::test]
+async fn bad_settings_stop_before_anything_starts() {
+    let db = TestDb::empty().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = db.url.clone();
+    let addr = format!("127.0.0.1:{port}");
+    tokio::task::spawn_blocking(move || {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--smtp-url", "http://x"],
+                "SMTP_URL scheme \"http\" is not one of",
+            ),
+            (&["--mail-from", "not an address"], "MAIL_FROM"),
+        ];
+        for (command, (flags, needle)) in ["serve", "demo"]
+            .iter()
+            .flat_map(|c| cases.iter().map(move |case| (c, case)))
+        {
+            let mut args = vec![*command, "--http-addr", &addr];
+            args.extend_from_slice(flags);
+            let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+                .args(&args)
+                .env("DATABASE_URL", &url)
+                .env("RUST_LOG", "info")
+                .env_remove("SMTP_URL")
+                .env_remove("MAIL_FROM")
+                .stderr(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let output = wait_with_deadline(&mut child, std::time::Duration::from_secs(20));
+            assert_one_line_failure(&output, needle);
+        }
+    })
+    .await
+    .unwrap();
+    // Nothing ran: the database was never migrated.
+    let client = db.client().await;
+    let migrated: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !migrated,
+        "a bad setting must stop the process before migrations"
+    );
+}
+
+/// Waits for `child` to exit, killing it (and failing) after `limit`.
+fn wait_with_deadline(child: &mut std::process::Child, limit: std::time::Duration) -> Output {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the process did not exit within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    use std::io::Read;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
+    Output {
+        status: child.wait().unwrap(),
+        stdout,
+        stderr,
+    }
 }
 
 /// The README's first command: the pipeline on the embedded default.
@@ -386,9 +590,9 @@ async fn dead_letters_cli_lists_retries_and_discards() {
             "{}",
             stderr(&out)
         );
-        assert_one_line_failure(
+        assert_usage_error(
             &outbox_relay(Some(&url), &["dead-letters", "retry"]),
-            "error:",
+            &["<ID>"],
         );
         let out = outbox_relay(Some(&url), &["dead-letters", "list", "--output", "json"]);
         assert_eq!(
@@ -410,4 +614,144 @@ async fn dead_letters_cli_lists_retries_and_discards() {
         .await,
         1
     );
+}
+
+#[tokio::test]
+async fn tail_filters_by_key_and_shows_the_last_records() {
+    let db = db_with_events(40).await;
+    let url = db.url.clone();
+    let (by_key, last) = tokio::task::spawn_blocking(move || {
+        let by_key = outbox_relay(Some(&url), &["tail", "order-created", "--key", "17"]);
+        let last = outbox_relay(Some(&url), &["tail", "order-created", "--last", "2"]);
+        (by_key, last)
+    })
+    .await
+    .unwrap();
+    assert!(by_key.status.success(), "{}", stderr(&by_key));
+    let records: Vec<Value> = String::from_utf8_lossy(&by_key.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["key"], "17");
+    assert_eq!(
+        records[0]["partition"],
+        outbox_relay::partitioner::partition_for_key("17", 8)
+    );
+
+    // The last two of every partition that has two (all 8 do: 40 keys).
+    let client = db.client().await;
+    let ends: Vec<i64> = column(
+        &client,
+        "SELECT log_end_offset FROM partition_heads WHERE topic = 'order-created' ORDER BY partition",
+    )
+    .await;
+    let records: Vec<Value> = String::from_utf8_lossy(&last.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let expected: usize = ends.iter().map(|&e| e.min(2) as usize).sum();
+    assert_eq!(records.len(), expected);
+    for record in &records {
+        let partition = record["partition"].as_i64().unwrap() as usize;
+        assert!(
+            record["offset"].as_i64().unwrap() >= ends[partition] - 2,
+            "{record}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn relay_status_names_the_leader_and_the_backlog() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    for i in 0..3 {
+        insert_event(&client, "order-created", &i.to_string(), json!({})).await;
+    }
+    let url = db.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        outbox_relay(Some(&url), &["relay", "status", "--output", "json"])
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["leader_alive"], true, "{status}");
+    assert_eq!(status["backlog"], 3, "{status}");
+    assert!(status["oldest_age_seconds"].as_f64().unwrap() >= 0.0);
+    assert_eq!(status["epoch"], relay.epoch().unwrap());
+    let holder: String = client
+        .query_one("SELECT holder FROM relay_state", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status["holder"], holder);
+
+    drain(&mut relay).await;
+    relay.release().await.unwrap();
+    let url = db.url.clone();
+    let out = tokio::task::spawn_blocking(move || outbox_relay(Some(&url), &["relay", "status"]))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Leader: none") && text.contains("Backlog: 0 rows"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_list_shows_resolved_ones_on_request() {
+    let db = db_with_events(2).await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO dead_letters (group_id, topic, partition, \"offset\", key, headers, payload, reason, attempts, last_error, status)
+             SELECT 'mail-service', topic, partition, \"offset\", key, headers, payload, 'retry budget spent', 10,
+                    '451 4.3.0 try again', CASE WHEN key = '0' THEN 'discarded' ELSE 'parked' END
+               FROM event_log",
+            &[],
+        )
+        .await
+        .unwrap();
+    let url = db.url.clone();
+    let (parked, all) = tokio::task::spawn_blocking(move || {
+        (
+            outbox_relay(Some(&url), &["dead-letters", "list"]),
+            outbox_relay(
+                Some(&url),
+                &[
+                    "dead-letters",
+                    "list",
+                    "--status",
+                    "all",
+                    "--output",
+                    "json",
+                ],
+            ),
+        )
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&parked.stdout);
+    assert!(
+        table.contains("LAST-ERROR") && table.contains("451 4.3.0 try again"),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().count(),
+        2,
+        "header and the one parked letter: {table}"
+    );
+    let all: Value = serde_json::from_slice(&all.stdout).unwrap();
+    let statuses: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.len(), 2);
+    assert!(statuses.contains(&"discarded") && statuses.contains(&"parked"));
 }

@@ -314,6 +314,7 @@ async fn members_across_two_processes_share_partitions_evenly() {
         m.trigger.trigger();
         m.task.await.unwrap();
     }
+    let _ = std::fs::remove_dir_all(&mail_dir);
 }
 
 /// A member whose partition was taken over (its epoch moved on) stops

@@ -13,54 +13,53 @@ use outbox_relay::relay::{Relay, RelayConfig, StepOutcome};
 use tokio_postgres::Client;
 
 /// Admin URL of the server tests create their databases in.
+///
+/// Without `TEST_DATABASE_URL`, each test process starts a private cluster
+/// of its own in `target/tmp/test-postgres-<pid>` (fsync off) and a detached
+/// watcher stops it and deletes it when the process exits: a run leaves no
+/// server running and nothing on disk. Clusters of runs that were killed
+/// before their watcher ran are removed at the next start.
 fn admin_url() -> &'static str {
     static ADMIN: OnceLock<String> = OnceLock::new();
     ADMIN.get_or_init(|| {
         if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
             return url;
         }
+        let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        discard_stale_clusters(tmp);
         let options = ClusterOptions {
-            data_dir: std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-postgres"),
+            data_dir: tmp.join(format!("test-postgres-{}", std::process::id())),
             durable: false,
             extra_settings: vec!["max_connections = 400".into()],
         };
         let cluster = EmbeddedPostgres::start(&options).expect("start the private test cluster");
-        // Left running for the next run; each run drops what earlier runs left.
-        let url = cluster.url("postgres");
-        drop_leftover_databases(&url);
-        url
+        cluster
+            .discard_after_exit_of(std::process::id())
+            .expect("watch the test cluster");
+        cluster.url("postgres")
     })
 }
 
-/// Drops databases of earlier runs (`it_*`), once per test process.
-fn drop_leftover_databases(url: &str) {
-    let url = url.to_string();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let client = outbox_relay::db::connect(&url)
-                .await
-                .expect("connect to the test cluster");
-            let rows = client
-                .query(
-                    "SELECT datname FROM pg_database WHERE datname LIKE 'it\\_%'",
-                    &[],
-                )
-                .await
-                .unwrap();
-            for row in rows {
-                let name: String = row.get(0);
-                let _ = client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                    .await;
-            }
-        });
-    })
-    .join()
-    .unwrap();
+/// Removes test clusters whose process is gone (and the single shared
+/// `test-postgres` of earlier versions of this harness).
+fn discard_stale_clusters(tmp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let stale = match name.strip_prefix("test-postgres") {
+            Some("") => true,
+            Some(pid) => pid
+                .strip_prefix('-')
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()),
+            None => false,
+        };
+        if stale {
+            let _ = EmbeddedPostgres::discard_stale(&entry.path());
+        }
+    }
 }
 
 /// A fresh database for one test.
@@ -92,7 +91,7 @@ impl TestDb {
     /// A new database with the schema applied.
     pub async fn migrated() -> TestDb {
         let db = TestDb::empty().await;
-        outbox_relay::cli::apply_migrations(&db.url)
+        outbox_relay::migrate::apply_all(&db.url)
             .await
             .expect("migrate");
         db

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use outbox_relay::consumer::ConsumerConfig;
 use outbox_relay::group::GroupConfig;
-use outbox_relay::mail::{MailWorker, RetryPolicy, SmtpTarget, MAIL_GROUP};
+use outbox_relay::mail::{DeadLetterStatus, MailWorker, RetryPolicy, SmtpTarget, MAIL_GROUP};
 use outbox_relay::order::{self, EmailAddress, NewOrder};
 use outbox_relay::shutdown::{self, ShutdownTrigger};
 
@@ -323,9 +323,13 @@ async fn dead_letters_can_be_retried_and_discarded() {
     })
     .await;
     smtp.restart().await;
-    let parked = outbox_relay::mail::list_dead_letters(&client, Some(MAIL_GROUP))
-        .await
-        .unwrap();
+    let parked = outbox_relay::mail::list_dead_letters(
+        &client,
+        Some(MAIL_GROUP),
+        Some(DeadLetterStatus::Parked),
+    )
+    .await
+    .unwrap();
     assert_eq!(parked.len(), 2);
     assert!(
         outbox_relay::mail::discard_dead_letter(&client, parked[1].id)
@@ -342,14 +346,93 @@ async fn dead_letters_can_be_retried_and_discarded() {
     wait_until_caught_up(&db).await;
     pipeline.stop().await;
     assert_eq!(smtp.messages().len(), 1);
-    assert!(outbox_relay::mail::list_dead_letters(&client, None)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(
+        outbox_relay::mail::list_dead_letters(&client, None, Some(DeadLetterStatus::Parked))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let retried = count(
         &client,
         "SELECT count(*) FROM event_log WHERE headers ? 'retry-of'",
     )
     .await;
     assert_eq!(retried, 1);
+}
+
+/// `GET /orders/{id}` tells whether the order's confirmation went out:
+/// pending before the worker ran, then sent (with its Message-ID), or a
+/// dead letter with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_order_reports_the_confirmation_mail_state() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&["--reject", "bounce@example.com"]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(outbox_relay::http::serve(
+        listener,
+        db.pool(2),
+        shutdown::Shutdown::never(),
+    ));
+    let ids = place_orders(&db, &["ok@example.com", "bounce@example.com"]).await;
+    let http = reqwest::Client::new();
+    let mail_of = |id: i64| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let order: serde_json::Value = http
+                .get(format!("{base}/orders/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            order["confirmation_mail"].clone()
+        }
+    };
+    assert_eq!(mail_of(ids[0]).await["status"], "pending");
+
+    let pipeline = Pipeline::start(&db, &smtp.url(), fast_retry(5)).await;
+    wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;
+    wait_until_caught_up(&db).await;
+    pipeline.stop().await;
+
+    let sent = mail_of(ids[0]).await;
+    assert_eq!(sent["status"], "sent", "{sent}");
+    assert_eq!(sent["message_id"], smtp.messages()[0].message_id);
+    assert!(sent["sent_at"].is_string(), "{sent}");
+    let parked = mail_of(ids[1]).await;
+    assert_eq!(parked["status"], "dead_letter", "{parked}");
+    assert_eq!(parked["reason"], "permanent SMTP failure");
+    assert!(
+        parked["last_error"].as_str().unwrap().contains("550"),
+        "{parked}"
+    );
+}
+
+/// On the embedded default mails are `.eml` files named by order id, so
+/// one order's mail is found with `ls order-<id>.*`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eml_files_are_named_by_order_id() {
+    let db = TestDb::migrated().await;
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("eml-{:x}", rand::random::<u32>()));
+    let url = url::Url::from_directory_path(&dir).unwrap().to_string();
+    let ids = place_orders(&db, &["a@example.com", "b@example.com"]).await;
+    let pipeline = Pipeline::start(&db, &url, fast_retry(5)).await;
+    wait_until_caught_up(&db).await;
+    pipeline.stop().await;
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(names.len(), 2, "{names:?}");
+    for (name, id) in names.iter().zip(&ids) {
+        assert!(
+            name.starts_with(&format!("order-{id}.order-created.")) && name.ends_with(".eml"),
+            "{name}"
+        );
+    }
 }

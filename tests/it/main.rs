@@ -9,5 +9,6 @@ mod harness;
 mod mail;
 mod metrics;
 mod migrate;
+mod project;
 mod relay;
 mod smtp;

@@ -11,6 +11,14 @@ use crate::harness::*;
 struct Prometheus {
     child: tokio::process::Child,
     port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Prometheus {
@@ -44,7 +52,7 @@ impl Prometheus {
             .kill_on_drop(true)
             .spawn()
             .expect("start prometheus (apt-get install prometheus)");
-        Prometheus { child, port }
+        Prometheus { child, port, dir }
     }
 
     /// Polls `query` until it has a value, failing the test after `secs`.

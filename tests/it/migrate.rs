@@ -39,7 +39,7 @@ async fn concurrent_migrations_apply_once() {
     let db = TestDb::empty().await;
     let runs = (0..6).map(|_| {
         let url = db.url.clone();
-        tokio::spawn(async move { outbox_relay::cli::apply_migrations(&url).await })
+        tokio::spawn(async move { outbox_relay::migrate::apply_all(&url).await })
     });
     let results = futures_util::future::join_all(runs).await;
     let applied: Vec<Vec<i32>> = results.into_iter().map(|r| r.unwrap().unwrap()).collect();

@@ -124,6 +124,13 @@ impl SmtpServer {
     }
 }
 
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        // The child is killed on drop; what it stored goes with it.
+        let _ = std::fs::remove_dir_all(&self.maildir);
+    }
+}
+
 fn header(raw: &str, name: &str) -> String {
     let prefix = format!("{}:", name.to_ascii_lowercase());
     raw.lines()

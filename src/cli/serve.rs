@@ -1,0 +1,207 @@
+//! `serve`: the process's roles, supervised until Ctrl-C / SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::ValueEnum;
+
+use super::parse;
+use crate::mail::MailSettings;
+use crate::service::Supervisor;
+
+/// A role a process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// The order API (POST /orders, GET /orders/{id}) and /metrics.
+    Api,
+    /// The relay (outbox → event log; one leader among all relay processes) and its upkeep.
+    Relay,
+    /// The mail worker: consumer group mail-service sending order confirmations.
+    Mail,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Roles to run in this process, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "api,relay,mail"
+    )]
+    pub roles: Vec<Role>,
+    /// Address of the HTTP API (api role).
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Do not apply migrations on start (the schema must then be current).
+    #[arg(long)]
+    pub no_migrate: bool,
+    /// Seconds a relay lease lasts; a standby takes over after it expires (0.1 to 3600).
+    #[arg(long, default_value = "3", value_parser = parse::lease)]
+    pub relay_lease_secs: Duration,
+    #[command(flatten)]
+    pub mail: MailArgs,
+}
+
+/// Settings of the mail worker role.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MailArgs {
+    /// Where mails go: smtp://host:port, smtp+starttls://user:pass@host:587,
+    /// smtps://user:pass@host:465 or file:///dir. Unset: .eml files in
+    /// <data-dir>/mail.
+    #[arg(long, env = "SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<String>,
+    /// Sender address of the confirmation mails (one plain address).
+    #[arg(long, env = "MAIL_FROM", default_value = "shop@example.com")]
+    pub mail_from: String,
+    /// SMTP connections kept in the pool (1 to 1000).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub smtp_pool_size: u32,
+    /// Seconds without a heartbeat before a group member's partitions move (0.3 to 1800).
+    #[arg(long, default_value = "10", value_parser = parse::session_timeout)]
+    pub session_timeout_secs: Duration,
+    /// Where the mail group starts in a partition it has no committed offset
+    /// for: `earliest` (no order missed) or `latest` (only new orders).
+    #[arg(long, value_enum, default_value_t = crate::group::OffsetReset::Earliest)]
+    pub mail_offset_reset: crate::group::OffsetReset,
+    /// Seconds an SMTP exchange may take before it counts as a transient failure (0.1 to 600).
+    #[arg(long, default_value = "15", value_parser = parse::smtp_timeout)]
+    pub smtp_timeout_secs: Duration,
+    /// Send attempts before a mail is parked as a dead letter (1 to 1000).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..=1000))]
+    pub mail_max_attempts: i32,
+}
+
+impl MailArgs {
+    /// Checks every mail setting; `data_dir` holds the default `.eml` folder.
+    pub fn settings(&self, data_dir: &Path) -> anyhow::Result<MailSettings> {
+        let mut settings = MailSettings::new(self.smtp_url.as_deref(), &self.mail_from, data_dir)?;
+        settings.pool_size = self.smtp_pool_size;
+        settings.timeout = self.smtp_timeout_secs;
+        settings.retry.max_attempts = self.mail_max_attempts;
+        settings.session_timeout = self.session_timeout_secs;
+        settings.offset_reset = self.mail_offset_reset;
+        Ok(settings)
+    }
+}
+
+/// What a process will run, with every setting checked and the HTTP port
+/// already bound: built before the database is opened.
+pub struct Plan {
+    pub roles: Vec<Role>,
+    pub listener: Option<std::net::TcpListener>,
+    pub migrate: bool,
+    pub relay_lease: Duration,
+    pub mail: Option<MailSettings>,
+}
+
+impl Plan {
+    pub fn new(args: &ServeArgs, data_dir: &Path) -> anyhow::Result<Plan> {
+        Plan::for_roles(
+            &args.roles,
+            args.http_addr,
+            !args.no_migrate,
+            args.relay_lease_secs,
+            &args.mail,
+            data_dir,
+        )
+    }
+
+    pub fn for_roles(
+        roles: &[Role],
+        http_addr: SocketAddr,
+        migrate: bool,
+        relay_lease: Duration,
+        mail: &MailArgs,
+        data_dir: &Path,
+    ) -> anyhow::Result<Plan> {
+        let mail = if roles.contains(&Role::Mail) {
+            Some(mail.settings(data_dir)?)
+        } else {
+            None
+        };
+        let listener = if roles.contains(&Role::Api) {
+            let listener = std::net::TcpListener::bind(http_addr)
+                .with_context(|| format!("cannot listen on {http_addr}"))?;
+            listener.set_nonblocking(true)?;
+            Some(listener)
+        } else {
+            None
+        };
+        Ok(Plan {
+            roles: roles.to_vec(),
+            listener,
+            migrate,
+            relay_lease,
+            mail,
+        })
+    }
+
+    /// The bound API address, if the plan has the api role.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Migrates (unless told not to), builds every role, then starts them.
+    pub async fn start(self, url: &str) -> anyhow::Result<Supervisor> {
+        if self.migrate {
+            crate::migrate::apply_all(url).await?;
+        } else {
+            crate::migrate::require_current(url).await?;
+        }
+        // Build everything first: a failure here starts nothing.
+        let api = match self.listener {
+            Some(listener) => {
+                let pool = crate::db::pool(url, 16)?;
+                crate::db::check(&pool).await?;
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                tracing::info!(addr = %listener.local_addr()?, "order API listening");
+                Some(crate::http::ApiService::new(listener, pool))
+            }
+            None => None,
+        };
+        let relay = self.roles.contains(&Role::Relay).then(|| {
+            let config = crate::relay::RelayConfig {
+                lease_ttl: self.relay_lease,
+                ..crate::relay::RelayConfig::default()
+            };
+            let relay = crate::relay::Relay::new(url, config);
+            let maintenance = crate::relay::Maintenance::new(url, &relay);
+            (relay, maintenance)
+        });
+        let mail = match &self.mail {
+            Some(settings) => {
+                tracing::info!(transport = %settings.target, "mail worker ready");
+                let worker =
+                    crate::mail::MailWorker::from_settings(crate::db::pool(url, 16)?, settings)?;
+                Some(crate::consumer::Consumer::new(
+                    "mail",
+                    url,
+                    settings.consumer_config(),
+                    Arc::new(worker),
+                ))
+            }
+            None => None,
+        };
+
+        let mut supervisor = Supervisor::new();
+        if let Some(api) = api {
+            supervisor.start(api);
+        }
+        if let Some((relay, maintenance)) = relay {
+            supervisor.start(relay);
+            supervisor.start(maintenance);
+        }
+        if let Some(mail) = mail {
+            supervisor.start(mail);
+        }
+        Ok(supervisor)
+    }
+}
+
+pub async fn run(url: &str, plan: Plan) -> anyhow::Result<()> {
+    plan.start(url).await?.run_until_signal().await
+}

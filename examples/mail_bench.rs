@@ -13,9 +13,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox_relay::consumer::ConsumerConfig;
+use outbox_relay::app::mail::{MailWorker, RetryPolicy, SmtpTarget, MAIL_GROUP};
+use outbox_relay::group::consumer::ConsumerConfig;
 use outbox_relay::group::GroupConfig;
-use outbox_relay::mail::{MailWorker, RetryPolicy, SmtpTarget, MAIL_GROUP};
 use outbox_relay::relay::{Relay, RelayConfig, StepOutcome};
 
 #[tokio::main]
@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let consumer_url = url.clone();
     let consumer = tokio::spawn(async move {
-        outbox_relay::consumer::run(&consumer_url, config, Arc::new(worker), shutdown).await
+        outbox_relay::group::consumer::run(&consumer_url, config, Arc::new(worker), shutdown).await
     });
     let finished = "SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FROM mail_deliveries WHERE status <> 'pending'";
     loop {
@@ -106,14 +106,16 @@ async fn main() -> anyhow::Result<()> {
     let mut writer = outbox_relay::db::connect(&url).await?;
     let mut latencies = Vec::new();
     for i in 0..samples {
-        let order = outbox_relay::order::NewOrder {
+        let order = outbox_relay::app::order::NewOrder {
             user_id: 1,
-            email: outbox_relay::order::EmailAddress::parse(&format!("latency{i}@example.com"))
-                .unwrap(),
+            email: outbox_relay::app::order::EmailAddress::parse(&format!(
+                "latency{i}@example.com"
+            ))
+            .unwrap(),
             amount: 100,
         };
         let tx = writer.transaction().await?;
-        let id = outbox_relay::order::insert(&tx, &order).await?;
+        let id = outbox_relay::app::order::insert(&tx, &order).await?;
         tx.commit().await?;
         let committed: chrono::DateTime<chrono::Utc> = writer
             .query_one("SELECT clock_timestamp()", &[])

@@ -12,7 +12,8 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use outbox_relay::relay::{Relay, RelayConfig, StepOutcome, LOG_NOTIFY_CHANNEL};
+use outbox_relay::log::notify::APPENDED_CHANNEL as LOG_NOTIFY_CHANNEL;
+use outbox_relay::relay::{Relay, RelayConfig, StepOutcome};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 const PAYLOAD_SQL: &str =

@@ -45,57 +45,28 @@ impl Metrics {
         let tx = client.transaction().await?;
         tx.batch_execute("SET LOCAL statement_timeout = '2s'")
             .await?;
-        // Outbox rows not yet in the log: those of transactions the relayed
-        // snapshot does not see (in-progress ones are invisible to count).
-        let backlog: i64 = tx
-            .query_one(
-                "SELECT count(*) FROM outbox o, relay_state r
-                  WHERE r.relay = 'default'
-                    AND (o.txid >= pg_snapshot_xmax(r.relayed_snapshot)
-                         OR o.txid IN (SELECT pg_snapshot_xip(r.relayed_snapshot)))",
-                &[],
-            )
-            .await?
-            .get(0);
-        let heads = tx
-            .query(
-                "SELECT topic, partition, log_start_offset, log_end_offset FROM partition_heads",
-                &[],
-            )
-            .await?;
-        // A partition without a commit lags by all it retains.
-        let lags = tx
-            .query(
-                "SELECT p.group_id, p.topic, p.partition,
-                        greatest(h.log_end_offset - coalesce(p.committed_offset, h.log_start_offset), 0)
-                   FROM group_partitions p JOIN partition_heads h USING (topic, partition)",
-                &[],
-            )
-            .await?;
-        let parked: i64 = tx
-            .query_one(
-                "SELECT count(*) FROM dead_letters WHERE status = 'parked'",
-                &[],
-            )
-            .await?
-            .get(0);
+        let relay = crate::relay::status(&tx, crate::relay::DEFAULT_RELAY_NAME).await?;
+        let heads = crate::log::topics::all_partition_offsets(&tx).await?;
+        let lags = crate::group::admin::partition_lags(&tx).await?;
+        let parked = crate::group::dead_letters::parked_count(&tx).await?;
         tx.commit().await?;
 
-        self.outbox_backlog.set(backlog);
+        self.outbox_backlog.set(relay.backlog);
         self.log_end_offset.reset();
-        for row in heads {
-            let (topic, partition, end): (String, i32, i64) = (row.get(0), row.get(1), row.get(3));
+        for head in heads {
             self.log_end_offset
-                .with_label_values(&[topic.as_str(), &partition.to_string()])
-                .set(end);
+                .with_label_values(&[head.topic.as_str(), &head.partition.to_string()])
+                .set(head.log_end_offset);
         }
         self.group_lag.reset();
-        for row in lags {
-            let (group, topic, partition, lag): (String, String, i32, i64) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
+        for lag in lags {
             self.group_lag
-                .with_label_values(&[group.as_str(), topic.as_str(), &partition.to_string()])
-                .set(lag);
+                .with_label_values(&[
+                    lag.group.as_str(),
+                    lag.topic.as_str(),
+                    &lag.partition.to_string(),
+                ])
+                .set(lag.lag);
         }
         self.dead_letters.set(parked);
         Ok(())

@@ -96,7 +96,7 @@ pub async fn apply_all(url: &str) -> anyhow::Result<Vec<i32>> {
     let mut client = crate::db::connect(url).await?;
     let applied = run(&mut client).await?;
     let tx = client.transaction().await?;
-    crate::event_log::ensure_day_partitions(&tx).await?;
+    crate::log::storage::ensure_day_partitions(&tx).await?;
     tx.commit().await?;
     Ok(applied)
 }

@@ -6,7 +6,7 @@ use anyhow::bail;
 use clap::Subcommand;
 
 use super::output::{self, or_dash, Output, Table};
-use crate::mail::DeadLetterStatus;
+use crate::group::dead_letters::DeadLetterStatus;
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLettersCommand {
@@ -64,7 +64,9 @@ pub async fn run(
                 StatusFilter::Discarded => Some(DeadLetterStatus::Discarded),
                 StatusFilter::All => None,
             };
-            let letters = crate::mail::list_dead_letters(&client, group.as_deref(), status).await?;
+            let letters =
+                crate::group::dead_letters::list_dead_letters(&client, group.as_deref(), status)
+                    .await?;
             output::print(out, *output, &letters, |letters| {
                 let mut table = Table::new(&[
                     ">ID",
@@ -96,8 +98,11 @@ pub async fn run(
             })
         }
         DeadLettersCommand::Retry { id, all } => {
-            let n =
-                crate::mail::retry_dead_letters(&mut client, if *all { None } else { *id }).await?;
+            let n = crate::group::dead_letters::retry_dead_letters(
+                &mut client,
+                if *all { None } else { *id },
+            )
+            .await?;
             if n == 0 && !*all {
                 bail!("no parked dead letter with id {}", id.unwrap_or_default());
             }
@@ -105,7 +110,7 @@ pub async fn run(
             Ok(())
         }
         DeadLettersCommand::Discard { id } => {
-            if !crate::mail::discard_dead_letter(&client, *id).await? {
+            if !crate::group::dead_letters::discard_dead_letter(&client, *id).await? {
                 bail!("no parked dead letter with id {id}");
             }
             writeln!(out, "discarded dead letter {id}")?;

@@ -75,7 +75,7 @@ pub async fn run(
             .query(
                 "SELECT partition, \"offset\", key, payload FROM event_log
                  WHERE topic = $1 AND key = ANY($2) ORDER BY key::bigint",
-                &[&crate::order::ORDER_CREATED_TOPIC, &ids],
+                &[&crate::app::order::ORDER_CREATED_TOPIC, &ids],
             )
             .await?;
         if rows.len() == ids.len() {
@@ -117,7 +117,7 @@ pub async fn run(
     // And until the mail worker delivered their confirmations.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let sent = crate::mail::sent_count_for_keys(&client, &ids).await?;
+        let sent = crate::app::mail::sent_count_for_keys(&client, &ids).await?;
         if sent == ids.len() as i64 {
             writeln!(out, "\n{sent} confirmation mails sent to {mail_target}")?;
             break;

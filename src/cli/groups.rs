@@ -32,13 +32,13 @@ pub async fn run(
     let client = crate::db::connect(url).await?;
     match cmd {
         GroupsCommand::List { output } => {
-            let groups = crate::group::list_groups(&client).await?;
+            let groups = crate::group::admin::list_groups(&client).await?;
             output::print(out, *output, &groups, |groups| {
                 groups.iter().map(|g| format!("{g}\n")).collect()
             })
         }
         GroupsCommand::Describe { group, output } => {
-            let described = crate::group::describe(&client, group)
+            let described = crate::group::admin::describe(&client, group)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("consumer group {group:?} does not exist"))?;
             output::print(out, *output, &described, |d| {

@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::ValueEnum;
 
 use super::parse;
-use crate::mail::MailSettings;
+use crate::app::mail::MailSettings;
+use crate::group::OffsetReset;
 use crate::service::Supervisor;
 
 /// A role a process can run.
@@ -46,6 +47,15 @@ pub struct ServeArgs {
     pub mail: MailArgs,
 }
 
+/// `auto.offset.reset` for a group's partitions without a committed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OffsetResetArg {
+    /// The log start offset: nothing already in the log is missed.
+    Earliest,
+    /// The log end offset: only records appended from now on.
+    Latest,
+}
+
 /// Settings of the mail worker role.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MailArgs {
@@ -65,8 +75,8 @@ pub struct MailArgs {
     pub session_timeout_secs: Duration,
     /// Where the mail group starts in a partition it has no committed offset
     /// for: `earliest` (no order missed) or `latest` (only new orders).
-    #[arg(long, value_enum, default_value_t = crate::group::OffsetReset::Earliest)]
-    pub mail_offset_reset: crate::group::OffsetReset,
+    #[arg(long, value_enum, default_value_t = OffsetResetArg::Earliest)]
+    pub mail_offset_reset: OffsetResetArg,
     /// Seconds an SMTP exchange may take before it counts as a transient failure (0.1 to 600).
     #[arg(long, default_value = "15", value_parser = parse::smtp_timeout)]
     pub smtp_timeout_secs: Duration,
@@ -83,7 +93,10 @@ impl MailArgs {
         settings.timeout = self.smtp_timeout_secs;
         settings.retry.max_attempts = self.mail_max_attempts;
         settings.session_timeout = self.session_timeout_secs;
-        settings.offset_reset = self.mail_offset_reset;
+        settings.offset_reset = match self.mail_offset_reset {
+            OffsetResetArg::Earliest => OffsetReset::Earliest,
+            OffsetResetArg::Latest => OffsetReset::Latest,
+        };
         Ok(settings)
     }
 }
@@ -175,9 +188,11 @@ impl Plan {
         let mail = match &self.mail {
             Some(settings) => {
                 tracing::info!(transport = %settings.target, "mail worker ready");
-                let worker =
-                    crate::mail::MailWorker::from_settings(crate::db::pool(url, 16)?, settings)?;
-                Some(crate::consumer::Consumer::new(
+                let worker = crate::app::mail::MailWorker::from_settings(
+                    crate::db::pool(url, 16)?,
+                    settings,
+                )?;
+                Some(crate::group::consumer::Consumer::new(
                     "mail",
                     url,
                     settings.consumer_config(),

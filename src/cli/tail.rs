@@ -7,7 +7,7 @@ use anyhow::bail;
 use chrono::{DateTime, Utc};
 
 use super::parse;
-use crate::event_log;
+use crate::log;
 use crate::shutdown;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -52,18 +52,18 @@ pub struct TailArgs {
 
 pub async fn run(url: &str, args: &TailArgs, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     let client = crate::db::connect(url).await?;
-    let all = event_log::partition_offsets(&client, &args.topic).await?;
+    let all = log::partition_offsets(&client, &args.topic).await?;
     let key_partition = args
         .key
         .as_deref()
-        .map(|key| crate::partitioner::partition_for_key(key, all.len() as u32) as i32);
-    let partitions: Vec<event_log::PartitionOffsets> = match (args.partition, key_partition) {
+        .map(|key| crate::log::partitioner::partition_for_key(key, all.len() as u32) as i32);
+    let partitions: Vec<log::PartitionOffsets> = match (args.partition, key_partition) {
         (Some(p), Some(k)) if p != k => bail!(
             "key {:?} is in partition {k}, not in partition {p}",
             args.key.as_deref().unwrap_or_default()
         ),
         (Some(p), _) | (None, Some(p)) => {
-            vec![event_log::offsets_of(&client, &args.topic, p).await?]
+            vec![log::offsets_of(&client, &args.topic, p).await?]
         }
         (None, None) => all,
     };
@@ -72,7 +72,7 @@ pub async fn run(url: &str, args: &TailArgs, out: &mut (dyn Write + Send)) -> an
         let start = match (args.from_offset, args.from_time, args.last) {
             (Some(offset), _, _) => offset,
             (None, Some(time), _) => {
-                event_log::offset_for_time(&client, &args.topic, p.partition, time).await?
+                log::offset_for_time(&client, &args.topic, p.partition, time).await?
             }
             (None, None, Some(n)) => p
                 .log_end_offset
@@ -86,8 +86,7 @@ pub async fn run(url: &str, args: &TailArgs, out: &mut (dyn Write + Send)) -> an
         let mut progressed = false;
         for (partition, next) in positions.iter_mut() {
             while remaining > 0 {
-                let records =
-                    event_log::read(&client, &args.topic, *partition, *next, 1000).await?;
+                let records = log::read(&client, &args.topic, *partition, *next, 1000).await?;
                 let Some(last) = records.last() else {
                     break;
                 };

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::output::{self, human_duration, Output, Table};
 use super::parse;
-use crate::event_log;
+use crate::log;
 
 #[derive(Debug, Subcommand)]
 pub enum TopicsCommand {
@@ -47,7 +47,7 @@ pub async fn run(
     let mut client = crate::db::connect(url).await?;
     match cmd {
         TopicsCommand::List { output } => {
-            let topics = event_log::list_topics(&client).await?;
+            let topics = log::list_topics(&client).await?;
             output::print(out, *output, &topics, |topics| {
                 let mut table = Table::new(&["TOPIC", ">PARTITIONS", ">RETENTION"]);
                 for t in topics {
@@ -61,8 +61,8 @@ pub async fn run(
             })
         }
         TopicsCommand::Describe { topic, output } => {
-            let info = event_log::topic(&client, topic).await?;
-            let partitions = event_log::partition_offsets(&client, topic).await?;
+            let info = log::topic(&client, topic).await?;
+            let partitions = log::partition_offsets(&client, topic).await?;
             let described = json!({
                 "topic": info.name,
                 "partition_count": info.partitions,
@@ -91,7 +91,7 @@ pub async fn run(
             partitions,
             retention_days,
         } => {
-            event_log::create_topic(&mut client, topic, *partitions, *retention_days).await?;
+            log::create_topic(&mut client, topic, *partitions, *retention_days).await?;
             writeln!(out, "created topic {topic} with {partitions} partitions")?;
             Ok(())
         }

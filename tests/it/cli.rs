@@ -636,7 +636,7 @@ async fn tail_filters_by_key_and_shows_the_last_records() {
     assert_eq!(records[0]["key"], "17");
     assert_eq!(
         records[0]["partition"],
-        outbox_relay::partitioner::partition_for_key("17", 8)
+        outbox_relay::log::partitioner::partition_for_key("17", 8)
     );
 
     // The last two of every partition that has two (all 8 do: 40 keys).

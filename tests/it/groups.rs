@@ -4,9 +4,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox_relay::consumer::{ConsumerConfig, RecordHandler};
-use outbox_relay::event_log::Record;
+use outbox_relay::group::consumer::{ConsumerConfig, RecordHandler};
 use outbox_relay::group::{self, Membership};
+use outbox_relay::log::Record;
 use outbox_relay::shutdown;
 use serde_json::json;
 
@@ -52,16 +52,16 @@ fn spawn_member(db: &TestDb, group: &str, handler: Arc<Recorder>) -> Member {
     let config = ConsumerConfig::new(fast_group_config(group));
     let url = db.url.clone();
     let task = tokio::spawn(async move {
-        outbox_relay::consumer::run(&url, config, handler, shutdown)
+        outbox_relay::group::consumer::run(&url, config, handler, shutdown)
             .await
             .unwrap();
     });
     Member { trigger, task }
 }
 
-async fn describe(db: &TestDb, group: &str) -> group::GroupDescription {
+async fn describe(db: &TestDb, group: &str) -> group::admin::GroupDescription {
     let client = db.client().await;
-    group::describe(&client, group)
+    group::admin::describe(&client, group)
         .await
         .unwrap()
         .expect("group exists")
@@ -76,7 +76,7 @@ async fn wait_for_even_spread(db: &TestDb, group: &str, members: usize) -> Vec<u
         Duration::from_secs(30),
         || async {
             let client = db.client().await;
-            let d = group::describe(&client, group).await.unwrap()?;
+            let d = group::admin::describe(&client, group).await.unwrap()?;
             let counts: Vec<usize> = d.members.iter().map(|m| m.partitions.len()).collect();
             let owned = d.partitions.iter().filter(|p| p.owner.is_some()).count();
             (d.members.len() == members
@@ -240,7 +240,7 @@ async fn graceful_shutdown_releases_leases_immediately() {
     let (trigger, shutdown) = shutdown::channel();
     let url = db.url.clone();
     let member = tokio::spawn(async move {
-        outbox_relay::consumer::run(
+        outbox_relay::group::consumer::run(
             &url,
             ConsumerConfig::new(config),
             Arc::new(Recorder::default()),
@@ -339,7 +339,7 @@ async fn a_member_stops_working_on_a_partition_it_lost() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let keys: Vec<String> = (0..200)
         .map(|n: i32| format!("k{n}"))
-        .filter(|k| outbox_relay::partitioner::partition_for_key(k, 8) == 0)
+        .filter(|k| outbox_relay::log::partitioner::partition_for_key(k, 8) == 0)
         .take(10)
         .collect();
     for key in &keys {
@@ -347,7 +347,7 @@ async fn a_member_stops_working_on_a_partition_it_lost() {
     }
     insert_event(&client, "order-created", "k1", json!({})).await; // another partition
     drain(&mut db.relay()).await;
-    let other = outbox_relay::partitioner::partition_for_key("k1", 8) as i32;
+    let other = outbox_relay::log::partitioner::partition_for_key("k1", 8) as i32;
     eventually(
         "the record of a partition still owned",
         Duration::from_secs(10),
@@ -392,9 +392,14 @@ async fn offset_reset_policy_applies_to_partitions_without_a_commit() {
         config.offset_reset = reset;
         let url = db.url.clone();
         let task = tokio::spawn(async move {
-            outbox_relay::consumer::run(&url, ConsumerConfig::new(config), recorder, shutdown)
-                .await
-                .unwrap();
+            outbox_relay::group::consumer::run(
+                &url,
+                ConsumerConfig::new(config),
+                recorder,
+                shutdown,
+            )
+            .await
+            .unwrap();
         });
         Member { trigger, task }
     };

@@ -3,10 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_relay::consumer::ConsumerConfig;
+use outbox_relay::app::mail::{MailWorker, RetryPolicy, SmtpTarget, MAIL_GROUP};
+use outbox_relay::app::order::{self, EmailAddress, NewOrder};
+use outbox_relay::group::consumer::ConsumerConfig;
+use outbox_relay::group::dead_letters::DeadLetterStatus;
 use outbox_relay::group::GroupConfig;
-use outbox_relay::mail::{DeadLetterStatus, MailWorker, RetryPolicy, SmtpTarget, MAIL_GROUP};
-use outbox_relay::order::{self, EmailAddress, NewOrder};
 use outbox_relay::shutdown::{self, ShutdownTrigger};
 
 use crate::harness::*;
@@ -34,7 +35,7 @@ impl Pipeline {
         let config = ConsumerConfig::new(fast_group_config(MAIL_GROUP));
         let url = db.url.clone();
         let consumer = tokio::spawn(async move {
-            outbox_relay::consumer::run(&url, config, Arc::new(worker), shutdown)
+            outbox_relay::group::consumer::run(&url, config, Arc::new(worker), shutdown)
                 .await
                 .unwrap();
         });
@@ -323,7 +324,7 @@ async fn dead_letters_can_be_retried_and_discarded() {
     })
     .await;
     smtp.restart().await;
-    let parked = outbox_relay::mail::list_dead_letters(
+    let parked = outbox_relay::group::dead_letters::list_dead_letters(
         &client,
         Some(MAIL_GROUP),
         Some(DeadLetterStatus::Parked),
@@ -332,12 +333,12 @@ async fn dead_letters_can_be_retried_and_discarded() {
     .unwrap();
     assert_eq!(parked.len(), 2);
     assert!(
-        outbox_relay::mail::discard_dead_letter(&client, parked[1].id)
+        outbox_relay::group::dead_letters::discard_dead_letter(&client, parked[1].id)
             .await
             .unwrap()
     );
     assert_eq!(
-        outbox_relay::mail::retry_dead_letters(&mut client, Some(parked[0].id))
+        outbox_relay::group::dead_letters::retry_dead_letters(&mut client, Some(parked[0].id))
             .await
             .unwrap(),
         1
@@ -346,12 +347,14 @@ async fn dead_letters_can_be_retried_and_discarded() {
     wait_until_caught_up(&db).await;
     pipeline.stop().await;
     assert_eq!(smtp.messages().len(), 1);
-    assert!(
-        outbox_relay::mail::list_dead_letters(&client, None, Some(DeadLetterStatus::Parked))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(outbox_relay::group::dead_letters::list_dead_letters(
+        &client,
+        None,
+        Some(DeadLetterStatus::Parked)
+    )
+    .await
+    .unwrap()
+    .is_empty());
     let retried = count(
         &client,
         "SELECT count(*) FROM event_log WHERE headers ? 'retry-of'",

@@ -3,9 +3,9 @@
 
 mod api;
 mod cli;
-mod event_log;
 mod groups;
 mod harness;
+mod log;
 mod mail;
 mod metrics;
 mod migrate;

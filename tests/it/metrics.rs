@@ -92,7 +92,7 @@ async fn prometheus_scrapes_relay_api_and_lag_metrics() {
     let topic = format!("metrics-{:x}", rand::random::<u32>());
     let group = format!("lagging-{topic}");
     let mut client = db.client().await;
-    outbox_relay::event_log::create_topic(&mut client, &topic, 1, Duration::from_secs(86_400))
+    outbox_relay::log::create_topic(&mut client, &topic, 1, Duration::from_secs(86_400))
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use outbox_relay::order::{self, EmailAddress, NewOrder};
-use outbox_relay::partitioner::partition_for_key;
+use outbox_relay::app::order::{self, EmailAddress, NewOrder};
+use outbox_relay::log::partitioner::partition_for_key;
 use outbox_relay::relay::{Relay, StepOutcome};
 use serde_json::json;
 

@@ -17,13 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::event_log::{self, Record};
 use crate::group::{Assignment, GroupConfig, Membership};
+use crate::log::{self, Record};
 use crate::shutdown::Shutdown;
 
 /// Processes one record. It returns once the record is finished: done, or
@@ -123,7 +122,7 @@ pub async fn run<H: RecordHandler>(
 ) -> anyhow::Result<()> {
     let membership = Arc::new(Membership::join(database_url, config.group.clone()).await?);
     let pool = crate::db::pool(database_url, 8)?;
-    let appended = listen_for_appends(database_url).await?;
+    let appended = crate::log::notify::listen(database_url)?;
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut workers: HashMap<(String, i32), PartitionWorker> = HashMap::new();
     // Partitions being handed over: finishing their in-flight records.
@@ -277,51 +276,6 @@ async fn release(membership: &Membership, assignment: &Assignment) {
     }
 }
 
-/// A counter bumped on every relay batch notification, from a dedicated
-/// LISTEN connection (reconnected if it drops).
-async fn listen_for_appends(database_url: &str) -> anyhow::Result<watch::Receiver<u64>> {
-    let (tx, rx) = watch::channel(0u64);
-    let url = database_url.to_string();
-    let config = crate::db::parse_url(&url)?;
-    tokio::spawn(async move {
-        loop {
-            if tx.is_closed() {
-                return;
-            }
-            match config.connect(tokio_postgres::NoTls).await {
-                Ok((client, mut connection)) => {
-                    let mut messages =
-                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                    let statement = format!("LISTEN {}", crate::relay::LOG_NOTIFY_CHANNEL);
-                    let listen = client.batch_execute(&statement);
-                    // Drive the connection while LISTEN is sent, then read notifications.
-                    tokio::pin!(listen);
-                    let mut listening = false;
-                    loop {
-                        tokio::select! {
-                            result = &mut listen, if !listening => {
-                                if result.is_err() { break; }
-                                listening = true;
-                            }
-                            message = messages.next() => match message {
-                                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                                    tx.send_modify(|n| *n += 1);
-                                }
-                                Some(Ok(_)) => {}
-                                _ => break,
-                            },
-                            _ = tx.closed() => return,
-                        }
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "LISTEN connection failed"),
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
-    Ok(rx)
-}
-
 /// Consumes one owned partition until told to stop or fenced.
 async fn run_partition<H: RecordHandler>(
     pool: deadpool_postgres::Pool,
@@ -362,7 +316,7 @@ async fn run_partition<H: RecordHandler>(
                     let room = (config.max_in_flight_per_partition - partition.in_flight.len()) as i64;
                     let client = pool.get().await?;
                     let records =
-                        event_log::read(&**client, &assignment.topic, assignment.partition, next, room.min(500))
+                        log::read(&**client, &assignment.topic, assignment.partition, next, room.min(500))
                             .await
                             .context("reading the partition")?;
                     drop(client);

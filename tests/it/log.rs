@@ -1,7 +1,7 @@
 //! Reading the log: offsets, offsetsForTimes, retention.
 
 use chrono::{DateTime, TimeZone, Utc};
-use outbox_relay::event_log;
+use outbox_relay::log;
 use serde_json::json;
 
 use crate::harness::*;
@@ -14,7 +14,7 @@ fn at(minute: u32) -> DateTime<Utc> {
 /// partition of a 1-partition topic, relayed in several batches.
 async fn log_with_create_times(db: &TestDb, minutes: &[u32]) {
     let mut client = db.client().await;
-    event_log::create_topic(
+    log::create_topic(
         &mut client,
         "times",
         1,
@@ -48,7 +48,7 @@ async fn offsets_for_times_follows_kafka() {
     let lookup = |minute: u32| {
         let client = &client;
         async move {
-            event_log::offset_for_time(client, "times", 0, at(minute))
+            log::offset_for_time(client, "times", 0, at(minute))
                 .await
                 .unwrap()
         }
@@ -66,7 +66,7 @@ async fn offsets_for_times_follows_kafka() {
     assert_eq!(lookup(50).await, 5);
     assert_eq!(lookup(51).await, 6, "after everything: the log end offset");
 
-    let offsets = event_log::offsets_of(&client, "times", 0).await.unwrap();
+    let offsets = log::offsets_of(&client, "times", 0).await.unwrap();
     assert_eq!((offsets.log_start_offset, offsets.log_end_offset), (0, 6));
 }
 
@@ -75,18 +75,18 @@ async fn offsets_for_times_on_an_empty_partition_is_the_log_end() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
     assert_eq!(
-        event_log::offset_for_time(&client, "order-created", 3, at(0))
+        log::offset_for_time(&client, "order-created", 3, at(0))
             .await
             .unwrap(),
         0
     );
     assert!(matches!(
-        event_log::offset_for_time(&client, "order-created", 8, at(0)).await,
-        Err(event_log::LogError::UnknownPartition { .. })
+        log::offset_for_time(&client, "order-created", 8, at(0)).await,
+        Err(log::LogError::UnknownPartition { .. })
     ));
     assert!(matches!(
-        event_log::offset_for_time(&client, "nope", 0, at(0)).await,
-        Err(event_log::LogError::UnknownTopic(_))
+        log::offset_for_time(&client, "nope", 0, at(0)).await,
+        Err(log::LogError::UnknownTopic(_))
     ));
 }
 
@@ -95,19 +95,13 @@ async fn reads_are_in_offset_order_from_any_offset() {
     let db = TestDb::migrated().await;
     log_with_create_times(&db, &[1, 2, 3, 4, 5]).await;
     let client = db.client().await;
-    let records = event_log::read(&client, "times", 0, 2, 10).await.unwrap();
+    let records = log::read(&client, "times", 0, 2, 10).await.unwrap();
     let offsets: Vec<i64> = records.iter().map(|r| r.offset).collect();
     assert_eq!(offsets, vec![2, 3, 4]);
     assert_eq!(records[0].payload, json!({ "i": 2 }));
     assert_eq!(records[0].created_at, at(3));
     assert!(records[0].appended_at > records[0].created_at);
-    assert_eq!(
-        event_log::read(&client, "times", 0, 0, 2)
-            .await
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(log::read(&client, "times", 0, 0, 2).await.unwrap().len(), 2);
 }
 
 #[tokio::test]
@@ -130,22 +124,22 @@ async fn retention_moves_the_log_start_and_offsets_for_times_respects_it() {
         }
     })
     .await;
-    let outcome = event_log::enforce_retention(&mut client).await.unwrap();
+    let outcome = log::storage::enforce_retention(&mut client).await.unwrap();
     assert!(outcome.partitions_truncated >= 1);
-    let offsets = event_log::offsets_of(&client, "times", 0).await.unwrap();
+    let offsets = log::offsets_of(&client, "times", 0).await.unwrap();
     assert_eq!((offsets.log_start_offset, offsets.log_end_offset), (4, 4));
-    assert!(event_log::read(&client, "times", 0, 0, 10)
+    assert!(log::read(&client, "times", 0, 0, 10)
         .await
         .unwrap()
         .is_empty());
     assert_eq!(
-        event_log::offset_for_time(&client, "times", 0, at(0))
+        log::offset_for_time(&client, "times", 0, at(0))
             .await
             .unwrap(),
         4
     );
     // The default topic keeps its 35 days.
-    let topics = event_log::list_topics(&client).await.unwrap();
+    let topics = log::list_topics(&client).await.unwrap();
     let default = topics.iter().find(|t| t.name == "order-created").unwrap();
     assert_eq!(default.retention_seconds, 35 * 86_400);
 }

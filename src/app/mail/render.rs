@@ -1,0 +1,116 @@
+//! The confirmation mail: the `OrderCreated` event decoded, its Message-ID
+//! (derived from the event, so a duplicate is recognisable) and its text
+//! and HTML bodies.
+
+use anyhow::Context;
+use lettre::message::{header, Mailbox, MultiPart, SinglePart};
+use lettre::Message;
+use serde::Deserialize;
+
+use crate::app::order::EmailAddress;
+use crate::log::Record;
+
+/// The `OrderCreated` event as the mail worker reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OrderCreated {
+    pub order_id: i64,
+    pub user_id: i64,
+    pub amount: i64,
+    pub email: String,
+}
+
+/// The Message-ID of the confirmation for an event: derived from the event,
+/// so a duplicate sent in the crash window carries the same one. A retried
+/// dead letter keeps the Message-ID of the event it retries (`retry-of`).
+pub fn message_id(record: &Record) -> String {
+    let origin = record
+        .headers
+        .get("retry-of")
+        .and_then(|v| v.as_str())
+        .and_then(|o| {
+            let mut parts = o.rsplitn(3, '/');
+            let (offset, partition, topic) = (parts.next()?, parts.next()?, parts.next()?);
+            let topic_ok = !topic.is_empty()
+                && topic
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            let valid =
+                topic_ok && offset.parse::<i64>().is_ok() && partition.parse::<i32>().is_ok();
+            valid.then(|| format!("{topic}.{partition}.{offset}"))
+        });
+    let id = origin
+        .unwrap_or_else(|| format!("{}.{}.{}", record.topic, record.partition, record.offset));
+    format!("<{id}@outbox-relay>")
+}
+
+/// Renders the confirmation mail (plain text with an HTML alternative).
+pub fn render(
+    record: &Record,
+    order: &OrderCreated,
+    to: &EmailAddress,
+    from: &Mailbox,
+) -> anyhow::Result<Message> {
+    let to: Mailbox = to.as_str().parse().context("recipient address")?;
+    let subject = format!("Your order #{} is confirmed", order.order_id);
+    let text = format!(
+        "Hello,\n\nthank you for your order #{id}.\nOrder total: {amount}\n\n\
+         We will let you know when it ships.\n",
+        id = order.order_id,
+        amount = order.amount
+    );
+    let html = format!(
+        "<!doctype html><html><body><p>Hello,</p>\
+         <p>thank you for your order <strong>#{id}</strong>.</p>\
+         <p>Order total: <strong>{amount}</strong></p>\
+         <p>We will let you know when it ships.</p></body></html>",
+        id = order.order_id,
+        amount = order.amount
+    );
+    Message::builder()
+        .message_id(Some(message_id(record)))
+        .from(from.clone())
+        .to(to)
+        .subject(subject)
+        .multipart(
+            MultiPart::alternative()
+                .singlepart(
+                    SinglePart::builder()
+                        .header(header::ContentType::TEXT_PLAIN)
+                        .body(text),
+                )
+                .singlepart(
+                    SinglePart::builder()
+                        .header(header::ContentType::TEXT_HTML)
+                        .body(html),
+                ),
+        )
+        .context("building the message")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_come_from_the_event_or_the_event_it_retries() {
+        let mut record = Record {
+            topic: "order-created".into(),
+            partition: 3,
+            offset: 42,
+            key: None,
+            created_at: chrono::Utc::now(),
+            appended_at: chrono::Utc::now(),
+            headers: serde_json::json!({}),
+            payload: serde_json::json!({}),
+        };
+        assert_eq!(message_id(&record), "<order-created.3.42@outbox-relay>");
+        record.headers = serde_json::json!({"retry-of": "order-created/1/7"});
+        assert_eq!(message_id(&record), "<order-created.1.7@outbox-relay>");
+        record.headers = serde_json::json!({"retry-of": "x>\r\nBcc: a@b.c/1/7"});
+        assert_eq!(
+            message_id(&record),
+            "<order-created.3.42@outbox-relay>",
+            "a forged header is ignored"
+        );
+    }
+}

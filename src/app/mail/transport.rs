@@ -1,0 +1,376 @@
+//! Where mails go: `SMTP_URL` parsed ([`SmtpTarget`], never showing
+//! credentials), and the transports: a plain SMTP pool of our own (with
+//! TCP_NODELAY), lettre's pooled TLS transport, or `.eml` files.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::AsyncSmtpConnection;
+use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::{AsyncSmtpTransportBuilder, PoolConfig};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+/// Where mails go.
+#[derive(Clone)]
+pub enum MailTransport {
+    /// Plain SMTP through [`PlainSmtpPool`] (TCP_NODELAY set).
+    Plain(Arc<PlainSmtpPool>),
+    /// TLS (STARTTLS or implicit) through lettre's pooled transport.
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    /// `.eml` files in a directory: the embedded default.
+    Files(PathBuf),
+}
+
+/// An `SMTP_URL`, parsed; `Display` never shows credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SmtpTarget {
+    Plain {
+        host: String,
+        port: u16,
+    },
+    StartTls {
+        host: String,
+        port: u16,
+        credentials: Option<(String, String)>,
+    },
+    ImplicitTls {
+        host: String,
+        port: u16,
+        credentials: Option<(String, String)>,
+    },
+    Files {
+        dir: PathBuf,
+    },
+}
+
+impl std::fmt::Display for SmtpTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SmtpTarget::Plain { host, port } => write!(f, "smtp://{host}:{port}"),
+            SmtpTarget::StartTls { host, port, .. } => write!(f, "smtp+starttls://{host}:{port}"),
+            SmtpTarget::ImplicitTls { host, port, .. } => write!(f, "smtps://{host}:{port}"),
+            SmtpTarget::Files { dir } => write!(f, "file://{}", dir.display()),
+        }
+    }
+}
+
+impl SmtpTarget {
+    /// `smtp://host:port`, `smtp+starttls://user:pass@host:587`,
+    /// `smtps://user:pass@host:465` or `file:///dir`.
+    pub fn parse(input: &str) -> anyhow::Result<SmtpTarget> {
+        // Never echo the input: it may hold a password.
+        let url = url::Url::parse(input)
+            .map_err(|e| anyhow::anyhow!("SMTP_URL is not a valid URL ({e})"))?;
+        let host = || -> anyhow::Result<String> {
+            url.host_str()
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .context("SMTP_URL has no host")
+        };
+        let credentials = || -> anyhow::Result<Option<(String, String)>> {
+            if url.username().is_empty() {
+                return Ok(None);
+            }
+            let decode = |s: &str| {
+                percent_decode(s)
+                    .context("SMTP_URL credentials are not valid percent-encoded UTF-8")
+            };
+            Ok(Some((
+                decode(url.username())?,
+                decode(url.password().unwrap_or(""))?,
+            )))
+        };
+        Ok(match url.scheme() {
+            "smtp" => SmtpTarget::Plain {
+                host: host()?,
+                port: url.port().unwrap_or(25),
+            },
+            "smtp+starttls" => SmtpTarget::StartTls {
+                host: host()?,
+                port: url.port().unwrap_or(587),
+                credentials: credentials()?,
+            },
+            "smtps" => SmtpTarget::ImplicitTls {
+                host: host()?,
+                port: url.port().unwrap_or(465),
+                credentials: credentials()?,
+            },
+            "file" => SmtpTarget::Files {
+                dir: url
+                    .to_file_path()
+                    .map_err(|_| anyhow::anyhow!("SMTP_URL file:// needs an absolute path"))?,
+            },
+            other => {
+                bail!("SMTP_URL scheme {other:?} is not one of smtp, smtp+starttls, smtps, file")
+            }
+        })
+    }
+
+    /// Builds the transport; SMTP transports keep a pool of `pool_size`
+    /// connections and give up on an exchange after `timeout`.
+    pub fn transport(&self, pool_size: u32, timeout: Duration) -> anyhow::Result<MailTransport> {
+        let pool = PoolConfig::new().max_size(pool_size.max(1));
+        let plain_timeout = timeout;
+        let timeout = Some(timeout);
+        Ok(match self {
+            SmtpTarget::Plain { host, port } => MailTransport::Plain(Arc::new(PlainSmtpPool {
+                host: host.clone(),
+                port: *port,
+                timeout: plain_timeout,
+                idle: Mutex::new(Vec::new()),
+                permits: tokio::sync::Semaphore::new(pool_size.max(1) as usize),
+            })),
+            SmtpTarget::StartTls {
+                host,
+                port,
+                credentials,
+            } => MailTransport::Smtp(
+                with_credentials(
+                    AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host)?,
+                    credentials,
+                )
+                .port(*port)
+                .timeout(timeout)
+                .pool_config(pool)
+                .build(),
+            ),
+            SmtpTarget::ImplicitTls {
+                host,
+                port,
+                credentials,
+            } => MailTransport::Smtp(
+                with_credentials(
+                    AsyncSmtpTransport::<Tokio1Executor>::relay(host)?,
+                    credentials,
+                )
+                .port(*port)
+                .timeout(timeout)
+                .pool_config(pool)
+                .build(),
+            ),
+            SmtpTarget::Files { dir } => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating mail directory {}", dir.display()))?;
+                MailTransport::Files(dir.clone())
+            }
+        })
+    }
+}
+
+fn with_credentials(
+    builder: AsyncSmtpTransportBuilder,
+    credentials: &Option<(String, String)>,
+) -> AsyncSmtpTransportBuilder {
+    match credentials {
+        Some((user, pass)) => builder.credentials(Credentials::new(user.clone(), pass.clone())),
+        None => builder,
+    }
+}
+
+fn percent_decode(s: &str) -> anyhow::Result<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3])?;
+            out.push(u8::from_str_radix(hex, 16)?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(String::from_utf8(out)?)
+}
+
+/// A pool of plain SMTP connections opened with TCP_NODELAY.
+///
+/// lettre 0.11.23 leaves Nagle's algorithm on: it writes a message body and
+/// its terminating `.` in two writes, and the second waits for the server's
+/// delayed ACK, 40 ms on Linux, for every mail (fixed upstream in lettre PR
+/// 1159, not yet released). This pool opens the TCP connections itself,
+/// sets TCP_NODELAY, and hands them to lettre's SMTP client; the protocol is
+/// still all lettre's.
+pub struct PlainSmtpPool {
+    host: String,
+    port: u16,
+    timeout: Duration,
+    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    permits: tokio::sync::Semaphore,
+}
+
+/// Idle connections older than this are closed rather than reused.
+const MAX_IDLE: Duration = Duration::from_secs(30);
+/// Idle connections older than this are probed (NOOP) before reuse.
+const PROBE_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+impl PlainSmtpPool {
+    async fn connect(&self) -> Result<AsyncSmtpConnection, String> {
+        let stream = tokio::time::timeout(
+            self.timeout,
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| "connection timed out".to_string())?
+        .map_err(|e| format!("connection failed: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let hello = ClientId::default();
+        tokio::time::timeout(
+            self.timeout,
+            AsyncSmtpConnection::connect_with_transport(Box::new(stream), &hello),
+        )
+        .await
+        .map_err(|_| "greeting timed out".to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    async fn send(&self, message: &Message) -> SendOutcome {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return SendOutcome::Transient("SMTP pool closed".into());
+        };
+        let mut connection = match self.checkout().await {
+            Ok(connection) => connection,
+            Err(e) => return SendOutcome::Transient(e),
+        };
+        let body = message.formatted();
+        // Never retried here: once the body may have reached the server, only
+        // the ledger decides whether to send again (after a backoff).
+        let outcome =
+            match tokio::time::timeout(self.timeout, connection.send(message.envelope(), &body))
+                .await
+            {
+                Ok(Ok(_)) => {
+                    self.idle
+                        .lock()
+                        .expect("pool lock")
+                        .push((connection, Instant::now()));
+                    return SendOutcome::Sent;
+                }
+                Ok(Err(e)) if e.is_permanent() => SendOutcome::Permanent(e.to_string()),
+                Ok(Err(e)) => {
+                    if !e.is_transient() {
+                        // A network error: the server may have restarted; its
+                        // other idle connections are as dead as this one.
+                        self.idle.lock().expect("pool lock").clear();
+                    }
+                    SendOutcome::Transient(e.to_string())
+                }
+                // The server may or may not have accepted it: an unknown outcome,
+                // retried like a transient failure (the documented duplicate window).
+                Err(_) => SendOutcome::Transient("SMTP exchange timed out".into()),
+            };
+        // Closing politely must not hang on a server that stopped answering.
+        let _ = tokio::time::timeout(Duration::from_secs(1), connection.abort()).await;
+        outcome
+    }
+
+    /// An idle connection that still answers, or a new one. One idle for
+    /// more than a second is probed with NOOP first (the server may have
+    /// closed it); one used a moment ago is taken as it is, which keeps the
+    /// probe's round trip off the busy path.
+    async fn checkout(&self) -> Result<AsyncSmtpConnection, String> {
+        loop {
+            let idle = self.idle.lock().expect("pool lock").pop();
+            let Some((mut connection, since)) = idle else {
+                break;
+            };
+            let fresh = since.elapsed() < PROBE_AFTER_IDLE;
+            if since.elapsed() < MAX_IDLE
+                && !connection.has_broken()
+                && (fresh
+                    || tokio::time::timeout(self.timeout, connection.test_connected()).await
+                        == Ok(true))
+            {
+                return Ok(connection);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), connection.abort()).await;
+        }
+        self.connect().await
+    }
+}
+
+/// How a send attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    Sent,
+    /// Worth retrying: connection refused, timeout, 4xx.
+    Transient(String),
+    /// Not worth retrying: 5xx, a refused recipient.
+    Permanent(String),
+}
+
+impl MailTransport {
+    /// Sends `message`. `name` names the mail for people (the file
+    /// transport's file is `<name>.eml`); SMTP ignores it.
+    pub async fn send(&self, message: Message, name: &str) -> SendOutcome {
+        match self {
+            MailTransport::Plain(pool) => pool.send(&message).await,
+            MailTransport::Smtp(smtp) => match smtp.send(message).await {
+                Ok(_) => SendOutcome::Sent,
+                Err(e) if e.is_permanent() => SendOutcome::Permanent(e.to_string()),
+                Err(e) => SendOutcome::Transient(e.to_string()),
+            },
+            MailTransport::Files(dir) => match write_eml(dir, name, &message).await {
+                Ok(()) => SendOutcome::Sent,
+                Err(e) => SendOutcome::Transient(format!("writing the .eml file: {e}")),
+            },
+        }
+    }
+}
+
+/// Writes `<dir>/<name>.eml` whole or not at all (a temporary file renamed
+/// into place), so a reader never sees half a mail.
+async fn write_eml(dir: &std::path::Path, name: &str, message: &Message) -> std::io::Result<()> {
+    let path = dir.join(format!("{name}.eml"));
+    let partial = dir.join(format!(".{name}.eml.partial"));
+    tokio::fs::write(&partial, message.formatted()).await?;
+    tokio::fs::rename(&partial, &path).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_smtp_urls_without_leaking_credentials() {
+        assert_eq!(
+            SmtpTarget::parse("smtp://mailhog:1025").unwrap(),
+            SmtpTarget::Plain {
+                host: "mailhog".into(),
+                port: 1025
+            }
+        );
+        let tls = SmtpTarget::parse("smtp+starttls://user:p%40ss@mail.example.com:587").unwrap();
+        assert_eq!(
+            tls,
+            SmtpTarget::StartTls {
+                host: "mail.example.com".into(),
+                port: 587,
+                credentials: Some(("user".into(), "p@ss".into()))
+            }
+        );
+        assert_eq!(tls.to_string(), "smtp+starttls://mail.example.com:587");
+        assert!(matches!(
+            SmtpTarget::parse("smtps://u:p@h").unwrap(),
+            SmtpTarget::ImplicitTls { port: 465, .. }
+        ));
+        assert_eq!(
+            SmtpTarget::parse("file:///tmp/mail").unwrap(),
+            SmtpTarget::Files {
+                dir: "/tmp/mail".into()
+            }
+        );
+        let err = SmtpTarget::parse("http://user:secret@host")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("secret"), "{err}");
+        assert!(SmtpTarget::parse("not a url secret")
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid URL"));
+    }
+}

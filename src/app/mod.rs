@@ -1,0 +1,12 @@
+//! The reference application built on the platform (outbox, relay, log,
+//! groups): the seed's order service and its confirmation mails.
+//!
+//! * [`order`]: the order domain and its one-transaction write of the order
+//!   with its `OrderCreated` outbox row.
+//! * [`api`]: the HTTP order API over it.
+//! * [`mail`]: the mail worker, a consumer of `order-created` in group
+//!   `mail-service`.
+
+pub mod api;
+pub mod mail;
+pub mod order;

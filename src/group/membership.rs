@@ -1,0 +1,256 @@
+//! Membership: join, heartbeat (and rebalance through [`super::assign`]),
+//! claim and release partitions, fenced offset commits.
+
+use anyhow::Context;
+
+use super::assign::{self, PartitionOwner};
+use super::{Assignment, GroupConfig, OffsetReset, Rebalance};
+
+const HEARTBEAT: &str = "
+    UPDATE group_members SET heartbeat_at = now() WHERE group_id = $1 AND member_id = $2";
+
+const JOIN: &str = "
+    INSERT INTO group_members (group_id, member_id, host, client_id, session_timeout)
+    VALUES ($1, $2, $3, $4, make_interval(secs => $5))
+    ON CONFLICT (group_id, member_id) DO UPDATE SET heartbeat_at = now()";
+
+/// Rows for every partition of the subscribed topics, so ownership can be
+/// claimed row by row.
+const ENSURE_PARTITIONS: &str = "
+    INSERT INTO group_partitions (group_id, topic, partition)
+    SELECT $1, h.topic, h.partition FROM partition_heads h WHERE h.topic = ANY ($2)
+    ON CONFLICT DO NOTHING";
+
+const LIVE_MEMBERS: &str = "
+    SELECT member_id FROM group_members
+     WHERE group_id = $1 AND heartbeat_at + session_timeout > now()
+     ORDER BY member_id";
+
+const PARTITION_OWNERS: &str = "
+    SELECT topic, partition, owner, epoch FROM group_partitions
+     WHERE group_id = $1 AND topic = ANY ($2) ORDER BY topic, partition";
+
+/// Compare-and-set on the owner seen a moment ago (free or dead).
+const CLAIM: &str = "
+    UPDATE group_partitions SET owner = $4, epoch = epoch + 1
+     WHERE group_id = $1 AND topic = $2 AND partition = $3 AND owner IS NOT DISTINCT FROM $5 AND epoch = $6
+    RETURNING epoch";
+
+const RELEASE: &str = "
+    UPDATE group_partitions SET owner = NULL
+     WHERE group_id = $1 AND topic = $2 AND partition = $3 AND owner = $4 AND epoch = $5";
+
+const COMMIT: &str = "
+    UPDATE group_partitions SET committed_offset = $6, committed_at = now()
+     WHERE group_id = $1 AND topic = $2 AND partition = $3 AND owner = $4 AND epoch = $5";
+
+const LEAVE: &str = "DELETE FROM group_members WHERE group_id = $1 AND member_id = $2";
+
+/// Members dead for a while are forgotten (their partitions are free already).
+const FORGET_DEAD: &str = "
+    DELETE FROM group_members
+     WHERE group_id = $1 AND heartbeat_at + session_timeout * 3 < now()";
+
+/// One member's view of its group. Connections come from a small pool, so
+/// one that dropped is replaced by the next heartbeat.
+pub struct Membership {
+    pub config: GroupConfig,
+    pool: deadpool_postgres::Pool,
+}
+
+impl Membership {
+    /// Joins the group (registers the member; creates partition rows).
+    pub async fn join(database_url: &str, config: GroupConfig) -> anyhow::Result<Membership> {
+        let pool = crate::db::pool(database_url, 2)?;
+        let membership = Membership { config, pool };
+        membership.register().await?;
+        membership
+            .client()
+            .await?
+            .execute(
+                ENSURE_PARTITIONS,
+                &[&membership.config.group_id, &membership.config.topics],
+            )
+            .await
+            .context("creating the group's partition rows")?;
+        Ok(membership)
+    }
+
+    async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
+        self.pool
+            .get()
+            .await
+            .context("no database connection for the group")
+    }
+
+    async fn register(&self) -> anyhow::Result<()> {
+        let c = &self.config;
+        self.client()
+            .await?
+            .execute(
+                JOIN,
+                &[
+                    &c.group_id,
+                    &c.member_id,
+                    &c.host,
+                    &c.client_id,
+                    &c.session_timeout.as_secs_f64(),
+                ],
+            )
+            .await
+            .context("joining the consumer group")?;
+        Ok(())
+    }
+
+    /// Heartbeats and rebalances once: returns what this member owns and
+    /// what it should hand over.
+    pub async fn heartbeat(&self) -> anyhow::Result<Rebalance> {
+        let c = &self.config;
+        let client = self.client().await?;
+        if client
+            .execute(HEARTBEAT, &[&c.group_id, &c.member_id])
+            .await?
+            == 0
+        {
+            // We were forgotten (a long pause): join again; our old epochs are fenced.
+            self.register().await?;
+        }
+        // Picks up partitions of topics created since we joined.
+        client
+            .execute(ENSURE_PARTITIONS, &[&c.group_id, &c.topics])
+            .await?;
+        client.execute(FORGET_DEAD, &[&c.group_id]).await?;
+        let live: Vec<String> = client
+            .query(LIVE_MEMBERS, &[&c.group_id])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let partitions: Vec<PartitionOwner> = client
+            .query(PARTITION_OWNERS, &[&c.group_id, &c.topics])
+            .await?
+            .iter()
+            .map(|r| PartitionOwner {
+                topic: r.get(0),
+                partition: r.get(1),
+                owner: r.get(2),
+                epoch: r.get(3),
+            })
+            .collect();
+        let plan = assign::plan(&live, &partitions, &c.member_id);
+        let mut owned = plan.keep;
+        for free in plan.claim {
+            let claimed = client
+                .query_opt(
+                    CLAIM,
+                    &[
+                        &c.group_id,
+                        &free.topic,
+                        &free.partition,
+                        &c.member_id,
+                        &free.owner,
+                        &free.epoch,
+                    ],
+                )
+                .await?;
+            if let Some(row) = claimed {
+                tracing::debug!(group = %c.group_id, topic = %free.topic, partition = free.partition, member = %c.member_id, "claimed partition");
+                owned.push(Assignment {
+                    topic: free.topic,
+                    partition: free.partition,
+                    epoch: row.get(0),
+                });
+            }
+        }
+        Ok(Rebalance {
+            owned,
+            to_release: plan.release,
+        })
+    }
+
+    /// Commits `offset` (the next offset to read) for `assignment`. Returns
+    /// false when fenced: the member no longer owns the partition at that epoch.
+    pub async fn commit(&self, assignment: &Assignment, offset: i64) -> anyhow::Result<bool> {
+        commit(&**self.client().await?, &self.config, assignment, offset).await
+    }
+
+    /// Hands a partition back (after its last commit).
+    pub async fn release(&self, assignment: &Assignment) -> anyhow::Result<()> {
+        let c = &self.config;
+        self.client()
+            .await?
+            .execute(
+                RELEASE,
+                &[
+                    &c.group_id,
+                    &assignment.topic,
+                    &assignment.partition,
+                    &c.member_id,
+                    &assignment.epoch,
+                ],
+            )
+            .await?;
+        tracing::debug!(group = %c.group_id, topic = %assignment.topic, partition = assignment.partition, "released partition");
+        Ok(())
+    }
+
+    /// Leaves the group: others see our partitions free at once.
+    pub async fn leave(&self) -> anyhow::Result<()> {
+        let c = &self.config;
+        self.client()
+            .await?
+            .execute(LEAVE, &[&c.group_id, &c.member_id])
+            .await?;
+        Ok(())
+    }
+}
+
+/// A fenced commit over any client.
+pub async fn commit(
+    client: &impl tokio_postgres::GenericClient,
+    config: &GroupConfig,
+    assignment: &Assignment,
+    offset: i64,
+) -> anyhow::Result<bool> {
+    let updated = client
+        .execute(
+            COMMIT,
+            &[
+                &config.group_id,
+                &assignment.topic,
+                &assignment.partition,
+                &config.member_id,
+                &assignment.epoch,
+                &offset,
+            ],
+        )
+        .await?;
+    Ok(updated == 1)
+}
+
+/// Where a partition's consumption starts: the committed offset, clamped
+/// into the retained log, or the reset policy's end when nothing is committed.
+pub async fn start_offset(
+    client: &impl tokio_postgres::GenericClient,
+    group_id: &str,
+    topic: &str,
+    partition: i32,
+    reset: OffsetReset,
+) -> anyhow::Result<i64> {
+    let row = client
+        .query_one(
+            "SELECT p.committed_offset, h.log_start_offset, h.log_end_offset
+               FROM partition_heads h
+               LEFT JOIN group_partitions p
+                 ON p.group_id = $1 AND p.topic = h.topic AND p.partition = h.partition
+              WHERE h.topic = $2 AND h.partition = $3",
+            &[&group_id, &topic, &partition],
+        )
+        .await?;
+    let (committed, start, end): (Option<i64>, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    Ok(match (committed, reset) {
+        (Some(offset), _) => offset.clamp(start, end),
+        (None, OffsetReset::Earliest) => start,
+        (None, OffsetReset::Latest) => end,
+    })
+}

@@ -1,0 +1,85 @@
+//! Consumer groups with Kafka's semantics, coordinated only through
+//! Postgres (docs/invariants.md, 6 and 7).
+//!
+//! * [`membership`]: a member heartbeats its row in `group_members`; it is
+//!   dead once `heartbeat_at + session_timeout` has passed. Each (group,
+//!   topic, partition) row in `group_partitions` has an owner and an epoch
+//!   that bumps on every change of owner; a commit succeeds only while
+//!   `owner = me AND epoch = my epoch`, so a member that lost a partition
+//!   cannot commit for it.
+//! * [`assign`]: the cooperative, incremental assignment as a pure function.
+//! * [`consumer`]: the runtime that runs a [`consumer::RecordHandler`] over
+//!   the records of the partitions a member owns.
+//! * [`admin`]: list and describe groups (the operator's view).
+//! * [`dead_letters`]: records a group's handler gave up on.
+
+pub mod admin;
+pub mod assign;
+pub mod consumer;
+pub mod dead_letters;
+pub mod membership;
+
+use std::time::Duration;
+
+pub use membership::{commit, start_offset, Membership};
+
+/// What a group with no committed offset for a partition starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    /// The log start offset: nothing already in the log is missed.
+    Earliest,
+    /// The log end offset: only records appended from now on.
+    Latest,
+}
+
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub member_id: String,
+    pub host: String,
+    pub client_id: String,
+    pub session_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub offset_reset: OffsetReset,
+}
+
+impl GroupConfig {
+    pub fn new(group_id: &str, topics: &[&str]) -> GroupConfig {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        GroupConfig {
+            group_id: group_id.to_string(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            member_id: format!(
+                "{group_id}-{host}-{}-{:06x}",
+                std::process::id(),
+                rand::random::<u32>() & 0xff_ffff
+            ),
+            host,
+            client_id: "outbox-relay".into(),
+            session_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
+            offset_reset: OffsetReset::Earliest,
+        }
+    }
+}
+
+/// A partition this member owns, at the epoch it was granted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Assignment {
+    pub topic: String,
+    pub partition: i32,
+    pub epoch: i64,
+}
+
+/// What one heartbeat decided.
+#[derive(Debug, Default)]
+pub struct Rebalance {
+    /// Every partition this member owns now (after claims).
+    pub owned: Vec<Assignment>,
+    /// Partitions this member should hand over: stop processing, commit,
+    /// then call [`Membership::release`].
+    pub to_release: Vec<Assignment>,
+}

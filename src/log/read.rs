@@ -1,0 +1,74 @@
+//! Reading a partition: records from an offset, in offset order, and the
+//! offset for a time (Kafka's `offsetsForTimes`).
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::GenericClient;
+
+use super::record::{Record, RECORD_COLUMNS};
+use super::topics::offsets_of;
+use super::LogError;
+
+/// `$1` topic, `$2` partition, from offset `$3` (at least the log start),
+/// at most `$4` records.
+static READ_RECORDS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {RECORD_COLUMNS}
+           FROM event_log e
+          WHERE e.topic = $1 AND e.partition = $2
+            AND e.\"offset\" >= greatest($3, (SELECT log_start_offset FROM partition_heads h
+                                               WHERE h.topic = $1 AND h.partition = $2))
+          ORDER BY e.\"offset\"
+          LIMIT $4"
+    )
+});
+
+/// Up to `max` records of a partition from offset `from` on, in offset order.
+/// Offsets below the log start offset are skipped (they expired).
+pub async fn read(
+    client: &impl GenericClient,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    max: i64,
+) -> Result<Vec<Record>, LogError> {
+    let rows = client
+        .query(READ_RECORDS.as_str(), &[&topic, &partition, &from, &max])
+        .await?;
+    Ok(rows.iter().map(Record::from_row).collect())
+}
+
+/// Kafka's `offsetsForTimes`: the first offset (in offset order) whose
+/// `created_at` is at or after `time`, or the log end offset when none is.
+///
+/// CreateTime is not monotonic, so the sparse time index keeps the running
+/// maximum of `created_at` per batch: the first index entry whose running
+/// maximum reaches `time` holds the answer, found by a short scan from there.
+pub async fn offset_for_time(
+    client: &impl GenericClient,
+    topic: &str,
+    partition: i32,
+    time: DateTime<Utc>,
+) -> Result<i64, LogError> {
+    let offsets = offsets_of(client, topic, partition).await?;
+    let row = client
+        .query_opt(
+            "SELECT base_offset FROM event_log_time_index
+             WHERE topic = $1 AND partition = $2 AND max_created_at >= $3 AND last_offset >= $4
+             ORDER BY max_created_at, base_offset LIMIT 1",
+            &[&topic, &partition, &time, &offsets.log_start_offset],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(offsets.log_end_offset);
+    };
+    let scan_from: i64 = row.get::<_, i64>(0).max(offsets.log_start_offset);
+    let found = client
+        .query_opt(
+            "SELECT \"offset\" FROM event_log
+             WHERE topic = $1 AND partition = $2 AND \"offset\" >= $3 AND created_at >= $4
+             ORDER BY \"offset\" LIMIT 1",
+            &[&topic, &partition, &scan_from, &time],
+        )
+        .await?;
+    Ok(found.map_or(offsets.log_end_offset, |r| r.get(0)))
+}

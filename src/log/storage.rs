@@ -1,0 +1,126 @@
+//! The log's storage: `event_log` is partitioned by append day, so
+//! retention moves each partition's log start offset and drops whole days;
+//! nothing is deleted row by row.
+
+use anyhow::Context;
+use chrono::{Duration, NaiveDate, Utc};
+use tokio_postgres::GenericClient;
+
+/// How many days of event_log partitions exist ahead of today.
+const DAYS_AHEAD: i64 = 3;
+
+/// Lock serialising DDL on the log's partitions (same key as migrations).
+pub(crate) const SCHEMA_LOCK_KEY: i64 = 0x6f75_7462_6f78; // "outbox"
+
+fn partition_name(day: NaiveDate) -> String {
+    format!("event_log_{}", day.format("%Y%m%d"))
+}
+
+/// Creates the day partitions of `event_log` from yesterday to a few days
+/// ahead, those that do not exist yet. Takes the schema lock: call inside a
+/// transaction.
+pub async fn ensure_day_partitions(tx: &impl GenericClient) -> anyhow::Result<()> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+        .await?;
+    let today = Utc::now().date_naive();
+    for ahead in -1..=DAYS_AHEAD {
+        let day = today + Duration::days(ahead);
+        let next = day + Duration::days(1);
+        let name = partition_name(day);
+        let exists: bool = tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .await?
+            .get(0);
+        if exists {
+            continue;
+        }
+        // Names and bounds come from dates we format ourselves, never from input.
+        let ddl = format!(
+            "CREATE TABLE {name} PARTITION OF event_log
+               FOR VALUES FROM ('{day} 00:00:00+00') TO ('{next} 00:00:00+00')
+               WITH (autovacuum_enabled = true)"
+        );
+        tx.batch_execute(&ddl)
+            .await
+            .with_context(|| format!("creating log partition {name}"))?;
+    }
+    Ok(())
+}
+
+/// What one retention pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    /// Partitions whose log start offset moved.
+    pub partitions_truncated: u64,
+    /// Whole day partitions dropped.
+    pub days_dropped: Vec<String>,
+}
+
+/// Moves each partition's log start offset past records older than its
+/// topic's retention (readers never see them again) and drops day partitions
+/// older than every topic's retention. Nothing is deleted row by row.
+pub async fn enforce_retention(
+    client: &mut tokio_postgres::Client,
+) -> anyhow::Result<RetentionOutcome> {
+    let tx = client.transaction().await?;
+    let truncated = tx
+        .execute(
+            "UPDATE partition_heads h
+                SET log_start_offset = s.new_start
+               FROM (SELECT h2.topic, h2.partition,
+                            coalesce((SELECT min(e.\"offset\") FROM event_log e
+                                       WHERE e.topic = h2.topic AND e.partition = h2.partition
+                                         AND e.\"offset\" >= h2.log_start_offset
+                                         AND e.appended_at >= now() - t.retention),
+                                     h2.log_end_offset) AS new_start
+                       FROM partition_heads h2 JOIN topics t ON t.name = h2.topic) s
+              WHERE h.topic = s.topic AND h.partition = s.partition
+                AND s.new_start > h.log_start_offset",
+            &[],
+        )
+        .await?;
+    tx.execute(
+        "DELETE FROM event_log_time_index i USING partition_heads h
+          WHERE i.topic = h.topic AND i.partition = h.partition AND i.last_offset < h.log_start_offset",
+        &[],
+    )
+    .await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+        .await?;
+    let max_retention_days: f64 = tx
+        .query_one(
+            "SELECT coalesce(extract(epoch FROM max(retention)) / 86400.0, 0)::float8 FROM topics",
+            &[],
+        )
+        .await?
+        .get(0);
+    let oldest_kept =
+        Utc::now().date_naive() - Duration::days(max_retention_days.ceil() as i64 + 1);
+    let days = tx
+        .query(
+            "SELECT c.relname FROM pg_inherits i
+               JOIN pg_class c ON c.oid = i.inhrelid
+              WHERE i.inhparent = 'event_log'::regclass ORDER BY c.relname",
+            &[],
+        )
+        .await?;
+    let mut dropped = Vec::new();
+    for row in days {
+        let name: String = row.get(0);
+        let Some(day) = name
+            .strip_prefix("event_log_")
+            .and_then(|d| NaiveDate::parse_from_str(d, "%Y%m%d").ok())
+        else {
+            continue;
+        };
+        if day < oldest_kept {
+            tx.batch_execute(&format!("DROP TABLE {name}")).await?;
+            dropped.push(name);
+        }
+    }
+    tx.commit().await?;
+    Ok(RetentionOutcome {
+        partitions_truncated: truncated,
+        days_dropped: dropped,
+    })
+}

@@ -1,0 +1,33 @@
+//! The Postgres side of an append: partition counts, advancing the heads,
+//! copying rows from the outbox into the log (payloads never leave
+//! Postgres), the sparse time index, and parking rows that cannot be placed.
+
+/// Partition counts come from the heads: they are the partitions that exist.
+pub(super) const PARTITION_COUNTS: &str =
+    "SELECT topic, count(*)::int4 FROM partition_heads GROUP BY topic";
+
+pub(super) const ADVANCE_HEADS: &str = "
+    UPDATE partition_heads h
+       SET log_end_offset = h.log_end_offset + v.n,
+           max_created_at = greatest(h.max_created_at, v.max_created_at)
+      FROM unnest($1::text[], $2::int4[], $3::int8[], $4::timestamptz[]) AS v(topic, partition, n, max_created_at)
+     WHERE h.topic = v.topic AND h.partition = v.partition
+    RETURNING h.topic, h.partition, h.log_end_offset - v.n, h.max_created_at";
+
+/// Copies rows from the outbox into the log; payloads never leave Postgres.
+pub(super) const APPEND_RECORDS: &str = "
+    INSERT INTO event_log (topic, partition, \"offset\", key, headers, payload, created_at, appended_at, outbox_id)
+    SELECT o.topic, v.partition, v.log_offset, o.key, o.headers, o.payload, o.created_at, now(), o.id
+      FROM unnest($1::int8[], $2::int4[], $3::int8[]) AS v(id, partition, log_offset)
+      JOIN outbox o ON o.id = v.id";
+
+pub(super) const APPEND_TIME_INDEX: &str = "
+    INSERT INTO event_log_time_index (topic, partition, base_offset, last_offset, max_created_at)
+    SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::int8[], $5::timestamptz[])";
+
+pub(super) const PARK_ROWS: &str = "
+    INSERT INTO outbox_parked (outbox_id, topic, key, payload, headers, created_at, reason)
+    SELECT o.id, o.topic, o.key, o.payload, o.headers, o.created_at, v.reason
+      FROM unnest($1::int8[], $2::text[]) AS v(id, reason)
+      JOIN outbox o ON o.id = v.id
+    ON CONFLICT (outbox_id) DO NOTHING";

@@ -1,0 +1,60 @@
+//! Which outbox rows move next: those visible in a newer snapshot and not in
+//! `relayed_snapshot` (PgQ's two-snapshot difference), in outbox id order,
+//! and the cursor that records how far a drain got.
+
+/// One page of a drain: rows visible in the target snapshot ($2) and not in
+/// the relayed one ($1), after outbox id $3, in id (insert) order.
+///
+/// Two branches so each is an index scan: transactions that started after
+/// the relayed snapshot, and those in progress in it that the target sees
+/// complete ($5, computed in Rust so the planner sees how few they are).
+pub(super) const SELECT_BATCH: &str = "
+    SELECT batch.txid::text, batch.id, batch.topic, batch.key, batch.created_at FROM (
+        (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
+          WHERE o.id > $3
+            AND o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
+            AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
+            AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)
+          ORDER BY o.id LIMIT $4)
+        UNION ALL
+        (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
+          WHERE o.txid = ANY ($5::text[]::xid8[]) AND o.id > $3
+          ORDER BY o.id LIMIT $4)
+    ) AS batch
+    ORDER BY batch.id LIMIT $4";
+
+/// Where a new drain starts: just below the smallest outbox id it holds.
+/// (`id + 0` keeps the planner from walking the id index up from the
+/// oldest relayed row: the transaction id range is the narrow side.)
+pub(super) const DRAIN_START: &str = "
+    SELECT least(
+        (SELECT min(o.id + 0) FROM outbox o
+          WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
+            AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
+            AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)),
+        (SELECT min(o.id + 0) FROM outbox o WHERE o.txid = ANY ($3::text[]::xid8[]))
+    ) - 1";
+
+/// Read-only check an idle leader runs: the current snapshot, and whether
+/// any outbox row became visible since `relayed_snapshot` ($1, with its
+/// in-progress transaction ids as $2). Only in-progress transactions that
+/// have since completed are looked up, so a large open writer costs nothing.
+pub(super) const PEEK: &str = "
+    WITH cur AS (SELECT pg_current_snapshot() AS snap)
+    SELECT cur.snap::text,
+           EXISTS (SELECT 1 FROM outbox o
+                    WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
+                      AND o.txid <  pg_snapshot_xmax(cur.snap)
+                      AND pg_visible_in_snapshot(o.txid, cur.snap))
+        OR EXISTS (SELECT 1 FROM unnest($2::text[]::xid8[]) AS x
+                    WHERE pg_visible_in_snapshot(x, cur.snap)
+                      AND EXISTS (SELECT 1 FROM outbox o WHERE o.txid = x))
+    FROM cur";
+
+pub(super) const SAVE_CURSOR: &str = "
+    UPDATE relay_state
+       SET relayed_snapshot = $3::text::pg_snapshot,
+           draining_snapshot = $4::text::pg_snapshot,
+           cursor_id = $5,
+           lease_expires_at = now() + make_interval(secs => $6)
+     WHERE relay = $1 AND epoch = $2";

@@ -1,0 +1,108 @@
+//! The relay lease: one row of `relay_state` per relay deployment holds the
+//! holder, an epoch and an expiry. Whoever takes the lease bumps the epoch;
+//! every batch locks the row *at its epoch*, so a leader that lost the lease
+//! can no longer append (docs/invariants.md, 6). All SQL on `relay_state`
+//! lives in the relay.
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+
+/// The `relay_state` row a relay uses unless configured otherwise (the
+/// schema creates it).
+pub const DEFAULT_RELAY_NAME: &str = "default";
+
+/// `host-pid-random`: unique per process, readable in `relay_state`.
+pub fn instance_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+pub(super) const ACQUIRE_LEASE: &str = "
+    UPDATE relay_state
+       SET holder = $2, epoch = epoch + 1, lease_expires_at = now() + make_interval(secs => $3)
+     WHERE relay = $1 AND (holder IS NULL OR holder = $2 OR lease_expires_at < now())
+    RETURNING epoch, relayed_snapshot::text, draining_snapshot IS NOT NULL";
+
+/// Renews the lease. An idle leader also records its last empty peek ($4)
+/// as relayed (nothing became visible between the two), but only over the
+/// relayed snapshot it peeked from ($5): never backwards.
+pub(super) const RENEW_LEASE: &str = "
+    UPDATE relay_state
+       SET lease_expires_at = now() + make_interval(secs => $3),
+           relayed_snapshot = CASE WHEN $4::text IS NOT NULL AND draining_snapshot IS NULL
+                                        AND relayed_snapshot::text = $5
+                                   THEN $4::text::pg_snapshot ELSE relayed_snapshot END
+     WHERE relay = $1 AND epoch = $2
+    RETURNING relayed_snapshot::text, draining_snapshot IS NOT NULL";
+
+pub(super) const RELEASE_LEASE: &str = "
+    UPDATE relay_state SET holder = NULL, lease_expires_at = '-infinity'
+     WHERE relay = $1 AND epoch = $2";
+
+pub(super) const LOCK_STATE_AT_EPOCH: &str = "
+    SELECT relayed_snapshot::text, draining_snapshot::text, cursor_id
+      FROM relay_state WHERE relay = $1 AND epoch = $2 FOR UPDATE";
+
+/// The lease and the backlog of one relay (`outbox-relay relay status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayStatus {
+    pub relay: String,
+    /// The process holding (or last holding) the lease.
+    pub holder: Option<String>,
+    /// Bumps at every change of leader; fences the previous one.
+    pub epoch: i64,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// A holder whose lease has not expired: someone is relaying.
+    pub leader_alive: bool,
+    /// A large difference is being moved in batches.
+    pub draining: bool,
+    /// Committed outbox rows not yet in the log.
+    pub backlog: i64,
+    /// Age of the oldest of them (by `created_at`), 0 when there are none.
+    pub oldest_age_seconds: f64,
+}
+
+/// Backlog rows: not visible in the relayed snapshot (committed later or
+/// in progress then), minus those a drain has already moved (visible in
+/// the drain's snapshot, at or below its cursor). Rows of transactions
+/// still open are invisible here, as they should be.
+const STATUS: &str = "
+    SELECT r.holder, r.epoch,
+           CASE WHEN r.lease_expires_at = '-infinity' THEN NULL ELSE r.lease_expires_at END,
+           r.holder IS NOT NULL AND r.lease_expires_at > now(),
+           r.draining_snapshot IS NOT NULL,
+           b.n, coalesce(extract(epoch FROM now() - b.oldest), 0)::float8
+      FROM relay_state r,
+      LATERAL (SELECT count(*) AS n, min(o.created_at) AS oldest FROM outbox o
+                WHERE (o.txid >= pg_snapshot_xmax(r.relayed_snapshot)
+                       OR o.txid IN (SELECT pg_snapshot_xip(r.relayed_snapshot)))
+                  AND NOT coalesce(pg_visible_in_snapshot(o.txid, r.draining_snapshot)
+                                   AND o.id <= r.cursor_id, false)) b
+     WHERE r.relay = $1";
+
+/// The status of relay `relay_name`.
+pub async fn status(
+    client: &impl tokio_postgres::GenericClient,
+    relay_name: &str,
+) -> anyhow::Result<RelayStatus> {
+    let row = client
+        .query_opt(STATUS, &[&relay_name])
+        .await?
+        .with_context(|| format!("no relay named {relay_name:?} in relay_state"))?;
+    Ok(RelayStatus {
+        relay: relay_name.to_string(),
+        holder: row.get(0),
+        epoch: row.get(1),
+        lease_expires_at: row.get(2),
+        leader_alive: row.get(3),
+        draining: row.get(4),
+        backlog: row.get(5),
+        oldest_age_seconds: f64::max(row.get(6), 0.0),
+    })
+}

@@ -1,6 +1,13 @@
 //! Connections: a deadpool pool for request/worker traffic, and single
-//! dedicated clients where a session must not be shared (migrations, LISTEN).
+//! dedicated clients where a session must not be shared (the relay's
+//! transactions, LISTEN, migrations).
+//!
+//! A process's roles get their connections through one [`Db`] handle, which
+//! keeps the budget: every pool and dedicated connection is reserved by
+//! name when a role is built, so the total a process may open is known (and
+//! refused) before anything starts, and `serve` logs it.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -74,4 +81,138 @@ pub fn describe(config: &Config) -> String {
     let port = config.get_ports().first().copied().unwrap_or(5432);
     let db = config.get_dbname().unwrap_or("(default)");
     format!("{host}:{port}/{db}")
+}
+
+/// The database of a process and its connection budget.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<DbInner>,
+}
+
+struct DbInner {
+    url: String,
+    /// At most this many connections in all (None: no limit).
+    limit: Option<usize>,
+    /// What each part of the process reserved: (purpose, connections).
+    reserved: Mutex<Vec<(&'static str, usize)>>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may hold a password.
+        f.debug_struct("Db")
+            .field("limit", &self.inner.limit)
+            .field("reserved", &self.reservations())
+            .finish()
+    }
+}
+
+impl Db {
+    /// A handle on `url` allowing at most `limit` connections in all.
+    pub fn new(url: &str, limit: Option<usize>) -> anyhow::Result<Db> {
+        parse_url(url)?;
+        Ok(Db {
+            inner: Arc::new(DbInner {
+                url: url.to_string(),
+                limit,
+                reserved: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// Reserves `connections` for `purpose`; fails once the budget is spent.
+    pub fn reserve(&self, purpose: &'static str, connections: usize) -> anyhow::Result<()> {
+        let mut reserved = self.inner.reserved.lock().expect("budget lock");
+        let total: usize = reserved.iter().map(|(_, n)| n).sum::<usize>() + connections;
+        if let Some(limit) = self.inner.limit.filter(|&limit| total > limit) {
+            let mut wanted: Vec<String> =
+                reserved.iter().map(|(p, n)| format!("{p} {n}")).collect();
+            wanted.push(format!("{purpose} {connections}"));
+            anyhow::bail!(
+                "this process's roles need {total} database connections ({}), more than \
+                 --max-db-connections {limit}",
+                wanted.join(", ")
+            );
+        }
+        reserved.push((purpose, connections));
+        Ok(())
+    }
+
+    /// A pool of `size` connections for `purpose`, reserved from the budget.
+    pub fn pool(&self, purpose: &'static str, size: usize) -> anyhow::Result<Pool> {
+        self.reserve(purpose, size)?;
+        pool(self.url(), size)
+    }
+
+    /// Opens a dedicated connection (reserve it once with [`Db::reserve`]:
+    /// a role that reconnects after an error reuses its reservation).
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        connect(self.url()).await
+    }
+
+    /// What has been reserved so far, by purpose.
+    pub fn reservations(&self) -> Vec<(&'static str, usize)> {
+        self.inner.reserved.lock().expect("budget lock").clone()
+    }
+
+    /// Connections reserved in all.
+    pub fn reserved_total(&self) -> usize {
+        self.reservations().iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// A URL alone: a handle without a budget (tests, one-shot commands).
+impl From<&str> for Db {
+    fn from(url: &str) -> Db {
+        Db {
+            inner: Arc::new(DbInner {
+                url: url.to_string(),
+                limit: None,
+                reserved: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+}
+
+impl From<String> for Db {
+    fn from(url: String) -> Db {
+        Db::from(url.as_str())
+    }
+}
+
+impl From<&String> for Db {
+    fn from(url: &String) -> Db {
+        Db::from(url.as_str())
+    }
+}
+
+impl From<&Db> for Db {
+    fn from(db: &Db) -> Db {
+        db.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_refuses_what_it_cannot_hold() {
+        let db = Db::new("postgres://u:secret@localhost/db", Some(10)).unwrap();
+        db.reserve("api", 6).unwrap();
+        db.reserve("relay", 2).unwrap();
+        let e = db.reserve("mail", 8).unwrap_err().to_string();
+        assert!(
+            e.contains("need 16") && e.contains("api 6, relay 2, mail 8"),
+            "{e}"
+        );
+        assert_eq!(db.reserved_total(), 8);
+        assert!(!format!("{db:?}").contains("secret"));
+        let unlimited = Db::from("postgres://localhost/db");
+        unlimited.reserve("anything", 1000).unwrap();
+    }
 }

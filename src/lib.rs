@@ -23,3 +23,24 @@ pub mod outbox;
 pub mod relay;
 pub mod service;
 pub mod shutdown;
+
+/// Every SQL statement of the modules that own the tables, by name
+/// (`module::CONSTANT`): tests/it/sql.rs prepares each against a migrated
+/// database, so a renamed column fails the tests rather than production.
+#[doc(hidden)]
+pub fn sql_statements() -> Vec<(&'static str, String)> {
+    [
+        outbox::statements(),
+        relay::statements(),
+        log::topics::statements(),
+        log::read::statements(),
+        log::storage::statements(),
+        group::membership::statements(),
+        group::admin::statements(),
+        group::dead_letters::statements(),
+        app::order::statements(),
+        app::api::statements(),
+        app::mail::statements(),
+    ]
+    .concat()
+}

@@ -38,3 +38,9 @@ pub async fn enqueue(
     .await?;
     Ok(())
 }
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    vec![("outbox::INSERT_OUTBOX", INSERT_OUTBOX.to_string())]
+}

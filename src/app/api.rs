@@ -25,6 +25,12 @@ pub fn routes() -> Router<AppState> {
         .route("/orders/{id}", get(get_order))
 }
 
+/// Binds the key to this order; 0 rows when a concurrent request with the
+/// key committed first.
+const CLAIM_IDEMPOTENCY_KEY: &str = "
+    INSERT INTO order_idempotency_keys (idempotency_key, request_body, order_id)
+    VALUES ($1, $2, $3) ON CONFLICT (idempotency_key) DO NOTHING";
+
 /// `POST /orders`: the order and its `OrderCreated` outbox row in one transaction.
 async fn create_order(
     State(state): State<AppState>,
@@ -91,11 +97,7 @@ async fn create_order(
     let order_id = order::insert(&tx, &new_order).await?;
     if let Some(key) = &idempotency_key {
         let claimed = tx
-            .execute(
-                "INSERT INTO order_idempotency_keys (idempotency_key, request_body, order_id)
-                 VALUES ($1, $2, $3) ON CONFLICT (idempotency_key) DO NOTHING",
-                &[key, &canonical, &order_id],
-            )
+            .execute(CLAIM_IDEMPOTENCY_KEY, &[key, &canonical, &order_id])
             .await?;
         if claimed == 0 {
             // A concurrent request with this key committed first: drop ours.
@@ -134,6 +136,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_string()))
 }
 
+/// Whether a key's first request had the same body, and its order.
+const EARLIER_ANSWER: &str = "
+    SELECT request_body = $2, order_id FROM order_idempotency_keys WHERE idempotency_key = $1";
+
 /// The first answer for a reused key: the same order for the same body, a
 /// 422 for a different body.
 async fn earlier_answer(
@@ -141,12 +147,7 @@ async fn earlier_answer(
     key: &str,
     canonical: &serde_json::Value,
 ) -> Result<Option<Response>, ApiError> {
-    let row = client
-        .query_opt(
-            "SELECT request_body = $2, order_id FROM order_idempotency_keys WHERE idempotency_key = $1",
-            &[&key, canonical],
-        )
-        .await?;
+    let row = client.query_opt(EARLIER_ANSWER, &[&key, canonical]).await?;
     match row {
         None => Ok(None),
         Some(row) if row.get::<_, bool>(0) => Ok(Some(created(row.get(1)))),
@@ -184,4 +185,16 @@ async fn get_order(
     let mut body = serde_json::to_value(order).map_err(ApiError::internal)?;
     body["confirmation_mail"] = serde_json::to_value(mail).map_err(ApiError::internal)?;
     Ok(Json(body).into_response())
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "app::api::CLAIM_IDEMPOTENCY_KEY",
+            CLAIM_IDEMPOTENCY_KEY.to_string(),
+        ),
+        ("app::api::EARLIER_ANSWER", EARLIER_ANSWER.to_string()),
+    ]
 }

@@ -160,12 +160,15 @@ pub struct Order {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+const INSERT_ORDER: &str =
+    "INSERT INTO orders (user_id, email, amount) VALUES ($1, $2, $3) RETURNING id";
+
 /// Inserts the order and its `OrderCreated` outbox row. Call inside a
 /// transaction: both rows commit together or not at all.
 pub async fn insert(tx: &Transaction<'_>, order: &NewOrder) -> Result<i64, tokio_postgres::Error> {
     let row = tx
         .query_one(
-            "INSERT INTO orders (user_id, email, amount) VALUES ($1, $2, $3) RETURNING id",
+            INSERT_ORDER,
             &[&order.user_id, &order.email.as_str(), &order.amount],
         )
         .await?;
@@ -190,16 +193,13 @@ pub fn order_created_payload(order_id: i64, order: &NewOrder) -> serde_json::Val
     })
 }
 
+const FIND_ORDER: &str = "SELECT id, user_id, email, amount, created_at FROM orders WHERE id = $1";
+
 pub async fn find(
     client: &impl GenericClient,
     order_id: i64,
 ) -> Result<Option<Order>, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT id, user_id, email, amount, created_at FROM orders WHERE id = $1",
-            &[&order_id],
-        )
-        .await?;
+    let row = client.query_opt(FIND_ORDER, &[&order_id]).await?;
     Ok(row.map(|r| Order {
         order_id: r.get(0),
         user_id: r.get(1),
@@ -207,6 +207,15 @@ pub async fn find(
         amount: r.get(3),
         created_at: r.get(4),
     }))
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        ("app::order::INSERT_ORDER", INSERT_ORDER.to_string()),
+        ("app::order::FIND_ORDER", FIND_ORDER.to_string()),
+    ]
 }
 
 #[cfg(test)]

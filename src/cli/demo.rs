@@ -11,6 +11,8 @@ use anyhow::{bail, Context};
 
 use super::serve::{MailArgs, Plan, Role};
 use super::{Cli, Database};
+use crate::app::order::ORDER_CREATED_TOPIC;
+use crate::log;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -70,38 +72,33 @@ pub async fn run(
     let client = crate::db::connect(url).await?;
     let ids: Vec<String> = placed.iter().map(|id| id.to_string()).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let rows = loop {
-        let rows = client
-            .query(
-                "SELECT partition, \"offset\", key, payload FROM event_log
-                 WHERE topic = $1 AND key = ANY($2) ORDER BY key::bigint",
-                &[&crate::app::order::ORDER_CREATED_TOPIC, &ids],
-            )
-            .await?;
-        if rows.len() == ids.len() {
-            break rows;
+    let records = loop {
+        let mut records = log::read::records_with_keys(&client, ORDER_CREATED_TOPIC, &ids).await?;
+        if records.len() == ids.len() {
+            records.sort_by_key(|r| r.key.as_deref().and_then(|k| k.parse::<i64>().ok()));
+            break records;
         }
         if tokio::time::Instant::now() > deadline {
             bail!("the relay did not move the sample orders into the log within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    writeln!(out, "\nin the event log (topic order-created):")?;
+    writeln!(out, "\nin the event log (topic {ORDER_CREATED_TOPIC}):")?;
     let mut per_partition: BTreeMap<i32, usize> = BTreeMap::new();
-    for (i, r) in rows.iter().enumerate() {
-        let partition: i32 = r.get(0);
-        *per_partition.entry(partition).or_default() += 1;
+    for (i, r) in records.iter().enumerate() {
+        *per_partition.entry(r.partition).or_default() += 1;
         if i < RECORDS_SHOWN {
-            let payload: serde_json::Value = r.get(3);
             writeln!(
                 out,
-                "  partition {partition} offset {} key {}  {payload}",
-                r.get::<_, i64>(1),
-                r.get::<_, String>(2),
+                "  partition {} offset {} key {}  {}",
+                r.partition,
+                r.offset,
+                r.key.as_deref().unwrap_or("-"),
+                r.payload
             )?;
         }
     }
-    if rows.len() > RECORDS_SHOWN {
+    if records.len() > RECORDS_SHOWN {
         let spread: Vec<String> = per_partition
             .iter()
             .map(|(p, n)| format!("{p}: {n}"))
@@ -109,7 +106,7 @@ pub async fn run(
         writeln!(
             out,
             "  … {} more; records per partition: {}",
-            rows.len() - RECORDS_SHOWN,
+            records.len() - RECORDS_SHOWN,
             spread.join(", ")
         )?;
     }

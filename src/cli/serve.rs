@@ -10,6 +10,7 @@ use clap::ValueEnum;
 
 use super::parse;
 use crate::app::mail::MailSettings;
+use crate::db::Db;
 use crate::group::OffsetReset;
 use crate::service::Supervisor;
 
@@ -43,9 +44,22 @@ pub struct ServeArgs {
     /// Seconds a relay lease lasts; a standby takes over after it expires (0.1 to 3600).
     #[arg(long, default_value = "3", value_parser = parse::lease)]
     pub relay_lease_secs: Duration,
+    /// Most database connections this process may open, all roles together
+    /// (the roles' needs are checked against it at start).
+    #[arg(long, env = "MAX_DB_CONNECTIONS", default_value_t = DEFAULT_MAX_DB_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_db_connections: u32,
     #[command(flatten)]
     pub mail: MailArgs,
 }
+
+/// Enough for every role in one process (api 16, relay 2, mail 28).
+pub const DEFAULT_MAX_DB_CONNECTIONS: u32 = 64;
+
+/// The order API's pool.
+const API_POOL_SIZE: usize = 16;
+/// The mail worker's pool (ledger reads and writes, dead letters).
+const MAIL_POOL_SIZE: usize = 16;
 
 /// `auto.offset.reset` for a group's partitions without a committed offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -108,19 +122,22 @@ pub struct Plan {
     pub listener: Option<std::net::TcpListener>,
     pub migrate: bool,
     pub relay_lease: Duration,
+    pub max_db_connections: u32,
     pub mail: Option<MailSettings>,
 }
 
 impl Plan {
     pub fn new(args: &ServeArgs, data_dir: &Path) -> anyhow::Result<Plan> {
-        Plan::for_roles(
+        let mut plan = Plan::for_roles(
             &args.roles,
             args.http_addr,
             !args.no_migrate,
             args.relay_lease_secs,
             &args.mail,
             data_dir,
-        )
+        )?;
+        plan.max_db_connections = args.max_db_connections;
+        Ok(plan)
     }
 
     pub fn for_roles(
@@ -149,6 +166,7 @@ impl Plan {
             listener,
             migrate,
             relay_lease,
+            max_db_connections: DEFAULT_MAX_DB_CONNECTIONS,
             mail,
         })
     }
@@ -160,46 +178,56 @@ impl Plan {
 
     /// Migrates (unless told not to), builds every role, then starts them.
     pub async fn start(self, url: &str) -> anyhow::Result<Supervisor> {
+        // Build everything first (no I/O yet): a failure here starts nothing.
+        let db = Db::new(url, Some(self.max_db_connections as usize))?;
+        let api_pool = match &self.listener {
+            Some(_) => Some(db.pool("api", API_POOL_SIZE)?),
+            None => None,
+        };
+        let relay = if self.roles.contains(&Role::Relay) {
+            let config = crate::relay::RelayConfig {
+                lease_ttl: self.relay_lease,
+                ..crate::relay::RelayConfig::default()
+            };
+            db.reserve("relay", 1)?;
+            db.reserve("relay upkeep", 1)?;
+            let relay = crate::relay::Relay::new(&db, config);
+            let maintenance = crate::relay::Maintenance::new(&relay);
+            Some((relay, maintenance))
+        } else {
+            None
+        };
+        let mail = match &self.mail {
+            Some(settings) => {
+                tracing::info!(transport = %settings.target, "mail worker ready");
+                let worker = crate::app::mail::MailWorker::from_settings(
+                    db.pool("mail worker", MAIL_POOL_SIZE)?,
+                    settings,
+                )?;
+                Some(crate::group::consumer::Consumer::new(
+                    "mail",
+                    &db,
+                    settings.consumer_config(),
+                    Arc::new(worker),
+                )?)
+            }
+            None => None,
+        };
+        tracing::debug!(connections = db.reserved_total(), reserved = ?db.reservations(), "database connection budget");
+
         if self.migrate {
             crate::migrate::apply_all(url).await?;
         } else {
             crate::migrate::require_current(url).await?;
         }
-        // Build everything first: a failure here starts nothing.
-        let api = match self.listener {
-            Some(listener) => {
-                let pool = crate::db::pool(url, 16)?;
+        let api = match (self.listener, api_pool) {
+            (Some(listener), Some(pool)) => {
                 crate::db::check(&pool).await?;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 tracing::info!(addr = %listener.local_addr()?, "order API listening");
                 Some(crate::http::ApiService::new(listener, pool))
             }
-            None => None,
-        };
-        let relay = self.roles.contains(&Role::Relay).then(|| {
-            let config = crate::relay::RelayConfig {
-                lease_ttl: self.relay_lease,
-                ..crate::relay::RelayConfig::default()
-            };
-            let relay = crate::relay::Relay::new(url, config);
-            let maintenance = crate::relay::Maintenance::new(url, &relay);
-            (relay, maintenance)
-        });
-        let mail = match &self.mail {
-            Some(settings) => {
-                tracing::info!(transport = %settings.target, "mail worker ready");
-                let worker = crate::app::mail::MailWorker::from_settings(
-                    crate::db::pool(url, 16)?,
-                    settings,
-                )?;
-                Some(crate::group::consumer::Consumer::new(
-                    "mail",
-                    url,
-                    settings.consumer_config(),
-                    Arc::new(worker),
-                ))
-            }
-            None => None,
+            _ => None,
         };
 
         let mut supervisor = Supervisor::new();

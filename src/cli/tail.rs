@@ -82,6 +82,12 @@ pub async fn run(url: &str, args: &TailArgs, out: &mut (dyn Write + Send)) -> an
         positions.push((p.partition, start));
     }
     let mut remaining = args.max.unwrap_or(u64::MAX);
+    // Following waits for the relay's notification rather than polling.
+    let mut appended = if args.follow {
+        Some(crate::log::notify::listen(url)?)
+    } else {
+        None
+    };
     loop {
         let mut progressed = false;
         for (partition, next) in positions.iter_mut() {
@@ -106,12 +112,15 @@ pub async fn run(url: &str, args: &TailArgs, out: &mut (dyn Write + Send)) -> an
             }
         }
         out.flush()?;
-        if remaining == 0 || !args.follow {
+        let Some(appended) = appended.as_mut().filter(|_| remaining > 0) else {
             return Ok(());
-        }
+        };
         if !progressed {
+            // A notification missed while reconnecting is caught by the
+            // slow re-read.
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = appended.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown::signal() => return Ok(()),
             }
         }

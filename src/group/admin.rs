@@ -34,39 +34,36 @@ pub struct GroupDescription {
     pub partitions: Vec<PartitionInfo>,
 }
 
+/// A group exists while it has partition rows or members.
+const LIST_GROUPS: &str =
+    "SELECT group_id FROM group_partitions UNION SELECT group_id FROM group_members ORDER BY 1";
+
 pub async fn list_groups(
     client: &impl tokio_postgres::GenericClient,
 ) -> anyhow::Result<Vec<String>> {
     Ok(client
-        .query(
-            "SELECT group_id FROM group_partitions UNION SELECT group_id FROM group_members ORDER BY 1",
-            &[],
-        )
+        .query(LIST_GROUPS, &[])
         .await?
         .iter()
         .map(|r| r.get(0))
         .collect())
 }
 
+const LIVE_MEMBERS: &str = "
+    SELECT member_id, host, client_id, heartbeat_at FROM group_members
+     WHERE group_id = $1 AND heartbeat_at + session_timeout > now() ORDER BY member_id";
+
+const GROUP_PARTITIONS: &str = "
+    SELECT p.topic, p.partition, p.committed_offset, h.log_end_offset, p.owner
+      FROM group_partitions p JOIN partition_heads h USING (topic, partition)
+     WHERE p.group_id = $1 ORDER BY p.topic, p.partition";
+
 pub async fn describe(
     client: &impl tokio_postgres::GenericClient,
     group: &str,
 ) -> anyhow::Result<Option<GroupDescription>> {
-    let members = client
-        .query(
-            "SELECT member_id, host, client_id, heartbeat_at FROM group_members
-              WHERE group_id = $1 AND heartbeat_at + session_timeout > now() ORDER BY member_id",
-            &[&group],
-        )
-        .await?;
-    let partitions = client
-        .query(
-            "SELECT p.topic, p.partition, p.committed_offset, h.log_end_offset, p.owner
-               FROM group_partitions p JOIN partition_heads h USING (topic, partition)
-              WHERE p.group_id = $1 ORDER BY p.topic, p.partition",
-            &[&group],
-        )
-        .await?;
+    let members = client.query(LIVE_MEMBERS, &[&group]).await?;
+    let partitions = client.query(GROUP_PARTITIONS, &[&group]).await?;
     if members.is_empty() && partitions.is_empty() {
         return Ok(None);
     }
@@ -156,4 +153,18 @@ pub async fn partition_lags(
             lag: r.get(4),
         })
         .collect())
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        ("group::admin::LIST_GROUPS", LIST_GROUPS.to_string()),
+        ("group::admin::LIVE_MEMBERS", LIVE_MEMBERS.to_string()),
+        (
+            "group::admin::GROUP_PARTITIONS",
+            GROUP_PARTITIONS.to_string(),
+        ),
+        ("group::admin::PARTITION_LAGS", PARTITION_LAGS.to_string()),
+    ]
 }

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
+use crate::db::Db;
 use crate::group::{Assignment, GroupConfig, Membership};
 use crate::log::{self, Record};
 use crate::shutdown::Shutdown;
@@ -78,27 +79,41 @@ impl PartitionWorker {
     }
 }
 
-/// A group member as a role of the process.
+/// Reads of the partitions' records, shared by a member's partition workers.
+const READ_POOL_SIZE: usize = 8;
+/// Heartbeats, claims, releases.
+const MEMBERSHIP_POOL_SIZE: usize = 2;
+
+/// A group member as a role of the process: its connections are reserved
+/// when it is built, its membership begins when it runs.
 pub struct Consumer<H> {
     name: &'static str,
-    database_url: String,
+    db: Db,
     config: ConsumerConfig,
     handler: Arc<H>,
+    reads: deadpool_postgres::Pool,
+    membership: deadpool_postgres::Pool,
 }
 
 impl<H: RecordHandler> Consumer<H> {
     pub fn new(
         name: &'static str,
-        database_url: &str,
+        db: impl Into<Db>,
         config: ConsumerConfig,
         handler: Arc<H>,
-    ) -> Consumer<H> {
-        Consumer {
+    ) -> anyhow::Result<Consumer<H>> {
+        let db = db.into();
+        let reads = db.pool("consumer reads", READ_POOL_SIZE)?;
+        let membership = db.pool("group membership", MEMBERSHIP_POOL_SIZE)?;
+        db.reserve("consumer LISTEN", 1)?;
+        Ok(Consumer {
             name,
-            database_url: database_url.to_string(),
+            db,
             config,
             handler,
-        }
+            reads,
+            membership,
+        })
     }
 }
 
@@ -108,21 +123,42 @@ impl<H: RecordHandler> crate::service::Service for Consumer<H> {
     }
 
     async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
-        run(&self.database_url, self.config, self.handler, shutdown).await
+        let membership = Membership::join_with(self.membership, self.config.group.clone()).await?;
+        run_member(
+            &self.db,
+            self.reads,
+            Arc::new(membership),
+            self.config,
+            self.handler,
+            shutdown,
+        )
+        .await
     }
 }
 
 /// Runs a group member until `shutdown`: heartbeats, rebalances, and one
 /// worker per owned partition.
 pub async fn run<H: RecordHandler>(
-    database_url: &str,
+    db: impl Into<Db>,
+    config: ConsumerConfig,
+    handler: Arc<H>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    use crate::service::Service;
+    Consumer::new("consumer", db, config, handler)?
+        .run(shutdown)
+        .await
+}
+
+async fn run_member<H: RecordHandler>(
+    db: &Db,
+    pool: deadpool_postgres::Pool,
+    membership: Arc<Membership>,
     config: ConsumerConfig,
     handler: Arc<H>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let membership = Arc::new(Membership::join(database_url, config.group.clone()).await?);
-    let pool = crate::db::pool(database_url, 8)?;
-    let appended = crate::log::notify::listen(database_url)?;
+    let appended = crate::log::notify::listen(db.url())?;
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut workers: HashMap<(String, i32), PartitionWorker> = HashMap::new();
     // Partitions being handed over: finishing their in-flight records.

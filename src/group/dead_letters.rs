@@ -5,6 +5,11 @@
 
 use crate::log::Record;
 
+const PARK: &str = "
+    INSERT INTO dead_letters (group_id, topic, partition, \"offset\", key, headers, payload, reason, attempts, last_error)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    ON CONFLICT (group_id, topic, partition, \"offset\") DO NOTHING";
+
 /// Parks a record for `group` (idempotent per event).
 pub async fn park_dead_letter(
     client: &impl tokio_postgres::GenericClient,
@@ -16,9 +21,7 @@ pub async fn park_dead_letter(
 ) -> anyhow::Result<()> {
     client
         .execute(
-            "INSERT INTO dead_letters (group_id, topic, partition, \"offset\", key, headers, payload, reason, attempts, last_error)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             ON CONFLICT (group_id, topic, partition, \"offset\") DO NOTHING",
+            PARK,
             &[
                 &group,
                 &record.topic,
@@ -83,6 +86,14 @@ pub struct DeadLetter {
     pub payload: serde_json::Value,
 }
 
+/// `$1` group and `$2` status, each NULL for any.
+const LIST: &str = "
+    SELECT id, group_id, topic, partition, \"offset\", key, status, reason, attempts,
+           last_error, parked_at, resolved_at, payload
+      FROM dead_letters
+     WHERE ($1::text IS NULL OR group_id = $1) AND ($2::text IS NULL OR status = $2)
+     ORDER BY id";
+
 /// Dead letters, optionally of one group and in one status, oldest first.
 pub async fn list_dead_letters(
     client: &impl tokio_postgres::GenericClient,
@@ -90,16 +101,7 @@ pub async fn list_dead_letters(
     status: Option<DeadLetterStatus>,
 ) -> anyhow::Result<Vec<DeadLetter>> {
     let status = status.map(DeadLetterStatus::as_str);
-    let rows = client
-        .query(
-            "SELECT id, group_id, topic, partition, \"offset\", key, status, reason, attempts,
-                    last_error, parked_at, resolved_at, payload
-               FROM dead_letters
-              WHERE ($1::text IS NULL OR group_id = $1) AND ($2::text IS NULL OR status = $2)
-              ORDER BY id",
-            &[&group, &status],
-        )
-        .await?;
+    let rows = client.query(LIST, &[&group, &status]).await?;
     Ok(rows
         .iter()
         .map(|r| DeadLetter {
@@ -120,6 +122,18 @@ pub async fn list_dead_letters(
         .collect())
 }
 
+/// Marks parked dead letters (`$1`, or all when NULL) retried and writes
+/// each record to the outbox again, in one statement.
+const RETRY: &str = "
+    WITH retried AS (
+        UPDATE dead_letters SET status = 'retried', resolved_at = now()
+         WHERE status = 'parked' AND ($1::int8 IS NULL OR id = $1)
+        RETURNING topic, partition, \"offset\", key, headers, payload)
+    INSERT INTO outbox (topic, key, payload, headers)
+    SELECT topic, key, payload,
+           headers || jsonb_build_object('retry-of', topic || '/' || partition || '/' || \"offset\")
+      FROM retried";
+
 /// Retries dead letters (one by id, or all parked ones when `id` is None)
 /// by publishing each record again through the outbox, with a `retry-of`
 /// header; the consumer then handles it as a new event. Returns how many.
@@ -128,44 +142,41 @@ pub async fn retry_dead_letters(
     id: Option<i64>,
 ) -> anyhow::Result<u64> {
     let tx = client.transaction().await?;
-    let retried = tx
-        .execute(
-            "WITH retried AS (
-                 UPDATE dead_letters SET status = 'retried', resolved_at = now()
-                  WHERE status = 'parked' AND ($1::int8 IS NULL OR id = $1)
-                 RETURNING topic, partition, \"offset\", key, headers, payload)
-             INSERT INTO outbox (topic, key, payload, headers)
-             SELECT topic, key, payload,
-                    headers || jsonb_build_object('retry-of', topic || '/' || partition || '/' || \"offset\")
-               FROM retried",
-            &[&id],
-        )
-        .await?;
+    let retried = tx.execute(RETRY, &[&id]).await?;
     tx.commit().await?;
     Ok(retried)
 }
+
+const DISCARD: &str = "
+    UPDATE dead_letters SET status = 'discarded', resolved_at = now() WHERE id = $1 AND status = 'parked'";
 
 /// Discards one parked dead letter. Returns false if there is none with that id.
 pub async fn discard_dead_letter(
     client: &impl tokio_postgres::GenericClient,
     id: i64,
 ) -> anyhow::Result<bool> {
-    let n = client
-        .execute(
-            "UPDATE dead_letters SET status = 'discarded', resolved_at = now() WHERE id = $1 AND status = 'parked'",
-            &[&id],
-        )
-        .await?;
+    let n = client.execute(DISCARD, &[&id]).await?;
     Ok(n == 1)
 }
 
+const PARKED_COUNT: &str = "SELECT count(*) FROM dead_letters WHERE status = 'parked'";
+
 /// How many dead letters wait for an operator.
 pub async fn parked_count(client: &impl tokio_postgres::GenericClient) -> anyhow::Result<i64> {
-    Ok(client
-        .query_one(
-            "SELECT count(*) FROM dead_letters WHERE status = 'parked'",
-            &[],
-        )
-        .await?
-        .get(0))
+    Ok(client.query_one(PARKED_COUNT, &[]).await?.get(0))
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        ("group::dead_letters::PARK", PARK.to_string()),
+        ("group::dead_letters::LIST", LIST.to_string()),
+        ("group::dead_letters::RETRY", RETRY.to_string()),
+        ("group::dead_letters::DISCARD", DISCARD.to_string()),
+        (
+            "group::dead_letters::PARKED_COUNT",
+            PARKED_COUNT.to_string(),
+        ),
+    ]
 }

@@ -5,6 +5,7 @@ use anyhow::Context;
 
 use super::assign::{self, PartitionOwner};
 use super::{Assignment, GroupConfig, OffsetReset, Rebalance};
+use crate::db::Db;
 
 const HEARTBEAT: &str = "
     UPDATE group_members SET heartbeat_at = now() WHERE group_id = $1 AND member_id = $2";
@@ -60,8 +61,16 @@ pub struct Membership {
 
 impl Membership {
     /// Joins the group (registers the member; creates partition rows).
-    pub async fn join(database_url: &str, config: GroupConfig) -> anyhow::Result<Membership> {
-        let pool = crate::db::pool(database_url, 2)?;
+    pub async fn join(db: impl Into<Db>, config: GroupConfig) -> anyhow::Result<Membership> {
+        let pool = db.into().pool("group membership", 2)?;
+        Membership::join_with(pool, config).await
+    }
+
+    /// Joins the group on a pool of the caller's.
+    pub async fn join_with(
+        pool: deadpool_postgres::Pool,
+        config: GroupConfig,
+    ) -> anyhow::Result<Membership> {
         let membership = Membership { config, pool };
         membership.register().await?;
         membership
@@ -228,6 +237,15 @@ pub async fn commit(
     Ok(updated == 1)
 }
 
+/// A partition's committed offset (NULL without a commit) and its log
+/// start and end offsets.
+const START_OFFSETS: &str = "
+    SELECT p.committed_offset, h.log_start_offset, h.log_end_offset
+      FROM partition_heads h
+      LEFT JOIN group_partitions p
+        ON p.group_id = $1 AND p.topic = h.topic AND p.partition = h.partition
+     WHERE h.topic = $2 AND h.partition = $3";
+
 /// Where a partition's consumption starts: the committed offset, clamped
 /// into the retained log, or the reset policy's end when nothing is committed.
 pub async fn start_offset(
@@ -238,14 +256,7 @@ pub async fn start_offset(
     reset: OffsetReset,
 ) -> anyhow::Result<i64> {
     let row = client
-        .query_one(
-            "SELECT p.committed_offset, h.log_start_offset, h.log_end_offset
-               FROM partition_heads h
-               LEFT JOIN group_partitions p
-                 ON p.group_id = $1 AND p.topic = h.topic AND p.partition = h.partition
-              WHERE h.topic = $2 AND h.partition = $3",
-            &[&group_id, &topic, &partition],
-        )
+        .query_one(START_OFFSETS, &[&group_id, &topic, &partition])
         .await?;
     let (committed, start, end): (Option<i64>, i64, i64) = (row.get(0), row.get(1), row.get(2));
     Ok(match (committed, reset) {
@@ -253,4 +264,31 @@ pub async fn start_offset(
         (None, OffsetReset::Earliest) => start,
         (None, OffsetReset::Latest) => end,
     })
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        ("group::membership::HEARTBEAT", HEARTBEAT.to_string()),
+        ("group::membership::JOIN", JOIN.to_string()),
+        (
+            "group::membership::ENSURE_PARTITIONS",
+            ENSURE_PARTITIONS.to_string(),
+        ),
+        ("group::membership::LIVE_MEMBERS", LIVE_MEMBERS.to_string()),
+        (
+            "group::membership::PARTITION_OWNERS",
+            PARTITION_OWNERS.to_string(),
+        ),
+        ("group::membership::CLAIM", CLAIM.to_string()),
+        ("group::membership::RELEASE", RELEASE.to_string()),
+        ("group::membership::COMMIT", COMMIT.to_string()),
+        ("group::membership::LEAVE", LEAVE.to_string()),
+        ("group::membership::FORGET_DEAD", FORGET_DEAD.to_string()),
+        (
+            "group::membership::START_OFFSETS",
+            START_OFFSETS.to_string(),
+        ),
+    ]
 }

@@ -37,6 +37,19 @@ pub async fn read(
     Ok(rows.iter().map(Record::from_row).collect())
 }
 
+/// The first retained time index entry whose running maximum `created_at`
+/// reaches `$3`.
+const TIME_INDEX_ENTRY: &str = "
+    SELECT base_offset FROM event_log_time_index
+     WHERE topic = $1 AND partition = $2 AND max_created_at >= $3 AND last_offset >= $4
+     ORDER BY max_created_at, base_offset LIMIT 1";
+
+/// The scan from that entry: the first offset from `$3` created at or after `$4`.
+const FIRST_OFFSET_AT: &str = "
+    SELECT \"offset\" FROM event_log
+     WHERE topic = $1 AND partition = $2 AND \"offset\" >= $3 AND created_at >= $4
+     ORDER BY \"offset\" LIMIT 1";
+
 /// Kafka's `offsetsForTimes`: the first offset (in offset order) whose
 /// `created_at` is at or after `time`, or the log end offset when none is.
 ///
@@ -52,9 +65,7 @@ pub async fn offset_for_time(
     let offsets = offsets_of(client, topic, partition).await?;
     let row = client
         .query_opt(
-            "SELECT base_offset FROM event_log_time_index
-             WHERE topic = $1 AND partition = $2 AND max_created_at >= $3 AND last_offset >= $4
-             ORDER BY max_created_at, base_offset LIMIT 1",
+            TIME_INDEX_ENTRY,
             &[&topic, &partition, &time, &offsets.log_start_offset],
         )
         .await?;
@@ -63,12 +74,43 @@ pub async fn offset_for_time(
     };
     let scan_from: i64 = row.get::<_, i64>(0).max(offsets.log_start_offset);
     let found = client
-        .query_opt(
-            "SELECT \"offset\" FROM event_log
-             WHERE topic = $1 AND partition = $2 AND \"offset\" >= $3 AND created_at >= $4
-             ORDER BY \"offset\" LIMIT 1",
-            &[&topic, &partition, &scan_from, &time],
-        )
+        .query_opt(FIRST_OFFSET_AT, &[&topic, &partition, &scan_from, &time])
         .await?;
     Ok(found.map_or(offsets.log_end_offset, |r| r.get(0)))
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+/// `$1` topic, records whose key is one of `$2`, in key then offset order
+/// (a scan of the topic: for small lookups such as the demo's).
+static RECORDS_WITH_KEYS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {RECORD_COLUMNS} FROM event_log e
+          WHERE e.topic = $1 AND e.key = ANY($2)
+          ORDER BY e.key, e.partition, e.\"offset\""
+    )
+});
+
+/// Every record of `topic` whose key is one of `keys`.
+pub async fn records_with_keys(
+    client: &impl GenericClient,
+    topic: &str,
+    keys: &[String],
+) -> Result<Vec<Record>, LogError> {
+    let rows = client
+        .query(RECORDS_WITH_KEYS.as_str(), &[&topic, &keys])
+        .await?;
+    Ok(rows.iter().map(Record::from_row).collect())
+}
+
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        ("log::read::READ_RECORDS", READ_RECORDS.to_string()),
+        (
+            "log::read::RECORDS_WITH_KEYS",
+            RECORDS_WITH_KEYS.to_string(),
+        ),
+        ("log::read::TIME_INDEX_ENTRY", TIME_INDEX_ENTRY.to_string()),
+        ("log::read::FIRST_OFFSET_AT", FIRST_OFFSET_AT.to_string()),
+    ]
 }

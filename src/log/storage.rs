@@ -12,6 +12,11 @@ const DAYS_AHEAD: i64 = 3;
 /// Lock serialising DDL on the log's partitions (same key as migrations).
 pub(crate) const SCHEMA_LOCK_KEY: i64 = 0x6f75_7462_6f78; // "outbox"
 
+/// Takes the schema lock (`$1`) until the transaction ends.
+const LOCK_SCHEMA: &str = "SELECT pg_advisory_xact_lock($1)";
+
+const RELATION_EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
+
 fn partition_name(day: NaiveDate) -> String {
     format!("event_log_{}", day.format("%Y%m%d"))
 }
@@ -20,17 +25,13 @@ fn partition_name(day: NaiveDate) -> String {
 /// ahead, those that do not exist yet. Takes the schema lock: call inside a
 /// transaction.
 pub async fn ensure_day_partitions(tx: &impl GenericClient) -> anyhow::Result<()> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
-        .await?;
+    tx.execute(LOCK_SCHEMA, &[&SCHEMA_LOCK_KEY]).await?;
     let today = Utc::now().date_naive();
     for ahead in -1..=DAYS_AHEAD {
         let day = today + Duration::days(ahead);
         let next = day + Duration::days(1);
         let name = partition_name(day);
-        let exists: bool = tx
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-            .await?
-            .get(0);
+        let exists: bool = tx.query_one(RELATION_EXISTS, &[&name]).await?.get(0);
         if exists {
             continue;
         }
@@ -56,6 +57,36 @@ pub struct RetentionOutcome {
     pub days_dropped: Vec<String>,
 }
 
+/// Moves each partition's log start offset to its first record inside its
+/// topic's retention (to the log end when none is).
+const ADVANCE_LOG_START: &str = "
+    UPDATE partition_heads h
+       SET log_start_offset = s.new_start
+      FROM (SELECT h2.topic, h2.partition,
+                   coalesce((SELECT min(e.\"offset\") FROM event_log e
+                              WHERE e.topic = h2.topic AND e.partition = h2.partition
+                                AND e.\"offset\" >= h2.log_start_offset
+                                AND e.appended_at >= now() - t.retention),
+                            h2.log_end_offset) AS new_start
+              FROM partition_heads h2 JOIN topics t ON t.name = h2.topic) s
+     WHERE h.topic = s.topic AND h.partition = s.partition
+       AND s.new_start > h.log_start_offset";
+
+/// Time index entries wholly below their partition's log start.
+const DELETE_EXPIRED_TIME_INDEX: &str = "
+    DELETE FROM event_log_time_index i USING partition_heads h
+     WHERE i.topic = h.topic AND i.partition = h.partition AND i.last_offset < h.log_start_offset";
+
+/// The longest retention of any topic, in days (0 without topics).
+const MAX_RETENTION_DAYS: &str =
+    "SELECT coalesce(extract(epoch FROM max(retention)) / 86400.0, 0)::float8 FROM topics";
+
+/// The day partitions of `event_log`, by name.
+const DAY_PARTITIONS: &str = "
+    SELECT c.relname FROM pg_inherits i
+      JOIN pg_class c ON c.oid = i.inhrelid
+     WHERE i.inhparent = 'event_log'::regclass ORDER BY c.relname";
+
 /// Moves each partition's log start offset past records older than its
 /// topic's retention (readers never see them again) and drops day partitions
 /// older than every topic's retention. Nothing is deleted row by row.
@@ -63,47 +94,13 @@ pub async fn enforce_retention(
     client: &mut tokio_postgres::Client,
 ) -> anyhow::Result<RetentionOutcome> {
     let tx = client.transaction().await?;
-    let truncated = tx
-        .execute(
-            "UPDATE partition_heads h
-                SET log_start_offset = s.new_start
-               FROM (SELECT h2.topic, h2.partition,
-                            coalesce((SELECT min(e.\"offset\") FROM event_log e
-                                       WHERE e.topic = h2.topic AND e.partition = h2.partition
-                                         AND e.\"offset\" >= h2.log_start_offset
-                                         AND e.appended_at >= now() - t.retention),
-                                     h2.log_end_offset) AS new_start
-                       FROM partition_heads h2 JOIN topics t ON t.name = h2.topic) s
-              WHERE h.topic = s.topic AND h.partition = s.partition
-                AND s.new_start > h.log_start_offset",
-            &[],
-        )
-        .await?;
-    tx.execute(
-        "DELETE FROM event_log_time_index i USING partition_heads h
-          WHERE i.topic = h.topic AND i.partition = h.partition AND i.last_offset < h.log_start_offset",
-        &[],
-    )
-    .await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
-        .await?;
-    let max_retention_days: f64 = tx
-        .query_one(
-            "SELECT coalesce(extract(epoch FROM max(retention)) / 86400.0, 0)::float8 FROM topics",
-            &[],
-        )
-        .await?
-        .get(0);
+    let truncated = tx.execute(ADVANCE_LOG_START, &[]).await?;
+    tx.execute(DELETE_EXPIRED_TIME_INDEX, &[]).await?;
+    tx.execute(LOCK_SCHEMA, &[&SCHEMA_LOCK_KEY]).await?;
+    let max_retention_days: f64 = tx.query_one(MAX_RETENTION_DAYS, &[]).await?.get(0);
     let oldest_kept =
         Utc::now().date_naive() - Duration::days(max_retention_days.ceil() as i64 + 1);
-    let days = tx
-        .query(
-            "SELECT c.relname FROM pg_inherits i
-               JOIN pg_class c ON c.oid = i.inhrelid
-              WHERE i.inhparent = 'event_log'::regclass ORDER BY c.relname",
-            &[],
-        )
-        .await?;
+    let days = tx.query(DAY_PARTITIONS, &[]).await?;
     let mut dropped = Vec::new();
     for row in days {
         let name: String = row.get(0);
@@ -123,4 +120,26 @@ pub async fn enforce_retention(
         partitions_truncated: truncated,
         days_dropped: dropped,
     })
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        ("log::storage::LOCK_SCHEMA", LOCK_SCHEMA.to_string()),
+        ("log::storage::RELATION_EXISTS", RELATION_EXISTS.to_string()),
+        (
+            "log::storage::ADVANCE_LOG_START",
+            ADVANCE_LOG_START.to_string(),
+        ),
+        (
+            "log::storage::DELETE_EXPIRED_TIME_INDEX",
+            DELETE_EXPIRED_TIME_INDEX.to_string(),
+        ),
+        (
+            "log::storage::MAX_RETENTION_DAYS",
+            MAX_RETENTION_DAYS.to_string(),
+        ),
+        ("log::storage::DAY_PARTITIONS", DAY_PARTITIONS.to_string()),
+    ]
 }

@@ -26,13 +26,11 @@ pub struct PartitionOffsets {
     pub log_end_offset: i64,
 }
 
+const LIST_TOPICS: &str =
+    "SELECT name, partitions, extract(epoch FROM retention)::bigint FROM topics ORDER BY name";
+
 pub async fn list_topics(client: &impl GenericClient) -> Result<Vec<Topic>, LogError> {
-    let rows = client
-        .query(
-            "SELECT name, partitions, extract(epoch FROM retention)::bigint FROM topics ORDER BY name",
-            &[],
-        )
-        .await?;
+    let rows = client.query(LIST_TOPICS, &[]).await?;
     Ok(rows
         .iter()
         .map(|r| Topic {
@@ -43,12 +41,12 @@ pub async fn list_topics(client: &impl GenericClient) -> Result<Vec<Topic>, LogE
         .collect())
 }
 
+const TOPIC: &str =
+    "SELECT name, partitions, extract(epoch FROM retention)::bigint FROM topics WHERE name = $1";
+
 pub async fn topic(client: &impl GenericClient, name: &str) -> Result<Topic, LogError> {
     let row = client
-        .query_opt(
-            "SELECT name, partitions, extract(epoch FROM retention)::bigint FROM topics WHERE name = $1",
-            &[&name],
-        )
+        .query_opt(TOPIC, &[&name])
         .await?
         .ok_or_else(|| LogError::UnknownTopic(name.to_string()))?;
     Ok(Topic {
@@ -57,6 +55,13 @@ pub async fn topic(client: &impl GenericClient, name: &str) -> Result<Topic, Log
         retention_seconds: row.get(2),
     })
 }
+
+const INSERT_TOPIC: &str =
+    "INSERT INTO topics (name, partitions, retention) VALUES ($1, $2, make_interval(secs => $3))";
+
+/// One head per partition, `0..$2`, each at offset 0.
+const INSERT_PARTITION_HEADS: &str =
+    "INSERT INTO partition_heads (topic, partition) SELECT $1, p FROM generate_series(0, $2 - 1) AS p";
 
 /// Creates a topic with its partition heads. Fails if it exists.
 pub async fn create_topic(
@@ -67,40 +72,32 @@ pub async fn create_topic(
 ) -> Result<(), LogError> {
     let tx = client.transaction().await?;
     let retention_seconds = retention.as_secs_f64();
-    tx.execute(
-        "INSERT INTO topics (name, partitions, retention) VALUES ($1, $2, make_interval(secs => $3))",
-        &[&name, &partitions, &retention_seconds],
-    )
-    .await
-    .map_err(|e| match e.code() {
-        Some(&SqlState::UNIQUE_VIOLATION) => LogError::TopicExists(name.to_string()),
-        Some(&SqlState::CHECK_VIOLATION) if e.to_string().contains("retention") => {
-            LogError::InvalidRetention
-        }
-        Some(&SqlState::CHECK_VIOLATION) => LogError::InvalidTopicName(name.to_string()),
-        _ => LogError::Db(e),
-    })?;
-    tx.execute(
-        "INSERT INTO partition_heads (topic, partition) SELECT $1, p FROM generate_series(0, $2 - 1) AS p",
-        &[&name, &partitions],
-    )
-    .await?;
+    tx.execute(INSERT_TOPIC, &[&name, &partitions, &retention_seconds])
+        .await
+        .map_err(|e| match e.code() {
+            Some(&SqlState::UNIQUE_VIOLATION) => LogError::TopicExists(name.to_string()),
+            Some(&SqlState::CHECK_VIOLATION) if e.to_string().contains("retention") => {
+                LogError::InvalidRetention
+            }
+            Some(&SqlState::CHECK_VIOLATION) => LogError::InvalidTopicName(name.to_string()),
+            _ => LogError::Db(e),
+        })?;
+    tx.execute(INSERT_PARTITION_HEADS, &[&name, &partitions])
+        .await?;
     tx.commit().await?;
     Ok(())
 }
+
+const PARTITION_OFFSETS: &str = "
+    SELECT partition, log_start_offset, log_end_offset FROM partition_heads
+     WHERE topic = $1 ORDER BY partition";
 
 /// Log start and end offsets of every partition of `topic`.
 pub async fn partition_offsets(
     client: &impl GenericClient,
     topic: &str,
 ) -> Result<Vec<PartitionOffsets>, LogError> {
-    let rows = client
-        .query(
-            "SELECT partition, log_start_offset, log_end_offset FROM partition_heads
-             WHERE topic = $1 ORDER BY partition",
-            &[&topic],
-        )
-        .await?;
+    let rows = client.query(PARTITION_OFFSETS, &[&topic]).await?;
     if rows.is_empty() {
         return Err(LogError::UnknownTopic(topic.to_string()));
     }
@@ -159,4 +156,26 @@ pub async fn all_partition_offsets(
             log_end_offset: r.get(3),
         })
         .collect())
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        ("log::topics::LIST_TOPICS", LIST_TOPICS.to_string()),
+        ("log::topics::TOPIC", TOPIC.to_string()),
+        ("log::topics::INSERT_TOPIC", INSERT_TOPIC.to_string()),
+        (
+            "log::topics::INSERT_PARTITION_HEADS",
+            INSERT_PARTITION_HEADS.to_string(),
+        ),
+        (
+            "log::topics::PARTITION_OFFSETS",
+            PARTITION_OFFSETS.to_string(),
+        ),
+        (
+            "log::topics::ALL_PARTITION_OFFSETS",
+            ALL_PARTITION_OFFSETS.to_string(),
+        ),
+    ]
 }

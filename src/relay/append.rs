@@ -31,3 +31,21 @@ pub(super) const PARK_ROWS: &str = "
       FROM unnest($1::int8[], $2::text[]) AS v(id, reason)
       JOIN outbox o ON o.id = v.id
     ON CONFLICT (outbox_id) DO NOTHING";
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(super) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "relay::append::PARTITION_COUNTS",
+            PARTITION_COUNTS.to_string(),
+        ),
+        ("relay::append::ADVANCE_HEADS", ADVANCE_HEADS.to_string()),
+        ("relay::append::APPEND_RECORDS", APPEND_RECORDS.to_string()),
+        (
+            "relay::append::APPEND_TIME_INDEX",
+            APPEND_TIME_INDEX.to_string(),
+        ),
+        ("relay::append::PARK_ROWS", PARK_ROWS.to_string()),
+    ]
+}

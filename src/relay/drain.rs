@@ -58,3 +58,14 @@ pub(super) const SAVE_CURSOR: &str = "
            cursor_id = $5,
            lease_expires_at = now() + make_interval(secs => $6)
      WHERE relay = $1 AND epoch = $2";
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(super) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        ("relay::drain::SELECT_BATCH", SELECT_BATCH.to_string()),
+        ("relay::drain::DRAIN_START", DRAIN_START.to_string()),
+        ("relay::drain::PEEK", PEEK.to_string()),
+        ("relay::drain::SAVE_CURSOR", SAVE_CURSOR.to_string()),
+    ]
+}

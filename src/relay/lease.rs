@@ -1,7 +1,7 @@
 //! The relay lease: one row of `relay_state` per relay deployment holds the
 //! holder, an epoch and an expiry. Whoever takes the lease bumps the epoch;
 //! every batch locks the row *at its epoch*, so a leader that lost the lease
-//! can no longer append (docs/invariants.md, 6). All SQL on `relay_state`
+//! can no longer append (docs/invariants.md, 5). All SQL on `relay_state`
 //! lives in the relay.
 
 use anyhow::Context;
@@ -105,4 +105,19 @@ pub async fn status(
         backlog: row.get(5),
         oldest_age_seconds: f64::max(row.get(6), 0.0),
     })
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(super) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        ("relay::lease::ACQUIRE_LEASE", ACQUIRE_LEASE.to_string()),
+        ("relay::lease::RENEW_LEASE", RENEW_LEASE.to_string()),
+        ("relay::lease::RELEASE_LEASE", RELEASE_LEASE.to_string()),
+        (
+            "relay::lease::LOCK_STATE_AT_EPOCH",
+            LOCK_STATE_AT_EPOCH.to_string(),
+        ),
+        ("relay::lease::STATUS", STATUS.to_string()),
+    ]
 }

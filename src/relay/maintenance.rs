@@ -20,7 +20,7 @@ const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
 const DELETE_CHUNK: i64 = 50_000;
 
 pub struct Maintenance {
-    database_url: String,
+    db: crate::db::Db,
     relay_name: String,
     leadership: Arc<AtomicBool>,
     client: Option<Client>,
@@ -36,9 +36,9 @@ pub struct MaintenanceOutcome {
 
 impl Maintenance {
     /// Upkeep that runs while `relay` leads.
-    pub fn new(database_url: &str, relay: &Relay) -> Maintenance {
+    pub fn new(relay: &Relay) -> Maintenance {
         Maintenance {
-            database_url: database_url.to_string(),
+            db: relay.db.clone(),
             relay_name: relay.config.relay_name.clone(),
             leadership: relay.leadership(),
             client: None,
@@ -49,7 +49,7 @@ impl Maintenance {
     /// One pass of upkeep (whether or not this process leads: callers check).
     pub async fn step(&mut self, shutdown: &Shutdown) -> anyhow::Result<MaintenanceOutcome> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(crate::db::connect(&self.database_url).await?);
+            self.client = Some(self.db.connect().await?);
         }
         let client = self.client.as_mut().expect("connected above");
         let mut outcome = MaintenanceOutcome::default();
@@ -111,6 +111,15 @@ impl crate::service::Service for Maintenance {
     }
 }
 
+/// Up to `$1` outbox rows of transactions that completed before relay `$2`'s
+/// `relayed_snapshot`.
+const DELETE_RELAYED: &str = "
+    DELETE FROM outbox o USING (
+        SELECT id FROM outbox
+         WHERE txid < (SELECT pg_snapshot_xmin(relayed_snapshot) FROM relay_state WHERE relay = $2)
+         LIMIT $1) d
+     WHERE o.id = d.id";
+
 /// Deletes up to `limit` outbox rows that are certainly in the log: those
 /// of transactions that completed before `relayed_snapshot` was taken.
 pub async fn delete_relayed_outbox_rows(
@@ -119,14 +128,16 @@ pub async fn delete_relayed_outbox_rows(
     limit: i64,
 ) -> anyhow::Result<u64> {
     let removed = client
-        .execute(
-            "DELETE FROM outbox o USING (
-                 SELECT id FROM outbox
-                  WHERE txid < (SELECT pg_snapshot_xmin(relayed_snapshot) FROM relay_state WHERE relay = $2)
-                  LIMIT $1) d
-              WHERE o.id = d.id",
-            &[&limit, &relay_name],
-        )
+        .execute(DELETE_RELAYED, &[&limit, &relay_name])
         .await?;
     Ok(removed)
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(super) fn statements() -> Vec<(&'static str, String)> {
+    vec![(
+        "relay::maintenance::DELETE_RELAYED",
+        DELETE_RELAYED.to_string(),
+    )]
 }

@@ -35,6 +35,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use tokio_postgres::Client;
 
+use crate::db::Db;
 use crate::shutdown::Shutdown;
 use batch::{AdvancedHead, PendingRow};
 use drain::{DRAIN_START, PEEK, SAVE_CURSOR, SELECT_BATCH};
@@ -103,9 +104,21 @@ enum Role {
     },
 }
 
+/// Plan every statement with its actual snapshot parameters: a generic plan
+/// cannot know the in-progress list is short.
+const FORCE_CUSTOM_PLANS: &str = "SET plan_cache_mode = force_custom_plan";
+
+const APPLICATION_NAME: &str = "SET application_name = 'outbox-relay'";
+
+/// The drain target when a drain starts without a peeked snapshot.
+const CURRENT_SNAPSHOT: &str = "SELECT pg_current_snapshot()::text";
+
+/// Wakes readers waiting on channel `$1`; delivered at commit.
+const NOTIFY_APPENDED: &str = "SELECT pg_notify($1, '')";
+
 /// The relay of one process. Call [`Relay::step`] (tests) or [`Relay::run`].
 pub struct Relay {
-    database_url: String,
+    db: Db,
     config: RelayConfig,
     client: Option<Client>,
     role: Role,
@@ -114,10 +127,12 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(database_url: impl Into<String>, config: RelayConfig) -> Relay {
+    /// A relay on `db` (its one connection is reserved by whoever builds
+    /// the process's roles).
+    pub fn new(db: impl Into<Db>, config: RelayConfig) -> Relay {
         let batch_size = config.min_batch;
         Relay {
-            database_url: database_url.into(),
+            db: db.into(),
             config,
             client: None,
             role: Role::Standby,
@@ -140,12 +155,10 @@ impl Relay {
 
     async fn client(&mut self) -> anyhow::Result<&mut Client> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            let client = crate::db::connect(&self.database_url).await?;
-            // Plan every statement with its actual snapshot parameters: a
-            // generic plan cannot know the in-progress list is short.
-            client
-                .batch_execute("SET plan_cache_mode = force_custom_plan; SET application_name = 'outbox-relay'")
-                .await?;
+            let client = self.db.connect().await?;
+            // Two statements, not one batch, so tests/it/sql.rs can prepare each.
+            client.batch_execute(FORCE_CUSTOM_PLANS).await?;
+            client.batch_execute(APPLICATION_NAME).await?;
             self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
@@ -295,11 +308,7 @@ impl Relay {
             None => {
                 let drain = match target {
                     Some(t) => t,
-                    None => Snapshot::parse(
-                        tx.query_one("SELECT pg_current_snapshot()::text", &[])
-                            .await?
-                            .get(0),
-                    )?,
+                    None => Snapshot::parse(tx.query_one(CURRENT_SNAPSHOT, &[]).await?.get(0))?,
                 };
                 let start: Option<i64> = tx
                     .query_one(
@@ -392,11 +401,8 @@ impl Relay {
                 &[&index.0, &index.1, &index.2, &index.3, &index.4],
             )
             .await?;
-            tx.execute(
-                "SELECT pg_notify($1, '')",
-                &[&crate::log::notify::APPENDED_CHANNEL],
-            )
-            .await?;
+            tx.execute(NOTIFY_APPENDED, &[&crate::log::notify::APPENDED_CHANNEL])
+                .await?;
         }
         if !plan.parked.is_empty() {
             let ids: Vec<i64> = plan.parked.iter().map(|r| r.id).collect();
@@ -534,4 +540,20 @@ impl crate::service::Service for Relay {
         Relay::run(self, shutdown).await;
         Ok(())
     }
+}
+
+/// The relay's SQL by name, its private submodules' included:
+/// tests/it/sql.rs prepares each statement against the migrated schema.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    let mut all = vec![
+        ("relay::FORCE_CUSTOM_PLANS", FORCE_CUSTOM_PLANS.to_string()),
+        ("relay::APPLICATION_NAME", APPLICATION_NAME.to_string()),
+        ("relay::CURRENT_SNAPSHOT", CURRENT_SNAPSHOT.to_string()),
+        ("relay::NOTIFY_APPENDED", NOTIFY_APPENDED.to_string()),
+    ];
+    all.extend(lease::statements());
+    all.extend(drain::statements());
+    all.extend(append::statements());
+    all.extend(maintenance::statements());
+    all
 }

@@ -755,3 +755,69 @@ async fn dead_letters_list_shows_resolved_ones_on_request() {
     assert_eq!(statuses.len(), 2);
     assert!(statuses.contains(&"discarded") && statuses.contains(&"parked"));
 }
+
+/// `tail --follow` prints records appended after it started, then stops at
+/// `--max`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follow_prints_records_appended_later() {
+    let db = TestDb::migrated().await;
+    let mut follower = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["tail", "order-created", "--follow", "--max", "3"])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = db.client().await;
+    let mut relay = db.relay();
+    // Append only once it follows: its LISTEN connection is up.
+    eventually(
+        "tail --follow to listen",
+        std::time::Duration::from_secs(20),
+        || async {
+            let listening = count(
+                &client,
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            )
+            .await;
+            (listening > 0).then_some(())
+        },
+    )
+    .await;
+    for i in 0..3 {
+        insert_event(
+            &client,
+            "order-created",
+            &format!("late-{i}"),
+            json!({ "i": i }),
+        )
+        .await;
+    }
+    drain(&mut relay).await;
+    let output = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let mut stdout = follower.stdout.take().unwrap();
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut text)
+            .await
+            .unwrap();
+        (follower.wait().await.unwrap(), text)
+    })
+    .await
+    .expect("tail --follow --max 3 exits once it printed 3 records");
+    assert!(output.0.success());
+    let keys: Vec<String> = output
+        .1
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["key"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec!["late-0", "late-1", "late-2"]);
+}

@@ -1,4 +1,4 @@
-//! Consumer groups (DESIGN.md invariants 6 and 7) against a real Postgres.
+//! Consumer groups against a real Postgres (docs/invariants.md, 6 and 7).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -12,3 +12,4 @@ mod migrate;
 mod project;
 mod relay;
 mod smtp;
+mod sql;

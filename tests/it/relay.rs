@@ -1,4 +1,4 @@
-//! Relay invariants (DESIGN.md 1–5) against a real Postgres.
+//! The relay against a real Postgres (docs/invariants.md, 1–5 and 11).
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -26,6 +26,13 @@ pub(super) const MARK_ATTEMPT_FAILED: &str = "
        SET attempts = mail_deliveries.attempts + 1, last_error = $7, updated_at = now()
     RETURNING attempts";
 
+/// Records the event as parked (`failed`), with the attempts it took.
+pub(super) const MARK_FAILED: &str = "
+    INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, status, attempts, last_error, key)
+    VALUES ($1, $2, $3, $4, $5, 'failed', $6, $7, $8)
+    ON CONFLICT (group_id, topic, partition, \"offset\")
+    DO UPDATE SET status = 'failed', attempts = $6, last_error = $7, updated_at = now()";
+
 /// One `sent` to record, and who waits for it.
 pub(super) struct SentMark {
     pub(super) topic: String,
@@ -163,6 +170,10 @@ pub async fn confirmation_mail(
     })
 }
 
+const SENT_COUNT_FOR_KEYS: &str = "
+    SELECT count(DISTINCT key) FROM mail_deliveries
+     WHERE group_id = $1 AND topic = $2 AND status = 'sent' AND key = ANY($3)";
+
 /// How many of `keys` have a `sent` confirmation (the demo waits on it).
 pub async fn sent_count_for_keys(
     client: &impl tokio_postgres::GenericClient,
@@ -170,10 +181,31 @@ pub async fn sent_count_for_keys(
 ) -> Result<i64, tokio_postgres::Error> {
     Ok(client
         .query_one(
-            "SELECT count(DISTINCT key) FROM mail_deliveries
-              WHERE group_id = $1 AND topic = $2 AND status = 'sent' AND key = ANY($3)",
+            SENT_COUNT_FOR_KEYS,
             &[&MAIL_GROUP, &crate::app::order::ORDER_CREATED_TOPIC, &keys],
         )
         .await?
         .get(0))
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(super) fn statements() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "app::mail::ledger::LEDGER_STATUS",
+            LEDGER_STATUS.to_string(),
+        ),
+        ("app::mail::ledger::MARK_SENT", MARK_SENT.to_string()),
+        (
+            "app::mail::ledger::MARK_ATTEMPT_FAILED",
+            MARK_ATTEMPT_FAILED.to_string(),
+        ),
+        ("app::mail::ledger::MARK_FAILED", MARK_FAILED.to_string()),
+        ("app::mail::ledger::MAIL_FOR_KEY", MAIL_FOR_KEY.to_string()),
+        (
+            "app::mail::ledger::SENT_COUNT_FOR_KEYS",
+            SENT_COUNT_FOR_KEYS.to_string(),
+        ),
+    ]
 }

@@ -30,7 +30,7 @@ use crate::group::consumer::RecordHandler;
 use crate::group::dead_letters::park_dead_letter;
 use crate::log::Record;
 pub use ledger::{confirmation_mail, sent_count_for_keys, ConfirmationMail};
-use ledger::{SentMark, LEDGER_STATUS, MARK_ATTEMPT_FAILED};
+use ledger::{SentMark, LEDGER_STATUS, MARK_ATTEMPT_FAILED, MARK_FAILED};
 pub use render::{message_id, render, OrderCreated};
 pub use transport::{MailTransport, PlainSmtpPool, SendOutcome, SmtpTarget};
 
@@ -349,11 +349,17 @@ impl MailWorker {
         let tx = client.transaction().await?;
         park_dead_letter(&*tx, &self.group, record, reason, attempts, last_error).await?;
         tx.execute(
-            "INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, status, attempts, last_error, key)
-             VALUES ($1, $2, $3, $4, $5, 'failed', $6, $7, $8)
-             ON CONFLICT (group_id, topic, partition, \"offset\")
-             DO UPDATE SET status = 'failed', attempts = $6, last_error = $7, updated_at = now()",
-            &[&self.group, &record.topic, &record.partition, &record.offset, &message_id(record), &attempts, &last_error, &record.key],
+            MARK_FAILED,
+            &[
+                &self.group,
+                &record.topic,
+                &record.partition,
+                &record.offset,
+                &message_id(record),
+                &attempts,
+                &last_error,
+                &record.key,
+            ],
         )
         .await?;
         tx.commit().await?;
@@ -369,6 +375,12 @@ impl RecordHandler for MailWorker {
     async fn handle(&self, record: Record) {
         self.process(&record).await;
     }
+}
+
+/// The mail worker's SQL by name (all of it is the ledger's): tests/it/sql.rs
+/// prepares each statement against the migrated schema.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    ledger::statements()
 }
 
 #[cfg(test)]

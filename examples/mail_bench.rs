@@ -65,7 +65,10 @@ async fn main() -> anyhow::Result<()> {
     let (trigger, shutdown) = outbox_relay::shutdown::channel();
     let worker = MailWorker::new(
         outbox_relay::db::pool(&url, 16)?,
-        SmtpTarget::parse(&smtp_url)?.transport(pool_size, Duration::from_secs(15))?,
+        SmtpTarget::parse(&smtp_url)?.transport(
+            pool_size,
+            outbox_relay::app::mail::Limits::new(Duration::from_secs(15)),
+        )?,
         "shop@example.com".parse()?,
         RetryPolicy::default(),
     );

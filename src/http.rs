@@ -7,6 +7,9 @@
 //! `code` is stable for clients to match on; nothing is written for a
 //! refused request.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,11 +18,25 @@ use axum::{Json, Router};
 use deadpool_postgres::Pool;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::shutdown::Shutdown;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A request's body must arrive within this.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request's headers must arrive within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once; more are answered 503 and closed.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// On shutdown, requests in flight get this long to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// An HTTP error: a status, a stable code and a human message.
 #[derive(Debug)]
@@ -115,15 +132,90 @@ impl crate::service::Service for ApiService {
 }
 
 /// Serves the API on `listener` until `shutdown` fires.
+///
+/// Each connection is HTTP/1.1 through hyper with the bounds a server open
+/// to clients needs: headers within [`HEADER_READ_TIMEOUT`], bodies within
+/// [`BODY_READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] at once. Requests so
+/// malformed that hyper refuses them before the application sees them (a
+/// broken request line, conflicting `Content-Length`s, a control byte in a
+/// header, more than 100 headers) get hyper's own empty 400 or 431.
 pub async fn serve(
     listener: TcpListener,
     pool: Pool,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(pool))
-        .with_graceful_shutdown(async move { shutdown.recv().await })
-        .await?;
+    let app = router(pool);
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let (stop, stopping) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a moment, go on.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.recv() => break,
+        };
+        while connections.try_join_next().is_some() {}
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            connections.spawn(refuse_busy(stream));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stopping = stopping.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let stop_requested = async move {
+                let _ = stopping.wait_for(|stop| *stop).await;
+            };
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop_requested => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("requests still in flight after the shutdown grace period; closing them");
+    }
     Ok(())
+}
+
+/// The answer to a connection over [`MAX_CONNECTIONS`]: the JSON error,
+/// then the connection is closed.
+async fn refuse_busy(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = json!({"error": {"code": "too_many_connections",
+        "message": "the server is at its connection limit; retry later"}})
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(response.as_bytes()),
+    )
+    .await;
 }
 
 async fn not_found() -> ApiError {

@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "mail_by_order",
         sql: include_str!("../sql/0003_mail_by_order.sql"),
     },
+    Migration {
+        version: 4,
+        name: "faults",
+        sql: include_str!("../sql/0004_faults.sql"),
+    },
 ];
 
 /// The version a fully migrated database reports.

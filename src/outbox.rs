@@ -16,6 +16,16 @@ pub struct OutboxMessage<'a> {
     pub headers: serde_json::Value,
 }
 
+/// Headers outbox-relay itself acts on. Writers cannot set them: the relay
+/// removes them from outbox rows (a payload or header a service passes
+/// through must not steer the relay or the mail worker).
+pub const RESERVED_HEADERS: &[&str] = &[RETRY_OF_HEADER];
+
+/// On a record republished from a dead letter: `topic/partition/offset` of
+/// the record it retries (the relay sets it from the outbox row's
+/// `retry_of` column, which only `dead-letters retry` writes).
+pub const RETRY_OF_HEADER: &str = "outbox-relay-retry-of";
+
 /// The statement every writer runs, in any language.
 pub const INSERT_OUTBOX: &str =
     "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4)";

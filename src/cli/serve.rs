@@ -87,16 +87,34 @@ pub struct MailArgs {
     /// Seconds without a heartbeat before a group member's partitions move (0.3 to 1800).
     #[arg(long, default_value = "10", value_parser = parse::session_timeout)]
     pub session_timeout_secs: Duration,
+    /// Static membership in the mail group (Kafka's group.instance.id): a
+    /// fixed member id per process, so a restarted process takes its
+    /// partitions back at once instead of after the session timeout. Give
+    /// every process its own (e.g. mail-1, mail-2).
+    #[arg(long, env = "GROUP_INSTANCE_ID", value_parser = parse::instance_id)]
+    pub group_instance_id: Option<String>,
     /// Where the mail group starts in a partition it has no committed offset
     /// for: `earliest` (no order missed) or `latest` (only new orders).
     #[arg(long, value_enum, default_value_t = OffsetResetArg::Earliest)]
     pub mail_offset_reset: OffsetResetArg,
-    /// Seconds an SMTP exchange may take before it counts as a transient failure (0.1 to 600).
+    /// Seconds to wait for the SMTP server at each step before the message
+    /// (connect, greeting, MAIL, RCPT, DATA); past it the attempt failed and
+    /// is retried (0.1 to 600).
     #[arg(long, default_value = "15", value_parser = parse::smtp_timeout)]
     pub smtp_timeout_secs: Duration,
-    /// Send attempts before a mail is parked as a dead letter (1 to 1000).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..=1000))]
-    pub mail_max_attempts: i32,
+    /// Seconds to wait for the final answer once the message was sent (RFC
+    /// 5321: 10 minutes); past it the outcome is unknown, not a failure
+    /// (0.1 to 3600).
+    #[arg(long, default_value = "600", value_parser = parse::smtp_final_reply_timeout)]
+    pub smtp_final_reply_timeout_secs: Duration,
+    /// How long after its first failed attempt a mail is still retried
+    /// (like an MTA's queue lifetime): 90s, 15m, 24h, 7d; 1s to 30d.
+    #[arg(long, default_value = "24h", value_parser = parse::retry_for)]
+    pub mail_retry_for: Duration,
+    /// Also stop after this many attempts (1 to 100000; default: no limit
+    /// but --mail-retry-for).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=100_000))]
+    pub mail_max_attempts: Option<i32>,
 }
 
 impl MailArgs {
@@ -104,8 +122,13 @@ impl MailArgs {
     pub fn settings(&self, data_dir: &Path) -> anyhow::Result<MailSettings> {
         let mut settings = MailSettings::new(self.smtp_url.as_deref(), &self.mail_from, data_dir)?;
         settings.pool_size = self.smtp_pool_size;
-        settings.timeout = self.smtp_timeout_secs;
+        settings.limits = crate::app::mail::Limits {
+            command: self.smtp_timeout_secs,
+            final_reply: self.smtp_final_reply_timeout_secs,
+        };
         settings.retry.max_attempts = self.mail_max_attempts;
+        settings.retry.retry_for = self.mail_retry_for;
+        settings.instance_id = self.group_instance_id.clone();
         settings.session_timeout = self.session_timeout_secs;
         settings.offset_reset = match self.mail_offset_reset {
             OffsetResetArg::Earliest => OffsetReset::Earliest,

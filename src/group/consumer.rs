@@ -29,7 +29,21 @@ use crate::shutdown::Shutdown;
 /// Processes one record. It returns once the record is finished: done, or
 /// parked as a dead letter. Transient failures are the handler's to retry.
 pub trait RecordHandler: Send + Sync + 'static {
-    fn handle(&self, record: Record) -> impl Future<Output = ()> + Send;
+    /// `lease` says under which ownership the record was read: a handler
+    /// that writes on the group's behalf fences those writes with it, as
+    /// the offset commit is fenced (docs/invariants.md, 6).
+    fn handle(&self, record: Record, lease: Arc<Lease>) -> impl Future<Output = ()> + Send;
+}
+
+/// A partition as one member owns it: the member, and the epoch its
+/// ownership began at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub group_id: String,
+    pub member_id: String,
+    pub topic: String,
+    pub partition: i32,
+    pub epoch: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -262,6 +276,17 @@ async fn run_member<H: RecordHandler>(
                     last_logged_assignment = assigned;
                 }
             }
+            Err(e)
+                if e.downcast_ref::<crate::group::membership::GroupError>()
+                    .is_some() =>
+            {
+                // Replaced by a newer incarnation: drop everything, commit nothing.
+                for (_, worker) in workers.drain().chain(handing_over.drain()) {
+                    worker.stop_now();
+                }
+                tasks.abort_all();
+                return Err(e);
+            }
             Err(e) => {
                 tracing::warn!(error = format!("{e:#}"), "group heartbeat failed; retrying");
                 // Near the session timeout others may take our partitions:
@@ -332,6 +357,13 @@ async fn run_partition<H: RecordHandler>(
         )
         .await?;
         drop(client);
+        let lease = Arc::new(Lease {
+            group_id: config.group.group_id.clone(),
+            member_id: config.group.member_id.clone(),
+            topic: assignment.topic.clone(),
+            partition: assignment.partition,
+            epoch: assignment.epoch,
+        });
         let mut partition = PartitionState::default();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(i64, Option<String>)>();
         let mut tasks = JoinSet::new();
@@ -364,10 +396,10 @@ async fn run_partition<H: RecordHandler>(
                 }
                 // Start the head record of every idle key.
                 for record in partition.take_ready() {
-                    let (handler, done) = (handler.clone(), done_tx.clone());
+                    let (handler, done, lease) = (handler.clone(), done_tx.clone(), lease.clone());
                     tasks.spawn(async move {
                         let (offset, key) = (record.offset, record.key.clone());
-                        handler.handle(record).await;
+                        handler.handle(record, lease).await;
                         let _ = done.send((offset, key));
                     });
                 }

@@ -129,14 +129,14 @@ const RETRY: &str = "
         UPDATE dead_letters SET status = 'retried', resolved_at = now()
          WHERE status = 'parked' AND ($1::int8 IS NULL OR id = $1)
         RETURNING topic, partition, \"offset\", key, headers, payload)
-    INSERT INTO outbox (topic, key, payload, headers)
-    SELECT topic, key, payload,
-           headers || jsonb_build_object('retry-of', topic || '/' || partition || '/' || \"offset\")
+    INSERT INTO outbox (topic, key, payload, headers, retry_of)
+    SELECT topic, key, payload, headers, topic || '/' || partition || '/' || \"offset\"
       FROM retried";
 
 /// Retries dead letters (one by id, or all parked ones when `id` is None)
-/// by publishing each record again through the outbox, with a `retry-of`
-/// header; the consumer then handles it as a new event. Returns how many.
+/// by publishing each record again through the outbox; the relay marks it
+/// with the reserved header [`crate::outbox::RETRY_OF_HEADER`] and the
+/// consumer handles it as a new event. Returns how many.
 pub async fn retry_dead_letters(
     client: &mut tokio_postgres::Client,
     id: Option<i64>,

@@ -7,13 +7,28 @@ use super::assign::{self, PartitionOwner};
 use super::{Assignment, GroupConfig, OffsetReset, Rebalance};
 use crate::db::Db;
 
+/// Only this incarnation's heartbeat counts (`$3`).
 const HEARTBEAT: &str = "
-    UPDATE group_members SET heartbeat_at = now() WHERE group_id = $1 AND member_id = $2";
+    UPDATE group_members SET heartbeat_at = now()
+     WHERE group_id = $1 AND member_id = $2 AND incarnation = $3";
 
+/// Registers (or re-registers) the member as incarnation `$6`.
 const JOIN: &str = "
-    INSERT INTO group_members (group_id, member_id, host, client_id, session_timeout)
-    VALUES ($1, $2, $3, $4, make_interval(secs => $5))
-    ON CONFLICT (group_id, member_id) DO UPDATE SET heartbeat_at = now()";
+    INSERT INTO group_members (group_id, member_id, host, client_id, session_timeout, incarnation)
+    VALUES ($1, $2, $3, $4, make_interval(secs => $5), $6)
+    ON CONFLICT (group_id, member_id) DO UPDATE
+       SET heartbeat_at = now(), host = $3, client_id = $4,
+           session_timeout = make_interval(secs => $5), incarnation = $6";
+
+/// A static member's new incarnation takes over what its previous one owned,
+/// at new epochs: the previous one (dead, or still running) is fenced.
+const RECLAIM: &str = "
+    UPDATE group_partitions SET epoch = epoch + 1
+     WHERE group_id = $1 AND owner = $2";
+
+/// Whether another incarnation of this member has registered since.
+const REPLACED: &str = "
+    SELECT incarnation FROM group_members WHERE group_id = $1 AND member_id = $2";
 
 /// Rows for every partition of the subscribed topics, so ownership can be
 /// claimed row by row.
@@ -46,6 +61,13 @@ const COMMIT: &str = "
      WHERE group_id = $1 AND topic = $2 AND partition = $3 AND owner = $4 AND epoch = $5";
 
 const LEAVE: &str = "DELETE FROM group_members WHERE group_id = $1 AND member_id = $2";
+
+/// Locks the partition's row while `$4` owns it at epoch `$5`, so a write
+/// made in the same transaction cannot race a takeover.
+const HOLD_OWNERSHIP: &str = "
+    SELECT 1 FROM group_partitions
+     WHERE group_id = $1 AND topic = $2 AND partition = $3 AND owner = $4 AND epoch = $5
+       FOR SHARE";
 
 /// Members dead for a while are forgotten (their partitions are free already).
 const FORGET_DEAD: &str = "
@@ -94,8 +116,8 @@ impl Membership {
 
     async fn register(&self) -> anyhow::Result<()> {
         let c = &self.config;
-        self.client()
-            .await?
+        let client = self.client().await?;
+        client
             .execute(
                 JOIN,
                 &[
@@ -104,10 +126,18 @@ impl Membership {
                     &c.host,
                     &c.client_id,
                     &c.session_timeout.as_secs_f64(),
+                    &c.incarnation,
                 ],
             )
             .await
             .context("joining the consumer group")?;
+        let reclaimed = client
+            .execute(RECLAIM, &[&c.group_id, &c.member_id])
+            .await?;
+        if reclaimed > 0 {
+            tracing::info!(group = %c.group_id, member = %c.member_id, partitions = reclaimed,
+                "took back the partitions of this member's previous incarnation");
+        }
         Ok(())
     }
 
@@ -117,10 +147,21 @@ impl Membership {
         let c = &self.config;
         let client = self.client().await?;
         if client
-            .execute(HEARTBEAT, &[&c.group_id, &c.member_id])
+            .execute(HEARTBEAT, &[&c.group_id, &c.member_id, &c.incarnation])
             .await?
             == 0
         {
+            let current: Option<String> = client
+                .query_opt(REPLACED, &[&c.group_id, &c.member_id])
+                .await?
+                .map(|r| r.get(0));
+            if current.is_some_and(|other| other != c.incarnation) {
+                // Kafka's FENCED_INSTANCE_ID: another process runs as us.
+                return Err(GroupError::Replaced {
+                    member: c.member_id.clone(),
+                }
+                .into());
+            }
             // We were forgotten (a long pause): join again; our old epochs are fenced.
             self.register().await?;
         }
@@ -268,8 +309,43 @@ pub async fn start_offset(
 
 /// This module's SQL by name: tests/it/sql.rs prepares each statement
 /// against the migrated schema.
+/// Inside a transaction: true while `lease` still holds its partition, and
+/// then until the transaction ends (the row is locked against a takeover).
+/// Writes a handler makes for the group are fenced with it, like commits.
+pub async fn hold_ownership(
+    tx: &tokio_postgres::Transaction<'_>,
+    lease: &crate::group::consumer::Lease,
+) -> anyhow::Result<bool> {
+    Ok(tx
+        .query_opt(
+            HOLD_OWNERSHIP,
+            &[
+                &lease.group_id,
+                &lease.topic,
+                &lease.partition,
+                &lease.member_id,
+                &lease.epoch,
+            ],
+        )
+        .await?
+        .is_some())
+}
+
+/// Why a member must stop.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("another process joined the group as member {member:?} (the same instance id); this one stops")]
+    Replaced { member: String },
+}
+
 pub(crate) fn statements() -> Vec<(&'static str, String)> {
     vec![
+        ("group::membership::RECLAIM", RECLAIM.to_string()),
+        ("group::membership::REPLACED", REPLACED.to_string()),
+        (
+            "group::membership::HOLD_OWNERSHIP",
+            HOLD_OWNERSHIP.to_string(),
+        ),
         ("group::membership::HEARTBEAT", HEARTBEAT.to_string()),
         ("group::membership::JOIN", JOIN.to_string()),
         (

@@ -36,7 +36,12 @@ pub enum OffsetReset {
 pub struct GroupConfig {
     pub group_id: String,
     pub topics: Vec<String>,
+    /// The member's identity: random per process, or the static instance
+    /// id (see [`GroupConfig::with_instance_id`]).
     pub member_id: String,
+    /// This start of the member: a newer incarnation of the same static
+    /// member fences an older one still running.
+    pub incarnation: String,
     pub host: String,
     pub client_id: String,
     pub session_timeout: Duration,
@@ -57,12 +62,23 @@ impl GroupConfig {
                 std::process::id(),
                 rand::random::<u32>() & 0xff_ffff
             ),
+            incarnation: format!("{}-{:08x}", std::process::id(), rand::random::<u32>()),
             host,
             client_id: "outbox-relay".into(),
             session_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(1),
             offset_reset: OffsetReset::Earliest,
         }
+    }
+
+    /// Static membership (Kafka's `group.instance.id`, KIP-345): the
+    /// member's identity survives restarts, so a member restarted with the
+    /// same id takes its partitions back at once instead of after the
+    /// session timeout; a second process running with the same id fences
+    /// the first.
+    pub fn with_instance_id(mut self, instance_id: &str) -> GroupConfig {
+        self.member_id = instance_id.to_string();
+        self
     }
 }
 

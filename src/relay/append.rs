@@ -2,9 +2,13 @@
 //! copying rows from the outbox into the log (payloads never leave
 //! Postgres), the sparse time index, and parking rows that cannot be placed.
 
-/// Partition counts come from the heads: they are the partitions that exist.
-pub(super) const PARTITION_COUNTS: &str =
-    "SELECT topic, count(*)::int4 FROM partition_heads GROUP BY topic";
+/// Each topic's partition count (`topics.partitions`, the one source of
+/// truth) and how many partition heads it has: the relay places records
+/// only in topics where the two agree (docs/invariants.md, 4 and 5).
+pub(super) const PARTITION_COUNTS: &str = "
+    SELECT t.name, t.partitions, count(h.partition)::int4
+      FROM topics t LEFT JOIN partition_heads h ON h.topic = t.name
+     GROUP BY t.name, t.partitions";
 
 pub(super) const ADVANCE_HEADS: &str = "
     UPDATE partition_heads h
@@ -15,9 +19,15 @@ pub(super) const ADVANCE_HEADS: &str = "
     RETURNING h.topic, h.partition, h.log_end_offset - v.n, h.max_created_at";
 
 /// Copies rows from the outbox into the log; payloads never leave Postgres.
+/// The headers are the writer's minus the reserved ones (`$4`), plus the
+/// retry header (`$5`) for a row `dead-letters retry` wrote.
 pub(super) const APPEND_RECORDS: &str = "
     INSERT INTO event_log (topic, partition, \"offset\", key, headers, payload, created_at, appended_at, outbox_id)
-    SELECT o.topic, v.partition, v.log_offset, o.key, o.headers, o.payload, o.created_at, now(), o.id
+    SELECT o.topic, v.partition, v.log_offset, o.key,
+           (o.headers - $4::text[])
+             || CASE WHEN o.retry_of IS NULL THEN '{}'::jsonb
+                     ELSE jsonb_build_object($5::text, o.retry_of) END,
+           o.payload, o.created_at, now(), o.id
       FROM unnest($1::int8[], $2::int4[], $3::int8[]) AS v(id, partition, log_offset)
       JOIN outbox o ON o.id = v.id";
 

@@ -23,11 +23,37 @@ pub fn instance_id() -> String {
     )
 }
 
+/// Takes the lease when it is free, ours, or expired; records our backend
+/// so a later standby can end it should this process freeze mid-batch.
 pub(super) const ACQUIRE_LEASE: &str = "
     UPDATE relay_state
-       SET holder = $2, epoch = epoch + 1, lease_expires_at = now() + make_interval(secs => $3)
+       SET holder = $2, epoch = epoch + 1, lease_expires_at = now() + make_interval(secs => $3),
+           holder_pid = pg_backend_pid()
      WHERE relay = $1 AND (holder IS NULL OR holder = $2 OR lease_expires_at < now())
     RETURNING epoch, relayed_snapshot::text, draining_snapshot IS NOT NULL";
+
+/// Ends the backend of a leader whose lease expired while it still holds
+/// the lease row (a frozen process keeps its transaction and its locks):
+/// only our own relay sessions in this database, never ourselves.
+pub(super) const END_EXPIRED_HOLDER: &str = "
+    SELECT a.pid, pg_terminate_backend(a.pid)
+      FROM relay_state r JOIN pg_stat_activity a ON a.pid = r.holder_pid
+     WHERE r.relay = $1 AND r.lease_expires_at < now()
+       AND a.datname = current_database() AND a.application_name = 'outbox-relay'
+       AND a.pid <> pg_backend_pid()";
+
+/// Every relay session: statements planned with their actual snapshot
+/// parameters (a generic plan cannot know the in-progress list is short),
+/// a name that `END_EXPIRED_HOLDER` recognises, and bounds derived from the
+/// lease so that a frozen holder's transaction ends by itself (`$1`: the
+/// idle-in-transaction and statement timeouts, `$2`: how long to wait for
+/// a row lock).
+pub(super) const SESSION_SETTINGS: &str = "
+    SELECT set_config('plan_cache_mode', 'force_custom_plan', false),
+           set_config('application_name', 'outbox-relay', false),
+           set_config('idle_in_transaction_session_timeout', $1, false),
+           set_config('statement_timeout', $1, false),
+           set_config('lock_timeout', $2, false)";
 
 /// Renews the lease. An idle leader also records its last empty peek ($4)
 /// as relayed (nothing became visible between the two), but only over the
@@ -42,7 +68,7 @@ pub(super) const RENEW_LEASE: &str = "
     RETURNING relayed_snapshot::text, draining_snapshot IS NOT NULL";
 
 pub(super) const RELEASE_LEASE: &str = "
-    UPDATE relay_state SET holder = NULL, lease_expires_at = '-infinity'
+    UPDATE relay_state SET holder = NULL, holder_pid = NULL, lease_expires_at = '-infinity'
      WHERE relay = $1 AND epoch = $2";
 
 pub(super) const LOCK_STATE_AT_EPOCH: &str = "
@@ -112,6 +138,14 @@ pub async fn status(
 pub(super) fn statements() -> Vec<(&'static str, String)> {
     vec![
         ("relay::lease::ACQUIRE_LEASE", ACQUIRE_LEASE.to_string()),
+        (
+            "relay::lease::END_EXPIRED_HOLDER",
+            END_EXPIRED_HOLDER.to_string(),
+        ),
+        (
+            "relay::lease::SESSION_SETTINGS",
+            SESSION_SETTINGS.to_string(),
+        ),
         ("relay::lease::RENEW_LEASE", RENEW_LEASE.to_string()),
         ("relay::lease::RELEASE_LEASE", RELEASE_LEASE.to_string()),
         (

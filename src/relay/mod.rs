@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::db::Db;
@@ -40,7 +41,10 @@ use crate::shutdown::Shutdown;
 use batch::{AdvancedHead, PendingRow};
 use drain::{DRAIN_START, PEEK, SAVE_CURSOR, SELECT_BATCH};
 pub use lease::{instance_id, status, RelayStatus, DEFAULT_RELAY_NAME};
-use lease::{ACQUIRE_LEASE, LOCK_STATE_AT_EPOCH, RELEASE_LEASE, RENEW_LEASE};
+use lease::{
+    ACQUIRE_LEASE, END_EXPIRED_HOLDER, LOCK_STATE_AT_EPOCH, RELEASE_LEASE, RENEW_LEASE,
+    SESSION_SETTINGS,
+};
 pub use maintenance::{delete_relayed_outbox_rows, Maintenance};
 pub use snapshot::Snapshot;
 
@@ -104,12 +108,6 @@ enum Role {
     },
 }
 
-/// Plan every statement with its actual snapshot parameters: a generic plan
-/// cannot know the in-progress list is short.
-const FORCE_CUSTOM_PLANS: &str = "SET plan_cache_mode = force_custom_plan";
-
-const APPLICATION_NAME: &str = "SET application_name = 'outbox-relay'";
-
 /// The drain target when a drain starts without a peeked snapshot.
 const CURRENT_SNAPSHOT: &str = "SELECT pg_current_snapshot()::text";
 
@@ -156,9 +154,10 @@ impl Relay {
     async fn client(&mut self) -> anyhow::Result<&mut Client> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             let client = self.db.connect().await?;
-            // Two statements, not one batch, so tests/it/sql.rs can prepare each.
-            client.batch_execute(FORCE_CUSTOM_PLANS).await?;
-            client.batch_execute(APPLICATION_NAME).await?;
+            let (bound, lock_wait) = session_bounds(self.config.lease_ttl);
+            client
+                .execute(SESSION_SETTINGS, &[&bound, &lock_wait])
+                .await?;
             self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
@@ -194,10 +193,23 @@ impl Relay {
             Role::Standby => {
                 let instance = self.config.instance_id.clone();
                 let client = self.client().await?;
-                let Some(row) = client
+                let acquired = match client
                     .query_opt(ACQUIRE_LEASE, &[&name, &instance, &ttl])
-                    .await?
-                else {
+                    .await
+                {
+                    Ok(row) => row,
+                    Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                        // Someone holds the lease row. If its lease expired, it
+                        // is frozen mid-batch: end its backend, take over next.
+                        for row in client.query(END_EXPIRED_HOLDER, &[&name]).await? {
+                            let pid: i32 = row.get(0);
+                            tracing::warn!(pid, "ended the backend of an expired relay leader that still held the lease row");
+                        }
+                        return Ok(StepOutcome::Standby);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let Some(row) = acquired else {
                     return Ok(StepOutcome::Standby);
                 };
                 let epoch: i64 = row.get(0);
@@ -346,12 +358,19 @@ impl Relay {
             .collect();
         let full = batch.len() as i64 == limit;
 
-        let partition_counts: HashMap<String, i32> = tx
-            .query(append::PARTITION_COUNTS, &[])
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        // Topics whose heads do not match their partition count are not
+        // placed (a wrong count would move keys): their rows are parked.
+        let mut partition_counts: HashMap<String, i32> = HashMap::new();
+        let mut mismatched: HashMap<String, (i32, i32)> = HashMap::new();
+        for row in tx.query(append::PARTITION_COUNTS, &[]).await? {
+            let (topic, partitions, heads): (String, i32, i32) =
+                (row.get(0), row.get(1), row.get(2));
+            if heads == partitions {
+                partition_counts.insert(topic, partitions);
+            } else {
+                mismatched.insert(topic, (partitions, heads));
+            }
+        }
         let mut plan = batch::plan(&batch, &partition_counts);
         if !plan.per_partition.is_empty() {
             let appends = plan.per_partition.iter();
@@ -379,7 +398,13 @@ impl Relay {
             let appended = tx
                 .execute(
                     append::APPEND_RECORDS,
-                    &[&records.ids, &records.partitions, &records.offsets],
+                    &[
+                        &records.ids,
+                        &records.partitions,
+                        &records.offsets,
+                        &crate::outbox::RESERVED_HEADERS,
+                        &crate::outbox::RETRY_OF_HEADER,
+                    ],
                 )
                 .await
                 .context("appending records to the event log")?;
@@ -409,12 +434,19 @@ impl Relay {
             let reasons: Vec<String> = plan
                 .parked
                 .iter()
-                .map(|r| format!("unknown topic {:?}", r.topic))
+                .map(|r| match mismatched.get(&r.topic) {
+                    Some((partitions, heads)) => format!(
+                        "topic {:?} has {partitions} partitions but {heads} partition heads",
+                        r.topic
+                    ),
+                    None => format!("unknown topic {:?}", r.topic),
+                })
                 .collect();
             tx.execute(append::PARK_ROWS, &[&ids, &reasons]).await?;
             tracing::warn!(
                 rows = plan.parked.len(),
-                "parked outbox rows for unknown topics"
+                reason = %reasons[0],
+                "parked outbox rows that cannot be placed"
             );
         }
         let (placed, parked) = (plan.placed.len(), plan.parked.len());
@@ -531,6 +563,20 @@ impl Relay {
     }
 }
 
+/// Server-side bounds of a relay session, from the lease: a transaction
+/// idle (or a statement running) longer than the lease, or at least a
+/// second, is ended by Postgres, so a frozen leader's locks go within about
+/// a lease; row locks are waited for at most a fifth of the lease (at most
+/// 200 ms), after which a standby looks for an expired holder to end.
+fn session_bounds(lease: Duration) -> (String, String) {
+    let bound = lease.max(Duration::from_secs(1));
+    let lock_wait = (lease / 5).min(Duration::from_millis(200));
+    (
+        format!("{}ms", bound.as_millis()),
+        format!("{}ms", lock_wait.as_millis().max(1)),
+    )
+}
+
 impl crate::service::Service for Relay {
     fn name(&self) -> &'static str {
         "relay"
@@ -546,8 +592,6 @@ impl crate::service::Service for Relay {
 /// tests/it/sql.rs prepares each statement against the migrated schema.
 pub(crate) fn statements() -> Vec<(&'static str, String)> {
     let mut all = vec![
-        ("relay::FORCE_CUSTOM_PLANS", FORCE_CUSTOM_PLANS.to_string()),
-        ("relay::APPLICATION_NAME", APPLICATION_NAME.to_string()),
         ("relay::CURRENT_SNAPSHOT", CURRENT_SNAPSHOT.to_string()),
         ("relay::NOTIFY_APPENDED", NOTIFY_APPENDED.to_string()),
     ];

@@ -336,3 +336,55 @@ async fn health_and_readiness() {
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(error_code(&response.json().await.unwrap()), "not_ready");
 }
+
+/// Sends `request` on a new connection; returns what came back before the
+/// server closed it or `limit` passed (the test fails on the deadline).
+async fn exchange(addr: &str, request: &[u8], limit: std::time::Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(limit, stream.read_to_end(&mut answer))
+        .await
+        .expect("the server answers and lets go of the connection in time")
+        .ok();
+    String::from_utf8_lossy(&answer).to_string()
+}
+
+/// Issue "faults", 5: clients that announce more than they send, or never
+/// finish their headers, get an answer (JSON where the application can
+/// shape it) and lose the connection, instead of holding it forever.
+#[tokio::test]
+async fn slow_and_lying_clients_are_answered_and_let_go() {
+    let api = TestApi::spawn().await;
+    let addr = api.base.trim_start_matches("http://").to_string();
+    let long = std::time::Duration::from_secs(20);
+
+    let announced_too_much = exchange(
+        &addr,
+        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"user_id\": 1}",
+        long,
+    )
+    .await;
+    assert!(
+        announced_too_much.starts_with("HTTP/1.1 413"),
+        "{announced_too_much}"
+    );
+    assert!(
+        announced_too_much.contains("\"payload_too_large\""),
+        "{announced_too_much}"
+    );
+
+    let stops_short = exchange(
+        &addr,
+        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{\"user_id\"",
+        long,
+    )
+    .await;
+    assert!(stops_short.starts_with("HTTP/1.1 408"), "{stops_short}");
+    assert!(stops_short.contains("\"request_timeout\""), "{stops_short}");
+
+    // Headers that never end: the connection is closed (hyper's own answer).
+    exchange(&addr, b"POST /orders HTTP/1.1\r\nHost: x\r\n", long).await;
+    assert_eq!(api.rows_written().await, 0);
+}

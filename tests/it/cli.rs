@@ -609,7 +609,7 @@ async fn dead_letters_cli_lists_retries_and_discards() {
     assert_eq!(
         count(
             &client,
-            "SELECT count(*) FROM outbox WHERE headers ? 'retry-of'"
+            "SELECT count(*) FROM outbox WHERE retry_of IS NOT NULL"
         )
         .await,
         1

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox_relay::group::consumer::{ConsumerConfig, RecordHandler};
+use outbox_relay::group::consumer::{ConsumerConfig, Lease, RecordHandler};
 use outbox_relay::group::{self, Membership};
 use outbox_relay::log::Record;
 use outbox_relay::shutdown;
@@ -33,7 +33,7 @@ impl Recorder {
 }
 
 impl RecordHandler for Recorder {
-    async fn handle(&self, record: Record) {
+    async fn handle(&self, record: Record, _lease: Arc<Lease>) {
         tokio::time::sleep(self.delay).await;
         self.seen
             .lock()
@@ -438,4 +438,61 @@ async fn offset_reset_policy_applies_to_partitions_without_a_commit() {
         m.trigger.trigger();
         m.task.await.unwrap();
     }
+}
+
+/// Static membership (Kafka's group.instance.id): a member that died
+/// (aborted: no leave, no release) and comes back with the same instance
+/// id takes its partitions back at once, well inside the session timeout;
+/// the newer incarnation fences an older one that is still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_static_member_takes_its_partitions_back_at_once() {
+    let db = TestDb::migrated().await;
+    let session = Duration::from_secs(20);
+    let start = |handler: Arc<Recorder>| {
+        let (trigger, shutdown) = shutdown::channel();
+        let mut group = fast_group_config("static").with_instance_id("mail-1");
+        group.session_timeout = session;
+        let config = ConsumerConfig::new(group);
+        let url = db.url.clone();
+        let task = tokio::spawn(async move {
+            outbox_relay::group::consumer::run(&url, config, handler, shutdown).await
+        });
+        (trigger, task)
+    };
+    let (_first_trigger, first) = start(Arc::new(Recorder::default()));
+    wait_for_even_spread(&db, "static", 1).await;
+    // A crash: the task is gone without leaving the group.
+    first.abort();
+    let _ = first.await;
+
+    let restarted_at = tokio::time::Instant::now();
+    let recorder = Arc::new(Recorder::default());
+    let (_second_trigger, second) = start(recorder.clone());
+    relay_events(&db, 40).await;
+    eventually(
+        "the restarted member to handle everything",
+        session,
+        || async { (recorder.distinct() == 40).then_some(()) },
+    )
+    .await;
+    assert!(
+        restarted_at.elapsed() < session / 2,
+        "took {:?}: partitions came back only after the session timeout",
+        restarted_at.elapsed()
+    );
+
+    // A third process with the same instance id fences the second.
+    let (_third_trigger, third) = start(Arc::new(Recorder::default()));
+    let fenced = tokio::time::timeout(Duration::from_secs(20), second)
+        .await
+        .expect("the replaced incarnation stops")
+        .unwrap();
+    let error = fenced.expect_err("a replaced member stops with an error");
+    assert!(
+        error
+            .to_string()
+            .contains("another process joined the group as member \"mail-1\""),
+        "{error:#}"
+    );
+    third.abort();
 }

@@ -3,12 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_relay::app::mail::{MailWorker, RetryPolicy, SmtpTarget, MAIL_GROUP};
+use outbox_relay::app::mail::{Delivery, Limits, MailWorker, RetryPolicy, SmtpTarget, MAIL_GROUP};
 use outbox_relay::app::order::{self, EmailAddress, NewOrder};
 use outbox_relay::group::consumer::ConsumerConfig;
+use outbox_relay::group::consumer::Lease;
 use outbox_relay::group::dead_letters::DeadLetterStatus;
 use outbox_relay::group::GroupConfig;
 use outbox_relay::shutdown::{self, ShutdownTrigger};
+use serde_json::json;
 
 use crate::harness::*;
 use crate::smtp::SmtpServer;
@@ -27,7 +29,7 @@ impl Pipeline {
             db.pool(8),
             SmtpTarget::parse(smtp_url)
                 .unwrap()
-                .transport(8, Duration::from_secs(2))
+                .transport(8, SMTP_LIMITS)
                 .unwrap(),
             "shop@example.com".parse().unwrap(),
             retry,
@@ -53,6 +55,12 @@ impl Pipeline {
     }
 }
 
+/// The pipeline's SMTP limits: 2 s per command, 4 s for the final answer.
+pub const SMTP_LIMITS: Limits = Limits {
+    command: Duration::from_secs(2),
+    final_reply: Duration::from_secs(4),
+};
+
 pub fn fast_group_config(group: &str) -> GroupConfig {
     let mut config = GroupConfig::new(group, &["order-created"]);
     config.session_timeout = Duration::from_millis(1500);
@@ -62,7 +70,8 @@ pub fn fast_group_config(group: &str) -> GroupConfig {
 
 pub fn fast_retry(max_attempts: i32) -> RetryPolicy {
     RetryPolicy {
-        max_attempts,
+        max_attempts: Some(max_attempts),
+        retry_for: Duration::from_secs(3600),
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(400),
     }
@@ -200,30 +209,71 @@ async fn transient_failures_are_retried_until_they_succeed() {
     assert_eq!(smtp.messages().len(), 2);
 }
 
-/// A server that stops answering mid-exchange costs a timeout per attempt,
-/// never a stuck worker: the mail is parked once the budget is spent.
+/// A server that takes the whole message and never answers: each attempt
+/// ends after the final-answer limit with an unknown outcome (the server
+/// may have the mail), never a stuck worker; when the retries end, the
+/// ledger says `unknown`, nothing is parked as failed, and the partition
+/// moves on (docs/invariants.md, 8 and 9).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_smtp_server_times_out_and_the_mail_is_parked() {
+async fn a_server_that_never_answers_the_message_is_an_unknown_outcome_not_a_dead_letter() {
     let db = TestDb::migrated().await;
     let smtp = SmtpServer::start(&["--hang"]).await;
-    // The pipeline's SMTP timeout is 2 s; two attempts.
+    // Final answers are awaited 4 s; two attempts.
     let pipeline = Pipeline::start(&db, &smtp.url(), fast_retry(2)).await;
     place_orders(&db, &["a@example.com"]).await;
     let client = db.client().await;
-    let reason: String = eventually("the mail to be parked", Duration::from_secs(30), || async {
-        client
-            .query_opt(
-                "SELECT last_error FROM dead_letters WHERE reason = 'retry budget spent'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .map(|r| r.get(0))
-    })
+    let (attempts, unknown, last_error): (i32, i32, String) = eventually(
+        "the outcome to be settled as unknown",
+        Duration::from_secs(30),
+        || async {
+            client
+                .query_opt(
+                    "SELECT attempts, unknown_outcomes, last_error FROM mail_deliveries WHERE status = 'unknown'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+        },
+    )
     .await;
-    assert!(reason.contains("timed out"), "{reason}");
+    assert_eq!((attempts, unknown), (2, 2));
+    assert!(
+        last_error.contains("no answer to the end of the message"),
+        "{last_error}"
+    );
+    assert_eq!(count(&client, "SELECT count(*) FROM dead_letters").await, 0);
     wait_until_caught_up(&db).await;
     pipeline.stop().await;
+}
+
+/// A server that answers `250` later than the per-command limit (2 s here,
+/// 15 s by default) but within the final-answer limit (4 s here, RFC 5321's
+/// 10 minutes by default): the worker waits for it, and one mail goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_final_answer_is_waited_for_and_the_order_gets_one_mail() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&["--delay-ms", "3000"]).await;
+    let pipeline = Pipeline::start(&db, &smtp.url(), fast_retry(5)).await;
+    place_orders(&db, &["late@example.com", "later@example.com"]).await;
+    wait_for_mails(&smtp, 2, Duration::from_secs(30)).await;
+    wait_until_caught_up(&db).await;
+    pipeline.stop().await;
+    assert_eq!(
+        smtp.messages().len(),
+        2,
+        "one mail per order, none repeated"
+    );
+    let client = db.client().await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT sum(attempts)::int8 FROM mail_deliveries WHERE status = 'sent'"
+        )
+        .await,
+        2,
+        "each sent at the first attempt"
+    );
 }
 
 /// A server that is down and comes back: nothing is lost meanwhile.
@@ -357,7 +407,7 @@ async fn dead_letters_can_be_retried_and_discarded() {
     .is_empty());
     let retried = count(
         &client,
-        "SELECT count(*) FROM event_log WHERE headers ? 'retry-of'",
+        "SELECT count(*) FROM event_log WHERE headers ? 'outbox-relay-retry-of'",
     )
     .await;
     assert_eq!(retried, 1);
@@ -438,4 +488,194 @@ async fn eml_files_are_named_by_order_id() {
             "{name}"
         );
     }
+}
+
+/// A worker of our own, driven record by record.
+fn worker(db: &TestDb, smtp_url: &str, retry: RetryPolicy) -> MailWorker {
+    MailWorker::new(
+        db.pool(4),
+        SmtpTarget::parse(smtp_url)
+            .unwrap()
+            .transport(4, SMTP_LIMITS)
+            .unwrap(),
+        "shop@example.com".parse().unwrap(),
+        retry,
+    )
+}
+
+/// The first record of the log (after relaying what the outbox holds), and
+/// a lease on its partition for `member` at the partition's current epoch.
+async fn first_record(db: &TestDb, member: &str) -> (outbox_relay::log::Record, Lease) {
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    relay.release().await.unwrap();
+    let client = db.client().await;
+    let (partition, offset): (i32, i64) = {
+        let row = client
+            .query_one(
+                "SELECT partition, \"offset\" FROM event_log ORDER BY outbox_id LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let record = outbox_relay::log::read(&client, "order-created", partition, offset, 1)
+        .await
+        .unwrap()
+        .remove(0);
+    let epoch: i64 = client
+        .query_one(
+            "INSERT INTO group_partitions (group_id, topic, partition, owner, epoch)
+             VALUES ('mail-service', 'order-created', $1, $2, 1)
+             ON CONFLICT (group_id, topic, partition) DO UPDATE SET owner = $2, epoch = group_partitions.epoch + 1
+             RETURNING epoch",
+            &[&partition, &member],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let lease = Lease {
+        group_id: MAIL_GROUP.into(),
+        member_id: member.into(),
+        topic: "order-created".into(),
+        partition,
+        epoch,
+    };
+    (record, lease)
+}
+
+/// Issue "faults", 3: a mail the server accepted is recorded even if the
+/// worker that sent it is stopped before the ledger write (a partition
+/// worker restarted after a database error); the restarted worker waits for
+/// that record and does not send the mail again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sent_mail_outlives_its_stopped_worker_and_is_not_sent_again() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&[]).await;
+    place_orders(&db, &["once@example.com"]).await;
+    let (record, lease) = first_record(&db, "member-a").await;
+    let worker = Arc::new(worker(&db, &smtp.url(), fast_retry(5)));
+
+    // The ledger cannot be written for now (as during a database restart).
+    let mut blocker = db.client().await;
+    let lock = blocker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE mail_deliveries IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let first = {
+        let (worker, record, lease) = (worker.clone(), record.clone(), lease.clone());
+        tokio::spawn(async move { worker.process(&record, &lease).await })
+    };
+    wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    assert!(
+        worker.is_recording(&record),
+        "the sent mark outlives the stopped worker"
+    );
+
+    let second = {
+        let (worker, record, lease) = (worker.clone(), record.clone(), lease.clone());
+        tokio::spawn(async move { worker.process(&record, &lease).await })
+    };
+    lock.rollback().await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the second worker finishes once the ledger is written")
+        .unwrap();
+    assert_eq!(delivery, Delivery::AlreadySent);
+    assert_eq!(smtp.messages().len(), 1, "the mail went out once");
+    let client = db.client().await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM mail_deliveries WHERE status = 'sent'"
+        )
+        .await,
+        1
+    );
+}
+
+/// Issue "faults", 4: a member that lost its partition writes nothing on
+/// the group's behalf: no failed-attempt mark, no dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_lost_its_partition_writes_nothing_to_the_ledger() {
+    let db = TestDb::migrated().await;
+    let smtp =
+        SmtpServer::start(&["--tempfail-first", "100", "--reject", "bounce@example.com"]).await;
+    place_orders(&db, &["a@example.com"]).await;
+    let (record, stale) = first_record(&db, "old-owner").await;
+    // Someone else owns the partition now (a new epoch).
+    first_record(&db, "new-owner").await;
+    let worker = worker(&db, &smtp.url(), fast_retry(5));
+    assert_eq!(worker.process(&record, &stale).await, Delivery::Fenced);
+    let client = db.client().await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM mail_deliveries").await,
+        0
+    );
+
+    // A permanent refusal is not parked by a stale member either.
+    let mut bounced = record.clone();
+    bounced.payload["email"] = json!("bounce@example.com");
+    assert_eq!(worker.process(&bounced, &stale).await, Delivery::Fenced);
+    assert_eq!(count(&client, "SELECT count(*) FROM dead_letters").await, 0);
+}
+
+/// Issue "faults", 7: a payload that is not an object is parked, not read
+/// by position; a header in outbox-relay's reserved namespace set by a
+/// writer is dropped by the relay, so it cannot steer the Message-ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_cannot_disguise_payloads_or_set_reserved_headers() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&[]).await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outbox (topic, key, payload, headers) VALUES
+               ('order-created', 'k', '[424242, 1, 99, \"array-payload@example.com\"]', '{}'),
+               ('order-created', 'k', '{\"order_id\": 5, \"user_id\": 1, \"amount\": 7, \"email\": \"real@example.com\"}',
+                '{\"outbox-relay-retry-of\": \"order-created/0/0\", \"event-type\": \"OrderCreated\"}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let pipeline = Pipeline::start(&db, &smtp.url(), fast_retry(5)).await;
+    wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;
+    wait_until_caught_up(&db).await;
+    pipeline.stop().await;
+    let mails = smtp.messages();
+    assert_eq!(mails.len(), 1, "the array payload is not mailed");
+    assert_eq!(mails[0].to, "real@example.com");
+    let (partition, offset): (i32, i64) = {
+        let row = client
+            .query_one(
+                "SELECT partition, \"offset\" FROM event_log WHERE payload ? 'order_id'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(
+        mails[0].message_id,
+        format!("<order-created.{partition}.{offset}@outbox-relay>"),
+        "its own Message-ID, not order-created.0.0's"
+    );
+    let headers: serde_json::Value = client
+        .query_one(
+            "SELECT headers FROM event_log WHERE payload ? 'order_id'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(headers, json!({"event-type": "OrderCreated"}));
+    let reason: String = client
+        .query_one("SELECT reason FROM dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.contains("not a JSON object"), "{reason}");
 }

@@ -630,3 +630,102 @@ async fn long_idle_with_an_open_writer_still_relays_its_row_once() {
     );
     assert_log_consistent(&client, "order-created").await;
 }
+
+/// Issue "faults", 1 (invariant 5): a leader frozen mid-batch keeps its
+/// transaction and the lock on the lease row. Once its lease has expired, a
+/// standby ends that backend and takes over within about a lease, instead
+/// of waiting on the lock for as long as the leader is frozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_holding_the_lease_row_does_not_stall_the_takeover() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    // The frozen leader: a relay session that took the lease (its lease
+    // runs out in a second) and stopped inside a batch transaction.
+    let mut frozen = db.client().await;
+    frozen
+        .batch_execute(
+            "SET application_name = 'outbox-relay';
+             UPDATE relay_state SET holder = 'frozen-leader', epoch = epoch + 1,
+                    holder_pid = pg_backend_pid(), lease_expires_at = now() + interval '1 second'",
+        )
+        .await
+        .unwrap();
+    let batch = frozen.transaction().await.unwrap();
+    batch
+        .batch_execute("SELECT 1 FROM relay_state WHERE relay = 'default' FOR UPDATE")
+        .await
+        .unwrap();
+    insert_event(&client, "order-created", "after-the-freeze", json!({})).await;
+
+    let mut standby = db.relay();
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match standby.step().await {
+                Ok(StepOutcome::BecameLeader { .. }) => return,
+                // Not yet: the lease has not expired, or the row was busy.
+                Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("a standby takes over from a frozen leader");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    drain(&mut standby).await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM event_log WHERE key = 'after-the-freeze'"
+        )
+        .await,
+        1
+    );
+    // The frozen leader's session was ended: it can append nothing.
+    assert!(batch.batch_execute("SELECT 1").await.is_err());
+    assert_log_consistent(&client, "order-created").await;
+}
+
+/// Issue "faults", 6: a topic's partition count has one source of truth.
+/// An extra partition head is refused, so keys are never re-partitioned.
+#[tokio::test]
+async fn an_extra_partition_head_is_refused() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let refused = client
+        .execute(
+            "INSERT INTO partition_heads (topic, partition) VALUES ('order-created', 8)",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let message = refused
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("no partition 8"), "{refused:?}");
+    // And should the heads and the count disagree anyway, the relay parks
+    // the topic's rows rather than place them by the wrong count.
+    client
+        .batch_execute(
+            "ALTER TABLE partition_heads DISABLE TRIGGER partition_heads_within_topic;
+             INSERT INTO partition_heads (topic, partition) VALUES ('order-created', 8);",
+        )
+        .await
+        .unwrap();
+    insert_event(&client, "order-created", "k", json!({})).await;
+    drain(&mut db.relay()).await;
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 0);
+    let reason: String = client
+        .query_one("SELECT reason FROM outbox_parked", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        reason.contains("8 partitions but 9 partition heads"),
+        "{reason}"
+    );
+}

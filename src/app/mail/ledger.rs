@@ -1,14 +1,34 @@
-//! The delivery ledger (`mail_deliveries`): one row per (group, event),
-//! `pending` → `sent` | `failed`; `sent` marks written in batches; and what
-//! it tells about one order's mail.
+//! The delivery ledger (`mail_deliveries`): one row per (group, event).
+//!
+//! `pending` (an attempt failed, more will come) → `sent` | `failed`
+//! (parked as a dead letter) | `unknown` (the message reached the server but
+//! no final answer came, and the retries ended without a definite one).
+//!
+//! * `sent` is a fact about the world: it is recorded whoever sent the mail
+//!   (even a member that meanwhile lost the partition) and nothing ever
+//!   replaces it.
+//! * Every other write is fenced like an offset commit: only the member that
+//!   owns the partition at its epoch may write it (docs/invariants.md, 6).
+//! * `sent` marks are written in batches by one writer per process, which
+//!   keeps each mark until it is in the ledger: a partition worker that is
+//!   restarted (say, after a database restart) finds the mark still waiting
+//!   and does not send the mail again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
 
 use super::MAIL_GROUP;
+use crate::group::consumer::Lease;
 
 pub(super) const LEDGER_STATUS: &str = "
     SELECT status, attempts FROM mail_deliveries
      WHERE group_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" = $4";
 
 /// Records `sent` for a batch of events in one statement (one commit).
+/// Never fenced: the mail went out, whoever sent it.
 pub(super) const MARK_SENT: &str = "
     INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", key, message_id, recipient, status, attempts, sent_at)
     SELECT $1, v.topic, v.partition, v.log_offset, v.key, v.message_id, v.recipient, 'sent', 1, now()
@@ -16,24 +36,52 @@ pub(super) const MARK_SENT: &str = "
            AS v(topic, partition, log_offset, message_id, recipient, key)
     ON CONFLICT (group_id, topic, partition, \"offset\") DO UPDATE
        SET status = 'sent', attempts = mail_deliveries.attempts + 1, sent_at = now(),
-           last_error = NULL, updated_at = now()";
+           last_error = NULL, updated_at = now()
+     WHERE mail_deliveries.status <> 'sent'";
 
-/// Records a failed attempt; the event stays `pending`.
-pub(super) const MARK_ATTEMPT_FAILED: &str = "
-    INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, recipient, status, attempts, last_error, key)
-    VALUES ($1, $2, $3, $4, $5, $6, 'pending', 1, $7, $8)
+/// Records an attempt that did not deliver (`$9` true: its outcome is
+/// unknown); the event stays `pending`. Fenced by the partition's owner
+/// (`$10`) and epoch (`$11`); no row back means fenced, or no longer pending.
+/// Returns the attempts, the unknown outcomes and the seconds since the
+/// first attempt.
+pub(super) const MARK_ATTEMPT: &str = "
+    INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, recipient, status,
+                                 attempts, last_error, key, unknown_outcomes, first_attempt_at)
+    SELECT $1, $2, $3, $4, $5, $6, 'pending', 1, $7, $8, CASE WHEN $9 THEN 1 ELSE 0 END, now()
+     WHERE EXISTS (SELECT 1 FROM group_partitions g
+                    WHERE g.group_id = $1 AND g.topic = $2 AND g.partition = $3
+                      AND g.owner = $10 AND g.epoch = $11)
     ON CONFLICT (group_id, topic, partition, \"offset\") DO UPDATE
-       SET attempts = mail_deliveries.attempts + 1, last_error = $7, updated_at = now()
-    RETURNING attempts";
+       SET attempts = mail_deliveries.attempts + 1, last_error = $7, updated_at = now(),
+           unknown_outcomes = mail_deliveries.unknown_outcomes + CASE WHEN $9 THEN 1 ELSE 0 END,
+           first_attempt_at = coalesce(mail_deliveries.first_attempt_at, now())
+     WHERE mail_deliveries.status = 'pending'
+    RETURNING attempts, unknown_outcomes,
+              extract(epoch FROM now() - first_attempt_at)::float8";
 
-/// Records the event as parked (`failed`), with the attempts it took.
+/// Records the event as parked (`failed`), with the attempts it took. Run
+/// in the transaction that parks the dead letter, after its ownership check.
 pub(super) const MARK_FAILED: &str = "
     INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", message_id, status, attempts, last_error, key)
     VALUES ($1, $2, $3, $4, $5, 'failed', $6, $7, $8)
     ON CONFLICT (group_id, topic, partition, \"offset\")
-    DO UPDATE SET status = 'failed', attempts = $6, last_error = $7, updated_at = now()";
+    DO UPDATE SET status = 'failed', attempts = $6, last_error = $7, updated_at = now()
+     WHERE mail_deliveries.status = 'pending'";
 
-/// One `sent` to record, and who waits for it.
+/// Ends an event's retries with its outcome unknown (some attempt sent the
+/// message without a final answer): not a failure, not parked. Fenced.
+pub(super) const MARK_UNKNOWN: &str = "
+    UPDATE mail_deliveries d SET status = 'unknown', updated_at = now()
+      FROM group_partitions g
+     WHERE d.group_id = $1 AND d.topic = $2 AND d.partition = $3 AND d.\"offset\" = $4
+       AND d.status = 'pending'
+       AND g.group_id = d.group_id AND g.topic = d.topic AND g.partition = d.partition
+       AND g.owner = $5 AND g.epoch = $6";
+
+/// An event: (topic, partition, offset).
+pub(super) type EventKey = (String, i32, i64);
+
+/// One `sent` to record.
 pub(super) struct SentMark {
     pub(super) topic: String,
     pub(super) partition: i32,
@@ -41,58 +89,156 @@ pub(super) struct SentMark {
     pub(super) key: Option<String>,
     pub(super) message_id: String,
     pub(super) recipient: String,
-    pub(super) recorded: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
-/// Writes `sent` marks in batches: whatever arrived while the previous
-/// batch was being written goes in the next statement, so many mails share
-/// one commit (and one fsync).
-pub(super) fn spawn_ledger_writer(
-    pool: deadpool_postgres::Pool,
-    group: String,
-) -> tokio::sync::mpsc::Sender<SentMark> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<SentMark>(4096);
-    tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < 1000 {
-                match rx.try_recv() {
-                    Ok(mark) => batch.push(mark),
-                    Err(_) => break,
+/// Most marks written in one statement.
+const MAX_BATCH: usize = 1000;
+
+/// The process's writer of `sent` marks.
+pub(super) struct SentLedger {
+    marks: mpsc::UnboundedSender<(SentMark, watch::Sender<bool>)>,
+    /// Marks handed over and not yet in the ledger, with a flag that turns
+    /// true once written.
+    unrecorded: Arc<Mutex<HashMap<EventKey, watch::Receiver<bool>>>>,
+}
+
+impl SentLedger {
+    /// Starts the writer: whatever arrived while the previous batch was
+    /// being written goes in the next statement, so many mails share one
+    /// commit (and one fsync). A batch that fails is written again (with a
+    /// backoff) until it is in: a mail that went out is never forgotten
+    /// while the process lives.
+    pub(super) fn spawn(pool: deadpool_postgres::Pool, group: String) -> SentLedger {
+        let (marks, mut rx) = mpsc::unbounded_channel::<(SentMark, watch::Sender<bool>)>();
+        let unrecorded: Arc<Mutex<HashMap<EventKey, watch::Receiver<bool>>>> = Arc::default();
+        let pending = unrecorded.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(mark) => batch.push(mark),
+                        Err(_) => break,
+                    }
+                }
+                let mut failures = 0;
+                while let Err(e) = write_sent(&pool, &group, &batch).await {
+                    tracing::warn!(
+                        marks = batch.len(),
+                        error = format!("{e:#}"),
+                        "could not record sent mails; retrying"
+                    );
+                    let pause = Duration::from_millis(100) * 2u32.pow(failures.min(6));
+                    tokio::time::sleep(pause).await;
+                    failures += 1;
+                }
+                let mut pending = pending.lock().expect("ledger lock");
+                for (mark, done) in batch {
+                    pending.remove(&(mark.topic, mark.partition, mark.offset));
+                    let _ = done.send(true);
                 }
             }
-            let result = async {
-                let client = pool.get().await?;
-                let topics: Vec<&str> = batch.iter().map(|m| m.topic.as_str()).collect();
-                let partitions: Vec<i32> = batch.iter().map(|m| m.partition).collect();
-                let offsets: Vec<i64> = batch.iter().map(|m| m.offset).collect();
-                let ids: Vec<&str> = batch.iter().map(|m| m.message_id.as_str()).collect();
-                let recipients: Vec<&str> = batch.iter().map(|m| m.recipient.as_str()).collect();
-                let keys: Vec<Option<&str>> = batch.iter().map(|m| m.key.as_deref()).collect();
-                client
-                    .execute(
-                        MARK_SENT,
-                        &[
-                            &group,
-                            &topics,
-                            &partitions,
-                            &offsets,
-                            &ids,
-                            &recipients,
-                            &keys,
-                        ],
-                    )
-                    .await?;
-                anyhow::Ok(())
-            }
-            .await
-            .map_err(|e| format!("{e:#}"));
-            for mark in batch {
-                let _ = mark.recorded.send(result.clone());
-            }
+        });
+        SentLedger { marks, unrecorded }
+    }
+
+    /// Hands a `sent` mark over; it is written even if the caller goes
+    /// away. The receiver turns true once it is in the ledger.
+    pub(super) fn record(&self, mark: SentMark) -> watch::Receiver<bool> {
+        let (done, written) = watch::channel(false);
+        let key = (mark.topic.clone(), mark.partition, mark.offset);
+        self.unrecorded
+            .lock()
+            .expect("ledger lock")
+            .insert(key, written.clone());
+        if self.marks.send((mark, done)).is_err() {
+            tracing::error!("the ledger writer stopped; a sent mail may be sent again");
         }
-    });
-    tx
+        written
+    }
+
+    /// The flag of a mark for `key` handed over and not yet written.
+    pub(super) fn unrecorded(&self, key: &EventKey) -> Option<watch::Receiver<bool>> {
+        self.unrecorded
+            .lock()
+            .expect("ledger lock")
+            .get(key)
+            .cloned()
+    }
+}
+
+async fn write_sent(
+    pool: &deadpool_postgres::Pool,
+    group: &str,
+    batch: &[(SentMark, watch::Sender<bool>)],
+) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    let marks = batch.iter().map(|(m, _)| m);
+    let topics: Vec<&str> = marks.clone().map(|m| m.topic.as_str()).collect();
+    let partitions: Vec<i32> = marks.clone().map(|m| m.partition).collect();
+    let offsets: Vec<i64> = marks.clone().map(|m| m.offset).collect();
+    let ids: Vec<&str> = marks.clone().map(|m| m.message_id.as_str()).collect();
+    let recipients: Vec<&str> = marks.clone().map(|m| m.recipient.as_str()).collect();
+    let keys: Vec<Option<&str>> = marks.map(|m| m.key.as_deref()).collect();
+    client
+        .execute(
+            MARK_SENT,
+            &[
+                &group,
+                &topics,
+                &partitions,
+                &offsets,
+                &ids,
+                &recipients,
+                &keys,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// What the ledger says after an attempt that did not deliver.
+pub(super) struct AttemptsSoFar {
+    pub(super) attempts: i32,
+    pub(super) unknown_outcomes: i32,
+    /// Since the first attempt (the database's clock).
+    pub(super) elapsed: Duration,
+}
+
+/// Records an attempt that did not deliver; None when fenced (or the event
+/// is no longer pending).
+pub(super) async fn mark_attempt(
+    client: &impl tokio_postgres::GenericClient,
+    lease: &Lease,
+    record: &crate::log::Record,
+    message_id: &str,
+    recipient: &str,
+    error: &str,
+    unknown: bool,
+) -> Result<Option<AttemptsSoFar>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            MARK_ATTEMPT,
+            &[
+                &lease.group_id,
+                &lease.topic,
+                &lease.partition,
+                &record.offset,
+                &message_id,
+                &recipient,
+                &error,
+                &record.key,
+                &unknown,
+                &lease.member_id,
+                &lease.epoch,
+            ],
+        )
+        .await?;
+    Ok(row.map(|r| AttemptsSoFar {
+        attempts: r.get(0),
+        unknown_outcomes: r.get(1),
+        elapsed: Duration::from_secs_f64(r.get::<_, f64>(2).max(0.0)),
+    }))
 }
 
 /// Where an order's confirmation mail stands (`GET /orders/{id}`).
@@ -114,6 +260,12 @@ pub enum ConfirmationMail {
     DeadLetter {
         dead_letter_id: Option<i64>,
         reason: Option<String>,
+        last_error: Option<String>,
+    },
+    /// The message reached the SMTP server but no final answer came, and
+    /// retries ended without a definite one: it may have been delivered.
+    OutcomeUnknown {
+        attempts: i32,
         last_error: Option<String>,
     },
 }
@@ -163,6 +315,10 @@ pub async fn confirmation_mail(
             reason: row.get(6),
             last_error: row.get(2),
         },
+        "unknown" => ConfirmationMail::OutcomeUnknown {
+            attempts: row.get(1),
+            last_error: row.get(2),
+        },
         _ => ConfirmationMail::Pending {
             attempts: row.get(1),
             last_error: row.get(2),
@@ -197,10 +353,8 @@ pub(super) fn statements() -> Vec<(&'static str, String)> {
             LEDGER_STATUS.to_string(),
         ),
         ("app::mail::ledger::MARK_SENT", MARK_SENT.to_string()),
-        (
-            "app::mail::ledger::MARK_ATTEMPT_FAILED",
-            MARK_ATTEMPT_FAILED.to_string(),
-        ),
+        ("app::mail::ledger::MARK_ATTEMPT", MARK_ATTEMPT.to_string()),
+        ("app::mail::ledger::MARK_UNKNOWN", MARK_UNKNOWN.to_string()),
         ("app::mail::ledger::MARK_FAILED", MARK_FAILED.to_string()),
         ("app::mail::ledger::MAIL_FOR_KEY", MAIL_FOR_KEY.to_string()),
         (

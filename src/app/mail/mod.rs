@@ -18,20 +18,23 @@
 
 mod ledger;
 mod render;
+pub mod smtp;
 mod transport;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use lettre::message::Mailbox;
 
 use crate::app::order::EmailAddress;
-use crate::group::consumer::RecordHandler;
+use crate::group::consumer::{Lease, RecordHandler};
 use crate::group::dead_letters::park_dead_letter;
 use crate::log::Record;
 pub use ledger::{confirmation_mail, sent_count_for_keys, ConfirmationMail};
-use ledger::{SentMark, LEDGER_STATUS, MARK_ATTEMPT_FAILED, MARK_FAILED};
+use ledger::{mark_attempt, SentLedger, SentMark, LEDGER_STATUS, MARK_FAILED, MARK_UNKNOWN};
 pub use render::{message_id, render, OrderCreated};
+pub use smtp::Limits;
 pub use transport::{MailTransport, PlainSmtpPool, SendOutcome, SmtpTarget};
 
 /// The consumer group the mail worker runs as.
@@ -44,12 +47,15 @@ pub struct MailSettings {
     pub from: Mailbox,
     /// SMTP connections kept open.
     pub pool_size: u32,
-    /// Longest SMTP exchange.
-    pub timeout: Duration,
+    /// How long to wait for the SMTP server, per step.
+    pub limits: smtp::Limits,
     pub retry: RetryPolicy,
     /// Group session timeout (the heartbeat is a fifth of it, at most 1 s).
     pub session_timeout: Duration,
     pub offset_reset: crate::group::OffsetReset,
+    /// Static membership: this member's fixed id in the group, so a restart
+    /// takes its partitions back at once.
+    pub instance_id: Option<String>,
 }
 
 impl MailSettings {
@@ -75,10 +81,11 @@ impl MailSettings {
             target,
             from,
             pool_size: 16,
-            timeout: Duration::from_secs(15),
+            limits: smtp::Limits::new(Duration::from_secs(15)),
             retry: RetryPolicy::default(),
             session_timeout: Duration::from_secs(10),
             offset_reset: crate::group::OffsetReset::Earliest,
+            instance_id: None,
         })
     }
 
@@ -86,6 +93,9 @@ impl MailSettings {
     pub fn consumer_config(&self) -> crate::group::consumer::ConsumerConfig {
         let mut group =
             crate::group::GroupConfig::new(MAIL_GROUP, &[crate::app::order::ORDER_CREATED_TOPIC]);
+        if let Some(id) = &self.instance_id {
+            group = group.with_instance_id(id);
+        }
         group.session_timeout = self.session_timeout;
         group.offset_reset = self.offset_reset;
         group.heartbeat_interval = (self.session_timeout / 5).min(Duration::from_secs(1));
@@ -93,11 +103,14 @@ impl MailSettings {
     }
 }
 
-/// Retry schedule for transient failures.
+/// Retry schedule for attempts that did not deliver.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Attempts before the event is parked as a dead letter.
-    pub max_attempts: i32,
+    /// Attempts before giving up (None: no limit but `retry_for`).
+    pub max_attempts: Option<i32>,
+    /// How long after the first attempt to keep trying (an MTA's queue
+    /// lifetime: an SMTP outage of minutes or hours loses no mail).
+    pub retry_for: Duration,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -105,7 +118,8 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            max_attempts: 10,
+            max_attempts: None,
+            retry_for: Duration::from_secs(24 * 3600),
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(60),
         }
@@ -122,6 +136,11 @@ impl RetryPolicy {
             .min(self.max_backoff);
         exp.mul_f64(0.5 + rand::random::<f64>() * 0.5)
     }
+
+    /// True once `attempts` made over `elapsed` spend the budget.
+    pub fn spent(&self, attempts: i32, elapsed: Duration) -> bool {
+        self.max_attempts.is_some_and(|max| attempts >= max) || elapsed >= self.retry_for
+    }
 }
 
 /// What the worker did with one record (returned by [`MailWorker::process`]).
@@ -130,26 +149,32 @@ pub enum Delivery {
     Sent {
         attempts: i32,
     },
-    /// The ledger says it was sent already: not mailed again.
+    /// The ledger says it was sent already (or this process sent it and is
+    /// still recording it): not mailed again.
     AlreadySent,
-    /// The ledger says it failed and was parked already.
-    AlreadyParked,
+    /// The ledger says it was parked, or ended with an unknown outcome.
+    AlreadySettled,
     Parked {
         reason: String,
     },
+    /// Retries ended and some attempt's outcome is unknown: it may have been
+    /// delivered, so it is not parked as a failure.
+    OutcomeUnknown,
+    /// This member no longer owns the partition: it stops here, and the new
+    /// owner decides (its writes are not overwritten).
+    Fenced,
 }
 
 /// The mail worker: a [`RecordHandler`] for `order-created`.
 pub struct MailWorker {
     pool: deadpool_postgres::Pool,
-    ledger: tokio::sync::mpsc::Sender<SentMark>,
+    ledger: SentLedger,
     transport: MailTransport,
     from: Mailbox,
     group: String,
     retry: RetryPolicy,
 }
 
-/// The ledger's word on an event (no row: never attempted).
 impl MailWorker {
     /// The worker for `settings` (builds its SMTP transport).
     pub fn from_settings(
@@ -158,7 +183,7 @@ impl MailWorker {
     ) -> anyhow::Result<MailWorker> {
         let transport = settings
             .target
-            .transport(settings.pool_size, settings.timeout)?;
+            .transport(settings.pool_size, settings.limits)?;
         Ok(MailWorker::new(
             pool,
             transport,
@@ -174,7 +199,7 @@ impl MailWorker {
         retry: RetryPolicy,
     ) -> MailWorker {
         MailWorker {
-            ledger: ledger::spawn_ledger_writer(pool.clone(), MAIL_GROUP.to_string()),
+            ledger: SentLedger::spawn(pool.clone(), MAIL_GROUP.to_string()),
             pool,
             transport,
             from,
@@ -185,10 +210,10 @@ impl MailWorker {
 
     /// Handles one record to its end. Database errors are retried here
     /// too: giving up would commit past a record whose mail never went out.
-    pub async fn process(&self, record: &Record) -> Delivery {
+    pub async fn process(&self, record: &Record, lease: &Lease) -> Delivery {
         let mut db_backoff = 0;
         loop {
-            match self.try_process(record).await {
+            match self.try_process(record, lease).await {
                 Ok(delivery) => {
                     let metrics = crate::metrics::metrics();
                     match &delivery {
@@ -196,7 +221,10 @@ impl MailWorker {
                         Delivery::Parked { .. } => {
                             metrics.mail_failed.with_label_values(&["parked"]).inc()
                         }
-                        Delivery::AlreadySent | Delivery::AlreadyParked => {}
+                        Delivery::OutcomeUnknown => {
+                            metrics.mail_failed.with_label_values(&["unknown"]).inc()
+                        }
+                        Delivery::AlreadySent | Delivery::AlreadySettled | Delivery::Fenced => {}
                     }
                     return delivery;
                 }
@@ -214,139 +242,192 @@ impl MailWorker {
         }
     }
 
-    async fn try_process(&self, record: &Record) -> anyhow::Result<Delivery> {
-        let decoded = serde_json::from_value::<OrderCreated>(record.payload.clone())
-            .map_err(|e| format!("undecodable payload: {e}"))
-            .and_then(|order| {
-                let to = EmailAddress::parse(&order.email)
-                    .map_err(|e| format!("invalid recipient: {e}"))?;
-                Ok((order, to))
-            });
-        let (order, to) = match decoded {
+    async fn try_process(&self, record: &Record, lease: &Lease) -> anyhow::Result<Delivery> {
+        let (order, to) = match OrderCreated::decode(&record.payload) {
             Ok(decoded) => decoded,
-            Err(reason) => return self.park(record, &reason, 0, None).await,
+            Err(reason) => return self.park(record, lease, &reason, 0, None).await,
         };
+        // Sent by this process and still being recorded (its worker was
+        // restarted meanwhile): wait for the record, never send again.
+        let event = (record.topic.clone(), record.partition, record.offset);
+        if let Some(mut written) = self.ledger.unrecorded(&event) {
+            let _ = written.wait_for(|written| *written).await;
+            return Ok(Delivery::AlreadySent);
+        }
         let message_id = message_id(record);
-        let key = (
-            &self.group,
-            &record.topic,
-            &record.partition,
-            &record.offset,
-        );
         let client = self.pool.get().await?;
         let ledger = client
-            .query_opt(LEDGER_STATUS, &[key.0, key.1, key.2, key.3])
+            .query_opt(
+                LEDGER_STATUS,
+                &[
+                    &self.group,
+                    &record.topic,
+                    &record.partition,
+                    &record.offset,
+                ],
+            )
             .await?;
         drop(client);
         let mut attempts: i32 = ledger.as_ref().map_or(0, |row| row.get(1));
         match ledger.as_ref().map(|row| row.get::<_, &str>(0)) {
             Some("sent") => return Ok(Delivery::AlreadySent),
-            Some("failed") => return Ok(Delivery::AlreadyParked),
+            Some("failed") | Some("unknown") => return Ok(Delivery::AlreadySettled),
             _ => {}
         }
         let message = match render(record, &order, &to, &self.from) {
             Ok(m) => m,
             Err(e) => {
-                return self
-                    .park(record, &format!("cannot render: {e:#}"), attempts, None)
-                    .await
+                let reason = format!("cannot render: {e:#}");
+                return self.park(record, lease, &reason, attempts, None).await;
             }
         };
+        let name = format!(
+            "order-{}.{}.{}.{}",
+            order.order_id, record.topic, record.partition, record.offset
+        );
         loop {
             // No transaction is open here: the SMTP exchange runs on its own.
-            let name = format!(
-                "order-{}.{}.{}.{}",
-                order.order_id, record.topic, record.partition, record.offset
-            );
-            match self.transport.send(message.clone(), &name).await {
+            let (error, unknown) = match self.transport.send(message.clone(), &name).await {
                 SendOutcome::Sent => {
-                    self.record_sent(record, &message_id, to.as_str()).await;
+                    let mut written = self.ledger.record(SentMark {
+                        topic: record.topic.clone(),
+                        partition: record.partition,
+                        offset: record.offset,
+                        key: record.key.clone(),
+                        message_id: message_id.clone(),
+                        recipient: to.as_str().to_string(),
+                    });
+                    let _ = written.wait_for(|written| *written).await;
                     return Ok(Delivery::Sent {
                         attempts: attempts + 1,
                     });
                 }
                 SendOutcome::Permanent(error) => {
-                    return self
-                        .park(record, "permanent SMTP failure", attempts + 1, Some(&error))
-                        .await;
+                    let client = self.pool.get().await?;
+                    let so_far = mark_attempt(
+                        &**client,
+                        lease,
+                        record,
+                        &message_id,
+                        to.as_str(),
+                        &error,
+                        false,
+                    )
+                    .await?;
+                    drop(client);
+                    return match so_far {
+                        None => Ok(self.fenced(record)),
+                        // An earlier attempt may have delivered it: not a failure.
+                        Some(so_far) if so_far.unknown_outcomes > 0 => {
+                            self.settle_unknown(record, lease).await
+                        }
+                        Some(so_far) => {
+                            self.park(
+                                record,
+                                lease,
+                                "permanent SMTP failure",
+                                so_far.attempts,
+                                Some(&error),
+                            )
+                            .await
+                        }
+                    };
                 }
-                SendOutcome::Transient(error) => {
-                    crate::metrics::metrics()
-                        .mail_failed
-                        .with_label_values(&["transient"])
-                        .inc();
-                    attempts = self
-                        .pool
-                        .get()
-                        .await?
-                        .query_one(
-                            MARK_ATTEMPT_FAILED,
-                            &[
-                                key.0,
-                                key.1,
-                                key.2,
-                                key.3,
-                                &message_id,
-                                &to.as_str(),
-                                &error,
-                                &record.key,
-                            ],
-                        )
-                        .await?
-                        .get(0);
-                    if attempts >= self.retry.max_attempts {
-                        return self
-                            .park(record, "retry budget spent", attempts, Some(&error))
-                            .await;
-                    }
-                    tracing::info!(offset = record.offset, partition = record.partition, attempts, error = %error,
-                        "transient SMTP failure; will retry");
-                    tokio::time::sleep(self.retry.backoff(attempts - 1)).await;
+                SendOutcome::Transient(error) => (error, false),
+                SendOutcome::Unknown(error) => (error, true),
+            };
+            crate::metrics::metrics()
+                .mail_failed
+                .with_label_values(&[if unknown {
+                    "unknown_attempt"
+                } else {
+                    "transient"
+                }])
+                .inc();
+            let client = self.pool.get().await?;
+            let so_far = mark_attempt(
+                &**client,
+                lease,
+                record,
+                &message_id,
+                to.as_str(),
+                &error,
+                unknown,
+            )
+            .await?;
+            drop(client);
+            let Some(so_far) = so_far else {
+                return Ok(self.fenced(record));
+            };
+            attempts = so_far.attempts;
+            if self.retry.spent(so_far.attempts, so_far.elapsed) {
+                if so_far.unknown_outcomes > 0 {
+                    return self.settle_unknown(record, lease).await;
                 }
+                return self
+                    .park(record, lease, "retry budget spent", attempts, Some(&error))
+                    .await;
             }
+            tracing::info!(offset = record.offset, partition = record.partition, attempts, unknown, error = %error,
+                "SMTP attempt did not deliver; will retry");
+            tokio::time::sleep(self.retry.backoff(attempts - 1)).await;
         }
     }
 
-    /// Records `sent`, retrying until the ledger has it: the mail is out,
-    /// so sending it again is never the answer to a database error.
-    async fn record_sent(&self, record: &Record, message_id: &str, recipient: &str) {
-        let mut attempt = 0;
-        loop {
-            let (recorded, outcome) = tokio::sync::oneshot::channel();
-            let mark = SentMark {
-                topic: record.topic.clone(),
-                partition: record.partition,
-                offset: record.offset,
-                key: record.key.clone(),
-                message_id: message_id.to_string(),
-                recipient: recipient.to_string(),
-                recorded,
-            };
-            let error = match self.ledger.send(mark).await {
-                Ok(()) => match outcome.await {
-                    Ok(Ok(())) => return,
-                    Ok(Err(e)) => e,
-                    Err(_) => "ledger writer stopped".to_string(),
-                },
-                Err(_) => "ledger writer stopped".to_string(),
-            };
-            tracing::warn!(offset = record.offset, error = %error, "could not record a sent mail; retrying");
-            tokio::time::sleep(self.retry.backoff(attempt)).await;
-            attempt += 1;
-        }
+    /// True while a `sent` mark for `record` waits to be written to the
+    /// ledger (it is kept until it is, whatever happens to its worker).
+    pub fn is_recording(&self, record: &Record) -> bool {
+        let event = (record.topic.clone(), record.partition, record.offset);
+        self.ledger.unrecorded(&event).is_some()
     }
 
-    /// Parks the record as a dead letter and marks the ledger `failed`,
-    /// in one transaction.
+    fn fenced(&self, record: &Record) -> Delivery {
+        tracing::info!(topic = %record.topic, partition = record.partition, offset = record.offset,
+            "partition lost or record settled by its new owner; leaving it to them");
+        Delivery::Fenced
+    }
+
+    /// Ends the retries of a record whose outcome is unknown (fenced).
+    async fn settle_unknown(&self, record: &Record, lease: &Lease) -> anyhow::Result<Delivery> {
+        let updated = self
+            .pool
+            .get()
+            .await?
+            .execute(
+                MARK_UNKNOWN,
+                &[
+                    &lease.group_id,
+                    &record.topic,
+                    &record.partition,
+                    &record.offset,
+                    &lease.member_id,
+                    &lease.epoch,
+                ],
+            )
+            .await?;
+        if updated == 0 {
+            return Ok(self.fenced(record));
+        }
+        tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
+            "retries ended with the outcome unknown: the server may have the mail");
+        Ok(Delivery::OutcomeUnknown)
+    }
+
+    /// Parks the record as a dead letter and marks the ledger `failed`, in
+    /// one transaction that holds the partition's ownership (fenced).
     async fn park(
         &self,
         record: &Record,
+        lease: &Lease,
         reason: &str,
         attempts: i32,
         last_error: Option<&str>,
     ) -> anyhow::Result<Delivery> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        if !crate::group::membership::hold_ownership(&tx, lease).await? {
+            return Ok(self.fenced(record));
+        }
         park_dead_letter(&*tx, &self.group, record, reason, attempts, last_error).await?;
         tx.execute(
             MARK_FAILED,
@@ -372,8 +453,8 @@ impl MailWorker {
 }
 
 impl RecordHandler for MailWorker {
-    async fn handle(&self, record: Record) {
-        self.process(&record).await;
+    async fn handle(&self, record: Record, lease: Arc<Lease>) {
+        self.process(&record, &lease).await;
     }
 }
 
@@ -390,10 +471,14 @@ mod tests {
     #[test]
     fn backoff_grows_and_is_capped() {
         let policy = RetryPolicy {
-            max_attempts: 5,
+            max_attempts: Some(5),
+            retry_for: Duration::from_secs(60),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(1),
         };
+        assert!(!policy.spent(4, Duration::from_secs(59)));
+        assert!(policy.spent(5, Duration::ZERO));
+        assert!(policy.spent(1, Duration::from_secs(60)));
         assert!(policy.backoff(0) <= Duration::from_millis(100));
         assert!(policy.backoff(0) >= Duration::from_millis(50));
         assert!(policy.backoff(3) >= Duration::from_millis(400));

@@ -19,13 +19,32 @@ pub struct OrderCreated {
     pub email: String,
 }
 
+impl OrderCreated {
+    /// Decodes a payload strictly: a JSON object with these four fields
+    /// (more fields are ignored, so producers can add some), and a
+    /// recipient that is one plain address. serde alone would also take a
+    /// JSON array, by position: `[424242, 1, 99, "x@example.com"]`.
+    pub fn decode(payload: &serde_json::Value) -> Result<(OrderCreated, EmailAddress), String> {
+        if !payload.is_object() {
+            return Err("undecodable payload: not a JSON object".into());
+        }
+        let order = serde_json::from_value::<OrderCreated>(payload.clone())
+            .map_err(|e| format!("undecodable payload: {e}"))?;
+        let to =
+            EmailAddress::parse(&order.email).map_err(|e| format!("invalid recipient: {e}"))?;
+        Ok((order, to))
+    }
+}
+
 /// The Message-ID of the confirmation for an event: derived from the event,
 /// so a duplicate sent in the crash window carries the same one. A retried
-/// dead letter keeps the Message-ID of the event it retries (`retry-of`).
+/// dead letter keeps the Message-ID of the event it retries: the relay puts
+/// that in the reserved header [`crate::outbox::RETRY_OF_HEADER`], which
+/// writers cannot set.
 pub fn message_id(record: &Record) -> String {
     let origin = record
         .headers
-        .get("retry-of")
+        .get(crate::outbox::RETRY_OF_HEADER)
         .and_then(|v| v.as_str())
         .and_then(|o| {
             let mut parts = o.rsplitn(3, '/');
@@ -92,6 +111,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn payloads_are_decoded_strictly() {
+        let good = serde_json::json!({"order_id": 7, "user_id": 1, "amount": 5, "email": "a@example.com", "note": "extra"});
+        assert_eq!(OrderCreated::decode(&good).unwrap().0.order_id, 7);
+        let array = serde_json::json!([424242, 1, 99, "array-payload@example.com"]);
+        assert!(OrderCreated::decode(&array)
+            .unwrap_err()
+            .contains("not a JSON object"));
+        let missing = serde_json::json!({"order_id": 7, "user_id": 1, "email": "a@example.com"});
+        assert!(OrderCreated::decode(&missing)
+            .unwrap_err()
+            .contains("amount"));
+        let injected = serde_json::json!({"order_id": 7, "user_id": 1, "amount": 5, "email": "a@example.com\r\nBcc: x@example.com"});
+        assert!(OrderCreated::decode(&injected)
+            .unwrap_err()
+            .starts_with("invalid recipient"));
+    }
+
+    #[test]
     fn message_ids_come_from_the_event_or_the_event_it_retries() {
         let mut record = Record {
             topic: "order-created".into(),
@@ -104,9 +141,15 @@ mod tests {
             payload: serde_json::json!({}),
         };
         assert_eq!(message_id(&record), "<order-created.3.42@outbox-relay>");
-        record.headers = serde_json::json!({"retry-of": "order-created/1/7"});
+        record.headers = serde_json::json!({"outbox-relay-retry-of": "order-created/1/7"});
         assert_eq!(message_id(&record), "<order-created.1.7@outbox-relay>");
-        record.headers = serde_json::json!({"retry-of": "x>\r\nBcc: a@b.c/1/7"});
+        record.headers = serde_json::json!({"retry-of": "order-created/1/7"});
+        assert_eq!(
+            message_id(&record),
+            "<order-created.3.42@outbox-relay>",
+            "a writer's own retry-of header means nothing"
+        );
+        record.headers = serde_json::json!({"outbox-relay-retry-of": "x>\r\nBcc: a@b.c/1/7"});
         assert_eq!(
             message_id(&record),
             "<order-created.3.42@outbox-relay>",

@@ -1,6 +1,7 @@
 //! Where mails go: `SMTP_URL` parsed ([`SmtpTarget`], never showing
-//! credentials), and the transports: a plain SMTP pool of our own (with
-//! TCP_NODELAY), lettre's pooled TLS transport, or `.eml` files.
+//! credentials), and the transports: a pool of our own plain SMTP
+//! connections ([`super::smtp`]), lettre's pooled TLS transport, or `.eml`
+//! files.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -8,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::AsyncSmtpConnection;
-use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::{AsyncSmtpTransportBuilder, PoolConfig};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use super::smtp::{Exchange, Limits, SmtpConnection};
 
 /// Where mails go.
 #[derive(Clone)]
@@ -110,16 +111,16 @@ impl SmtpTarget {
     }
 
     /// Builds the transport; SMTP transports keep a pool of `pool_size`
-    /// connections and give up on an exchange after `timeout`.
-    pub fn transport(&self, pool_size: u32, timeout: Duration) -> anyhow::Result<MailTransport> {
+    /// connections and wait for the server as `limits` say (lettre's TLS
+    /// transport has one limit for every read and write: `limits.command`).
+    pub fn transport(&self, pool_size: u32, limits: Limits) -> anyhow::Result<MailTransport> {
         let pool = PoolConfig::new().max_size(pool_size.max(1));
-        let plain_timeout = timeout;
-        let timeout = Some(timeout);
+        let timeout = Some(limits.command);
         Ok(match self {
             SmtpTarget::Plain { host, port } => MailTransport::Plain(Arc::new(PlainSmtpPool {
                 host: host.clone(),
                 port: *port,
-                timeout: plain_timeout,
+                limits,
                 idle: Mutex::new(Vec::new()),
                 permits: tokio::sync::Semaphore::new(pool_size.max(1) as usize),
             })),
@@ -187,19 +188,13 @@ fn percent_decode(s: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8(out)?)
 }
 
-/// A pool of plain SMTP connections opened with TCP_NODELAY.
-///
-/// lettre 0.11.23 leaves Nagle's algorithm on: it writes a message body and
-/// its terminating `.` in two writes, and the second waits for the server's
-/// delayed ACK, 40 ms on Linux, for every mail (fixed upstream in lettre PR
-/// 1159, not yet released). This pool opens the TCP connections itself,
-/// sets TCP_NODELAY, and hands them to lettre's SMTP client; the protocol is
-/// still all lettre's.
+/// A pool of plain SMTP connections ([`SmtpConnection`]: per-phase time
+/// limits, PIPELINING, TCP_NODELAY).
 pub struct PlainSmtpPool {
     host: String,
     port: u16,
-    timeout: Duration,
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    limits: Limits,
+    idle: Mutex<Vec<(SmtpConnection, Instant)>>,
     permits: tokio::sync::Semaphore,
 }
 
@@ -209,25 +204,6 @@ const MAX_IDLE: Duration = Duration::from_secs(30);
 const PROBE_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 impl PlainSmtpPool {
-    async fn connect(&self) -> Result<AsyncSmtpConnection, String> {
-        let stream = tokio::time::timeout(
-            self.timeout,
-            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| "connection timed out".to_string())?
-        .map_err(|e| format!("connection failed: {e}"))?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let hello = ClientId::default();
-        tokio::time::timeout(
-            self.timeout,
-            AsyncSmtpConnection::connect_with_transport(Box::new(stream), &hello),
-        )
-        .await
-        .map_err(|_| "greeting timed out".to_string())?
-        .map_err(|e| e.to_string())
-    }
-
     async fn send(&self, message: &Message) -> SendOutcome {
         let Ok(_permit) = self.permits.acquire().await else {
             return SendOutcome::Transient("SMTP pool closed".into());
@@ -236,35 +212,31 @@ impl PlainSmtpPool {
             Ok(connection) => connection,
             Err(e) => return SendOutcome::Transient(e),
         };
-        let body = message.formatted();
-        // Never retried here: once the body may have reached the server, only
-        // the ledger decides whether to send again (after a backoff).
-        let outcome =
-            match tokio::time::timeout(self.timeout, connection.send(message.envelope(), &body))
-                .await
-            {
-                Ok(Ok(_)) => {
-                    self.idle
-                        .lock()
-                        .expect("pool lock")
-                        .push((connection, Instant::now()));
-                    return SendOutcome::Sent;
-                }
-                Ok(Err(e)) if e.is_permanent() => SendOutcome::Permanent(e.to_string()),
-                Ok(Err(e)) => {
-                    if !e.is_transient() {
-                        // A network error: the server may have restarted; its
-                        // other idle connections are as dead as this one.
-                        self.idle.lock().expect("pool lock").clear();
-                    }
-                    SendOutcome::Transient(e.to_string())
-                }
-                // The server may or may not have accepted it: an unknown outcome,
-                // retried like a transient failure (the documented duplicate window).
-                Err(_) => SendOutcome::Transient("SMTP exchange timed out".into()),
-            };
-        // Closing politely must not hang on a server that stopped answering.
-        let _ = tokio::time::timeout(Duration::from_secs(1), connection.abort()).await;
+        // Never retried here: once the message may have reached the server,
+        // only the ledger decides whether to send again (after a backoff).
+        let outcome = match connection
+            .send(message.envelope(), &message.formatted(), self.limits)
+            .await
+        {
+            Exchange::Accepted => SendOutcome::Sent,
+            Exchange::Refused(reply) if reply.is_permanent() => {
+                SendOutcome::Permanent(reply.to_string())
+            }
+            Exchange::Refused(reply) => SendOutcome::Transient(reply.to_string()),
+            Exchange::Failed(e) => {
+                // A network error: the server may have restarted; its other
+                // idle connections are as dead as this one.
+                self.idle.lock().expect("pool lock").clear();
+                SendOutcome::Transient(e)
+            }
+            Exchange::Unknown(e) => SendOutcome::Unknown(e),
+        };
+        if connection.is_usable() {
+            self.idle
+                .lock()
+                .expect("pool lock")
+                .push((connection, Instant::now()));
+        }
         outcome
     }
 
@@ -272,24 +244,20 @@ impl PlainSmtpPool {
     /// more than a second is probed with NOOP first (the server may have
     /// closed it); one used a moment ago is taken as it is, which keeps the
     /// probe's round trip off the busy path.
-    async fn checkout(&self) -> Result<AsyncSmtpConnection, String> {
+    async fn checkout(&self) -> Result<SmtpConnection, String> {
         loop {
             let idle = self.idle.lock().expect("pool lock").pop();
             let Some((mut connection, since)) = idle else {
                 break;
             };
-            let fresh = since.elapsed() < PROBE_AFTER_IDLE;
-            if since.elapsed() < MAX_IDLE
-                && !connection.has_broken()
-                && (fresh
-                    || tokio::time::timeout(self.timeout, connection.test_connected()).await
-                        == Ok(true))
+            if since.elapsed() < PROBE_AFTER_IDLE
+                || (since.elapsed() < MAX_IDLE && connection.noop(self.limits.command).await)
             {
                 return Ok(connection);
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), connection.abort()).await;
+            tokio::spawn(connection.quit());
         }
-        self.connect().await
+        SmtpConnection::connect(&self.host, self.port, self.limits).await
     }
 }
 
@@ -297,10 +265,14 @@ impl PlainSmtpPool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {
     Sent,
-    /// Worth retrying: connection refused, timeout, 4xx.
+    /// Not delivered, worth retrying: connection refused, a timeout before
+    /// the message was sent, a 4xx answer.
     Transient(String),
-    /// Not worth retrying: 5xx, a refused recipient.
+    /// Not delivered, not worth retrying: 5xx, a refused recipient.
     Permanent(String),
+    /// The message was sent but no final answer came: it may have been
+    /// delivered. Not a failure (docs/invariants.md, 8).
+    Unknown(String),
 }
 
 impl MailTransport {
@@ -312,6 +284,9 @@ impl MailTransport {
             MailTransport::Smtp(smtp) => match smtp.send(message).await {
                 Ok(_) => SendOutcome::Sent,
                 Err(e) if e.is_permanent() => SendOutcome::Permanent(e.to_string()),
+                // lettre does not say in which phase a timeout happened: it
+                // may have been after the message, so it is not a failure.
+                Err(e) if e.is_timeout() => SendOutcome::Unknown(e.to_string()),
                 Err(e) => SendOutcome::Transient(e.to_string()),
             },
             MailTransport::Files(dir) => match write_eml(dir, name, &message).await {

@@ -36,6 +36,24 @@ pub struct ClusterOptions {
     pub extra_settings: Vec<String>,
 }
 
+/// How `pg_ctl stop` stops a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownMode {
+    /// Disconnects clients, checkpoints, stops.
+    Fast,
+    /// Kills every backend at once; recovery runs at the next start (a crash).
+    Immediate,
+}
+
+impl ShutdownMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            ShutdownMode::Fast => "fast",
+            ShutdownMode::Immediate => "immediate",
+        }
+    }
+}
+
 /// A running private cluster.
 #[derive(Debug)]
 pub struct EmbeddedPostgres {
@@ -234,16 +252,30 @@ impl EmbeddedPostgres {
 
     /// Stops the cluster (fast shutdown).
     pub fn stop(&self) -> anyhow::Result<()> {
+        self.stop_with(ShutdownMode::Fast)
+    }
+
+    /// Stops the cluster in `mode` and waits until it is down.
+    pub fn stop_with(&self, mode: ShutdownMode) -> anyhow::Result<()> {
+        let data_dir = self.data_dir.to_string_lossy().to_string();
         self.run(
             "pg_ctl",
-            &[
-                "-D",
-                &self.data_dir.to_string_lossy(),
-                "-m",
-                "fast",
-                "-w",
-                "stop",
-            ],
+            &["-D", &data_dir, "-m", mode.as_str(), "-w", "stop"],
+        )
+    }
+
+    /// Starts a cluster stopped with [`EmbeddedPostgres::stop_with`] again
+    /// and waits until it accepts connections.
+    pub fn start_again(&self) -> anyhow::Result<()> {
+        let data_dir = self.data_dir.to_string_lossy().to_string();
+        let log = self
+            .data_dir
+            .join("postgres.log")
+            .to_string_lossy()
+            .to_string();
+        self.run(
+            "pg_ctl",
+            &["-D", &data_dir, "-l", &log, "-w", "-t", "60", "start"],
         )
     }
 

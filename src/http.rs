@@ -199,10 +199,11 @@ pub async fn serve(
     Ok(())
 }
 
-/// The answer to a connection over [`MAX_CONNECTIONS`]: the JSON error,
+/// The answer to a connection over [`MAX_CONNECTIONS`]: once its request's
+/// headers are in (answering earlier confuses clients), the JSON error,
 /// then the connection is closed.
 async fn refuse_busy(mut stream: tokio::net::TcpStream) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = json!({"error": {"code": "too_many_connections",
         "message": "the server is at its connection limit; retry later"}})
     .to_string();
@@ -211,11 +212,24 @@ async fn refuse_busy(mut stream: tokio::net::TcpStream) {
          content-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        stream.write_all(response.as_bytes()),
-    )
-    .await;
+    let answered = async {
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            head.extend_from_slice(&chunk[..n]);
+        }
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Read the rest until the client closes: closing a socket with
+        // unread input would reset the connection and lose the answer.
+        while stream.read(&mut chunk).await? > 0 {}
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, answered).await;
 }
 
 async fn not_found() -> ApiError {

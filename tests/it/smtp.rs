@@ -77,6 +77,13 @@ impl SmtpServer {
         self.child = Some(child);
     }
 
+    /// Restarts the server answering as `options` say from now on.
+    pub async fn restart_with(&mut self, options: &[&str]) {
+        self.stop().await;
+        self.options = options.iter().map(|o| o.to_string()).collect();
+        self.restart().await;
+    }
+
     /// Stops the server (connections are refused until it restarts).
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

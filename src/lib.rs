@@ -41,6 +41,7 @@ pub fn sql_statements() -> Vec<(&'static str, String)> {
         app::order::statements(),
         app::api::statements(),
         app::mail::statements(),
+        app::replay::statements(),
     ]
     .concat()
 }

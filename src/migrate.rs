@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "faults",
         sql: include_str!("../sql/0004_faults.sql"),
     },
+    Migration {
+        version: 5,
+        name: "replay",
+        sql: include_str!("../sql/0005_replay.sql"),
+    },
 ];
 
 /// The version a fully migrated database reports.

@@ -6,7 +6,10 @@
 //! * [`api`]: the HTTP order API over it.
 //! * [`mail`]: the mail worker, a consumer of `order-created` in group
 //!   `mail-service`.
+//! * [`replay`]: mailing a range of `order-created` again, under a run of
+//!   its own.
 
 pub mod api;
 pub mod mail;
 pub mod order;
+pub mod replay;

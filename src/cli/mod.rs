@@ -18,8 +18,10 @@ mod dead_letters;
 mod demo;
 mod groups;
 mod output;
+mod parked;
 mod parse;
 mod relay;
+mod replay;
 mod serve;
 mod tail;
 mod topics;
@@ -63,7 +65,7 @@ pub enum Command {
     /// Run the pipeline, place sample orders, show where they went, then keep
     /// serving until Ctrl-C (or exit with --no-wait).
     Demo(demo::DemoArgs),
-    /// List, describe or create topics.
+    /// List, describe, create or alter topics.
     #[command(subcommand)]
     Topics(topics::TopicsCommand),
     /// Print records of a topic, one JSON object per line.
@@ -77,6 +79,12 @@ pub enum Command {
     /// The relay's lease and backlog.
     #[command(subcommand)]
     Relay(relay::RelayCommand),
+    /// Mail a range of order-created again (by time or offset) under a run of
+    /// its own, without touching the live group; list and describe runs.
+    Replay(replay::ReplayCommand),
+    /// Outbox rows the relay parked (unknown topic): list, re-drive.
+    #[command(subcommand)]
+    Parked(parked::ParkedCommand),
 }
 
 /// Runs the parsed command, writing its output to stdout.
@@ -91,6 +99,10 @@ pub async fn run_with_output(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::
     let plan = match &cli.command {
         Command::Serve(args) => Some(serve::Plan::new(args, &cli.data_dir)?),
         Command::Demo(args) => Some(demo::plan(args, &cli.data_dir)?),
+        Command::Replay(cmd) => {
+            replay::check(cmd, &cli.data_dir)?;
+            None
+        }
         _ => None,
     };
     let announce = plan.is_some();
@@ -111,6 +123,8 @@ pub async fn run_with_output(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::
             Command::Groups(cmd) => groups::run(&db.url, cmd, out).await,
             Command::DeadLetters(cmd) => dead_letters::run(&db.url, cmd, out).await,
             Command::Relay(cmd) => relay::run(&db.url, cmd, out).await,
+            Command::Replay(cmd) => replay::run(&db.url, cmd, &cli.data_dir, out).await,
+            Command::Parked(cmd) => parked::run(&db.url, cmd, out).await,
         }
     }
     .await;

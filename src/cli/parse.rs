@@ -128,6 +128,128 @@ pub fn instance_id(s: &str) -> Result<String, String> {
     }
 }
 
+/// `--to-datetime` as kafka-consumer-groups takes it: `YYYY-MM-DDTHH:mm:SS.sss`
+/// (UTC when no zone is given), an RFC 3339 time, or a date.
+pub fn datetime(s: &str) -> Result<DateTime<Utc>, String> {
+    for format in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, format) {
+            return Ok(t.and_utc());
+        }
+    }
+    time(s)
+}
+
+/// An ISO 8601 duration as Kafka's `--by-duration` takes it: `P30D`,
+/// `PT1H30M`, `P1DT12H`, `PT0.5S`.
+pub fn iso_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not an ISO 8601 duration such as P30D, PT12H or P1DT2H30M");
+    let rest = s.strip_prefix('P').ok_or_else(bad)?;
+    let (days_part, time_part) = match rest.split_once('T') {
+        Some((d, t)) => (d, Some(t)),
+        None => (rest, None),
+    };
+    let mut seconds = 0.0f64;
+    let mut any = false;
+    let mut take = |part: &str, units: &[(char, f64)]| -> Result<(), String> {
+        let mut number = String::new();
+        for c in part.chars() {
+            if c.is_ascii_digit() || c == '.' {
+                number.push(c);
+                continue;
+            }
+            let unit = units.iter().find(|(u, _)| *u == c).ok_or_else(bad)?;
+            let value: f64 = number.parse().map_err(|_| bad())?;
+            seconds += value * unit.1;
+            number.clear();
+            any = true;
+        }
+        if number.is_empty() {
+            Ok(())
+        } else {
+            Err(bad())
+        }
+    };
+    take(days_part, &[('W', 7.0 * 86_400.0), ('D', 86_400.0)])?;
+    if let Some(time_part) = time_part {
+        if time_part.is_empty() {
+            return Err(bad());
+        }
+        take(time_part, &[('H', 3600.0), ('M', 60.0), ('S', 1.0)])?;
+    }
+    if !any || !seconds.is_finite() || seconds > 100.0 * 365.0 * 86_400.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// `topic` or `topic:0,1,5` (kafka-consumer-groups' `--topic`).
+pub fn topic_partitions(s: &str) -> Result<(String, Option<Vec<i32>>), String> {
+    match s.split_once(':') {
+        None if !s.is_empty() => Ok((s.to_string(), None)),
+        Some((topic, list)) if !topic.is_empty() => {
+            Ok((topic.to_string(), Some(partition_list(list)?)))
+        }
+        _ => Err(format!("{s:?}: give a topic, or topic:partition,partition")),
+    }
+}
+
+/// `0,3,5`: partition numbers.
+pub fn partition_list(s: &str) -> Result<Vec<i32>, String> {
+    s.split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<i32>()
+                .ok()
+                .filter(|p| *p >= 0)
+                .ok_or_else(|| format!("{p:?} is not a partition number (0 or more)"))
+        })
+        .collect()
+}
+
+/// `0:100,3:250` (partition:offset pairs), or one offset for every partition.
+pub fn partition_offsets(s: &str) -> Result<PartitionOffsetsArg, String> {
+    if let Ok(offset) = s.trim().parse::<i64>() {
+        return if offset >= 0 {
+            Ok(PartitionOffsetsArg::All(offset))
+        } else {
+            Err(format!("{s:?}: offsets are 0 or more"))
+        };
+    }
+    let mut listed = std::collections::BTreeMap::new();
+    for pair in s.split(',') {
+        let (p, o) = pair
+            .split_once(':')
+            .ok_or_else(|| format!("{pair:?} is not partition:offset (such as 3:250)"))?;
+        let p: i32 = p
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p >= 0)
+            .ok_or_else(|| format!("{p:?} is not a partition number"))?;
+        let o: i64 = o
+            .trim()
+            .parse()
+            .ok()
+            .filter(|o| *o >= 0)
+            .ok_or_else(|| format!("{o:?} is not an offset (0 or more)"))?;
+        if listed.insert(p, o).is_some() {
+            return Err(format!("partition {p} is given twice"));
+        }
+    }
+    Ok(PartitionOffsetsArg::PerPartition(listed))
+}
+
+/// What `--from-offset` / `--to-offset` say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionOffsetsArg {
+    All(i64),
+    PerPartition(std::collections::BTreeMap<i32, i64>),
+}
+
 /// An RFC 3339 time (`2026-11-01T00:00:00Z`), or a date (`2026-11-01`,
 /// midnight UTC).
 pub fn time(s: &str) -> Result<DateTime<Utc>, String> {
@@ -165,5 +287,27 @@ mod tests {
         assert_eq!(span("1.5m"), Ok(Duration::from_secs(90)));
         assert!(span("3 weeks").is_err() && span("-1s").is_err() && span("1e300d").is_err());
         assert!(retry_for("0s").is_err() && retry_for("31d").is_err());
+        assert_eq!(iso_duration("P30D"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(iso_duration("PT1H30M"), Ok(Duration::from_secs(5400)));
+        assert_eq!(iso_duration("P1DT2H"), Ok(Duration::from_secs(93_600)));
+        assert_eq!(iso_duration("PT0.5S"), Ok(Duration::from_millis(500)));
+        for bad in ["30D", "P", "PT", "P1X", "P1H", "PT1D", "P1.2.3D"] {
+            assert!(iso_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            datetime("2026-11-01T10:00:00.000").unwrap().to_rfc3339(),
+            "2026-11-01T10:00:00+00:00"
+        );
+        assert_eq!(
+            topic_partitions("t:0,2"),
+            Ok(("t".into(), Some(vec![0, 2])))
+        );
+        assert!(topic_partitions("t:x").is_err() && topic_partitions(":1").is_err());
+        assert_eq!(partition_offsets("7"), Ok(PartitionOffsetsArg::All(7)));
+        assert_eq!(
+            partition_offsets("0:10,3:5"),
+            Ok(PartitionOffsetsArg::PerPartition([(0, 10), (3, 5)].into()))
+        );
+        assert!(partition_offsets("0:10,0:5").is_err() && partition_offsets("-1").is_err());
     }
 }

@@ -1,4 +1,4 @@
-//! `topics list|describe|create`.
+//! `topics list|describe|create|alter`.
 
 use std::io::Write;
 use std::time::Duration;
@@ -36,6 +36,15 @@ pub enum TopicsCommand {
         /// Retention in days (more than 0, at most 36500).
         #[arg(long, default_value = "35", value_parser = parse::retention_days)]
         retention_days: Duration,
+    },
+    /// Change a topic's retention (its partition count is fixed).
+    Alter {
+        /// The topic to change.
+        topic: String,
+        /// Records older than this (by append time) fall below the log start:
+        /// 35d, 72h, 90m (more than 0, at most 100 years).
+        #[arg(long, value_parser = parse::span)]
+        retention: Duration,
     },
 }
 
@@ -93,6 +102,15 @@ pub async fn run(
         } => {
             log::create_topic(&mut client, topic, *partitions, *retention_days).await?;
             writeln!(out, "created topic {topic} with {partitions} partitions")?;
+            Ok(())
+        }
+        TopicsCommand::Alter { topic, retention } => {
+            log::topics::alter_retention(&client, topic, *retention).await?;
+            writeln!(
+                out,
+                "topic {topic}: retention {}",
+                human_duration(retention.as_secs() as i64)
+            )?;
             Ok(())
         }
     }

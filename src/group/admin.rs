@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -155,10 +156,246 @@ pub async fn partition_lags(
         .collect())
 }
 
+// ─── Resetting and deleting (kafka-consumer-groups --reset-offsets, --delete) ─
+
+/// Where `--reset-offsets` moves a group's committed offsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResetTo {
+    Earliest,
+    Latest,
+    Offset(i64),
+    /// The first offset created at or after this time (the log end if none).
+    Datetime(DateTime<Utc>),
+    /// The committed offset moved by this much (needs a commit).
+    ShiftBy(i64),
+}
+
+/// One partition of a planned reset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedReset {
+    pub topic: String,
+    pub partition: i32,
+    pub current_offset: Option<i64>,
+    pub new_offset: i64,
+}
+
+/// Why a group cannot be changed now.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("Assignments can only be reset if the group '{group}' is inactive, but the current state is Stable ({members} live members): stop them first")]
+    ActiveOnReset { group: String, members: i64 },
+    #[error("Group '{group}' has {members} live members and cannot be deleted: stop them first")]
+    ActiveOnDelete { group: String, members: i64 },
+    #[error(
+        "--shift-by needs a committed offset, and {topic}:{partition} has none in group '{group}'"
+    )]
+    NoCommitToShift {
+        group: String,
+        topic: String,
+        partition: i32,
+    },
+    #[error("consumer group {0:?} does not exist")]
+    UnknownGroup(String),
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
+
+const LIVE_MEMBER_COUNT: &str = "
+    SELECT count(*) FROM group_members
+     WHERE group_id = $1 AND heartbeat_at + session_timeout > now()";
+
+const COMMITTED: &str = "
+    SELECT partition, committed_offset FROM group_partitions
+     WHERE group_id = $1 AND topic = $2";
+
+/// The new committed offset of every partition of `topic` (or of `only`)
+/// for `to`, clamped into [log start, log end] as Kafka does; nothing
+/// changes. A group that never read the topic has no current offsets.
+pub async fn plan_reset(
+    client: &impl tokio_postgres::GenericClient,
+    group: &str,
+    topic: &str,
+    only: Option<&[i32]>,
+    to: &ResetTo,
+) -> Result<Vec<PlannedReset>, AdminError> {
+    use crate::log::ranges::{resolve_bound, Bound};
+    let committed: HashMap<i32, Option<i64>> = client
+        .query(COMMITTED, &[&group, &topic])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let heads = crate::log::partition_offsets(client, topic).await?;
+    let count = heads.len() as i32;
+    if let Some(&p) = only
+        .unwrap_or(&[])
+        .iter()
+        .find(|p| !(0..count).contains(*p))
+    {
+        return Err(crate::log::LogError::UnknownPartition {
+            topic: topic.to_string(),
+            partition: p,
+            partitions: count,
+        }
+        .into());
+    }
+    let mut planned = Vec::new();
+    for offsets in heads {
+        let p = offsets.partition;
+        if only.is_some_and(|only| !only.contains(&p)) {
+            continue;
+        }
+        let current = committed.get(&p).copied().flatten();
+        let bound = match to {
+            ResetTo::Earliest => Bound::Earliest,
+            ResetTo::Latest => Bound::Latest,
+            ResetTo::Offset(n) => Bound::Offset(*n),
+            ResetTo::Datetime(t) => Bound::Time(*t),
+            ResetTo::ShiftBy(n) => match current {
+                Some(c) => Bound::Offset(c.saturating_add(*n)),
+                None => {
+                    return Err(AdminError::NoCommitToShift {
+                        group: group.to_string(),
+                        topic: topic.to_string(),
+                        partition: p,
+                    })
+                }
+            },
+        };
+        planned.push(PlannedReset {
+            topic: topic.to_string(),
+            partition: p,
+            current_offset: current,
+            new_offset: resolve_bound(client, topic, &offsets, &bound).await?,
+        });
+    }
+    Ok(planned)
+}
+
+/// Locks the group's partition rows against claims and commits while a
+/// reset is applied.
+const LOCK_GROUP_PARTITIONS: &str = "
+    SELECT 1 FROM group_partitions WHERE group_id = $1 FOR UPDATE";
+
+const ENSURE_RESET_PARTITIONS: &str = "
+    INSERT INTO group_partitions (group_id, topic, partition)
+    SELECT $1, v.topic, v.partition FROM unnest($2::text[], $3::int4[]) AS v(topic, partition)
+    ON CONFLICT DO NOTHING";
+
+/// Sets the offsets, frees the partitions and moves their epochs: a member
+/// that wakes up later cannot commit over the reset (fenced).
+const APPLY_RESET: &str = "
+    UPDATE group_partitions g
+       SET committed_offset = v.new_offset, committed_at = now(), owner = NULL, epoch = g.epoch + 1
+      FROM unnest($2::text[], $3::int4[], $4::int8[]) AS v(topic, partition, new_offset)
+     WHERE g.group_id = $1 AND g.topic = v.topic AND g.partition = v.partition";
+
+/// Applies a planned reset, refusing while the group has live members.
+pub async fn execute_reset(
+    client: &mut tokio_postgres::Client,
+    group: &str,
+    planned: &[PlannedReset],
+) -> Result<(), AdminError> {
+    let tx = client.transaction().await?;
+    tx.execute(LOCK_GROUP_PARTITIONS, &[&group]).await?;
+    let members: i64 = tx.query_one(LIVE_MEMBER_COUNT, &[&group]).await?.get(0);
+    if members > 0 {
+        return Err(AdminError::ActiveOnReset {
+            group: group.to_string(),
+            members,
+        });
+    }
+    let topics: Vec<&str> = planned.iter().map(|p| p.topic.as_str()).collect();
+    let partitions: Vec<i32> = planned.iter().map(|p| p.partition).collect();
+    let offsets: Vec<i64> = planned.iter().map(|p| p.new_offset).collect();
+    tx.execute(ENSURE_RESET_PARTITIONS, &[&group, &topics, &partitions])
+        .await?;
+    tx.execute(APPLY_RESET, &[&group, &topics, &partitions, &offsets])
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+const GROUP_TOPICS: &str = "
+    SELECT DISTINCT topic FROM group_partitions WHERE group_id = $1 ORDER BY topic";
+
+/// The topics a group has offsets for.
+pub async fn group_topics(
+    client: &impl tokio_postgres::GenericClient,
+    group: &str,
+) -> Result<Vec<String>, AdminError> {
+    Ok(client
+        .query(GROUP_TOPICS, &[&group])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// True while the group has live members (Kafka's state Stable).
+pub async fn has_live_members(
+    client: &impl tokio_postgres::GenericClient,
+    group: &str,
+) -> Result<i64, AdminError> {
+    Ok(client.query_one(LIVE_MEMBER_COUNT, &[&group]).await?.get(0))
+}
+
+const DELETE_GROUP_PARTITIONS: &str = "DELETE FROM group_partitions WHERE group_id = $1";
+const DELETE_GROUP_MEMBERS: &str = "DELETE FROM group_members WHERE group_id = $1";
+
+/// Removes an inactive group's offsets and memberships (its delivery ledger
+/// and dead letters stay). Returns the partitions it had.
+pub async fn delete_group(
+    client: &mut tokio_postgres::Client,
+    group: &str,
+) -> Result<u64, AdminError> {
+    let tx = client.transaction().await?;
+    tx.execute(LOCK_GROUP_PARTITIONS, &[&group]).await?;
+    let members: i64 = tx.query_one(LIVE_MEMBER_COUNT, &[&group]).await?.get(0);
+    if members > 0 {
+        return Err(AdminError::ActiveOnDelete {
+            group: group.to_string(),
+            members,
+        });
+    }
+    let partitions = tx.execute(DELETE_GROUP_PARTITIONS, &[&group]).await?;
+    let member_rows = tx.execute(DELETE_GROUP_MEMBERS, &[&group]).await?;
+    if partitions == 0 && member_rows == 0 {
+        return Err(AdminError::UnknownGroup(group.to_string()));
+    }
+    tx.commit().await?;
+    Ok(partitions)
+}
+
 /// This module's SQL by name: tests/it/sql.rs prepares each statement
 /// against the migrated schema.
 pub(crate) fn statements() -> Vec<(&'static str, String)> {
     vec![
+        (
+            "group::admin::LIVE_MEMBER_COUNT",
+            LIVE_MEMBER_COUNT.to_string(),
+        ),
+        ("group::admin::GROUP_TOPICS", GROUP_TOPICS.to_string()),
+        ("group::admin::COMMITTED", COMMITTED.to_string()),
+        (
+            "group::admin::LOCK_GROUP_PARTITIONS",
+            LOCK_GROUP_PARTITIONS.to_string(),
+        ),
+        (
+            "group::admin::ENSURE_RESET_PARTITIONS",
+            ENSURE_RESET_PARTITIONS.to_string(),
+        ),
+        ("group::admin::APPLY_RESET", APPLY_RESET.to_string()),
+        (
+            "group::admin::DELETE_GROUP_PARTITIONS",
+            DELETE_GROUP_PARTITIONS.to_string(),
+        ),
+        (
+            "group::admin::DELETE_GROUP_MEMBERS",
+            DELETE_GROUP_MEMBERS.to_string(),
+        ),
         ("group::admin::LIST_GROUPS", LIST_GROUPS.to_string()),
         ("group::admin::LIVE_MEMBERS", LIVE_MEMBERS.to_string()),
         (

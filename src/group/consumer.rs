@@ -479,10 +479,13 @@ async fn run_partition<H: RecordHandler>(
 }
 
 /// Per-partition bookkeeping: queued records per key, offsets in flight.
+/// Records of one key run one after another in offset order; the lowest
+/// unfinished offset is how far progress may be recorded. (Replays use it
+/// too.)
 #[derive(Default)]
-struct PartitionState {
+pub(crate) struct PartitionState {
     /// Offsets read but not finished (queued, ready or running).
-    in_flight: BTreeSet<i64>,
+    pub(crate) in_flight: BTreeSet<i64>,
     /// Records waiting behind a running record of the same key.
     queues: HashMap<Option<String>, VecDeque<Record>>,
     /// Keys with a record running, and its offset.
@@ -492,7 +495,7 @@ struct PartitionState {
 }
 
 impl PartitionState {
-    fn enqueue(&mut self, record: Record) {
+    pub(crate) fn enqueue(&mut self, record: Record) {
         self.in_flight.insert(record.offset);
         let key = record.key.clone();
         if self.running.contains_key(&key) || self.ready.iter().any(|r| r.key == key) {
@@ -503,7 +506,7 @@ impl PartitionState {
     }
 
     /// Records to start now; their keys become busy.
-    fn take_ready(&mut self) -> Vec<Record> {
+    pub(crate) fn take_ready(&mut self) -> Vec<Record> {
         let ready = std::mem::take(&mut self.ready);
         for record in &ready {
             self.running.insert(record.key.clone(), record.offset);
@@ -512,7 +515,7 @@ impl PartitionState {
     }
 
     /// A record finished: the next one of its key becomes ready.
-    fn finish(&mut self, offset: i64, key: Option<String>) {
+    pub(crate) fn finish(&mut self, offset: i64, key: Option<String>) {
         self.in_flight.remove(&offset);
         self.running.remove(&key);
         if let Some(queue) = self.queues.get_mut(&key) {
@@ -526,7 +529,7 @@ impl PartitionState {
     }
 
     /// The offset to commit: the lowest unfinished one, else `next`.
-    fn committable(&self, next: i64) -> i64 {
+    pub(crate) fn committable(&self, next: i64) -> i64 {
         self.in_flight.first().copied().unwrap_or(next)
     }
 }

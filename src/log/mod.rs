@@ -21,6 +21,7 @@
 
 pub mod notify;
 pub mod partitioner;
+pub mod ranges;
 pub mod read;
 pub mod record;
 pub mod storage;

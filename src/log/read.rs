@@ -63,6 +63,17 @@ pub async fn offset_for_time(
     time: DateTime<Utc>,
 ) -> Result<i64, LogError> {
     let offsets = offsets_of(client, topic, partition).await?;
+    offset_for_time_within(client, topic, &offsets, time).await
+}
+
+/// [`offset_for_time`] for a partition whose offsets the caller has read.
+pub async fn offset_for_time_within(
+    client: &impl GenericClient,
+    topic: &str,
+    offsets: &super::PartitionOffsets,
+    time: DateTime<Utc>,
+) -> Result<i64, LogError> {
+    let partition = offsets.partition;
     let row = client
         .query_opt(
             TIME_INDEX_ENTRY,

@@ -162,6 +162,7 @@ pub async fn all_partition_offsets(
 /// against the migrated schema.
 pub(crate) fn statements() -> Vec<(&'static str, String)> {
     vec![
+        ("log::topics::ALTER_RETENTION", ALTER_RETENTION.to_string()),
         ("log::topics::LIST_TOPICS", LIST_TOPICS.to_string()),
         ("log::topics::TOPIC", TOPIC.to_string()),
         ("log::topics::INSERT_TOPIC", INSERT_TOPIC.to_string()),
@@ -178,4 +179,27 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
             ALL_PARTITION_OFFSETS.to_string(),
         ),
     ]
+}
+
+const ALTER_RETENTION: &str = "
+    UPDATE topics SET retention = make_interval(secs => $2) WHERE name = $1";
+
+/// Changes a topic's retention (records older than it, by append time, fall
+/// below the log start offset at the relay's next retention pass).
+pub async fn alter_retention(
+    client: &impl GenericClient,
+    name: &str,
+    retention: std::time::Duration,
+) -> Result<(), LogError> {
+    let updated = client
+        .execute(ALTER_RETENTION, &[&name, &retention.as_secs_f64()])
+        .await
+        .map_err(|e| match e.code() {
+            Some(&SqlState::CHECK_VIOLATION) => LogError::InvalidRetention,
+            _ => LogError::Db(e),
+        })?;
+    if updated == 0 {
+        return Err(LogError::UnknownTopic(name.to_string()));
+    }
+    Ok(())
 }

@@ -36,8 +36,8 @@ pub(super) const APPEND_TIME_INDEX: &str = "
     SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::int8[], $5::timestamptz[])";
 
 pub(super) const PARK_ROWS: &str = "
-    INSERT INTO outbox_parked (outbox_id, topic, key, payload, headers, created_at, reason)
-    SELECT o.id, o.topic, o.key, o.payload, o.headers, o.created_at, v.reason
+    INSERT INTO outbox_parked (outbox_id, topic, key, payload, headers, created_at, reason, retry_of)
+    SELECT o.id, o.topic, o.key, o.payload, o.headers, o.created_at, v.reason, o.retry_of
       FROM unnest($1::int8[], $2::text[]) AS v(id, reason)
       JOIN outbox o ON o.id = v.id
     ON CONFLICT (outbox_id) DO NOTHING";

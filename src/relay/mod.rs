@@ -24,6 +24,7 @@ pub mod batch;
 mod drain;
 mod lease;
 mod maintenance;
+pub mod parked;
 pub mod snapshot;
 
 use std::collections::HashMap;
@@ -599,5 +600,6 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
     all.extend(drain::statements());
     all.extend(append::statements());
     all.extend(maintenance::statements());
+    all.extend(parked::statements());
     all
 }

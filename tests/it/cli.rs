@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-fn outbox_relay(database_url: Option<&str>, args: &[&str]) -> Output {
+pub fn outbox_relay(database_url: Option<&str>, args: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
     command
         .args(args)
@@ -19,12 +19,12 @@ fn outbox_relay(database_url: Option<&str>, args: &[&str]) -> Output {
     command.output().expect("run outbox-relay")
 }
 
-fn stderr(output: &Output) -> String {
+pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).to_string()
 }
 
 /// A failed command prints exactly one line and exits non-zero.
-fn assert_one_line_failure(output: &Output, needle: &str) {
+pub fn assert_one_line_failure(output: &Output, needle: &str) {
     assert!(!output.status.success(), "expected failure, got {output:?}");
     let text = stderr(output);
     assert_eq!(

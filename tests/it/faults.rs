@@ -538,6 +538,8 @@ struct FaultNotes {
     /// `user_id`s of those refused.
     created: Vec<i64>,
     refused: Vec<i64>,
+    /// How long the database was away (stopped until it accepted again).
+    database_away: Option<Duration>,
     notes: Vec<String>,
 }
 
@@ -625,18 +627,22 @@ async fn inject(fault: Fault, world: &mut World, scale: u32) -> FaultNotes {
         }
         Fault::RestartPostgres(mode) => {
             let cluster = world.cluster.clone();
+            let away = Instant::now();
             blocking(move || {
                 cluster.stop_with(mode).unwrap();
                 cluster.start_again().unwrap();
             })
             .await;
+            notes.database_away = Some(away.elapsed());
         }
         Fault::PostgresOutage => {
             let cluster = world.cluster.clone();
+            let away = Instant::now();
             blocking(move || cluster.stop_with(ShutdownMode::Fast).unwrap()).await;
             tokio::time::sleep(Duration::from_secs(8)).await;
             let cluster = world.cluster.clone();
             blocking(move || cluster.start_again().unwrap()).await;
+            notes.database_away = Some(away.elapsed());
         }
         Fault::SmtpDown => {
             world.smtp.stop().await;
@@ -729,8 +735,11 @@ async fn inject(fault: Fault, world: &mut World, scale: u32) -> FaultNotes {
                 }
             }
             notes.notes.push(format!("{} connections held", hogs.len()));
+            let away = Instant::now();
             tokio::time::sleep(Duration::from_secs(5)).await;
             drop(hogs);
+            // No new connection for 5 s: members whose pooled ones broke are cut off.
+            notes.database_away = Some(away.elapsed());
         }
         Fault::Burst => {
             // Every request on a connection of its own, all at once.
@@ -983,7 +992,15 @@ async fn check(
             ));
         }
     }
-    if !duplicated.is_empty() && scenario.duplicates_explained_by.is_none() {
+    // A database away for longer than the members' session cuts them off:
+    // the documented window of a member treated as crashed.
+    let session = Duration::from_secs(SESSION_SECS.parse().unwrap());
+    let explained_by = scenario.duplicates_explained_by.or_else(|| {
+        notes.database_away.filter(|away| *away > session).map(|_| {
+            "the database was away longer than the mail members' 3 s session: members cut off with sent marks unwritten, treated as crashed"
+        })
+    });
+    if !duplicated.is_empty() && explained_by.is_none() {
         failures.push(format!(
             "{} orders were mailed twice with nothing to explain it: {:?}",
             duplicated.len(),
@@ -1031,6 +1048,9 @@ async fn check(
         .unwrap()
         .get(0);
     let mut note = notes.notes.clone();
+    if let Some(away) = notes.database_away {
+        note.push(format!("database away {:.1} s", away.as_secs_f64()));
+    }
     if let Some(stall) = notes.longest_stall {
         note.insert(
             0,

@@ -12,5 +12,6 @@ mod metrics;
 mod migrate;
 mod project;
 mod relay;
+mod replay;
 mod smtp;
 mod sql;

@@ -33,7 +33,7 @@ use crate::group::dead_letters::park_dead_letter;
 use crate::log::Record;
 pub use ledger::{confirmation_mail, sent_count_for_keys, ConfirmationMail};
 use ledger::{mark_attempt, SentLedger, SentMark, LEDGER_STATUS, MARK_FAILED, MARK_UNKNOWN};
-pub use render::{message_id, render, OrderCreated};
+pub use render::{message_id, render, render_replay, replay_message_id, OrderCreated};
 pub use smtp::Limits;
 pub use transport::{MailTransport, PlainSmtpPool, SendOutcome, SmtpTarget};
 

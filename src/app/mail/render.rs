@@ -62,9 +62,63 @@ pub fn message_id(record: &Record) -> String {
     format!("<{id}@outbox-relay>")
 }
 
+/// The Message-ID of a replayed mail: its own, naming the run, so it is
+/// neither the live mail's nor another run's.
+pub fn replay_message_id(run_id: i64, record: &Record) -> String {
+    format!(
+        "<replay-{run_id}.{}.{}.{}@outbox-relay>",
+        record.topic, record.partition, record.offset
+    )
+}
+
+/// `X-Outbox-Replay: <run id>` on every mail a replay sends.
+#[derive(Debug, Clone)]
+pub struct OutboxReplay(pub i64);
+
+impl header::Header for OutboxReplay {
+    fn name() -> header::HeaderName {
+        header::HeaderName::new_from_ascii_str("X-Outbox-Replay")
+    }
+
+    fn parse(s: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(OutboxReplay(s.trim().parse()?))
+    }
+
+    fn display(&self) -> header::HeaderValue {
+        header::HeaderValue::new(Self::name(), self.0.to_string())
+    }
+}
+
 /// Renders the confirmation mail (plain text with an HTML alternative).
 pub fn render(
     record: &Record,
+    order: &OrderCreated,
+    to: &EmailAddress,
+    from: &Mailbox,
+) -> anyhow::Result<Message> {
+    build(message_id(record), None, order, to, from)
+}
+
+/// Renders the confirmation mail again for replay run `run_id`.
+pub fn render_replay(
+    run_id: i64,
+    record: &Record,
+    order: &OrderCreated,
+    to: &EmailAddress,
+    from: &Mailbox,
+) -> anyhow::Result<Message> {
+    build(
+        replay_message_id(run_id, record),
+        Some(run_id),
+        order,
+        to,
+        from,
+    )
+}
+
+fn build(
+    message_id: String,
+    replay: Option<i64>,
     order: &OrderCreated,
     to: &EmailAddress,
     from: &Mailbox,
@@ -85,8 +139,11 @@ pub fn render(
         id = order.order_id,
         amount = order.amount
     );
-    Message::builder()
-        .message_id(Some(message_id(record)))
+    let mut builder = Message::builder().message_id(Some(message_id));
+    if let Some(run_id) = replay {
+        builder = builder.header(OutboxReplay(run_id));
+    }
+    builder
         .from(from.clone())
         .to(to)
         .subject(subject)

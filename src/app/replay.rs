@@ -1,0 +1,919 @@
+//! Replaying a topic's order mails (docs/invariants.md, 10): a time or
+//! offset range becomes a run with a cursor of its own, never touching the
+//! live `mail-service` group.
+//!
+//! * **Plan.** The bounds become per-partition offset ranges from one
+//!   reading of the partition heads ([`crate::log::ranges`]): a time is the
+//!   first offset created at or after it (Kafka's offsetsForTimes), the end
+//!   defaults to the log end captured then, so records appended later are
+//!   not part of the run. The plan is stored with the run.
+//! * **Once per run.** Each event is recorded in the run's ledger as
+//!   `sending` (committed) before its SMTP exchange, then `sent`, `failed`
+//!   or `unknown`. A resumed run skips what is settled, and also what is
+//!   still `sending`: such an event was in flight when the run stopped, and
+//!   may or may not have gone out. It is reported as *in doubt* and sent
+//!   again only on request, so a run never mails an event twice.
+//! * **Cursor.** Each partition's `next_offset` is the lowest offset not
+//!   settled, saved every fraction of a second; a resumed run re-reads from
+//!   there, which is at most the records in flight when it stopped.
+//! * **Marked.** A replayed mail carries `X-Outbox-Replay: <run id>` and a
+//!   Message-ID of its own, and goes out whatever the live ledger says.
+//! * **One process per run.** A run is claimed with a session advisory lock
+//!   on a dedicated connection: it is freed the moment its process dies,
+//!   so a killed run can be resumed at once, and two processes never work
+//!   on one run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use lettre::message::Mailbox;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_postgres::Client;
+
+use crate::app::mail::{
+    render_replay, replay_message_id, MailTransport, OrderCreated, RetryPolicy, SendOutcome,
+};
+use crate::group::consumer::PartitionState;
+use crate::log::ranges::PartitionRange;
+use crate::log::Record;
+use crate::shutdown::Shutdown;
+
+/// First key of the advisory lock that claims a run (the run id is the second).
+const RUN_LOCK_KEY: i32 = 0x7270_6c79; // "rply"
+
+/// How often each partition's cursor is saved: what a resumed run may read
+/// again is what settled since.
+const CURSOR_SAVE_INTERVAL: Duration = Duration::from_millis(200);
+
+const CREATE_RUN: &str = "
+    INSERT INTO replay_runs (topic, request) VALUES ($1, $2) RETURNING id";
+
+const CREATE_RUN_PARTITIONS: &str = "
+    INSERT INTO replay_partitions (run_id, partition, from_offset, to_offset, next_offset)
+    SELECT $1, v.partition, v.from_offset, v.to_offset, v.from_offset
+      FROM unnest($2::int4[], $3::int8[], $4::int8[]) AS v(partition, from_offset, to_offset)";
+
+/// An unfinished run of the same command.
+const FIND_UNFINISHED: &str = "
+    SELECT id FROM replay_runs WHERE topic = $1 AND request = $2 AND state <> 'done'
+     ORDER BY id DESC LIMIT 1";
+
+const CLAIM_RUN: &str = "SELECT pg_try_advisory_lock($1, $2)";
+
+const SET_STATE: &str = "
+    UPDATE replay_runs SET state = $2, updated_at = now(),
+           finished_at = CASE WHEN $2 = 'done' THEN now() END
+     WHERE id = $1";
+
+const RUN: &str = "
+    SELECT id, topic, request, state, created_at, updated_at, finished_at FROM replay_runs WHERE id = $1";
+
+const RUNS: &str = "
+    SELECT id, topic, request, state, created_at, updated_at, finished_at FROM replay_runs ORDER BY id";
+
+const RUN_PARTITIONS: &str = "
+    SELECT partition, from_offset, to_offset, next_offset FROM replay_partitions
+     WHERE run_id = $1 ORDER BY partition";
+
+/// Per run: events by status in its ledger.
+const RUN_COUNTS: &str = "
+    SELECT run_id, status, count(*) FROM replay_deliveries
+     WHERE $1::int8 IS NULL OR run_id = $1 GROUP BY run_id, status";
+
+/// The run's ledger rows at or past the cursor (settled or in doubt).
+const RUN_LEDGER_FROM: &str = "
+    SELECT d.partition, d.\"offset\", d.status FROM replay_deliveries d
+      JOIN replay_partitions p ON p.run_id = d.run_id AND p.partition = d.partition
+     WHERE d.run_id = $1 AND d.\"offset\" >= p.next_offset";
+
+const SAVE_CURSORS: &str = "
+    UPDATE replay_partitions p SET next_offset = v.next_offset
+      FROM unnest($2::int4[], $3::int8[]) AS v(partition, next_offset)
+     WHERE p.run_id = $1 AND p.partition = v.partition AND p.next_offset < v.next_offset";
+
+/// Events about to be sent (committed before the SMTP exchange). A row in
+/// doubt that is being sent again stays `sending`.
+const MARK_SENDING: &str = "
+    INSERT INTO replay_deliveries (run_id, partition, \"offset\", status, message_id)
+    SELECT $1, v.partition, v.log_offset, 'sending', v.message_id
+      FROM unnest($2::int4[], $3::int8[], $4::text[]) AS v(partition, log_offset, message_id)
+    ON CONFLICT (run_id, partition, \"offset\") DO UPDATE SET updated_at = now()
+     WHERE replay_deliveries.status = 'sending'";
+
+/// Events settled: sent, failed (the run's dead letters) or unknown.
+const MARK_SETTLED: &str = "
+    INSERT INTO replay_deliveries (run_id, partition, \"offset\", status, message_id, attempts, reason, last_error)
+    SELECT $1, v.partition, v.log_offset, v.status, v.message_id, v.attempts, v.reason, v.last_error
+      FROM unnest($2::int4[], $3::int8[], $4::text[], $5::text[], $6::int4[], $7::text[], $8::text[])
+           AS v(partition, log_offset, status, message_id, attempts, reason, last_error)
+    ON CONFLICT (run_id, partition, \"offset\") DO UPDATE
+       SET status = excluded.status, attempts = excluded.attempts, reason = excluded.reason,
+           last_error = excluded.last_error, updated_at = now()";
+
+const RUN_DEAD_LETTERS: &str = "
+    SELECT partition, \"offset\", reason, last_error, attempts FROM replay_deliveries
+     WHERE run_id = $1 AND status IN ('failed', 'unknown') ORDER BY partition, \"offset\"";
+
+const IN_DOUBT: &str = "
+    SELECT partition, \"offset\" FROM replay_deliveries
+     WHERE run_id = $1 AND status = 'sending' ORDER BY partition, \"offset\"";
+
+// ─── Runs: create, find, describe ────────────────────────────────────────────
+
+/// A run's plan for one partition, and how far it got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunPartition {
+    pub partition: i32,
+    pub from_offset: i64,
+    pub to_offset: i64,
+    /// Every offset below is settled (the run's cursor).
+    pub next_offset: i64,
+}
+
+/// A run as `replay list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub id: i64,
+    pub topic: String,
+    /// The command's bounds, as given.
+    pub request: serde_json::Value,
+    /// `running`, `interrupted` or `done`.
+    pub state: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Events in the plan.
+    pub total: i64,
+    pub sent: i64,
+    pub failed: i64,
+    pub unknown: i64,
+    /// In flight when the run stopped: may or may not have gone out.
+    pub in_doubt: i64,
+}
+
+/// A run with its partitions and its dead letters (`replay describe`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunDescription {
+    #[serde(flatten)]
+    pub run: Run,
+    pub partitions: Vec<RunPartition>,
+    pub dead_letters: Vec<RunDeadLetter>,
+    /// (partition, offset) of the events in doubt.
+    pub in_doubt_events: Vec<(i32, i64)>,
+}
+
+/// An event the run could not mail.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunDeadLetter {
+    pub partition: i32,
+    pub offset: i64,
+    pub reason: Option<String>,
+    pub last_error: Option<String>,
+    pub attempts: i32,
+}
+
+/// Creates a run for `ranges` (the plan) of `topic`.
+pub async fn create_run(
+    client: &mut Client,
+    topic: &str,
+    request: &serde_json::Value,
+    ranges: &[PartitionRange],
+) -> anyhow::Result<i64> {
+    let tx = client.transaction().await?;
+    let id: i64 = tx.query_one(CREATE_RUN, &[&topic, request]).await?.get(0);
+    let partitions: Vec<i32> = ranges.iter().map(|r| r.partition).collect();
+    let from: Vec<i64> = ranges.iter().map(|r| r.from).collect();
+    let to: Vec<i64> = ranges.iter().map(|r| r.to).collect();
+    tx.execute(CREATE_RUN_PARTITIONS, &[&id, &partitions, &from, &to])
+        .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// The newest unfinished run made by the same command, if any.
+pub async fn find_unfinished(
+    client: &Client,
+    topic: &str,
+    request: &serde_json::Value,
+) -> anyhow::Result<Option<i64>> {
+    Ok(client
+        .query_opt(FIND_UNFINISHED, &[&topic, request])
+        .await?
+        .map(|r| r.get(0)))
+}
+
+/// Every run, oldest first, with its counts.
+pub async fn list_runs(client: &Client) -> anyhow::Result<Vec<Run>> {
+    let rows = client.query(RUNS, &[]).await?;
+    let counts = run_counts(client, None).await?;
+    let mut runs = Vec::new();
+    for row in rows {
+        let id: i64 = row.get(0);
+        let partitions = run_partitions(client, id).await?;
+        runs.push(run_from(&row, &partitions, counts.get(&id)));
+    }
+    Ok(runs)
+}
+
+/// One run in full.
+pub async fn describe_run(client: &Client, id: i64) -> anyhow::Result<RunDescription> {
+    let row = client
+        .query_opt(RUN, &[&id])
+        .await?
+        .with_context(|| format!("no replay run {id}"))?;
+    let partitions = run_partitions(client, id).await?;
+    let counts = run_counts(client, Some(id)).await?;
+    let dead_letters = client
+        .query(RUN_DEAD_LETTERS, &[&id])
+        .await?
+        .iter()
+        .map(|r| RunDeadLetter {
+            partition: r.get(0),
+            offset: r.get(1),
+            reason: r.get(2),
+            last_error: r.get(3),
+            attempts: r.get(4),
+        })
+        .collect();
+    let in_doubt_events = client
+        .query(IN_DOUBT, &[&id])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(RunDescription {
+        run: run_from(&row, &partitions, counts.get(&id)),
+        partitions,
+        dead_letters,
+        in_doubt_events,
+    })
+}
+
+async fn run_partitions(client: &Client, id: i64) -> anyhow::Result<Vec<RunPartition>> {
+    Ok(client
+        .query(RUN_PARTITIONS, &[&id])
+        .await?
+        .iter()
+        .map(|r| RunPartition {
+            partition: r.get(0),
+            from_offset: r.get(1),
+            to_offset: r.get(2),
+            next_offset: r.get(3),
+        })
+        .collect())
+}
+
+async fn run_counts(
+    client: &Client,
+    id: Option<i64>,
+) -> anyhow::Result<HashMap<i64, HashMap<String, i64>>> {
+    let mut counts: HashMap<i64, HashMap<String, i64>> = HashMap::new();
+    for row in client.query(RUN_COUNTS, &[&id]).await? {
+        counts
+            .entry(row.get(0))
+            .or_default()
+            .insert(row.get(1), row.get(2));
+    }
+    Ok(counts)
+}
+
+fn run_from(
+    row: &tokio_postgres::Row,
+    partitions: &[RunPartition],
+    counts: Option<&HashMap<String, i64>>,
+) -> Run {
+    let count = |status: &str| counts.and_then(|c| c.get(status)).copied().unwrap_or(0);
+    Run {
+        id: row.get(0),
+        topic: row.get(1),
+        request: row.get(2),
+        state: row.get(3),
+        created_at: row.get(4),
+        updated_at: row.get(5),
+        finished_at: row.get(6),
+        total: partitions
+            .iter()
+            .map(|p| (p.to_offset - p.from_offset).max(0))
+            .sum(),
+        sent: count("sent"),
+        failed: count("failed"),
+        unknown: count("unknown"),
+        in_doubt: count("sending"),
+    }
+}
+
+// ─── Running a replay ────────────────────────────────────────────────────────
+
+/// Settings of one replay process.
+#[derive(Clone)]
+pub struct ReplaySettings {
+    pub transport: MailTransport,
+    pub from: Mailbox,
+    pub retry: RetryPolicy,
+    /// At most this many mails per second (None: as fast as the SMTP pool goes).
+    pub max_rate: Option<f64>,
+    /// Send the events in doubt again (they may have gone out before).
+    pub resend_in_doubt: bool,
+    /// Records read ahead per partition.
+    pub window: usize,
+}
+
+/// Live counters of a running replay, for a progress display.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Events of the run settled before this process started.
+    pub already: AtomicU64,
+    pub sent: AtomicU64,
+    pub failed: AtomicU64,
+    pub unknown: AtomicU64,
+    /// Skipped because they were in flight when the run last stopped.
+    pub in_doubt: AtomicU64,
+    /// Read again on resuming although already settled.
+    pub reread: AtomicU64,
+    /// In the offset range but created outside the run's time range.
+    pub outside: AtomicU64,
+}
+
+impl Progress {
+    /// Events this process has settled or skipped.
+    pub fn done(&self) -> u64 {
+        [
+            &self.already,
+            &self.sent,
+            &self.failed,
+            &self.unknown,
+            &self.in_doubt,
+            &self.outside,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+}
+
+/// How a replay process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Finish {
+    /// Every event of the plan is settled.
+    Done,
+    /// Stopped (Ctrl-C, SIGTERM): resume it later.
+    Interrupted,
+}
+
+/// Runs (or resumes) run `run_id` until it is done or `shutdown` fires.
+pub async fn run(
+    database_url: &str,
+    run_id: i64,
+    settings: ReplaySettings,
+    progress: Arc<Progress>,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<Finish> {
+    // The claim lives as long as this connection (and this process).
+    let claim = crate::db::connect(database_url).await?;
+    let claimed: bool = claim
+        .query_one(CLAIM_RUN, &[&RUN_LOCK_KEY, &(run_id as i32)])
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        claimed,
+        "replay run {run_id} is being worked on by another process"
+    );
+    let client = crate::db::connect(database_url).await?;
+    let run = describe_run(&client, run_id).await?;
+    client.execute(SET_STATE, &[&run_id, &"running"]).await?;
+
+    // What is already settled (or in doubt) at or past each cursor.
+    let mut settled: HashMap<(i32, i64), String> = HashMap::new();
+    for row in client.query(RUN_LEDGER_FROM, &[&run_id]).await? {
+        settled.insert((row.get(0), row.get(1)), row.get(2));
+    }
+    let already: i64 = run
+        .partitions
+        .iter()
+        .map(|p| p.next_offset - p.from_offset)
+        .sum();
+    progress
+        .already
+        .store(already.max(0) as u64, Ordering::Relaxed);
+
+    let time_range = TimeRange::of(&run.run.request);
+    let pool = crate::db::pool(database_url, 4)?;
+    let ledger = RunLedger::spawn(pool.clone(), run_id);
+    let limiter = settings.max_rate.map(|rate| Arc::new(RateLimit::new(rate)));
+    let settled = Arc::new(settled);
+    let cursors: Arc<Mutex<BTreeMap<i32, i64>>> = Arc::default();
+    let mut partitions = JoinSet::new();
+    for p in run
+        .partitions
+        .iter()
+        .filter(|p| p.next_offset < p.to_offset)
+    {
+        partitions.spawn(replay_partition(PartitionJob {
+            pool: pool.clone(),
+            run_id,
+            topic: run.run.topic.clone(),
+            partition: p.clone(),
+            settings: settings.clone(),
+            ledger: ledger.clone(),
+            limiter: limiter.clone(),
+            settled: settled.clone(),
+            time_range,
+            cursors: cursors.clone(),
+            progress: progress.clone(),
+            shutdown: shutdown.clone(),
+        }));
+    }
+    let mut failure = None;
+    let mut save_every = tokio::time::interval(CURSOR_SAVE_INTERVAL);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            joined = partitions.join_next() => match joined {
+                None => break,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => { failure.get_or_insert(e); }
+                Some(Err(e)) => { failure.get_or_insert(anyhow::anyhow!("a replay task failed: {e}")); }
+            },
+            _ = save_every.tick() => save_cursors(&client, run_id, &cursors).await?,
+            // The partition tasks see the same signal: they start no more
+            // mails and wait for those in flight.
+            _ = shutdown.recv(), if !stopping => stopping = true,
+        }
+    }
+    save_cursors(&client, run_id, &cursors).await?;
+    if let Some(e) = failure {
+        client
+            .execute(SET_STATE, &[&run_id, &"interrupted"])
+            .await?;
+        return Err(e);
+    }
+    let finished = run_partitions(&client, run_id)
+        .await?
+        .iter()
+        .all(|p| p.next_offset >= p.to_offset);
+    let finish = if finished {
+        Finish::Done
+    } else {
+        Finish::Interrupted
+    };
+    let state = if finished { "done" } else { "interrupted" };
+    client.execute(SET_STATE, &[&run_id, &state]).await?;
+    drop(claim);
+    Ok(finish)
+}
+
+async fn save_cursors(
+    client: &Client,
+    run_id: i64,
+    cursors: &Mutex<BTreeMap<i32, i64>>,
+) -> anyhow::Result<()> {
+    let (partitions, offsets): (Vec<i32>, Vec<i64>) = {
+        let cursors = cursors.lock().expect("cursor lock");
+        cursors.iter().map(|(p, o)| (*p, *o)).unzip()
+    };
+    if !partitions.is_empty() {
+        client
+            .execute(SAVE_CURSORS, &[&run_id, &partitions, &offsets])
+            .await?;
+    }
+    Ok(())
+}
+
+struct PartitionJob {
+    pool: deadpool_postgres::Pool,
+    run_id: i64,
+    topic: String,
+    partition: RunPartition,
+    settings: ReplaySettings,
+    ledger: RunLedger,
+    limiter: Option<Arc<RateLimit>>,
+    settled: Arc<HashMap<(i32, i64), String>>,
+    time_range: TimeRange,
+    cursors: Arc<Mutex<BTreeMap<i32, i64>>>,
+    progress: Arc<Progress>,
+    shutdown: Shutdown,
+}
+
+/// The created-at range of a run bounded by time: `[from, to)`.
+///
+/// Its offsets start at the first record created at or after `from` (Kafka's
+/// offsetsForTimes) and end at the log end captured when it started; records
+/// in between that were created outside the range (CreateTime need not grow
+/// with the offset) are skipped, so the run mails exactly the range.
+#[derive(Debug, Clone, Copy, Default)]
+struct TimeRange {
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    to: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl TimeRange {
+    fn of(request: &serde_json::Value) -> TimeRange {
+        let time = |field: &str| {
+            request[field]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc))
+        };
+        TimeRange {
+            from: time("from"),
+            to: time("to"),
+        }
+    }
+
+    fn contains(&self, created_at: chrono::DateTime<chrono::Utc>) -> bool {
+        self.from.is_none_or(|from| created_at >= from) && self.to.is_none_or(|to| created_at < to)
+    }
+}
+
+/// Reads one partition's range from its cursor and mails what is not
+/// settled, records of one key one after another, others concurrently.
+async fn replay_partition(mut job: PartitionJob) -> anyhow::Result<()> {
+    let p = job.partition.partition;
+    let end = job.partition.to_offset;
+    let mut next = job.partition.next_offset;
+    let mut state = PartitionState::default();
+    let mut tasks: JoinSet<(i64, Option<String>)> = JoinSet::new();
+    let window = job.settings.window.max(1);
+    loop {
+        let stopping = job.shutdown.is_triggered();
+        if !stopping && next < end && state.in_flight.len() < window {
+            let room = (window - state.in_flight.len()).min(500) as i64;
+            let client = job.pool.get().await?;
+            let records = crate::log::read(&**client, &job.topic, p, next, room.min(end - next))
+                .await
+                .context("reading the partition")?;
+            drop(client);
+            if records.is_empty() {
+                // Below the log start (retention): nothing left to read.
+                next = end;
+            }
+            for record in records.into_iter().filter(|r| r.offset < end) {
+                next = record.offset + 1;
+                state.enqueue(record);
+            }
+        }
+        if !stopping {
+            for record in state.take_ready() {
+                let job_ctx = SendContext {
+                    run_id: job.run_id,
+                    time_range: job.time_range,
+                    settings: job.settings.clone(),
+                    ledger: job.ledger.clone(),
+                    limiter: job.limiter.clone(),
+                    settled: job.settled.clone(),
+                    progress: job.progress.clone(),
+                };
+                tasks.spawn(async move {
+                    let (offset, key) = (record.offset, record.key.clone());
+                    job_ctx.replay_one(record).await;
+                    (offset, key)
+                });
+            }
+        }
+        let cursor = state.committable(next);
+        job.cursors.lock().expect("cursor lock").insert(p, cursor);
+        if state.in_flight.is_empty() && (next >= end || stopping) {
+            return Ok(());
+        }
+        if stopping && tasks.is_empty() {
+            return Ok(());
+        }
+        let waiting_for_room = state.in_flight.len() >= window || next >= end || stopping;
+        if waiting_for_room || !tasks.is_empty() {
+            tokio::select! {
+                Some(done) = tasks.join_next() => {
+                    let (offset, key) = done.context("a replayed mail's task failed")?;
+                    state.finish(offset, key);
+                }
+                _ = job.shutdown.recv(), if !stopping => {}
+            }
+        }
+    }
+}
+
+/// What one mail's task needs.
+struct SendContext {
+    run_id: i64,
+    time_range: TimeRange,
+    settings: ReplaySettings,
+    ledger: RunLedger,
+    limiter: Option<Arc<RateLimit>>,
+    settled: Arc<HashMap<(i32, i64), String>>,
+    progress: Arc<Progress>,
+}
+
+impl SendContext {
+    /// Settles one record of the run: skipped when the run's ledger says
+    /// it is done (or in doubt), else mailed and recorded.
+    async fn replay_one(&self, record: Record) {
+        if !self.time_range.contains(record.created_at) {
+            self.progress.outside.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let event = (record.partition, record.offset);
+        match self.settled.get(&event).map(String::as_str) {
+            Some("sending") if !self.settings.resend_in_doubt => {
+                self.progress.in_doubt.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Some("sent") | Some("failed") | Some("unknown") => {
+                self.progress.reread.fetch_add(1, Ordering::Relaxed);
+                self.progress.already.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            _ => {}
+        }
+        let message_id = replay_message_id(self.run_id, &record);
+        let settle = |status: &'static str,
+                      attempts: i32,
+                      reason: Option<String>,
+                      error: Option<String>| Settle {
+            partition: record.partition,
+            offset: record.offset,
+            status,
+            message_id: message_id.clone(),
+            attempts,
+            reason,
+            last_error: error,
+        };
+        let (order, to) = match OrderCreated::decode(&record.payload) {
+            Ok(decoded) => decoded,
+            Err(reason) => {
+                self.ledger
+                    .settle(settle("failed", 0, Some(reason), None))
+                    .await;
+                self.progress.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let message = match render_replay(self.run_id, &record, &order, &to, &self.settings.from) {
+            Ok(m) => m,
+            Err(e) => {
+                let reason = format!("cannot render: {e:#}");
+                self.ledger
+                    .settle(settle("failed", 0, Some(reason), None))
+                    .await;
+                self.progress.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        if let Some(limiter) = &self.limiter {
+            limiter.wait().await;
+        }
+        // In the run's ledger before the exchange: after a crash it is in doubt.
+        self.ledger
+            .sending(record.partition, record.offset, &message_id)
+            .await;
+        let name = format!(
+            "order-{}.replay-{}.{}.{}.{}",
+            order.order_id, self.run_id, record.topic, record.partition, record.offset
+        );
+        let started = Instant::now();
+        let mut attempts = 0;
+        let mut unknown = false;
+        loop {
+            attempts += 1;
+            let (error, was_unknown) =
+                match self.settings.transport.send(message.clone(), &name).await {
+                    SendOutcome::Sent => {
+                        self.ledger
+                            .settle(settle("sent", attempts, None, None))
+                            .await;
+                        self.progress.sent.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    SendOutcome::Permanent(error) => {
+                        let (status, reason) = if unknown {
+                            ("unknown", "an earlier attempt's outcome is unknown")
+                        } else {
+                            ("failed", "permanent SMTP failure")
+                        };
+                        self.ledger
+                            .settle(settle(status, attempts, Some(reason.into()), Some(error)))
+                            .await;
+                        self.count_unsettled(status);
+                        return;
+                    }
+                    SendOutcome::Transient(error) => (error, false),
+                    SendOutcome::Unknown(error) => (error, true),
+                };
+            unknown |= was_unknown;
+            if self.settings.retry.spent(attempts, started.elapsed()) {
+                let status = if unknown { "unknown" } else { "failed" };
+                self.ledger
+                    .settle(settle(
+                        status,
+                        attempts,
+                        Some("retry budget spent".into()),
+                        Some(error),
+                    ))
+                    .await;
+                self.count_unsettled(status);
+                return;
+            }
+            tokio::time::sleep(self.settings.retry.backoff(attempts - 1)).await;
+        }
+    }
+
+    fn count_unsettled(&self, status: &str) {
+        let counter = if status == "unknown" {
+            &self.progress.unknown
+        } else {
+            &self.progress.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// At most `rate` starts per second, shared by every task of a run.
+struct RateLimit {
+    period: Duration,
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl RateLimit {
+    fn new(rate: f64) -> RateLimit {
+        RateLimit {
+            period: Duration::from_secs_f64(1.0 / rate.max(0.001)),
+            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    async fn wait(&self) {
+        let slot = {
+            let mut next = self.next.lock().await;
+            let now = tokio::time::Instant::now();
+            let slot = (*next).max(now);
+            *next = slot + self.period;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+// ─── The run's ledger writer ─────────────────────────────────────────────────
+
+/// An event settled.
+struct Settle {
+    partition: i32,
+    offset: i64,
+    status: &'static str,
+    message_id: String,
+    attempts: i32,
+    reason: Option<String>,
+    last_error: Option<String>,
+}
+
+enum LedgerWrite {
+    Sending {
+        partition: i32,
+        offset: i64,
+        message_id: String,
+    },
+    Settled(Settle),
+}
+
+/// Writes the run's ledger in batches (one commit for whatever arrived
+/// meanwhile), retrying a failed batch until it is in; each writer waits
+/// for its own row to be committed.
+#[derive(Clone)]
+struct RunLedger {
+    writes: mpsc::UnboundedSender<(LedgerWrite, oneshot::Sender<()>)>,
+}
+
+impl RunLedger {
+    fn spawn(pool: deadpool_postgres::Pool, run_id: i64) -> RunLedger {
+        let (writes, mut rx) = mpsc::unbounded_channel::<(LedgerWrite, oneshot::Sender<()>)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 1000 {
+                    match rx.try_recv() {
+                        Ok(write) => batch.push(write),
+                        Err(_) => break,
+                    }
+                }
+                let mut failures = 0u32;
+                while let Err(e) = write_batch(&pool, run_id, &batch).await {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "could not write the replay ledger; retrying"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(failures.min(6)))
+                        .await;
+                    failures += 1;
+                }
+                for (_, done) in batch {
+                    let _ = done.send(());
+                }
+            }
+        });
+        RunLedger { writes }
+    }
+
+    async fn write(&self, write: LedgerWrite) {
+        let (done, written) = oneshot::channel();
+        if self.writes.send((write, done)).is_ok() {
+            let _ = written.await;
+        }
+    }
+
+    async fn sending(&self, partition: i32, offset: i64, message_id: &str) {
+        self.write(LedgerWrite::Sending {
+            partition,
+            offset,
+            message_id: message_id.to_string(),
+        })
+        .await
+    }
+
+    async fn settle(&self, settle: Settle) {
+        self.write(LedgerWrite::Settled(settle)).await
+    }
+}
+
+async fn write_batch(
+    pool: &deadpool_postgres::Pool,
+    run_id: i64,
+    batch: &[(LedgerWrite, oneshot::Sender<()>)],
+) -> anyhow::Result<()> {
+    let mut sending = (Vec::new(), Vec::new(), Vec::new());
+    let mut settled = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (write, _) in batch {
+        match write {
+            LedgerWrite::Sending {
+                partition,
+                offset,
+                message_id,
+            } => {
+                sending.0.push(*partition);
+                sending.1.push(*offset);
+                sending.2.push(message_id.as_str());
+            }
+            LedgerWrite::Settled(s) => {
+                settled.0.push(s.partition);
+                settled.1.push(s.offset);
+                settled.2.push(s.status);
+                settled.3.push(s.message_id.as_str());
+                settled.4.push(s.attempts);
+                settled.5.push(s.reason.as_deref());
+                settled.6.push(s.last_error.as_deref());
+            }
+        }
+    }
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    if !sending.0.is_empty() {
+        tx.execute(MARK_SENDING, &[&run_id, &sending.0, &sending.1, &sending.2])
+            .await?;
+    }
+    if !settled.0.is_empty() {
+        tx.execute(
+            MARK_SETTLED,
+            &[
+                &run_id, &settled.0, &settled.1, &settled.2, &settled.3, &settled.4, &settled.5,
+                &settled.6,
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    [
+        ("app::replay::CREATE_RUN", CREATE_RUN),
+        ("app::replay::CREATE_RUN_PARTITIONS", CREATE_RUN_PARTITIONS),
+        ("app::replay::FIND_UNFINISHED", FIND_UNFINISHED),
+        ("app::replay::CLAIM_RUN", CLAIM_RUN),
+        ("app::replay::SET_STATE", SET_STATE),
+        ("app::replay::RUN", RUN),
+        ("app::replay::RUNS", RUNS),
+        ("app::replay::RUN_PARTITIONS", RUN_PARTITIONS),
+        ("app::replay::RUN_COUNTS", RUN_COUNTS),
+        ("app::replay::RUN_LEDGER_FROM", RUN_LEDGER_FROM),
+        ("app::replay::SAVE_CURSORS", SAVE_CURSORS),
+        ("app::replay::MARK_SENDING", MARK_SENDING),
+        ("app::replay::MARK_SETTLED", MARK_SETTLED),
+        ("app::replay::RUN_DEAD_LETTERS", RUN_DEAD_LETTERS),
+        ("app::replay::IN_DOUBT", IN_DOUBT),
+    ]
+    .into_iter()
+    .map(|(name, sql)| (name, sql.to_string()))
+    .collect()
+}

@@ -35,6 +35,10 @@ ALTER TABLE mail_deliveries ADD COLUMN first_attempt_at timestamptz;
 -- and an older incarnation still running is fenced.
 ALTER TABLE group_members ADD COLUMN incarnation text;
 
--- A dead letter retried through the outbox: the retry's outbox row names the
--- record it retries here, never in writer-settable headers.
-ALTER TABLE outbox ADD COLUMN retry_of text;
+-- A dead letter retried through the outbox: which record the new outbox row
+-- retries is kept here, written only by `dead-letters retry`, never in the
+-- outbox row itself (writers set those, headers included).
+CREATE TABLE outbox_retries (
+    outbox_id bigint PRIMARY KEY REFERENCES outbox (id) ON DELETE CASCADE,
+    retry_of  text   NOT NULL
+);

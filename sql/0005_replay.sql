@@ -44,3 +44,9 @@ CREATE TABLE replay_deliveries (
 
 -- A row parked for an unknown topic keeps what `dead-letters retry` marked.
 ALTER TABLE outbox_parked ADD COLUMN retry_of text;
+
+-- A group partition's epoch comes from one sequence: an epoch is never
+-- handed out twice, even after a group is deleted and made again, so a
+-- member frozen across that cannot pass for the new owner.
+CREATE SEQUENCE group_partition_epochs;
+SELECT setval('group_partition_epochs', coalesce(max(epoch), 0) + 1) FROM group_partitions;

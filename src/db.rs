@@ -20,10 +20,37 @@ pub fn parse_url(url: &str) -> anyhow::Result<Config> {
         .map_err(|e| anyhow::anyhow!("invalid database URL: {e}"))
 }
 
+/// Server-side bounds of every session of a pool, so that a member frozen
+/// mid-transaction cannot hold others up: a transaction idle longer than
+/// `idle_in_transaction` is ended by Postgres, and a row lock is waited for
+/// at most `lock_wait` (the statement then fails and is retried).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionBounds {
+    pub idle_in_transaction: Duration,
+    pub lock_wait: Duration,
+}
+
 /// Builds a pool of `size` connections. Connections are opened lazily;
 /// call [`check`] to fail fast on an unreachable database.
 pub fn pool(url: &str, size: usize) -> anyhow::Result<Pool> {
+    pool_with(url, size, None)
+}
+
+/// A pool whose sessions carry `bounds` (set at connection start).
+pub fn pool_with(url: &str, size: usize, bounds: Option<SessionBounds>) -> anyhow::Result<Pool> {
     let mut config = parse_url(url)?;
+    if let Some(b) = bounds {
+        let options = format!(
+            "-c idle_in_transaction_session_timeout={} -c lock_timeout={}",
+            b.idle_in_transaction.as_millis().max(1),
+            b.lock_wait.as_millis().max(1)
+        );
+        let options = match config.get_options() {
+            Some(existing) => format!("{existing} {options}"),
+            None => options,
+        };
+        config.options(&options);
+    }
     // A peer that vanished without closing is noticed within a minute.
     config.keepalives_idle(Duration::from_secs(30));
     let manager = Manager::from_config(
@@ -146,6 +173,17 @@ impl Db {
     pub fn pool(&self, purpose: &'static str, size: usize) -> anyhow::Result<Pool> {
         self.reserve(purpose, size)?;
         pool(self.url(), size)
+    }
+
+    /// A pool whose sessions carry `bounds`, reserved from the budget.
+    pub fn bounded_pool(
+        &self,
+        purpose: &'static str,
+        size: usize,
+        bounds: SessionBounds,
+    ) -> anyhow::Result<Pool> {
+        self.reserve(purpose, size)?;
+        pool_with(self.url(), size, Some(bounds))
     }
 
     /// Opens a dedicated connection (reserve it once with [`Db::reserve`]:

@@ -35,6 +35,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more are answered 503 and closed.
 const MAX_CONNECTIONS: usize = 1024;
 
+/// Connections being answered 503 at once; more are closed at once.
+const MAX_REFUSALS: usize = 256;
+
 /// On shutdown, requests in flight get this long to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -146,6 +149,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let app = router(pool);
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let (stop, stopping) = watch::channel(false);
     let mut connections = JoinSet::new();
     loop {
@@ -163,7 +167,13 @@ pub async fn serve(
         };
         while connections.try_join_next().is_some() {}
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            connections.spawn(refuse_busy(stream));
+            // Answered 503 while few are being refused; past that, closed.
+            if let Ok(refusing) = refusals.clone().try_acquire_owned() {
+                connections.spawn(async move {
+                    refuse_busy(stream).await;
+                    drop(refusing);
+                });
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);

@@ -106,8 +106,15 @@ pub async fn apply_all(url: &str) -> anyhow::Result<Vec<i32>> {
     let mut client = crate::db::connect(url).await?;
     let applied = run(&mut client).await?;
     let tx = client.transaction().await?;
-    crate::log::storage::ensure_day_partitions(&tx).await?;
-    tx.commit().await?;
+    match crate::log::storage::ensure_day_partitions(&tx).await {
+        Ok(()) => tx.commit().await?,
+        // The log is busy and the partitions exist days ahead: the relay's
+        // upkeep creates the missing ones later.
+        Err(e) if is_lock_timeout(&e) => {
+            tracing::warn!("event_log is busy; its next day partitions will be created later")
+        }
+        Err(e) => return Err(e),
+    }
     Ok(applied)
 }
 
@@ -148,4 +155,13 @@ pub async fn current_version(client: &impl tokio_postgres::GenericClient) -> any
         return Ok(0);
     }
     current_version_in(client).await
+}
+
+fn is_lock_timeout(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(|e| e.code())
+            == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+    })
 }

@@ -43,12 +43,13 @@ use crate::log::ranges::PartitionRange;
 use crate::log::Record;
 use crate::shutdown::Shutdown;
 
-/// First key of the advisory lock that claims a run (the run id is the second).
-const RUN_LOCK_KEY: i32 = 0x7270_6c79; // "rply"
+/// Advisory lock keys of runs: this plus the run id ("rply" in the high
+/// bits keeps them clear of the schema lock's key).
+const RUN_LOCK_BASE: i64 = 0x7270_6c79 << 32;
 
 /// How often each partition's cursor is saved: what a resumed run may read
 /// again is what settled since.
-const CURSOR_SAVE_INTERVAL: Duration = Duration::from_millis(200);
+const CURSOR_SAVE_INTERVAL: Duration = Duration::from_millis(100);
 
 const CREATE_RUN: &str = "
     INSERT INTO replay_runs (topic, request) VALUES ($1, $2) RETURNING id";
@@ -63,7 +64,7 @@ const FIND_UNFINISHED: &str = "
     SELECT id FROM replay_runs WHERE topic = $1 AND request = $2 AND state <> 'done'
      ORDER BY id DESC LIMIT 1";
 
-const CLAIM_RUN: &str = "SELECT pg_try_advisory_lock($1, $2)";
+const CLAIM_RUN: &str = "SELECT pg_try_advisory_lock($1)";
 
 const SET_STATE: &str = "
     UPDATE replay_runs SET state = $2, updated_at = now(),
@@ -373,16 +374,18 @@ pub async fn run(
     progress: Arc<Progress>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<Finish> {
-    // The claim lives as long as this connection (and this process).
+    // The claim lives as long as this connection (and this process); it is
+    // watched, and the run stops should the connection close under it.
     let claim = crate::db::connect(database_url).await?;
     let claimed: bool = claim
-        .query_one(CLAIM_RUN, &[&RUN_LOCK_KEY, &(run_id as i32)])
+        .query_one(CLAIM_RUN, &[&(RUN_LOCK_BASE + run_id)])
         .await?
         .get(0);
     anyhow::ensure!(
         claimed,
         "replay run {run_id} is being worked on by another process"
     );
+    let (stop_run, run_stop) = crate::shutdown::channel();
     let client = crate::db::connect(database_url).await?;
     let run = describe_run(&client, run_id).await?;
     client.execute(SET_STATE, &[&run_id, &"running"]).await?;
@@ -425,11 +428,48 @@ pub async fn run(
             time_range,
             cursors: cursors.clone(),
             progress: progress.clone(),
-            shutdown: shutdown.clone(),
+            shutdown: run_stop.clone(),
         }));
+    }
+    if settings.resend_in_doubt {
+        // Those behind a cursor are not read again by the partitions.
+        let behind: Vec<(i32, i64)> = run
+            .in_doubt_events
+            .iter()
+            .filter(|(p, o)| {
+                run.partitions
+                    .iter()
+                    .any(|r| r.partition == *p && *o < r.next_offset)
+            })
+            .copied()
+            .collect();
+        let context = SendContext {
+            run_id,
+            time_range: TimeRange::default(),
+            settings: settings.clone(),
+            ledger: ledger.clone(),
+            limiter: limiter.clone(),
+            settled: settled.clone(),
+            progress: progress.clone(),
+        };
+        let context = Arc::new(context);
+        let reader = pool.clone();
+        let topic = run.run.topic.clone();
+        partitions.spawn(async move {
+            for (partition, offset) in behind {
+                let client = reader.get().await?;
+                let record = crate::log::read(&**client, &topic, partition, offset, 1).await?;
+                drop(client);
+                if let Some(record) = record.into_iter().find(|r| r.offset == offset) {
+                    context.replay_one(record).await;
+                }
+            }
+            anyhow::Ok(())
+        });
     }
     let mut failure = None;
     let mut save_every = tokio::time::interval(CURSOR_SAVE_INTERVAL);
+    let mut claim_check = tokio::time::interval(Duration::from_secs(1));
     let mut stopping = false;
     loop {
         tokio::select! {
@@ -440,9 +480,18 @@ pub async fn run(
                 Some(Err(e)) => { failure.get_or_insert(anyhow::anyhow!("a replay task failed: {e}")); }
             },
             _ = save_every.tick() => save_cursors(&client, run_id, &cursors).await?,
-            // The partition tasks see the same signal: they start no more
-            // mails and wait for those in flight.
-            _ = shutdown.recv(), if !stopping => stopping = true,
+            // The partition tasks stop starting mails and wait for those in flight.
+            _ = shutdown.recv(), if !stopping => {
+                stopping = true;
+                stop_run.trigger();
+            }
+            _ = claim_check.tick(), if !stopping && claim.is_closed() => {
+                stopping = true;
+                stop_run.trigger();
+                failure.get_or_insert(anyhow::anyhow!(
+                    "lost the claim on replay run {run_id} (its connection closed); resume it"
+                ));
+            }
         }
     }
     save_cursors(&client, run_id, &cursors).await?;
@@ -548,8 +597,9 @@ async fn replay_partition(mut job: PartitionJob) -> anyhow::Result<()> {
                 .await
                 .context("reading the partition")?;
             drop(client);
-            if records.is_empty() {
-                // Below the log start (retention): nothing left to read.
+            if records.first().is_none_or(|first| first.offset >= end) {
+                // Past the range, or retention moved the log start past it:
+                // nothing left to read.
                 next = end;
             }
             for record in records.into_iter().filter(|r| r.offset < end) {

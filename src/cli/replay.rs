@@ -232,8 +232,11 @@ pub async fn run(
     let (run_id, ranges) = match args.resume {
         Some(id) => {
             let described = replay::describe_run(&client, id).await?;
-            if described.run.state == "done" {
-                bail!("replay run {id} is done: nothing to resume");
+            if described.run.state == "done" && !args.resend_in_doubt {
+                bail!(
+                    "replay run {id} is done: nothing to resume (--resend-in-doubt sends its {} events in doubt)",
+                    described.run.in_doubt
+                );
             }
             let ranges = described
                 .partitions
@@ -303,7 +306,7 @@ pub async fn run(
         },
         max_rate: args.max_rate,
         resend_in_doubt: args.resend_in_doubt,
-        window: 256,
+        window: 128,
     };
     let progress = Arc::new(Progress::default());
     let (trigger, shutdown) = crate::shutdown::channel();

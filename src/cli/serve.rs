@@ -223,14 +223,19 @@ impl Plan {
         let mail = match &self.mail {
             Some(settings) => {
                 tracing::info!(transport = %settings.target, "mail worker ready");
+                let consumer = settings.consumer_config();
                 let worker = crate::app::mail::MailWorker::from_settings(
-                    db.pool("mail worker", MAIL_POOL_SIZE)?,
+                    db.bounded_pool(
+                        "mail worker",
+                        MAIL_POOL_SIZE,
+                        consumer.group.session_bounds(),
+                    )?,
                     settings,
                 )?;
                 Some(crate::group::consumer::Consumer::new(
                     "mail",
                     &db,
-                    settings.consumer_config(),
+                    consumer,
                     Arc::new(worker),
                 )?)
             }

@@ -288,7 +288,7 @@ const ENSURE_RESET_PARTITIONS: &str = "
 /// that wakes up later cannot commit over the reset (fenced).
 const APPLY_RESET: &str = "
     UPDATE group_partitions g
-       SET committed_offset = v.new_offset, committed_at = now(), owner = NULL, epoch = g.epoch + 1
+       SET committed_offset = v.new_offset, committed_at = now(), owner = NULL, epoch = nextval('group_partition_epochs')
       FROM unnest($2::text[], $3::int4[], $4::int8[]) AS v(topic, partition, new_offset)
      WHERE g.group_id = $1 AND g.topic = v.topic AND g.partition = v.partition";
 

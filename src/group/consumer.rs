@@ -32,6 +32,11 @@ pub trait RecordHandler: Send + Sync + 'static {
     /// `lease` says under which ownership the record was read: a handler
     /// that writes on the group's behalf fences those writes with it, as
     /// the offset commit is fenced (docs/invariants.md, 6).
+    ///
+    /// A handler is not aborted when its partition worker fails (it is
+    /// when the partition is lost): the restarted worker may hand the same
+    /// record to a second call while the first still runs, so a handler
+    /// with side effects lets one call per record run at a time.
     fn handle(&self, record: Record, lease: Arc<Lease>) -> impl Future<Output = ()> + Send;
 }
 
@@ -117,8 +122,9 @@ impl<H: RecordHandler> Consumer<H> {
         handler: Arc<H>,
     ) -> anyhow::Result<Consumer<H>> {
         let db = db.into();
-        let reads = db.pool("consumer reads", READ_POOL_SIZE)?;
-        let membership = db.pool("group membership", MEMBERSHIP_POOL_SIZE)?;
+        let bounds = config.group.session_bounds();
+        let reads = db.bounded_pool("consumer reads", READ_POOL_SIZE, bounds)?;
+        let membership = db.bounded_pool("group membership", MEMBERSHIP_POOL_SIZE, bounds)?;
         db.reserve("consumer LISTEN", 1)?;
         Ok(Consumer {
             name,
@@ -203,9 +209,22 @@ async fn run_member<H: RecordHandler>(
             release(&membership, &worker.assignment).await;
         }
 
+        // Our partitions may be taken over once our session runs out: stop
+        // working on them first, and never wait on a heartbeat past that.
+        let left = self_fence_after.saturating_sub(session_start.elapsed());
+        if left.is_zero() && !(workers.is_empty() && handing_over.is_empty()) {
+            tracing::warn!("no heartbeat within the session timeout; stopping all partitions");
+            for (_, worker) in workers.drain().chain(handing_over.drain()) {
+                worker.stop_now();
+            }
+        }
+        let mut limit = config.group.session_timeout / 3;
+        if !(workers.is_empty() && handing_over.is_empty()) {
+            limit = limit.min(left.max(Duration::from_millis(100)));
+        }
         let sent_at = Instant::now();
         let heartbeat = tokio::select! {
-            result = tokio::time::timeout(config.group.session_timeout / 3, membership.heartbeat()) => {
+            result = tokio::time::timeout(limit, membership.heartbeat()) => {
                 result.unwrap_or_else(|_| Err(anyhow::anyhow!("heartbeat timed out")))
             }
             _ = shutdown.recv() => break,
@@ -346,6 +365,11 @@ async fn run_partition<H: RecordHandler>(
     mut appended: watch::Receiver<u64>,
     mut stop: watch::Receiver<Stop>,
 ) {
+    // Records being handled. If this worker fails (a database error), they
+    // are left to finish on their own rather than aborted mid-exchange: a
+    // mail whose server already has it must still be recorded, and the
+    // handler of the restarted worker waits for them (see `RecordHandler`).
+    let mut tasks = JoinSet::new();
     let result = async {
         let client = pool.get().await?;
         let mut next = crate::group::start_offset(
@@ -366,7 +390,6 @@ async fn run_partition<H: RecordHandler>(
         });
         let mut partition = PartitionState::default();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(i64, Option<String>)>();
-        let mut tasks = JoinSet::new();
         let mut last_commit = Instant::now();
         let mut committed = None;
         let mut caught_up = false;
@@ -473,6 +496,7 @@ async fn run_partition<H: RecordHandler>(
     .await;
     if let Err(e) = result {
         let e: anyhow::Error = e;
+        tasks.detach_all();
         tracing::warn!(topic = %assignment.topic, partition = assignment.partition, error = format!("{e:#}"),
             "partition worker failed; the next heartbeat restarts it");
     }

@@ -123,15 +123,22 @@ pub async fn list_dead_letters(
 }
 
 /// Marks parked dead letters (`$1`, or all when NULL) retried and writes
-/// each record to the outbox again, in one statement.
+/// each record to the outbox again, in one statement, with its link in
+/// `outbox_retries` to the record it retries (the original one, when this
+/// record was itself a retry: `$2` is the retry header).
 const RETRY: &str = "
     WITH retried AS (
         UPDATE dead_letters SET status = 'retried', resolved_at = now()
          WHERE status = 'parked' AND ($1::int8 IS NULL OR id = $1)
-        RETURNING topic, partition, \"offset\", key, headers, payload)
-    INSERT INTO outbox (topic, key, payload, headers, retry_of)
-    SELECT topic, key, payload, headers, topic || '/' || partition || '/' || \"offset\"
-      FROM retried";
+        RETURNING topic, partition, \"offset\", key, headers, payload),
+    numbered AS (
+        SELECT nextval(pg_get_serial_sequence('outbox', 'id')) AS outbox_id, retried.*,
+               coalesce(headers ->> $2::text, topic || '/' || partition || '/' || \"offset\") AS retry_of
+          FROM retried),
+    requeued AS (
+        INSERT INTO outbox (id, topic, key, payload, headers) OVERRIDING SYSTEM VALUE
+        SELECT outbox_id, topic, key, payload, headers - $2::text FROM numbered)
+    INSERT INTO outbox_retries (outbox_id, retry_of) SELECT outbox_id, retry_of FROM numbered";
 
 /// Retries dead letters (one by id, or all parked ones when `id` is None)
 /// by publishing each record again through the outbox; the relay marks it
@@ -142,7 +149,9 @@ pub async fn retry_dead_letters(
     id: Option<i64>,
 ) -> anyhow::Result<u64> {
     let tx = client.transaction().await?;
-    let retried = tx.execute(RETRY, &[&id]).await?;
+    let retried = tx
+        .execute(RETRY, &[&id, &crate::outbox::RETRY_OF_HEADER])
+        .await?;
     tx.commit().await?;
     Ok(retried)
 }

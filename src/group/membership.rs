@@ -23,7 +23,7 @@ const JOIN: &str = "
 /// A static member's new incarnation takes over what its previous one owned,
 /// at new epochs: the previous one (dead, or still running) is fenced.
 const RECLAIM: &str = "
-    UPDATE group_partitions SET epoch = epoch + 1
+    UPDATE group_partitions SET epoch = nextval('group_partition_epochs')
      WHERE group_id = $1 AND owner = $2";
 
 /// Whether another incarnation of this member has registered since.
@@ -48,7 +48,7 @@ const PARTITION_OWNERS: &str = "
 
 /// Compare-and-set on the owner seen a moment ago (free or dead).
 const CLAIM: &str = "
-    UPDATE group_partitions SET owner = $4, epoch = epoch + 1
+    UPDATE group_partitions SET owner = $4, epoch = nextval('group_partition_epochs')
      WHERE group_id = $1 AND topic = $2 AND partition = $3 AND owner IS NOT DISTINCT FROM $5 AND epoch = $6
     RETURNING epoch";
 
@@ -84,7 +84,8 @@ pub struct Membership {
 impl Membership {
     /// Joins the group (registers the member; creates partition rows).
     pub async fn join(db: impl Into<Db>, config: GroupConfig) -> anyhow::Result<Membership> {
-        let pool = db.into().pool("group membership", 2)?;
+        let bounds = config.session_bounds();
+        let pool = db.into().bounded_pool("group membership", 2, bounds)?;
         Membership::join_with(pool, config).await
     }
 
@@ -115,37 +116,24 @@ impl Membership {
     }
 
     async fn register(&self) -> anyhow::Result<()> {
-        let c = &self.config;
-        let client = self.client().await?;
-        client
-            .execute(
-                JOIN,
-                &[
-                    &c.group_id,
-                    &c.member_id,
-                    &c.host,
-                    &c.client_id,
-                    &c.session_timeout.as_secs_f64(),
-                    &c.incarnation,
-                ],
-            )
-            .await
-            .context("joining the consumer group")?;
-        let reclaimed = client
-            .execute(RECLAIM, &[&c.group_id, &c.member_id])
-            .await?;
-        if reclaimed > 0 {
-            tracing::info!(group = %c.group_id, member = %c.member_id, partitions = reclaimed,
-                "took back the partitions of this member's previous incarnation");
-        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        register_in(&*tx, &self.config).await?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// Heartbeats and rebalances once: returns what this member owns and
     /// what it should hand over.
+    ///
+    /// One transaction: the heartbeat locks this incarnation's member row
+    /// until the plan is read and the claims are made, so a newer
+    /// incarnation of a static member (whose join waits for that lock) can
+    /// never have its epochs read and adopted by the older one.
     pub async fn heartbeat(&self) -> anyhow::Result<Rebalance> {
         let c = &self.config;
-        let client = self.client().await?;
+        let mut connection = self.client().await?;
+        let client = connection.transaction().await?;
         if client
             .execute(HEARTBEAT, &[&c.group_id, &c.member_id, &c.incarnation])
             .await?
@@ -163,7 +151,7 @@ impl Membership {
                 .into());
             }
             // We were forgotten (a long pause): join again; our old epochs are fenced.
-            self.register().await?;
+            register_in(&*client, c).await?;
         }
         // Picks up partitions of topics created since we joined.
         client
@@ -212,6 +200,7 @@ impl Membership {
                 });
             }
         }
+        client.commit().await?;
         Ok(Rebalance {
             owned,
             to_release: plan.release,
@@ -329,6 +318,37 @@ pub async fn hold_ownership(
         )
         .await?
         .is_some())
+}
+
+/// Registers the member as this incarnation and, for a static member, takes
+/// over what its previous incarnation owned at new epochs. Run in the
+/// caller's transaction: the two happen together or not at all.
+async fn register_in(
+    client: &impl tokio_postgres::GenericClient,
+    c: &GroupConfig,
+) -> anyhow::Result<()> {
+    client
+        .execute(
+            JOIN,
+            &[
+                &c.group_id,
+                &c.member_id,
+                &c.host,
+                &c.client_id,
+                &c.session_timeout.as_secs_f64(),
+                &c.incarnation,
+            ],
+        )
+        .await
+        .context("joining the consumer group")?;
+    let reclaimed = client
+        .execute(RECLAIM, &[&c.group_id, &c.member_id])
+        .await?;
+    if reclaimed > 0 {
+        tracing::info!(group = %c.group_id, member = %c.member_id, partitions = reclaimed,
+            "took back the partitions of this member's previous incarnation");
+    }
+    Ok(())
 }
 
 /// Why a member must stop.

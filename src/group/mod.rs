@@ -71,6 +71,16 @@ impl GroupConfig {
         }
     }
 
+    /// Bounds for the member's database sessions: a member frozen inside a
+    /// transaction (holding a partition's row lock) loses it well within
+    /// its session timeout, and a claim never waits long on such a lock.
+    pub fn session_bounds(&self) -> crate::db::SessionBounds {
+        crate::db::SessionBounds {
+            idle_in_transaction: (self.session_timeout / 2).max(Duration::from_millis(500)),
+            lock_wait: (self.session_timeout / 5).min(Duration::from_secs(1)),
+        }
+    }
+
     /// Static membership (Kafka's `group.instance.id`, KIP-345): the
     /// member's identity survives restarts, so a member restarted with the
     /// same id takes its partitions back at once instead of after the

@@ -88,13 +88,15 @@ pub async fn plan(
             });
         }
     }
-    if let Bounds::PerPartition(listed) = from {
-        if let Some(&p) = listed.keys().find(|p| !(0..count).contains(*p)) {
-            return Err(LogError::UnknownPartition {
-                topic: topic.to_string(),
-                partition: p,
-                partitions: count,
-            });
+    for bounds in [from, to] {
+        if let Bounds::PerPartition(listed) = bounds {
+            if let Some(&p) = listed.keys().find(|p| !(0..count).contains(*p)) {
+                return Err(LogError::UnknownPartition {
+                    topic: topic.to_string(),
+                    partition: p,
+                    partitions: count,
+                });
+            }
         }
     }
     let mut ranges = Vec::new();

@@ -7,7 +7,7 @@ use chrono::{Duration, NaiveDate, Utc};
 use tokio_postgres::GenericClient;
 
 /// How many days of event_log partitions exist ahead of today.
-const DAYS_AHEAD: i64 = 3;
+const DAYS_AHEAD: i64 = 7;
 
 /// Lock serialising DDL on the log's partitions (same key as migrations).
 pub(crate) const SCHEMA_LOCK_KEY: i64 = 0x6f75_7462_6f78; // "outbox"
@@ -21,10 +21,19 @@ fn partition_name(day: NaiveDate) -> String {
     format!("event_log_{}", day.format("%Y%m%d"))
 }
 
+/// How long DDL on `event_log` (creating or dropping a day partition, which
+/// locks the whole table) waits for readers and writers to let go.
+pub const DDL_LOCK_WAIT: &str = "200ms";
+
+/// `SET LOCAL lock_timeout` for the DDL's transaction (`$1`).
+const BOUND_LOCK_WAIT: &str = "SELECT set_config('lock_timeout', $1, true)";
+
 /// Creates the day partitions of `event_log` from yesterday to a few days
 /// ahead, those that do not exist yet. Takes the schema lock: call inside a
-/// transaction.
+/// transaction. Waits at most [`DDL_LOCK_WAIT`] for the lock on `event_log`
+/// (the partitions are made days ahead; a busy pass is retried later).
 pub async fn ensure_day_partitions(tx: &impl GenericClient) -> anyhow::Result<()> {
+    tx.execute(BOUND_LOCK_WAIT, &[&DDL_LOCK_WAIT]).await?;
     tx.execute(LOCK_SCHEMA, &[&SCHEMA_LOCK_KEY]).await?;
     let today = Utc::now().date_naive();
     for ahead in -1..=DAYS_AHEAD {
@@ -90,12 +99,22 @@ const DAY_PARTITIONS: &str = "
 /// Moves each partition's log start offset past records older than its
 /// topic's retention (readers never see them again) and drops day partitions
 /// older than every topic's retention. Nothing is deleted row by row.
+///
+/// The heads move in a short transaction of their own (the relay updates
+/// those rows on every batch), and the day partitions are dropped in
+/// another that waits at most [`DDL_LOCK_WAIT`] for the lock on `event_log`:
+/// a `DROP` queued behind a long reader would hold up every append and read
+/// behind it. A drop that cannot get the lock is left for the next pass.
 pub async fn enforce_retention(
     client: &mut tokio_postgres::Client,
 ) -> anyhow::Result<RetentionOutcome> {
     let tx = client.transaction().await?;
     let truncated = tx.execute(ADVANCE_LOG_START, &[]).await?;
     tx.execute(DELETE_EXPIRED_TIME_INDEX, &[]).await?;
+    tx.commit().await?;
+
+    let tx = client.transaction().await?;
+    tx.execute(BOUND_LOCK_WAIT, &[&DDL_LOCK_WAIT]).await?;
     tx.execute(LOCK_SCHEMA, &[&SCHEMA_LOCK_KEY]).await?;
     let max_retention_days: f64 = tx.query_one(MAX_RETENTION_DAYS, &[]).await?.get(0);
     let oldest_kept =
@@ -111,8 +130,19 @@ pub async fn enforce_retention(
             continue;
         };
         if day < oldest_kept {
-            tx.batch_execute(&format!("DROP TABLE {name}")).await?;
-            dropped.push(name);
+            match tx.batch_execute(&format!("DROP TABLE {name}")).await {
+                Ok(()) => dropped.push(name),
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                {
+                    tracing::info!(table = %name, "event_log is busy; dropping the day partition next time");
+                    return Ok(RetentionOutcome {
+                        partitions_truncated: truncated,
+                        days_dropped: Vec::new(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     tx.commit().await?;
@@ -127,6 +157,7 @@ pub async fn enforce_retention(
 pub(crate) fn statements() -> Vec<(&'static str, String)> {
     vec![
         ("log::storage::LOCK_SCHEMA", LOCK_SCHEMA.to_string()),
+        ("log::storage::BOUND_LOCK_WAIT", BOUND_LOCK_WAIT.to_string()),
         ("log::storage::RELATION_EXISTS", RELATION_EXISTS.to_string()),
         (
             "log::storage::ADVANCE_LOG_START",

@@ -20,16 +20,18 @@ pub(super) const ADVANCE_HEADS: &str = "
 
 /// Copies rows from the outbox into the log; payloads never leave Postgres.
 /// The headers are the writer's minus the reserved ones (`$4`), plus the
-/// retry header (`$5`) for a row `dead-letters retry` wrote.
+/// retry header (`$5`) for a row `dead-letters retry` wrote (its link is in
+/// `outbox_retries`).
 pub(super) const APPEND_RECORDS: &str = "
     INSERT INTO event_log (topic, partition, \"offset\", key, headers, payload, created_at, appended_at, outbox_id)
     SELECT o.topic, v.partition, v.log_offset, o.key,
            (o.headers - $4::text[])
-             || CASE WHEN o.retry_of IS NULL THEN '{}'::jsonb
-                     ELSE jsonb_build_object($5::text, o.retry_of) END,
+             || CASE WHEN r.retry_of IS NULL THEN '{}'::jsonb
+                     ELSE jsonb_build_object($5::text, r.retry_of) END,
            o.payload, o.created_at, now(), o.id
       FROM unnest($1::int8[], $2::int4[], $3::int8[]) AS v(id, partition, log_offset)
-      JOIN outbox o ON o.id = v.id";
+      JOIN outbox o ON o.id = v.id
+      LEFT JOIN outbox_retries r ON r.outbox_id = o.id";
 
 pub(super) const APPEND_TIME_INDEX: &str = "
     INSERT INTO event_log_time_index (topic, partition, base_offset, last_offset, max_created_at)
@@ -37,7 +39,8 @@ pub(super) const APPEND_TIME_INDEX: &str = "
 
 pub(super) const PARK_ROWS: &str = "
     INSERT INTO outbox_parked (outbox_id, topic, key, payload, headers, created_at, reason, retry_of)
-    SELECT o.id, o.topic, o.key, o.payload, o.headers, o.created_at, v.reason, o.retry_of
+    SELECT o.id, o.topic, o.key, o.payload, o.headers, o.created_at, v.reason,
+           (SELECT r.retry_of FROM outbox_retries r WHERE r.outbox_id = o.id)
       FROM unnest($1::int8[], $2::text[]) AS v(id, reason)
       JOIN outbox o ON o.id = v.id
     ON CONFLICT (outbox_id) DO NOTHING";

@@ -56,7 +56,7 @@ pub(super) const SAVE_CURSOR: &str = "
        SET relayed_snapshot = $3::text::pg_snapshot,
            draining_snapshot = $4::text::pg_snapshot,
            cursor_id = $5,
-           lease_expires_at = now() + make_interval(secs => $6)
+           lease_expires_at = clock_timestamp() + make_interval(secs => $6)
      WHERE relay = $1 AND epoch = $2";
 
 /// This module's SQL by name: tests/it/sql.rs prepares each statement

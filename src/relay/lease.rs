@@ -27,9 +27,9 @@ pub fn instance_id() -> String {
 /// so a later standby can end it should this process freeze mid-batch.
 pub(super) const ACQUIRE_LEASE: &str = "
     UPDATE relay_state
-       SET holder = $2, epoch = epoch + 1, lease_expires_at = now() + make_interval(secs => $3),
+       SET holder = $2, epoch = epoch + 1, lease_expires_at = clock_timestamp() + make_interval(secs => $3),
            holder_pid = pg_backend_pid()
-     WHERE relay = $1 AND (holder IS NULL OR holder = $2 OR lease_expires_at < now())
+     WHERE relay = $1 AND (holder IS NULL OR holder = $2 OR lease_expires_at < clock_timestamp())
     RETURNING epoch, relayed_snapshot::text, draining_snapshot IS NOT NULL";
 
 /// Ends the backend of a leader whose lease expired while it still holds
@@ -38,21 +38,21 @@ pub(super) const ACQUIRE_LEASE: &str = "
 pub(super) const END_EXPIRED_HOLDER: &str = "
     SELECT a.pid, pg_terminate_backend(a.pid)
       FROM relay_state r JOIN pg_stat_activity a ON a.pid = r.holder_pid
-     WHERE r.relay = $1 AND r.lease_expires_at < now()
+     WHERE r.relay = $1 AND r.lease_expires_at < clock_timestamp()
        AND a.datname = current_database() AND a.application_name = 'outbox-relay'
        AND a.pid <> pg_backend_pid()";
 
 /// Every relay session: statements planned with their actual snapshot
 /// parameters (a generic plan cannot know the in-progress list is short),
 /// a name that `END_EXPIRED_HOLDER` recognises, and bounds derived from the
-/// lease so that a frozen holder's transaction ends by itself (`$1`: the
-/// idle-in-transaction and statement timeouts, `$2`: how long to wait for
-/// a row lock).
+/// lease: a transaction left idle longer than `$1` (a frozen holder) is
+/// ended by Postgres, and a row lock is waited for at most `$2`. Statements
+/// themselves are not bounded: a drain after a long outage may rightly take
+/// long, and a frozen client does not stop a running statement.
 pub(super) const SESSION_SETTINGS: &str = "
     SELECT set_config('plan_cache_mode', 'force_custom_plan', false),
            set_config('application_name', 'outbox-relay', false),
            set_config('idle_in_transaction_session_timeout', $1, false),
-           set_config('statement_timeout', $1, false),
            set_config('lock_timeout', $2, false)";
 
 /// Renews the lease. An idle leader also records its last empty peek ($4)
@@ -60,7 +60,7 @@ pub(super) const SESSION_SETTINGS: &str = "
 /// relayed snapshot it peeked from ($5): never backwards.
 pub(super) const RENEW_LEASE: &str = "
     UPDATE relay_state
-       SET lease_expires_at = now() + make_interval(secs => $3),
+       SET lease_expires_at = clock_timestamp() + make_interval(secs => $3),
            relayed_snapshot = CASE WHEN $4::text IS NOT NULL AND draining_snapshot IS NULL
                                         AND relayed_snapshot::text = $5
                                    THEN $4::text::pg_snapshot ELSE relayed_snapshot END

@@ -154,6 +154,12 @@ impl Relay {
 
     async fn client(&mut self) -> anyhow::Result<&mut Client> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            if self.client.is_some() && matches!(self.role, Role::Leader { .. }) {
+                // The lease records the old backend: step down and take the
+                // lease again on the new connection (it is ours, at once).
+                self.set_role(Role::Standby);
+                anyhow::bail!("the relay's connection closed");
+            }
             let client = self.db.connect().await?;
             let (bound, lock_wait) = session_bounds(self.config.lease_ttl);
             client
@@ -565,10 +571,10 @@ impl Relay {
 }
 
 /// Server-side bounds of a relay session, from the lease: a transaction
-/// idle (or a statement running) longer than the lease, or at least a
-/// second, is ended by Postgres, so a frozen leader's locks go within about
-/// a lease; row locks are waited for at most a fifth of the lease (at most
-/// 200 ms), after which a standby looks for an expired holder to end.
+/// idle longer than the lease, or at least a second, is ended by Postgres,
+/// so a frozen leader's locks go within about a lease; row locks are waited
+/// for at most a fifth of the lease (at most 200 ms), after which a standby
+/// looks for an expired holder to end.
 fn session_bounds(lease: Duration) -> (String, String) {
     let bound = lease.max(Duration::from_secs(1));
     let lock_wait = (lease / 5).min(Duration::from_millis(200));

@@ -42,17 +42,23 @@ pub async fn list(client: &impl tokio_postgres::GenericClient) -> anyhow::Result
 }
 
 /// Moves parked rows whose topic exists (one by id, or all) back into the
-/// outbox, in outbox id order so one key's rows keep their order.
+/// outbox, in outbox id order so one key's rows keep their order, with
+/// their retry links.
 const REDRIVE: &str = "
     WITH moved AS (
         DELETE FROM outbox_parked p USING topics t
          WHERE p.topic = t.name AND ($1::int8 IS NULL OR p.outbox_id = $1)
         RETURNING p.outbox_id, p.topic, p.key, p.payload, p.headers, p.created_at, p.retry_of),
+    numbered AS (
+        SELECT nextval(pg_get_serial_sequence('outbox', 'id')) AS new_id, m.*
+          FROM (SELECT * FROM moved ORDER BY outbox_id) m),
     requeued AS (
-        INSERT INTO outbox (topic, key, payload, headers, created_at, retry_of)
-        SELECT topic, key, payload, headers, created_at, retry_of FROM moved ORDER BY outbox_id
-        RETURNING id)
-    SELECT outbox_id, topic FROM moved ORDER BY outbox_id";
+        INSERT INTO outbox (id, topic, key, payload, headers, created_at) OVERRIDING SYSTEM VALUE
+        SELECT new_id, topic, key, payload, headers, created_at FROM numbered),
+    linked AS (
+        INSERT INTO outbox_retries (outbox_id, retry_of)
+        SELECT new_id, retry_of FROM numbered WHERE retry_of IS NOT NULL)
+    SELECT outbox_id, topic FROM numbered ORDER BY outbox_id";
 
 const STILL_PARKED: &str = "
     SELECT outbox_id, topic, reason FROM outbox_parked

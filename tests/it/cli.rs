@@ -607,11 +607,7 @@ async fn dead_letters_cli_lists_retries_and_discards() {
     .await
     .unwrap();
     assert_eq!(
-        count(
-            &client,
-            "SELECT count(*) FROM outbox WHERE retry_of IS NOT NULL"
-        )
-        .await,
+        count(&client, "SELECT count(*) FROM outbox_retries").await,
         1
     );
 }

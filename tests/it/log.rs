@@ -1,5 +1,7 @@
 //! Reading the log: offsets, offsetsForTimes, retention.
 
+use std::time::Duration;
+
 use chrono::{DateTime, TimeZone, Utc};
 use outbox_relay::log;
 use serde_json::json;
@@ -142,4 +144,44 @@ async fn retention_moves_the_log_start_and_offsets_for_times_respects_it() {
     let topics = log::list_topics(&client).await.unwrap();
     let default = topics.iter().find(|t| t.name == "order-created").unwrap();
     assert_eq!(default.retention_seconds, 35 * 86_400);
+}
+
+/// Retention drops a day of the log only when it can get the table's lock
+/// at once: queued behind a long reader, the `DROP` would hold up every
+/// append and read queued behind it. It tries again next pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_does_not_queue_behind_a_long_reader() {
+    let db = TestDb::migrated().await;
+    let mut client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE event_log_20200101 PARTITION OF event_log
+               FOR VALUES FROM ('2020-01-01 00:00:00+00') TO ('2020-01-02 00:00:00+00')",
+        )
+        .await
+        .unwrap();
+    let mut reader = db.client().await;
+    let long_read = reader.transaction().await.unwrap();
+    long_read
+        .batch_execute("SELECT count(*) FROM event_log")
+        .await
+        .unwrap();
+
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        log::storage::enforce_retention(&mut client),
+    )
+    .await
+    .expect("retention does not wait for the reader")
+    .unwrap();
+    assert!(outcome.days_dropped.is_empty(), "{outcome:?}");
+    // Appends go on meanwhile.
+    insert_event(&client, "order-created", "k", serde_json::json!({})).await;
+    tokio::time::timeout(Duration::from_secs(10), drain(&mut db.relay()))
+        .await
+        .expect("the relay appends while the reader is open");
+
+    long_read.rollback().await.unwrap();
+    let outcome = log::storage::enforce_retention(&mut client).await.unwrap();
+    assert_eq!(outcome.days_dropped, vec!["event_log_20200101".to_string()]);
 }

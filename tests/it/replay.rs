@@ -778,3 +778,80 @@ async fn parked_rows_are_redriven_once_their_topic_exists() {
         .get(0);
     assert_eq!(retention, 90 * 86_400);
 }
+
+/// Events left in doubt stay in doubt until asked: `--resend-in-doubt`
+/// sends them even once the run is done and its cursor is past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_in_doubt_are_sent_again_only_on_request_even_after_the_run_is_done() {
+    let db = TestDb::migrated().await;
+    sixty_days_of_orders(&db, 0).await;
+    let smtp = SmtpServer::start(&[]).await;
+    let out = run(
+        &db,
+        vec![
+            "replay".into(),
+            "--from-offset".into(),
+            "0:0".into(),
+            "--to-offset".into(),
+            "0:3".into(),
+            "--smtp-url".into(),
+            smtp.url(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(smtp.messages().len(), 3);
+    // As if the run had stopped while offset 1 was in flight.
+    let client = db.client().await;
+    client
+        .execute("UPDATE replay_deliveries SET status = 'sending' WHERE partition = 0 AND \"offset\" = 1", &[])
+        .await
+        .unwrap();
+    let run_id: i64 = client
+        .query_one("SELECT id FROM replay_runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let refused = run(
+        &db,
+        vec![
+            "replay".into(),
+            "--resume".into(),
+            run_id.to_string(),
+            "--smtp-url".into(),
+            smtp.url(),
+        ],
+    )
+    .await;
+    assert_one_line_failure(&refused, "is done");
+    let again = run(
+        &db,
+        vec![
+            "replay".into(),
+            "--resume".into(),
+            run_id.to_string(),
+            "--resend-in-doubt".into(),
+            "--smtp-url".into(),
+            smtp.url(),
+        ],
+    )
+    .await;
+    assert!(again.status.success(), "{}", stderr(&again));
+    let mails = mailed(&smtp);
+    assert_eq!(mails.len(), 4, "offset 1 sent once more, nothing else");
+    assert_eq!(
+        mails
+            .iter()
+            .filter(|m| m.1.ends_with(".order-created.0.1@outbox-relay>"))
+            .count(),
+        2
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM replay_deliveries WHERE status = 'sending'"
+        )
+        .await,
+        0
+    );
+}

@@ -21,7 +21,8 @@ mod render;
 pub mod smtp;
 mod transport;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -169,6 +170,7 @@ pub enum Delivery {
 pub struct MailWorker {
     pool: deadpool_postgres::Pool,
     ledger: SentLedger,
+    in_flight: InFlight,
     transport: MailTransport,
     from: Mailbox,
     group: String,
@@ -200,6 +202,7 @@ impl MailWorker {
     ) -> MailWorker {
         MailWorker {
             ledger: SentLedger::spawn(pool.clone(), MAIL_GROUP.to_string()),
+            in_flight: InFlight::default(),
             pool,
             transport,
             from,
@@ -211,6 +214,13 @@ impl MailWorker {
     /// Handles one record to its end. Database errors are retried here
     /// too: giving up would commit past a record whose mail never went out.
     pub async fn process(&self, record: &Record, lease: &Lease) -> Delivery {
+        // A restarted partition worker may hand us a record whose first
+        // handling still runs (it was left to finish): wait for it, then
+        // the ledger says what happened.
+        let _turn = self
+            .in_flight
+            .enter((record.topic.clone(), record.partition, record.offset))
+            .await;
         let mut db_backoff = 0;
         loop {
             match self.try_process(record, lease).await {
@@ -243,10 +253,6 @@ impl MailWorker {
     }
 
     async fn try_process(&self, record: &Record, lease: &Lease) -> anyhow::Result<Delivery> {
-        let (order, to) = match OrderCreated::decode(&record.payload) {
-            Ok(decoded) => decoded,
-            Err(reason) => return self.park(record, lease, &reason, 0, None).await,
-        };
         // Sent by this process and still being recorded (its worker was
         // restarted meanwhile): wait for the record, never send again.
         let event = (record.topic.clone(), record.partition, record.offset);
@@ -274,6 +280,12 @@ impl MailWorker {
             Some("failed") | Some("unknown") => return Ok(Delivery::AlreadySettled),
             _ => {}
         }
+        // Decoded after the ledger: a record already settled stays settled
+        // whatever a stricter decoder would say of it now.
+        let (order, to) = match OrderCreated::decode(&record.payload) {
+            Ok(decoded) => decoded,
+            Err(reason) => return self.park(record, lease, &reason, attempts, None).await,
+        };
         let message = match render(record, &order, &to, &self.from) {
             Ok(m) => m,
             Err(e) => {
@@ -449,6 +461,44 @@ impl MailWorker {
         Ok(Delivery::Parked {
             reason: reason.to_string(),
         })
+    }
+}
+
+/// One handling of an event at a time in this process.
+#[derive(Default)]
+struct InFlight {
+    events: std::sync::Mutex<InFlightEvents>,
+}
+
+#[derive(Default)]
+struct InFlightEvents {
+    turns: HashMap<ledger::EventKey, Weak<tokio::sync::Mutex<()>>>,
+    /// Finished entries are swept when the map reaches this size.
+    sweep_at: usize,
+}
+
+impl InFlight {
+    async fn enter(&self, event: ledger::EventKey) -> tokio::sync::OwnedMutexGuard<()> {
+        let turn = {
+            let mut guard = self.events.lock().expect("in-flight lock");
+            let InFlightEvents {
+                turns: events,
+                sweep_at,
+            } = &mut *guard;
+            if events.len() >= *sweep_at {
+                events.retain(|_, turn| turn.strong_count() > 0);
+                *sweep_at = (events.len() * 2).max(1024);
+            }
+            match events.get(&event).and_then(Weak::upgrade) {
+                Some(turn) => turn,
+                None => {
+                    let turn = Arc::new(tokio::sync::Mutex::new(()));
+                    events.insert(event, Arc::downgrade(&turn));
+                    turn
+                }
+            }
+        };
+        turn.lock_owned().await
     }
 }
 

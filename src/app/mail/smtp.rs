@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// A server's reply: its code and text (all lines joined).
@@ -273,11 +273,15 @@ impl SmtpConnection {
     async fn read_reply(&mut self) -> Result<Reply, String> {
         let mut text = String::new();
         let mut total = 0;
+        let mut line = Vec::new();
         loop {
-            let mut line = String::new();
-            let n = self
-                .stream
-                .read_line(&mut line)
+            line.clear();
+            // At most the rest of the allowance: a server that never ends a
+            // line cannot make us buffer without bound.
+            let allowance = (MAX_REPLY_BYTES - total) as u64 + 1;
+            let n = (&mut self.stream)
+                .take(allowance)
+                .read_until(b'\n', &mut line)
                 .await
                 .map_err(|e| format!("reading from the server: {e}"))?;
             if n == 0 {
@@ -287,8 +291,10 @@ impl SmtpConnection {
             if total > MAX_REPLY_BYTES {
                 return Err("the server's reply is too long".into());
             }
-            let line = line.trim_end_matches(['\r', '\n']);
-            let (code, rest) = parse_reply_line(line)?;
+            // Reply text need not be UTF-8; only the code matters to us.
+            let decoded = String::from_utf8_lossy(&line);
+            let decoded = decoded.trim_end_matches(['\r', '\n']);
+            let (code, rest) = parse_reply_line(decoded)?;
             if !text.is_empty() {
                 text.push('\n');
             }

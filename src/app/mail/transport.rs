@@ -283,11 +283,15 @@ impl MailTransport {
             MailTransport::Plain(pool) => pool.send(&message).await,
             MailTransport::Smtp(smtp) => match smtp.send(message).await {
                 Ok(_) => SendOutcome::Sent,
-                Err(e) if e.is_permanent() => SendOutcome::Permanent(e.to_string()),
-                // lettre does not say in which phase a timeout happened: it
-                // may have been after the message, so it is not a failure.
-                Err(e) if e.is_timeout() => SendOutcome::Unknown(e.to_string()),
-                Err(e) => SendOutcome::Transient(e.to_string()),
+                // A definite answer from the server.
+                Err(e) if e.is_permanent() || e.is_client() => {
+                    SendOutcome::Permanent(e.to_string())
+                }
+                Err(e) if e.is_transient() || e.is_tls() => SendOutcome::Transient(e.to_string()),
+                // A network error or a timeout: lettre does not say whether
+                // it came before or after the message was sent, so it is
+                // not a failure (it may have been delivered).
+                Err(e) => SendOutcome::Unknown(e.to_string()),
             },
             MailTransport::Files(dir) => match write_eml(dir, name, &message).await {
                 Ok(()) => SendOutcome::Sent,

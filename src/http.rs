@@ -96,10 +96,12 @@ impl From<deadpool_postgres::PoolError> for ApiError {
 #[derive(Clone)]
 pub struct AppState {
     pub pool: Pool,
+    /// Told after each order commits.
+    pub outbox_written: crate::outbox::OutboxWritten,
 }
 
 /// The API's routes: the order API and the operational endpoints.
-pub fn router(pool: Pool) -> Router {
+pub fn router(pool: Pool, outbox_written: crate::outbox::OutboxWritten) -> Router {
     Router::new()
         .merge(crate::app::api::routes())
         .route("/healthz", get(healthz))
@@ -109,18 +111,30 @@ pub fn router(pool: Pool) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(count_requests))
-        .with_state(AppState { pool })
+        .with_state(AppState {
+            pool,
+            outbox_written,
+        })
 }
 
 /// The `api` role: the order API on a bound listener.
 pub struct ApiService {
     listener: TcpListener,
     pool: Pool,
+    outbox_written: crate::outbox::OutboxWritten,
 }
 
 impl ApiService {
-    pub fn new(listener: TcpListener, pool: Pool) -> ApiService {
-        ApiService { listener, pool }
+    pub fn new(
+        listener: TcpListener,
+        pool: Pool,
+        outbox_written: crate::outbox::OutboxWritten,
+    ) -> ApiService {
+        ApiService {
+            listener,
+            pool,
+            outbox_written,
+        }
     }
 }
 
@@ -130,7 +144,8 @@ impl crate::service::Service for ApiService {
     }
 
     async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
-        serve(self.listener, self.pool, shutdown).await
+        let app = router(self.pool, self.outbox_written);
+        serve(self.listener, app, shutdown).await
     }
 }
 
@@ -144,10 +159,9 @@ impl crate::service::Service for ApiService {
 /// header, more than 100 headers) get hyper's own empty 400 or 431.
 pub async fn serve(
     listener: TcpListener,
-    pool: Pool,
+    app: Router,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let app = router(pool);
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let (stop, stopping) = watch::channel(false);

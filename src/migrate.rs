@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "replay",
         sql: include_str!("../sql/0005_replay.sql"),
     },
+    Migration {
+        version: 6,
+        name: "pipelined_relay",
+        sql: include_str!("../sql/0006_pipelined_relay.sql"),
+    },
 ];
 
 /// The version a fully migrated database reports.

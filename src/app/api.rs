@@ -116,31 +116,31 @@ async fn create_order(
     let idempotency_key = idempotency_key(&headers)?;
 
     let mut client = state.pool.get().await?;
+    let Some(key) = idempotency_key else {
+        let order_id = order::place(&client, &new_order).await?;
+        state.outbox_written.committed();
+        return Ok(created(order_id));
+    };
     let canonical = json!({
         "user_id": new_order.user_id,
         "email": new_order.email.as_str(),
         "amount": new_order.amount,
     });
-    if let Some(key) = &idempotency_key {
-        if let Some(previous) = earlier_answer(&client, key, &canonical).await? {
-            return Ok(previous);
-        }
+    if let Some(previous) = earlier_answer(&client, &key, &canonical).await? {
+        return Ok(previous);
     }
     let tx = client.transaction().await?;
-    let order_id = order::insert(&tx, &new_order).await?;
-    if let Some(key) = &idempotency_key {
-        let claimed = tx
-            .execute(CLAIM_IDEMPOTENCY_KEY, &[key, &canonical, &order_id])
-            .await?;
-        if claimed == 0 {
-            // A concurrent request with this key committed first: drop ours.
-            tx.rollback().await?;
-            return earlier_answer(&client, key, &canonical)
-                .await?
-                .ok_or_else(|| ApiError::internal("idempotency key vanished"));
-        }
+    let order_id = order::place(&tx, &new_order).await?;
+    let claim = tx.prepare_cached(CLAIM_IDEMPOTENCY_KEY).await?;
+    if tx.execute(&claim, &[&key, &canonical, &order_id]).await? == 0 {
+        // A concurrent request with this key committed first: drop ours.
+        tx.rollback().await?;
+        return earlier_answer(&client, &key, &canonical)
+            .await?
+            .ok_or_else(|| ApiError::internal("idempotency key vanished"));
     }
     tx.commit().await?;
+    state.outbox_written.committed();
     Ok(created(order_id))
 }
 
@@ -176,11 +176,12 @@ const EARLIER_ANSWER: &str = "
 /// The first answer for a reused key: the same order for the same body, a
 /// 422 for a different body.
 async fn earlier_answer(
-    client: &tokio_postgres::Client,
+    client: &deadpool_postgres::Client,
     key: &str,
     canonical: &serde_json::Value,
 ) -> Result<Option<Response>, ApiError> {
-    let row = client.query_opt(EARLIER_ANSWER, &[&key, canonical]).await?;
+    let statement = client.prepare_cached(EARLIER_ANSWER).await?;
+    let row = client.query_opt(&statement, &[&key, canonical]).await?;
     match row {
         None => Ok(None),
         Some(row) if row.get::<_, bool>(0) => Ok(Some(created(row.get(1)))),

@@ -12,6 +12,8 @@ use super::parse;
 use crate::app::mail::MailSettings;
 use crate::db::Db;
 use crate::group::OffsetReset;
+use crate::log::notify::OutboxNotifier;
+use crate::outbox::OutboxWritten;
 use crate::service::Supervisor;
 
 /// A role a process can run.
@@ -214,6 +216,7 @@ impl Plan {
             };
             db.reserve("relay", 1)?;
             db.reserve("relay upkeep", 1)?;
+            db.reserve("relay wake-ups (LISTEN outbox_written)", 1)?;
             let relay = crate::relay::Relay::new(&db, config);
             let maintenance = crate::relay::Maintenance::new(&relay);
             Some((relay, maintenance))
@@ -241,6 +244,16 @@ impl Plan {
             }
             None => None,
         };
+        // Orders placed here wake the relay directly when it runs here too,
+        // else through `NOTIFY outbox_written` on a connection of its own.
+        let outbox_written = match (&relay, &api_pool) {
+            (_, None) => None,
+            (Some((relay, _)), Some(_)) => Some(OutboxWritten::Relay(relay.wakeup())),
+            (None, Some(_)) => {
+                db.reserve("API's NOTIFY outbox_written", 1)?;
+                Some(OutboxWritten::Notify(OutboxNotifier::start(url)?))
+            }
+        };
         tracing::debug!(connections = db.reserved_total(), reserved = ?db.reservations(), "database connection budget");
 
         if self.migrate {
@@ -253,7 +266,11 @@ impl Plan {
                 crate::db::check(&pool).await?;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 tracing::info!(addr = %listener.local_addr()?, "order API listening");
-                Some(crate::http::ApiService::new(listener, pool))
+                Some(crate::http::ApiService::new(
+                    listener,
+                    pool,
+                    outbox_written.unwrap_or_default(),
+                ))
             }
             _ => None,
         };
@@ -263,6 +280,8 @@ impl Plan {
             supervisor.start(api);
         }
         if let Some((relay, maintenance)) = relay {
+            let wakeup = relay.wakeup();
+            crate::log::notify::listen_outbox_written(url, move || wakeup.wake())?;
             supervisor.start(relay);
             supervisor.start(maintenance);
         }

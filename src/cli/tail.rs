@@ -84,7 +84,7 @@ pub async fn run(url: &str, args: &TailArgs, out: &mut (dyn Write + Send)) -> an
     let mut remaining = args.max.unwrap_or(u64::MAX);
     // Following waits for the relay's notification rather than polling.
     let mut appended = if args.follow {
-        Some(crate::log::notify::listen(url)?)
+        Some(crate::log::notify::listen(url)?.subscribe_all())
     } else {
         None
     };

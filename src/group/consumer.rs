@@ -274,7 +274,7 @@ async fn run_member<H: RecordHandler>(
                         config.clone(),
                         assignment.clone(),
                         handler.clone(),
-                        appended.clone(),
+                        appended.subscribe(&assignment.topic, assignment.partition),
                         stop_rx,
                     ));
                     workers.insert(
@@ -405,13 +405,17 @@ async fn run_partition<H: RecordHandler>(
                 // Read ahead while there is room.
                 if !caught_up && partition.in_flight.len() < config.max_in_flight_per_partition {
                     let room = (config.max_in_flight_per_partition - partition.in_flight.len()) as i64;
+                    let asked = room.min(500);
                     let client = pool.get().await?;
+                    let read_records = client.prepare_cached(&log::read::READ_RECORDS).await?;
                     let records =
-                        log::read(&**client, &assignment.topic, assignment.partition, next, room.min(500))
+                        log::read::read_with(&**client, &read_records, &assignment.topic, assignment.partition, next, asked)
                             .await
                             .context("reading the partition")?;
                     drop(client);
-                    caught_up = records.is_empty();
+                    // A short read reached the end of the partition; what
+                    // is appended later comes with a notification.
+                    caught_up = (records.len() as i64) < asked;
                     for record in records {
                         next = record.offset + 1;
                         partition.enqueue(record);
@@ -448,9 +452,13 @@ async fn run_partition<H: RecordHandler>(
                 return Ok(());
             }
 
-            let wake_for_records = caught_up || partition.in_flight.len() >= config.max_in_flight_per_partition;
+            let more_to_read = stopping == Stop::Running
+                && !caught_up
+                && partition.in_flight.len() < config.max_in_flight_per_partition;
             let timer = match grace_deadline {
                 Some(deadline) => deadline,
+                // A full read: read on at once (after anything ready).
+                None if more_to_read => Instant::now(),
                 None if committed != Some(partition.committable(next)) => Instant::now() + config.commit_interval,
                 // Idle: a slow poll in case a notification was missed.
                 None => Instant::now() + Duration::from_secs(1),
@@ -468,7 +476,9 @@ async fn run_partition<H: RecordHandler>(
                         }
                     }
                 }
-                changed = appended.changed(), if wake_for_records && stopping == Stop::Running => {
+                // Listening all along, records in flight or not: a wake-up
+                // that comes while busy is kept for the next turn.
+                changed = appended.changed(), if stopping == Stop::Running => {
                     if changed.is_ok() { caught_up = false; }
                 }
                 changed = stop.changed() => match changed {

@@ -10,7 +10,7 @@ use super::LogError;
 
 /// `$1` topic, `$2` partition, from offset `$3` (at least the log start),
 /// at most `$4` records.
-static READ_RECORDS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+pub(crate) static READ_RECORDS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT {RECORD_COLUMNS}
            FROM event_log e
@@ -31,8 +31,21 @@ pub async fn read(
     from: i64,
     max: i64,
 ) -> Result<Vec<Record>, LogError> {
+    read_with(client, READ_RECORDS.as_str(), topic, partition, from, max).await
+}
+
+/// [`read`] with [`READ_RECORDS`] already prepared (hot loops prepare it
+/// once per connection).
+pub async fn read_with<S: tokio_postgres::ToStatement + Sync + Send + ?Sized>(
+    client: &impl GenericClient,
+    read_records: &S,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    max: i64,
+) -> Result<Vec<Record>, LogError> {
     let rows = client
-        .query(READ_RECORDS.as_str(), &[&topic, &partition, &from, &max])
+        .query(read_records, &[&topic, &partition, &from, &max])
         .await?;
     Ok(rows.iter().map(Record::from_row).collect())
 }

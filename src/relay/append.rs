@@ -2,36 +2,49 @@
 //! copying rows from the outbox into the log (payloads never leave
 //! Postgres), the sparse time index, and parking rows that cannot be placed.
 
-/// Each topic's partition count (`topics.partitions`, the one source of
-/// truth) and how many partition heads it has: the relay places records
-/// only in topics where the two agree (docs/invariants.md, 4 and 5).
-pub(super) const PARTITION_COUNTS: &str = "
-    SELECT t.name, t.partitions, count(h.partition)::int4
-      FROM topics t LEFT JOIN partition_heads h ON h.topic = t.name
-     GROUP BY t.name, t.partitions";
+/// Every topic with its partition count (`topics.partitions`, the one
+/// source of truth) and each partition head's log end offset and running
+/// maximum `created_at`. Read under the lease's row lock, so the heads are
+/// the ones this batch continues from; the relay places records only in
+/// topics whose heads match the count (docs/invariants.md, 4 and 5).
+pub(super) const HEADS: &str = "
+    SELECT t.name, t.partitions, h.partition, h.log_end_offset, h.max_created_at
+      FROM topics t LEFT JOIN partition_heads h ON h.topic = t.name";
 
+/// Advances the heads the batch appends to, each from the log end offset it
+/// was read at (`$5`): should any have moved, the statement fails and the
+/// whole batch rolls back.
 pub(super) const ADVANCE_HEADS: &str = "
-    UPDATE partition_heads h
-       SET log_end_offset = h.log_end_offset + v.n,
-           max_created_at = greatest(h.max_created_at, v.max_created_at)
-      FROM unnest($1::text[], $2::int4[], $3::int8[], $4::timestamptz[]) AS v(topic, partition, n, max_created_at)
-     WHERE h.topic = v.topic AND h.partition = v.partition
-    RETURNING h.topic, h.partition, h.log_end_offset - v.n, h.max_created_at";
+    WITH advanced AS (
+        UPDATE partition_heads h
+           SET log_end_offset = h.log_end_offset + v.n,
+               max_created_at = greatest(h.max_created_at, v.max_created_at)
+          FROM unnest($1::text[], $2::int4[], $3::int8[], $4::timestamptz[], $5::int8[])
+               AS v(topic, partition, n, max_created_at, base)
+         WHERE h.topic = v.topic AND h.partition = v.partition AND h.log_end_offset = v.base
+        RETURNING 1)
+    SELECT outbox_relay_assert(count(*) = cardinality($1::text[]),
+                               'partition heads moved under the relay') FROM advanced";
 
 /// Copies rows from the outbox into the log; payloads never leave Postgres.
 /// The headers are the writer's minus the reserved ones (`$4`), plus the
 /// retry header (`$5`) for a row `dead-letters retry` wrote (its link is in
-/// `outbox_retries`).
+/// `outbox_retries`). Fails (and the batch rolls back) unless every row was
+/// appended.
 pub(super) const APPEND_RECORDS: &str = "
-    INSERT INTO event_log (topic, partition, \"offset\", key, headers, payload, created_at, appended_at, outbox_id)
-    SELECT o.topic, v.partition, v.log_offset, o.key,
-           (o.headers - $4::text[])
-             || CASE WHEN r.retry_of IS NULL THEN '{}'::jsonb
-                     ELSE jsonb_build_object($5::text, r.retry_of) END,
-           o.payload, o.created_at, now(), o.id
-      FROM unnest($1::int8[], $2::int4[], $3::int8[]) AS v(id, partition, log_offset)
-      JOIN outbox o ON o.id = v.id
-      LEFT JOIN outbox_retries r ON r.outbox_id = o.id";
+    WITH appended AS (
+        INSERT INTO event_log (topic, partition, \"offset\", key, headers, payload, created_at, appended_at, outbox_id)
+        SELECT o.topic, v.partition, v.log_offset, o.key,
+               (o.headers - $4::text[])
+                 || CASE WHEN r.retry_of IS NULL THEN '{}'::jsonb
+                         ELSE jsonb_build_object($5::text, r.retry_of) END,
+               o.payload, o.created_at, now(), o.id
+          FROM unnest($1::int8[], $2::int4[], $3::int8[]) AS v(id, partition, log_offset)
+          JOIN outbox o ON o.id = v.id
+          LEFT JOIN outbox_retries r ON r.outbox_id = o.id
+        RETURNING 1)
+    SELECT outbox_relay_assert(count(*) = cardinality($1::int8[]),
+                               'fewer records appended than outbox rows') FROM appended";
 
 pub(super) const APPEND_TIME_INDEX: &str = "
     INSERT INTO event_log_time_index (topic, partition, base_offset, last_offset, max_created_at)
@@ -49,10 +62,7 @@ pub(super) const PARK_ROWS: &str = "
 /// against the migrated schema.
 pub(super) fn statements() -> Vec<(&'static str, String)> {
     vec![
-        (
-            "relay::append::PARTITION_COUNTS",
-            PARTITION_COUNTS.to_string(),
-        ),
+        ("relay::append::HEADS", HEADS.to_string()),
         ("relay::append::ADVANCE_HEADS", ADVANCE_HEADS.to_string()),
         ("relay::append::APPEND_RECORDS", APPEND_RECORDS.to_string()),
         (

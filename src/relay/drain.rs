@@ -8,32 +8,33 @@
 /// Two branches so each is an index scan: transactions that started after
 /// the relayed snapshot, and those in progress in it that the target sees
 /// complete ($5, computed in Rust so the planner sees how few they are).
+///
+/// A new drain has no cursor yet ($3 NULL): it starts just below the
+/// smallest outbox id it holds, so neither branch walks the id index up
+/// from the oldest relayed row (`id + 0` keeps that lookup on the
+/// transaction id side, the narrow one).
 pub(super) const SELECT_BATCH: &str = "
+    WITH start AS MATERIALIZED (
+        SELECT coalesce($3::int8, least(
+            (SELECT min(o.id + 0) FROM outbox o
+              WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
+                AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
+                AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)),
+            (SELECT min(o.id + 0) FROM outbox o WHERE o.txid = ANY ($5::text[]::xid8[]))
+        ) - 1, 0) AS after_id)
     SELECT batch.txid::text, batch.id, batch.topic, batch.key, batch.created_at FROM (
         (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
-          WHERE o.id > $3
+          WHERE o.id > (SELECT after_id FROM start)
             AND o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
             AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
             AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)
           ORDER BY o.id LIMIT $4)
         UNION ALL
         (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
-          WHERE o.txid = ANY ($5::text[]::xid8[]) AND o.id > $3
+          WHERE o.txid = ANY ($5::text[]::xid8[]) AND o.id > (SELECT after_id FROM start)
           ORDER BY o.id LIMIT $4)
     ) AS batch
     ORDER BY batch.id LIMIT $4";
-
-/// Where a new drain starts: just below the smallest outbox id it holds.
-/// (`id + 0` keeps the planner from walking the id index up from the
-/// oldest relayed row: the transaction id range is the narrow side.)
-pub(super) const DRAIN_START: &str = "
-    SELECT least(
-        (SELECT min(o.id + 0) FROM outbox o
-          WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
-            AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
-            AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)),
-        (SELECT min(o.id + 0) FROM outbox o WHERE o.txid = ANY ($3::text[]::xid8[]))
-    ) - 1";
 
 /// Read-only check an idle leader runs: the current snapshot, and whether
 /// any outbox row became visible since `relayed_snapshot` ($1, with its
@@ -64,7 +65,6 @@ pub(super) const SAVE_CURSOR: &str = "
 pub(super) fn statements() -> Vec<(&'static str, String)> {
     vec![
         ("relay::drain::SELECT_BATCH", SELECT_BATCH.to_string()),
-        ("relay::drain::DRAIN_START", DRAIN_START.to_string()),
         ("relay::drain::PEEK", PEEK.to_string()),
         ("relay::drain::SAVE_CURSOR", SAVE_CURSOR.to_string()),
     ]

@@ -30,7 +30,7 @@ pub(super) const ACQUIRE_LEASE: &str = "
        SET holder = $2, epoch = epoch + 1, lease_expires_at = clock_timestamp() + make_interval(secs => $3),
            holder_pid = pg_backend_pid()
      WHERE relay = $1 AND (holder IS NULL OR holder = $2 OR lease_expires_at < clock_timestamp())
-    RETURNING epoch, relayed_snapshot::text, draining_snapshot IS NOT NULL";
+    RETURNING epoch, relayed_snapshot::text, draining_snapshot::text, cursor_id";
 
 /// Ends the backend of a leader whose lease expired while it still holds
 /// the lease row (a frozen process keeps its transaction and its locks):
@@ -65,7 +65,7 @@ pub(super) const RENEW_LEASE: &str = "
                                         AND relayed_snapshot::text = $5
                                    THEN $4::text::pg_snapshot ELSE relayed_snapshot END
      WHERE relay = $1 AND epoch = $2
-    RETURNING relayed_snapshot::text, draining_snapshot IS NOT NULL";
+    RETURNING relayed_snapshot::text, draining_snapshot::text, cursor_id";
 
 pub(super) const RELEASE_LEASE: &str = "
     UPDATE relay_state SET holder = NULL, holder_pid = NULL, lease_expires_at = '-infinity'

@@ -15,9 +15,12 @@
 //! * **One writer.** A lease row (holder, epoch, expiry) elects a leader; every
 //!   batch locks the row *at the leader's epoch*, so a leader that lost the
 //!   lease can no longer append (fencing).
-//! * **Adaptive.** An idle leader peeks with one read-only statement every
-//!   few milliseconds; a busy one runs batches back to back, doubling the
-//!   batch size while batches come back full.
+//! * **Adaptive.** An idle leader waits to be woken by a writer (in this
+//!   process, or by `NOTIFY outbox_written`) and otherwise peeks with one
+//!   read-only statement every few milliseconds; a busy one runs batches
+//!   back to back, doubling the batch size while batches come back full.
+//! * **Few round trips.** Statements are prepared once per connection; a
+//!   batch is two pipelined round trips, its `COMMIT` included.
 
 mod append;
 pub mod batch;
@@ -35,12 +38,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
 
 use crate::db::Db;
 use crate::shutdown::Shutdown;
 use batch::{AdvancedHead, PendingRow};
-use drain::{DRAIN_START, PEEK, SAVE_CURSOR, SELECT_BATCH};
+use drain::{PEEK, SAVE_CURSOR, SELECT_BATCH};
 pub use lease::{instance_id, status, RelayStatus, DEFAULT_RELAY_NAME};
 use lease::{
     ACQUIRE_LEASE, END_EXPIRED_HOLDER, LOCK_STATE_AT_EPOCH, RELEASE_LEASE, RENEW_LEASE,
@@ -95,6 +99,15 @@ pub enum StepOutcome {
     LostLeadership,
 }
 
+/// A drain in progress: its target snapshot and the last outbox id moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Drain {
+    target: Snapshot,
+    cursor: i64,
+}
+
+// One per relay: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Role {
     Standby,
     Leader {
@@ -102,27 +115,107 @@ enum Role {
         renewed_at: Instant,
         /// Mirror of `relayed_snapshot` in the database (we are its only writer).
         relayed: Snapshot,
-        /// A drain is in progress in the database: skip the peek.
-        draining: bool,
+        /// Mirror of the drain in progress, if any: skip the peek.
+        drain: Option<Drain>,
         /// Snapshot of the last peek that found nothing new since `relayed`.
         empty_peek: Option<Snapshot>,
     },
 }
 
-/// The drain target when a drain starts without a peeked snapshot.
-const CURRENT_SNAPSHOT: &str = "SELECT pg_current_snapshot()::text";
+/// Wakes readers waiting on channel `$1`; delivered at commit. `$2` names
+/// the partitions the batch appended to (see [`crate::log::notify`]).
+const NOTIFY_APPENDED: &str = "SELECT pg_notify($1, $2)";
 
-/// Wakes readers waiting on channel `$1`; delivered at commit.
-const NOTIFY_APPENDED: &str = "SELECT pg_notify($1, '')";
+/// The relay's statements, prepared once per connection: a batch is then two
+/// round trips of bound statements, each one pipelined (no Parse/Describe
+/// per statement; `plan_cache_mode = force_custom_plan` still plans each
+/// execution with its snapshot parameters).
+struct Prepared {
+    acquire: Statement,
+    renew: Statement,
+    release: Statement,
+    end_expired: Statement,
+    peek: Statement,
+    lock_state: Statement,
+    select_batch: Statement,
+    heads: Statement,
+    advance_heads: Statement,
+    append: Statement,
+    time_index: Statement,
+    park: Statement,
+    notify: Statement,
+    save_cursor: Statement,
+}
+
+impl Prepared {
+    async fn on(client: &Client) -> Result<Prepared, tokio_postgres::Error> {
+        let all = futures_util::future::try_join_all(
+            [
+                ACQUIRE_LEASE,
+                RENEW_LEASE,
+                RELEASE_LEASE,
+                END_EXPIRED_HOLDER,
+                PEEK,
+                LOCK_STATE_AT_EPOCH,
+                SELECT_BATCH,
+                append::HEADS,
+                append::ADVANCE_HEADS,
+                append::APPEND_RECORDS,
+                append::APPEND_TIME_INDEX,
+                append::PARK_ROWS,
+                NOTIFY_APPENDED,
+                SAVE_CURSOR,
+            ]
+            .map(|sql| client.prepare(sql)),
+        )
+        .await?;
+        let mut all = all.into_iter();
+        let mut next = || all.next().expect("one statement each");
+        Ok(Prepared {
+            acquire: next(),
+            renew: next(),
+            release: next(),
+            end_expired: next(),
+            peek: next(),
+            lock_state: next(),
+            select_batch: next(),
+            heads: next(),
+            advance_heads: next(),
+            append: next(),
+            time_index: next(),
+            park: next(),
+            notify: next(),
+            save_cursor: next(),
+        })
+    }
+}
+
+/// Wakes an idle relay at once when a writer in this process committed (an
+/// order placed through the API), or when `NOTIFY outbox_written` came from
+/// a writer elsewhere. Without it the relay polls.
+#[derive(Clone, Default)]
+pub struct Wakeup(Arc<tokio::sync::Notify>);
+
+impl Wakeup {
+    /// Something was committed to the outbox.
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+
+    async fn woken(&self) {
+        self.0.notified().await
+    }
+}
 
 /// The relay of one process. Call [`Relay::step`] (tests) or [`Relay::run`].
 pub struct Relay {
     db: Db,
     config: RelayConfig,
-    client: Option<Client>,
+    client: Option<(Client, Prepared)>,
     role: Role,
     batch_size: i64,
     is_leader: Arc<AtomicBool>,
+    wakeup: Wakeup,
 }
 
 impl Relay {
@@ -137,7 +230,14 @@ impl Relay {
             role: Role::Standby,
             batch_size,
             is_leader: Arc::new(AtomicBool::new(false)),
+            wakeup: Wakeup::default(),
         }
+    }
+
+    /// What wakes this relay when idle (share it with writers in this
+    /// process).
+    pub fn wakeup(&self) -> Wakeup {
+        self.wakeup.clone()
     }
 
     /// True while this relay holds the lease (shared with maintenance).
@@ -152,8 +252,8 @@ impl Relay {
         }
     }
 
-    async fn client(&mut self) -> anyhow::Result<&mut Client> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+    async fn client(&mut self) -> anyhow::Result<&mut (Client, Prepared)> {
+        if self.client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
             if self.client.is_some() && matches!(self.role, Role::Leader { .. }) {
                 // The lease records the old backend: step down and take the
                 // lease again on the new connection (it is ours, at once).
@@ -165,7 +265,10 @@ impl Relay {
             client
                 .execute(SESSION_SETTINGS, &[&bound, &lock_wait])
                 .await?;
-            self.client = Some(client);
+            let prepared = Prepared::on(&client)
+                .await
+                .context("preparing the relay's statements")?;
+            self.client = Some((client, prepared));
         }
         Ok(self.client.as_mut().expect("connected above"))
     }
@@ -199,16 +302,16 @@ impl Relay {
         let (epoch, renewed_at) = match &self.role {
             Role::Standby => {
                 let instance = self.config.instance_id.clone();
-                let client = self.client().await?;
+                let (client, prepared) = self.client().await?;
                 let acquired = match client
-                    .query_opt(ACQUIRE_LEASE, &[&name, &instance, &ttl])
+                    .query_opt(&prepared.acquire, &[&name, &instance, &ttl])
                     .await
                 {
                     Ok(row) => row,
                     Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                         // Someone holds the lease row. If its lease expired, it
                         // is frozen mid-batch: end its backend, take over next.
-                        for row in client.query(END_EXPIRED_HOLDER, &[&name]).await? {
+                        for row in client.query(&prepared.end_expired, &[&name]).await? {
                             let pid: i32 = row.get(0);
                             tracing::warn!(pid, "ended the backend of an expired relay leader that still held the lease row");
                         }
@@ -220,12 +323,14 @@ impl Relay {
                     return Ok(StepOutcome::Standby);
                 };
                 let epoch: i64 = row.get(0);
+                let relayed = Snapshot::parse(row.get(1))?;
+                let drain = drain_from(row.get(2), row.get(3))?;
                 tracing::info!(epoch, instance = %instance, "relay became leader");
                 self.set_role(Role::Leader {
                     epoch,
                     renewed_at: Instant::now(),
-                    relayed: Snapshot::parse(row.get(1))?,
-                    draining: row.get(2),
+                    relayed,
+                    drain,
                     empty_peek: None,
                 });
                 return Ok(StepOutcome::BecameLeader { epoch });
@@ -244,42 +349,40 @@ impl Relay {
                 } => (Some(peek.text.clone()), Some(relayed.text.clone())),
                 _ => (None, None),
             };
-            let client = self.client().await?;
+            let (client, prepared) = self.client().await?;
             let Some(row) = client
-                .query_opt(RENEW_LEASE, &[&name, &epoch, &ttl, &peek, &peeked_from])
+                .query_opt(&prepared.renew, &[&name, &epoch, &ttl, &peek, &peeked_from])
                 .await?
             else {
                 return Ok(self.lose_leadership(epoch));
             };
             let relayed = Snapshot::parse(row.get(0))?;
-            let draining_now: bool = row.get(1);
+            let drain_now = drain_from(row.get(1), row.get(2))?;
             if let Role::Leader {
                 renewed_at,
                 relayed: mirror,
-                draining,
+                drain,
                 empty_peek,
                 ..
             } = &mut self.role
             {
                 *renewed_at = Instant::now();
                 *mirror = relayed;
-                *draining = draining_now;
+                *drain = drain_now;
                 *empty_peek = None;
             }
         }
 
         let (relayed, draining) = match &self.role {
-            Role::Leader {
-                relayed, draining, ..
-            } => (relayed.clone(), *draining),
+            Role::Leader { relayed, drain, .. } => (relayed.clone(), drain.is_some()),
             Role::Standby => unreachable!("handled above"),
         };
         let target = if draining {
             None
         } else {
-            let client = self.client().await?;
+            let (client, prepared) = self.client().await?;
             let row = client
-                .query_one(PEEK, &[&relayed.text, &relayed.in_progress_ids()])
+                .query_one(&prepared.peek, &[&relayed.text, &relayed.in_progress_ids()])
                 .await?;
             let snapshot = Snapshot::parse(row.get(0))?;
             let found: bool = row.get(1);
@@ -301,7 +404,17 @@ impl Relay {
     }
 
     /// Moves one batch of the difference between `relayed_snapshot` and the
-    /// drain target (`target`, or the one saved by an unfinished drain).
+    /// drain target (`target`, or the drain in progress), in two pipelined
+    /// round trips within one transaction:
+    ///
+    /// 1. `BEGIN`, the lease row locked at our epoch (fencing), the batch and
+    ///    the partition heads;
+    /// 2. the heads advanced from what was read (the statement fails if any
+    ///    moved), the records appended (fails unless all were), the time
+    ///    index, parked rows, the notification, the cursor, and `COMMIT`.
+    ///
+    /// A statement that fails aborts the transaction, so the `COMMIT` at the
+    /// end of the pipeline rolls back; every result is checked.
     async fn move_batch(
         &mut self,
         epoch: i64,
@@ -310,50 +423,40 @@ impl Relay {
         let name = self.config.relay_name.clone();
         let ttl = self.config.lease_ttl.as_secs_f64();
         let limit = self.batch_size;
-        let client = self.client().await?;
-        let tx = client.transaction().await?;
+        let (relayed, drain) = match &self.role {
+            Role::Leader { relayed, drain, .. } => (relayed.clone(), drain.clone()),
+            Role::Standby => anyhow::bail!("not the leader"),
+        };
+        let (target, cursor) = match (&drain, target) {
+            (Some(d), _) => (d.target.clone(), Some(d.cursor)),
+            (None, Some(t)) => (t, None),
+            (None, None) => anyhow::bail!("a batch needs a target snapshot"),
+        };
+        let late_commits = relayed.completed_by(&target);
+        let (client, prepared) = self.client().await?;
 
+        // Round trip 1.
+        let lock_params: [&(dyn ToSql + Sync); 2] = [&name, &epoch];
+        let select_params: [&(dyn ToSql + Sync); 5] =
+            [&relayed.text, &target.text, &cursor, &limit, &late_commits];
+        let (begun, state, rows, heads) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            client.query_opt(&prepared.lock_state, &lock_params),
+            client.query(&prepared.select_batch, &select_params),
+            client.query(&prepared.heads, &[]),
+        );
+        begun?;
         // Fencing: only the holder of the current epoch gets this row lock.
-        let Some(state) = tx.query_opt(LOCK_STATE_AT_EPOCH, &[&name, &epoch]).await? else {
-            drop(tx);
+        let Some(state) = state? else {
+            client.batch_execute("ROLLBACK").await?;
             return Ok(self.lose_leadership(epoch));
         };
-        let relayed = Snapshot::parse(state.get(0))?;
-        let (drain, cursor_id) = match state.get::<_, Option<String>>(1) {
-            Some(saved) => (
-                Snapshot::parse(&saved)?,
-                state.get::<_, Option<i64>>(2).unwrap_or(0),
-            ),
-            None => {
-                let drain = match target {
-                    Some(t) => t,
-                    None => Snapshot::parse(tx.query_one(CURRENT_SNAPSHOT, &[]).await?.get(0))?,
-                };
-                let start: Option<i64> = tx
-                    .query_one(
-                        DRAIN_START,
-                        &[&relayed.text, &drain.text, &relayed.completed_by(&drain)],
-                    )
-                    .await?
-                    .get(0);
-                (drain, start.unwrap_or(0))
-            }
-        };
-        let late_commits = relayed.completed_by(&drain);
-
-        let rows = tx
-            .query(
-                SELECT_BATCH,
-                &[
-                    &relayed.text,
-                    &drain.text,
-                    &cursor_id,
-                    &limit,
-                    &late_commits,
-                ],
-            )
-            .await
-            .context("selecting the next outbox batch")?;
+        let saved = drain_from(state.get(1), state.get(2))?;
+        anyhow::ensure!(
+            state.get::<_, &str>(0) == relayed.text && saved == drain,
+            "the relay's cursor in the database is not the one it holds"
+        );
+        let rows = rows.context("selecting the next outbox batch")?;
         let batch: Vec<PendingRow> = rows
             .iter()
             .map(|r| PendingRow {
@@ -367,114 +470,192 @@ impl Relay {
 
         // Topics whose heads do not match their partition count are not
         // placed (a wrong count would move keys): their rows are parked.
-        let mut partition_counts: HashMap<String, i32> = HashMap::new();
-        let mut mismatched: HashMap<String, (i32, i32)> = HashMap::new();
-        for row in tx.query(append::PARTITION_COUNTS, &[]).await? {
-            let (topic, partitions, heads): (String, i32, i32) =
-                (row.get(0), row.get(1), row.get(2));
-            if heads == partitions {
-                partition_counts.insert(topic, partitions);
-            } else {
-                mismatched.insert(topic, (partitions, heads));
+        let mut topics: HashMap<String, (i32, Vec<AdvancedHead>)> = HashMap::new();
+        for row in heads? {
+            let (topic, partitions): (String, i32) = (row.get(0), row.get(1));
+            let entry = topics
+                .entry(topic.clone())
+                .or_insert((partitions, Vec::new()));
+            if let Some(partition) = row.get::<_, Option<i32>>(2) {
+                entry.1.push(AdvancedHead {
+                    topic,
+                    partition,
+                    base_offset: row.get(3),
+                    running_max_created_at: row
+                        .get::<_, Option<DateTime<Utc>>>(4)
+                        .unwrap_or(DateTime::<Utc>::MIN_UTC),
+                });
             }
         }
+        let partition_counts: HashMap<String, i32> = topics
+            .iter()
+            .filter(|(_, (count, heads))| heads.len() == *count as usize)
+            .map(|(topic, (count, _))| (topic.clone(), *count))
+            .collect();
         let mut plan = batch::plan(&batch, &partition_counts);
-        if !plan.per_partition.is_empty() {
-            let appends = plan.per_partition.iter();
-            let topics: Vec<&str> = appends.clone().map(|(k, _)| k.0).collect();
-            let partitions: Vec<i32> = appends.clone().map(|(k, _)| k.1).collect();
-            let counts: Vec<i64> = appends.clone().map(|(_, v)| v.count).collect();
-            let maxes: Vec<DateTime<Utc>> = appends.map(|(_, v)| v.max_created_at).collect();
-            let heads: Vec<AdvancedHead> = tx
-                .query(
-                    append::ADVANCE_HEADS,
-                    &[&topics, &partitions, &counts, &maxes],
-                )
-                .await
-                .context("advancing partition heads")?
-                .iter()
-                .map(|r| AdvancedHead {
-                    topic: r.get(0),
-                    partition: r.get(1),
-                    base_offset: r.get(2),
-                    running_max_created_at: r.get(3),
-                })
-                .collect();
-            plan.set_heads(&heads)?;
-            let records = plan.records();
-            let appended = tx
-                .execute(
-                    append::APPEND_RECORDS,
-                    &[
-                        &records.ids,
-                        &records.partitions,
-                        &records.offsets,
-                        &crate::outbox::RESERVED_HEADERS,
-                        &crate::outbox::RETRY_OF_HEADER,
-                    ],
-                )
-                .await
-                .context("appending records to the event log")?;
-            anyhow::ensure!(
-                appended == records.ids.len() as u64,
-                "appended {appended} records for {} outbox rows",
-                records.ids.len()
-            );
-            let mut index = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((topic, partition), append) in &plan.per_partition {
-                index.0.push(*topic);
-                index.1.push(*partition);
-                index.2.push(append.base_offset);
-                index.3.push(append.base_offset + append.count - 1);
-                index.4.push(append.running_max_created_at);
-            }
-            tx.execute(
-                append::APPEND_TIME_INDEX,
-                &[&index.0, &index.1, &index.2, &index.3, &index.4],
-            )
-            .await?;
-            tx.execute(NOTIFY_APPENDED, &[&crate::log::notify::APPENDED_CHANNEL])
-                .await?;
-        }
-        if !plan.parked.is_empty() {
-            let ids: Vec<i64> = plan.parked.iter().map(|r| r.id).collect();
-            let reasons: Vec<String> = plan
-                .parked
-                .iter()
-                .map(|r| match mismatched.get(&r.topic) {
-                    Some((partitions, heads)) => format!(
-                        "topic {:?} has {partitions} partitions but {heads} partition heads",
-                        r.topic
-                    ),
-                    None => format!("unknown topic {:?}", r.topic),
-                })
-                .collect();
-            tx.execute(append::PARK_ROWS, &[&ids, &reasons]).await?;
-            tracing::warn!(
-                rows = plan.parked.len(),
-                reason = %reasons[0],
-                "parked outbox rows that cannot be placed"
-            );
-        }
-        let (placed, parked) = (plan.placed.len(), plan.parked.len());
+        let touched: Vec<AdvancedHead> = topics
+            .values()
+            .flat_map(|(_, heads)| heads)
+            .filter(|h| {
+                plan.per_partition
+                    .contains_key(&(h.topic.as_str(), h.partition))
+            })
+            .map(|h| {
+                let append = &plan.per_partition[&(h.topic.as_str(), h.partition)];
+                AdvancedHead {
+                    running_max_created_at: h.running_max_created_at.max(append.max_created_at),
+                    ..h.clone()
+                }
+            })
+            .collect();
+        plan.set_heads(&touched)?;
+        let records = plan.records();
+        let appends = plan.per_partition.iter();
+        let advance = (
+            appends.clone().map(|(k, _)| k.0).collect::<Vec<&str>>(),
+            appends.clone().map(|(k, _)| k.1).collect::<Vec<i32>>(),
+            appends.clone().map(|(_, v)| v.count).collect::<Vec<i64>>(),
+            appends
+                .clone()
+                .map(|(_, v)| v.max_created_at)
+                .collect::<Vec<DateTime<Utc>>>(),
+            appends
+                .clone()
+                .map(|(_, v)| v.base_offset)
+                .collect::<Vec<i64>>(),
+        );
+        let index = (
+            advance.0.clone(),
+            advance.1.clone(),
+            advance.4.clone(),
+            appends
+                .clone()
+                .map(|(_, v)| v.base_offset + v.count - 1)
+                .collect::<Vec<i64>>(),
+            appends
+                .map(|(_, v)| v.running_max_created_at)
+                .collect::<Vec<DateTime<Utc>>>(),
+        );
+        let parked_ids: Vec<i64> = plan.parked.iter().map(|r| r.id).collect();
+        let parked_reasons: Vec<String> = plan
+            .parked
+            .iter()
+            .map(|r| match topics.get(&r.topic) {
+                Some((partitions, heads)) => format!(
+                    "topic {:?} has {partitions} partitions but {} partition heads",
+                    r.topic,
+                    heads.len()
+                ),
+                None => format!("unknown topic {:?}", r.topic),
+            })
+            .collect();
+        let notification =
+            crate::log::notify::payload(plan.per_partition.keys().map(|(t, p)| (*t, *p)));
 
         // Advance the cursor: either mid-drain, or the drain is complete.
         let (new_relayed, new_drain, new_cursor) = if full {
             let last = batch.last().expect("a full batch is not empty");
             (
                 relayed.text.clone(),
-                Some(drain.text.clone()),
+                Some(target.text.clone()),
                 Some(last.id),
             )
         } else {
-            (drain.text.clone(), None, None)
+            (target.text.clone(), None, None)
         };
-        tx.execute(
-            SAVE_CURSOR,
-            &[&name, &epoch, &new_relayed, &new_drain, &new_cursor, &ttl],
-        )
-        .await?;
-        tx.commit().await.context("committing the relay batch")?;
+
+        // Round trip 2.
+        let appending = !records.ids.is_empty();
+        let parking = !parked_ids.is_empty();
+        let save_params: [&(dyn ToSql + Sync); 6] =
+            [&name, &epoch, &new_relayed, &new_drain, &new_cursor, &ttl];
+        let (advanced, appended, indexed, parked, notified, saved, committed) = tokio::join!(
+            async {
+                if appending {
+                    client
+                        .query_one(
+                            &prepared.advance_heads,
+                            &[&advance.0, &advance.1, &advance.2, &advance.3, &advance.4],
+                        )
+                        .await
+                        .map(drop)
+                } else {
+                    Ok(())
+                }
+            },
+            async {
+                if appending {
+                    client
+                        .query_one(
+                            &prepared.append,
+                            &[
+                                &records.ids,
+                                &records.partitions,
+                                &records.offsets,
+                                &crate::outbox::RESERVED_HEADERS,
+                                &crate::outbox::RETRY_OF_HEADER,
+                            ],
+                        )
+                        .await
+                        .map(drop)
+                } else {
+                    Ok(())
+                }
+            },
+            async {
+                if appending {
+                    client
+                        .execute(
+                            &prepared.time_index,
+                            &[&index.0, &index.1, &index.2, &index.3, &index.4],
+                        )
+                        .await
+                        .map(drop)
+                } else {
+                    Ok(())
+                }
+            },
+            async {
+                if parking {
+                    client
+                        .execute(&prepared.park, &[&parked_ids, &parked_reasons])
+                        .await
+                        .map(drop)
+                } else {
+                    Ok(())
+                }
+            },
+            async {
+                if appending {
+                    client
+                        .query_one(
+                            &prepared.notify,
+                            &[&crate::log::notify::APPENDED_CHANNEL, &notification],
+                        )
+                        .await
+                        .map(drop)
+                } else {
+                    Ok(())
+                }
+            },
+            client.execute(&prepared.save_cursor, &save_params),
+            client.batch_execute("COMMIT"),
+        );
+        advanced.context("advancing partition heads")?;
+        appended.context("appending records to the event log")?;
+        indexed.context("writing the time index")?;
+        parked.context("parking outbox rows")?;
+        notified?;
+        anyhow::ensure!(saved? == 1, "the relay's cursor was not saved");
+        committed.context("committing the relay batch")?;
+        if parking {
+            tracing::warn!(
+                rows = parked_ids.len(),
+                reason = %parked_reasons[0],
+                "parked outbox rows that cannot be placed"
+            );
+        }
+        let (placed, parked) = (plan.placed.len(), plan.parked.len());
         let metrics = crate::metrics::metrics();
         metrics.relay_batch_size.observe(batch.len() as f64);
         let now = Utc::now();
@@ -494,17 +675,22 @@ impl Relay {
         };
         if let Role::Leader {
             relayed,
-            draining,
+            drain,
             empty_peek,
             renewed_at,
             ..
         } = &mut self.role
         {
-            *draining = full;
             *empty_peek = None;
             *renewed_at = Instant::now();
-            if !full {
-                *relayed = drain;
+            if full {
+                *drain = Some(Drain {
+                    target,
+                    cursor: batch.last().expect("a full batch is not empty").id,
+                });
+            } else {
+                *drain = None;
+                *relayed = target;
             }
         }
         Ok(StepOutcome::Moved {
@@ -518,45 +704,49 @@ impl Relay {
         if let Role::Leader { epoch, .. } = self.role {
             let name = self.config.relay_name.clone();
             self.set_role(Role::Standby);
-            let client = self.client().await?;
-            client.execute(RELEASE_LEASE, &[&name, &epoch]).await?;
+            let (client, prepared) = self.client().await?;
+            client.execute(&prepared.release, &[&name, &epoch]).await?;
             tracing::info!(epoch, "relay released its lease");
         }
         Ok(())
     }
 
-    /// Runs steps until shutdown: back to back while there is work, polling
-    /// with a pause that doubles up to `idle_poll_max` while idle.
+    /// Runs steps until shutdown: back to back while there is work; idle,
+    /// it waits for a wake-up (a writer in this process, or `NOTIFY
+    /// outbox_written`) or polls with a pause that doubles from
+    /// [`MIN_IDLE_PAUSE`] up to `idle_poll_max` (writers elsewhere that do
+    /// not notify).
     pub async fn run(mut self, mut shutdown: Shutdown) {
-        let min_pause = Duration::from_micros(500);
-        let mut idle_pause = min_pause;
+        let mut idle_pause = MIN_IDLE_PAUSE;
         let mut error_pause = Duration::from_millis(100);
         while !shutdown.is_triggered() {
-            let pause = match self.step().await {
+            let (pause, wakeable) = match self.step().await {
                 Ok(StepOutcome::Moved { .. })
                 | Ok(StepOutcome::BecameLeader { .. })
                 | Ok(StepOutcome::LostLeadership) => {
-                    idle_pause = min_pause;
+                    idle_pause = MIN_IDLE_PAUSE;
                     error_pause = Duration::from_millis(100);
-                    Duration::ZERO
+                    (Duration::ZERO, false)
                 }
                 Ok(StepOutcome::Idle) => {
                     let pause = idle_pause;
                     idle_pause = (idle_pause * 2).min(self.config.idle_poll_max);
                     error_pause = Duration::from_millis(100);
-                    pause
+                    (pause, true)
                 }
-                Ok(StepOutcome::Standby) => self.config.standby_poll,
+                Ok(StepOutcome::Standby) => (self.config.standby_poll, false),
                 Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), "relay step failed; retrying");
                     let pause = error_pause;
                     error_pause = (error_pause * 2).min(Duration::from_secs(5));
-                    pause
+                    (pause, false)
                 }
             };
             if !pause.is_zero() {
+                let wakeup = self.wakeup.clone();
                 tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = precise_sleep(pause) => {}
+                    _ = wakeup.woken(), if wakeable => idle_pause = MIN_IDLE_PAUSE,
                     _ = shutdown.recv() => {}
                 }
             }
@@ -568,6 +758,31 @@ impl Relay {
             );
         }
     }
+}
+
+/// The shortest pause of an idle relay between peeks.
+pub const MIN_IDLE_PAUSE: Duration = Duration::from_micros(500);
+
+/// Sleeps `pause`, honestly below a millisecond too: tokio's timer has a
+/// millisecond's resolution (a "0.5 ms" sleep took about 2 ms), so short
+/// pauses sleep on a blocking thread, whose timer is precise.
+async fn precise_sleep(pause: Duration) {
+    if pause >= Duration::from_millis(2) {
+        tokio::time::sleep(pause).await;
+    } else {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(pause)).await;
+    }
+}
+
+/// The drain mirrored from `relay_state` (draining snapshot and cursor).
+fn drain_from(target: Option<&str>, cursor: Option<i64>) -> anyhow::Result<Option<Drain>> {
+    Ok(match target {
+        Some(text) => Some(Drain {
+            target: Snapshot::parse(text)?,
+            cursor: cursor.unwrap_or(0),
+        }),
+        None => None,
+    })
 }
 
 /// Server-side bounds of a relay session, from the lease: a transaction
@@ -598,10 +813,7 @@ impl crate::service::Service for Relay {
 /// The relay's SQL by name, its private submodules' included:
 /// tests/it/sql.rs prepares each statement against the migrated schema.
 pub(crate) fn statements() -> Vec<(&'static str, String)> {
-    let mut all = vec![
-        ("relay::CURRENT_SNAPSHOT", CURRENT_SNAPSHOT.to_string()),
-        ("relay::NOTIFY_APPENDED", NOTIFY_APPENDED.to_string()),
-    ];
+    let mut all = vec![("relay::NOTIFY_APPENDED", NOTIFY_APPENDED.to_string())];
     all.extend(lease::statements());
     all.extend(drain::statements());
     all.extend(append::statements());

@@ -424,7 +424,7 @@ async fn get_order_reports_the_confirmation_mail_state() {
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(outbox_relay::http::serve(
         listener,
-        db.pool(2),
+        outbox_relay::http::router(db.pool(2), Default::default()),
         shutdown::Shutdown::never(),
     ));
     let ids = place_orders(&db, &["ok@example.com", "bounce@example.com"]).await;
@@ -595,6 +595,27 @@ async fn a_sent_mail_outlives_its_stopped_worker_and_is_not_sent_again() {
         .await,
         1
     );
+}
+
+/// Issue "performance": a record above the partition's ledger ceiling is
+/// mailed without a ledger read, but the ceiling rises with every mail this
+/// process sends: the same record handled again (its partition worker
+/// restarted after the mark was written) reads the ledger and is not
+/// mailed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_handled_again_by_the_same_process_is_not_mailed_twice() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&[]).await;
+    place_orders(&db, &["twice@example.com"]).await;
+    let (record, lease) = first_record(&db, "member-a").await;
+    let worker = worker(&db, &smtp.url(), fast_retry(5));
+    assert_eq!(
+        worker.process(&record, &lease).await,
+        Delivery::Sent { attempts: 1 }
+    );
+    assert!(!worker.is_recording(&record), "the mark is in the ledger");
+    assert_eq!(worker.process(&record, &lease).await, Delivery::AlreadySent);
+    assert_eq!(smtp.messages().len(), 1, "the mail went out once");
 }
 
 /// Issue "faults", 4: a member that lost its partition writes nothing on

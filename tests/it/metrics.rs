@@ -99,7 +99,7 @@ async fn prometheus_scrapes_relay_api_and_lag_metrics() {
     let api = listener.local_addr().unwrap();
     tokio::spawn(outbox_relay::http::serve(
         listener,
-        db.pool(4),
+        outbox_relay::http::router(db.pool(4), Default::default()),
         outbox_relay::shutdown::Shutdown::never(),
     ));
     let answer = reqwest::Client::new()

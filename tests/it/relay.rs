@@ -18,6 +18,32 @@ fn sample_order(user_id: i64) -> NewOrder {
     }
 }
 
+/// The order's one-statement write builds the `OrderCreated` event in SQL:
+/// it must be the event the Rust type describes, headers included.
+#[tokio::test]
+async fn placed_order_event_is_order_created_payload() {
+    let db = TestDb::migrated().await;
+    let mut client = db.client().await;
+    let order = sample_order(42);
+    let tx = client.transaction().await.unwrap();
+    let order_id = order::insert(&tx, &order).await.unwrap();
+    tx.commit().await.unwrap();
+    let row = client
+        .query_one("SELECT topic, key, payload, headers FROM outbox", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), order::ORDER_CREATED_TOPIC);
+    assert_eq!(row.get::<_, Option<String>>(1), Some(order_id.to_string()));
+    assert_eq!(
+        row.get::<_, serde_json::Value>(2),
+        order::order_created_payload(order_id, &order)
+    );
+    assert_eq!(
+        row.get::<_, serde_json::Value>(3),
+        json!({ "event-type": "OrderCreated" })
+    );
+}
+
 /// Invariant 1: an order exists if and only if its event does.
 #[tokio::test]
 async fn rolled_back_writer_leaves_neither_order_nor_event() {
@@ -186,8 +212,10 @@ async fn relay_connection_terminated_mid_batch_appends_nothing() {
     for i in 0..50 {
         insert_event(&client, "order-created", &i.to_string(), json!({ "i": i })).await;
     }
-    // Block the relay inside its transaction after it appended the records
-    // (the time index comes next).
+    let mut relay = Relay::new(db.url.clone(), fast_relay_config());
+    relay.step().await.unwrap(); // the lease (and the statements prepared)
+                                 // Block the relay inside its transaction after it appended the records
+                                 // (the time index comes next).
     let mut blocker = db.client().await;
     let blocker_tx = blocker.transaction().await.unwrap();
     blocker_tx
@@ -195,10 +223,7 @@ async fn relay_connection_terminated_mid_batch_appends_nothing() {
         .await
         .unwrap();
 
-    let url = db.url.clone();
     let stuck = tokio::spawn(async move {
-        let mut relay = Relay::new(url, fast_relay_config());
-        relay.step().await.unwrap(); // lease
         relay.step().await // the batch: blocks, then fails
     });
     let pid: i32 = eventually("the relay to wait on the lock", Duration::from_secs(10), || async {

@@ -33,7 +33,9 @@ use crate::group::consumer::{Lease, RecordHandler};
 use crate::group::dead_letters::park_dead_letter;
 use crate::log::Record;
 pub use ledger::{confirmation_mail, sent_count_for_keys, ConfirmationMail};
-use ledger::{mark_attempt, SentLedger, SentMark, LEDGER_STATUS, MARK_FAILED, MARK_UNKNOWN};
+use ledger::{
+    mark_attempt, LedgerCeiling, SentLedger, SentMark, LEDGER_STATUS, MARK_FAILED, MARK_UNKNOWN,
+};
 pub use render::{message_id, render, render_replay, replay_message_id, OrderCreated};
 pub use smtp::Limits;
 pub use transport::{MailTransport, PlainSmtpPool, SendOutcome, SmtpTarget};
@@ -170,6 +172,7 @@ pub enum Delivery {
 pub struct MailWorker {
     pool: deadpool_postgres::Pool,
     ledger: SentLedger,
+    ledger_ceiling: LedgerCeiling,
     in_flight: InFlight,
     transport: MailTransport,
     from: Mailbox,
@@ -202,6 +205,7 @@ impl MailWorker {
     ) -> MailWorker {
         MailWorker {
             ledger: SentLedger::spawn(pool.clone(), MAIL_GROUP.to_string()),
+            ledger_ceiling: LedgerCeiling::default(),
             in_flight: InFlight::default(),
             pool,
             transport,
@@ -262,18 +266,27 @@ impl MailWorker {
         }
         let message_id = message_id(record);
         let client = self.pool.get().await?;
-        let ledger = client
-            .query_opt(
-                LEDGER_STATUS,
-                &[
-                    &self.group,
-                    &record.topic,
-                    &record.partition,
-                    &record.offset,
-                ],
-            )
-            .await?;
+        let ledger = if record.offset > self.ledger_ceiling.get(&client, &self.group, lease).await?
+        {
+            None
+        } else {
+            let statement = client.prepare_cached(LEDGER_STATUS).await?;
+            client
+                .query_opt(
+                    &statement,
+                    &[
+                        &self.group,
+                        &record.topic,
+                        &record.partition,
+                        &record.offset,
+                    ],
+                )
+                .await?
+        };
         drop(client);
+        // Whatever happens next writes the ledger at this offset.
+        self.ledger_ceiling
+            .raise(&record.topic, record.partition, record.offset);
         let mut attempts: i32 = ledger.as_ref().map_or(0, |row| row.get(1));
         match ledger.as_ref().map(|row| row.get::<_, &str>(0)) {
             Some("sent") => return Ok(Delivery::AlreadySent),

@@ -214,7 +214,7 @@ impl Plan {
                 lease_ttl: self.relay_lease,
                 ..crate::relay::RelayConfig::default()
             };
-            db.reserve("relay", 1)?;
+            db.reserve("relay (and its read-ahead)", 2)?;
             db.reserve("relay upkeep", 1)?;
             db.reserve("relay wake-ups (LISTEN outbox_written)", 1)?;
             let relay = crate::relay::Relay::new(&db, config);

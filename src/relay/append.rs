@@ -30,7 +30,10 @@ pub(super) const ADVANCE_HEADS: &str = "
 /// The headers are the writer's minus the reserved ones (`$4`), plus the
 /// retry header (`$5`) for a row `dead-letters retry` wrote (its link is in
 /// `outbox_retries`). Fails (and the batch rolls back) unless every row was
-/// appended.
+/// appended. `$6` and `$7` are the batch's lowest and highest outbox ids:
+/// the planner may merge-join the outbox's primary key, and without the
+/// bound that scan starts at the oldest outbox row on every batch (a
+/// million-row backlog read its whole index per batch).
 pub(super) const APPEND_RECORDS: &str = "
     WITH appended AS (
         INSERT INTO event_log (topic, partition, \"offset\", key, headers, payload, created_at, appended_at, outbox_id)
@@ -42,6 +45,7 @@ pub(super) const APPEND_RECORDS: &str = "
           FROM unnest($1::int8[], $2::int4[], $3::int8[]) AS v(id, partition, log_offset)
           JOIN outbox o ON o.id = v.id
           LEFT JOIN outbox_retries r ON r.outbox_id = o.id
+         WHERE o.id BETWEEN $6 AND $7
         RETURNING 1)
     SELECT outbox_relay_assert(count(*) = cardinality($1::int8[]),
                                'fewer records appended than outbox rows') FROM appended";

@@ -21,6 +21,18 @@ pub struct PendingRow {
     pub created_at: DateTime<Utc>,
 }
 
+impl PendingRow {
+    /// From a row of `drain::SELECT_BATCH`.
+    pub(super) fn from_row(row: &tokio_postgres::Row) -> PendingRow {
+        PendingRow {
+            id: row.get(1),
+            topic: row.get(2),
+            key: row.get(3),
+            created_at: row.get(4),
+        }
+    }
+}
+
 /// What one batch appends to one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionAppend {

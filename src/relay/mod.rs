@@ -126,6 +126,15 @@ enum Role {
 /// the partitions the batch appended to (see [`crate::log::notify`]).
 const NOTIFY_APPENDED: &str = "SELECT pg_notify($1, $2)";
 
+/// A drain batch read ahead, and the cursor state it was read for.
+struct Prefetched {
+    relayed: String,
+    target: String,
+    cursor: i64,
+    limit: i64,
+    rows: Vec<PendingRow>,
+}
+
 /// The relay's statements, prepared once per connection: a batch is then two
 /// round trips of bound statements, each one pipelined (no Parse/Describe
 /// per statement; `plan_cache_mode = force_custom_plan` still plans each
@@ -212,6 +221,11 @@ pub struct Relay {
     db: Db,
     config: RelayConfig,
     client: Option<(Client, Prepared)>,
+    /// A second connection that reads the next drain batch while the
+    /// current one commits (outbox rows in a drain are immutable).
+    reader: Option<(Client, Statement)>,
+    /// The next drain batch, read ahead.
+    prefetched: Option<Prefetched>,
     role: Role,
     batch_size: i64,
     is_leader: Arc<AtomicBool>,
@@ -219,7 +233,7 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// A relay on `db` (its one connection is reserved by whoever builds
+    /// A relay on `db` (its two connections are reserved by whoever builds
     /// the process's roles).
     pub fn new(db: impl Into<Db>, config: RelayConfig) -> Relay {
         let batch_size = config.min_batch;
@@ -227,6 +241,8 @@ impl Relay {
             db: db.into(),
             config,
             client: None,
+            reader: None,
+            prefetched: None,
             role: Role::Standby,
             batch_size,
             is_leader: Arc::new(AtomicBool::new(false)),
@@ -273,7 +289,36 @@ impl Relay {
         Ok(self.client.as_mut().expect("connected above"))
     }
 
+    /// The read-ahead connection, connected when missing; None when it
+    /// cannot be had (the relay then reads each batch itself).
+    async fn take_reader(&mut self) -> Option<(Client, Statement)> {
+        if let Some(reader) = self.reader.take().filter(|(c, _)| !c.is_closed()) {
+            return Some(reader);
+        }
+        let connect = async {
+            let client = self.db.connect().await?;
+            let (bound, lock_wait) = session_bounds(self.config.lease_ttl);
+            client
+                .execute(SESSION_SETTINGS, &[&bound, &lock_wait])
+                .await?;
+            let select = client.prepare(SELECT_BATCH).await?;
+            anyhow::Ok((client, select))
+        };
+        match connect.await {
+            Ok(reader) => Some(reader),
+            Err(e) => {
+                tracing::debug!(
+                    error = format!("{e:#}"),
+                    "no read-ahead connection; reading batches in turn"
+                );
+                None
+            }
+        }
+    }
+
     fn set_role(&mut self, role: Role) {
+        // A batch read ahead belongs to the leadership that read it.
+        self.prefetched = None;
         let leading = matches!(role, Role::Leader { .. });
         self.is_leader.store(leading, Ordering::Relaxed);
         crate::metrics::metrics()
@@ -423,6 +468,7 @@ impl Relay {
         let name = self.config.relay_name.clone();
         let ttl = self.config.lease_ttl.as_secs_f64();
         let limit = self.batch_size;
+        let (min_batch, max_batch) = (self.config.min_batch, self.config.max_batch);
         let (relayed, drain) = match &self.role {
             Role::Leader { relayed, drain, .. } => (relayed.clone(), drain.clone()),
             Role::Standby => anyhow::bail!("not the leader"),
@@ -433,16 +479,33 @@ impl Relay {
             (None, None) => anyhow::bail!("a batch needs a target snapshot"),
         };
         let late_commits = relayed.completed_by(&target);
+        let read_ahead = self.prefetched.take().and_then(|p| {
+            let wanted = (&relayed.text, &target.text, cursor, limit);
+            (wanted == (&p.relayed, &p.target, Some(p.cursor), p.limit)).then_some(p.rows)
+        });
+        let mut reader = if drain.is_some() || read_ahead.is_some() {
+            self.take_reader().await
+        } else {
+            self.reader.take()
+        };
         let (client, prepared) = self.client().await?;
 
-        // Round trip 1.
+        // Round trip 1 (the batch's rows were read ahead mid-drain).
         let lock_params: [&(dyn ToSql + Sync); 2] = [&name, &epoch];
         let select_params: [&(dyn ToSql + Sync); 5] =
             [&relayed.text, &target.text, &cursor, &limit, &late_commits];
         let (begun, state, rows, heads) = tokio::join!(
             client.batch_execute("BEGIN"),
             client.query_opt(&prepared.lock_state, &lock_params),
-            client.query(&prepared.select_batch, &select_params),
+            async {
+                match read_ahead {
+                    Some(rows) => Ok(rows),
+                    None => client
+                        .query(&prepared.select_batch, &select_params)
+                        .await
+                        .map(|rows| rows.iter().map(PendingRow::from_row).collect()),
+                }
+            },
             client.query(&prepared.heads, &[]),
         );
         begun?;
@@ -456,17 +519,13 @@ impl Relay {
             state.get::<_, &str>(0) == relayed.text && saved == drain,
             "the relay's cursor in the database is not the one it holds"
         );
-        let rows = rows.context("selecting the next outbox batch")?;
-        let batch: Vec<PendingRow> = rows
-            .iter()
-            .map(|r| PendingRow {
-                id: r.get(1),
-                topic: r.get(2),
-                key: r.get(3),
-                created_at: r.get(4),
-            })
-            .collect();
+        let batch: Vec<PendingRow> = rows.context("selecting the next outbox batch")?;
         let full = batch.len() as i64 == limit;
+        let next_limit = if full {
+            (limit * 2).min(max_batch)
+        } else {
+            (limit / 2).max(min_batch)
+        };
 
         // Topics whose heads do not match their partition count are not
         // placed (a wrong count would move keys): their rows are parked.
@@ -566,81 +625,110 @@ impl Relay {
 
         // Round trip 2.
         let appending = !records.ids.is_empty();
+        let id_bounds = (
+            records.ids.iter().copied().min().unwrap_or(0),
+            records.ids.iter().copied().max().unwrap_or(0),
+        );
         let parking = !parked_ids.is_empty();
         let save_params: [&(dyn ToSql + Sync); 6] =
             [&name, &epoch, &new_relayed, &new_drain, &new_cursor, &ttl];
-        let (advanced, appended, indexed, parked, notified, saved, committed) = tokio::join!(
-            async {
-                if appending {
-                    client
-                        .query_one(
-                            &prepared.advance_heads,
-                            &[&advance.0, &advance.1, &advance.2, &advance.3, &advance.4],
-                        )
+        let read_ahead_params: [&(dyn ToSql + Sync); 5] = [
+            &relayed.text,
+            &target.text,
+            &new_cursor,
+            &next_limit,
+            &late_commits,
+        ];
+        // Mid-drain, the next batch is read on the other connection while
+        // this one commits.
+        let read_ahead = async {
+            match (&reader, full) {
+                (Some((reader, select)), true) => Some(
+                    reader
+                        .query(select, &read_ahead_params)
                         .await
-                        .map(drop)
-                } else {
-                    Ok(())
-                }
-            },
-            async {
-                if appending {
-                    client
-                        .query_one(
-                            &prepared.append,
-                            &[
-                                &records.ids,
-                                &records.partitions,
-                                &records.offsets,
-                                &crate::outbox::RESERVED_HEADERS,
-                                &crate::outbox::RETRY_OF_HEADER,
-                            ],
-                        )
-                        .await
-                        .map(drop)
-                } else {
-                    Ok(())
-                }
-            },
-            async {
-                if appending {
-                    client
-                        .execute(
-                            &prepared.time_index,
-                            &[&index.0, &index.1, &index.2, &index.3, &index.4],
-                        )
-                        .await
-                        .map(drop)
-                } else {
-                    Ok(())
-                }
-            },
-            async {
-                if parking {
-                    client
-                        .execute(&prepared.park, &[&parked_ids, &parked_reasons])
-                        .await
-                        .map(drop)
-                } else {
-                    Ok(())
-                }
-            },
-            async {
-                if appending {
-                    client
-                        .query_one(
-                            &prepared.notify,
-                            &[&crate::log::notify::APPENDED_CHANNEL, &notification],
-                        )
-                        .await
-                        .map(drop)
-                } else {
-                    Ok(())
-                }
-            },
-            client.execute(&prepared.save_cursor, &save_params),
-            client.batch_execute("COMMIT"),
-        );
+                        .map(|rows| rows.iter().map(PendingRow::from_row).collect::<Vec<_>>()),
+                ),
+                _ => None,
+            }
+        };
+        let (read_ahead, (advanced, appended, indexed, parked, notified, saved, committed)) =
+            tokio::join!(read_ahead, async {
+                tokio::join!(
+                    async {
+                        if appending {
+                            client
+                                .query_one(
+                                    &prepared.advance_heads,
+                                    &[&advance.0, &advance.1, &advance.2, &advance.3, &advance.4],
+                                )
+                                .await
+                                .map(drop)
+                        } else {
+                            Ok(())
+                        }
+                    },
+                    async {
+                        if appending {
+                            client
+                                .query_one(
+                                    &prepared.append,
+                                    &[
+                                        &records.ids,
+                                        &records.partitions,
+                                        &records.offsets,
+                                        &crate::outbox::RESERVED_HEADERS,
+                                        &crate::outbox::RETRY_OF_HEADER,
+                                        &id_bounds.0,
+                                        &id_bounds.1,
+                                    ],
+                                )
+                                .await
+                                .map(drop)
+                        } else {
+                            Ok(())
+                        }
+                    },
+                    async {
+                        if appending {
+                            client
+                                .execute(
+                                    &prepared.time_index,
+                                    &[&index.0, &index.1, &index.2, &index.3, &index.4],
+                                )
+                                .await
+                                .map(drop)
+                        } else {
+                            Ok(())
+                        }
+                    },
+                    async {
+                        if parking {
+                            client
+                                .execute(&prepared.park, &[&parked_ids, &parked_reasons])
+                                .await
+                                .map(drop)
+                        } else {
+                            Ok(())
+                        }
+                    },
+                    async {
+                        if appending {
+                            client
+                                .query_one(
+                                    &prepared.notify,
+                                    &[&crate::log::notify::APPENDED_CHANNEL, &notification],
+                                )
+                                .await
+                                .map(drop)
+                        } else {
+                            Ok(())
+                        }
+                    },
+                    client.execute(&prepared.save_cursor, &save_params),
+                    client.batch_execute("COMMIT"),
+                )
+            });
         advanced.context("advancing partition heads")?;
         appended.context("appending records to the event log")?;
         indexed.context("writing the time index")?;
@@ -648,6 +736,23 @@ impl Relay {
         notified?;
         anyhow::ensure!(saved? == 1, "the relay's cursor was not saved");
         committed.context("committing the relay batch")?;
+        match read_ahead {
+            Some(Ok(rows)) => {
+                self.prefetched = Some(Prefetched {
+                    relayed: relayed.text.clone(),
+                    target: target.text.clone(),
+                    cursor: new_cursor.expect("read ahead only mid-drain"),
+                    limit: next_limit,
+                    rows,
+                });
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "reading ahead failed; the batch will be read in turn");
+                reader = None;
+            }
+            None => {}
+        }
+        self.reader = reader;
         if parking {
             tracing::warn!(
                 rows = parked_ids.len(),
@@ -668,11 +773,7 @@ impl Relay {
             metrics.commit_to_log_seconds.observe(age.as_secs_f64());
         }
 
-        self.batch_size = if full {
-            (self.batch_size * 2).min(self.config.max_batch)
-        } else {
-            (self.batch_size / 2).max(self.config.min_batch)
-        };
+        self.batch_size = next_limit;
         if let Role::Leader {
             relayed,
             drain,

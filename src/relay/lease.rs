@@ -42,15 +42,16 @@ pub(super) const END_EXPIRED_HOLDER: &str = "
        AND a.datname = current_database() AND a.application_name = 'outbox-relay'
        AND a.pid <> pg_backend_pid()";
 
-/// Every relay session: statements planned with their actual snapshot
-/// parameters (a generic plan cannot know the in-progress list is short),
-/// a name that `END_EXPIRED_HOLDER` recognises, and bounds derived from the
+/// Every relay session: the default plan cache (the snapshot-dependent
+/// statements are sent unnamed, so they are planned with their snapshots;
+/// the others get generic plans once Postgres finds them as good, saving
+/// a planning per execution), a name that `END_EXPIRED_HOLDER` recognises, and bounds derived from the
 /// lease: a transaction left idle longer than `$1` (a frozen holder) is
 /// ended by Postgres, and a row lock is waited for at most `$2`. Statements
 /// themselves are not bounded: a drain after a long outage may rightly take
 /// long, and a frozen client does not stop a running statement.
 pub(super) const SESSION_SETTINGS: &str = "
-    SELECT set_config('plan_cache_mode', 'force_custom_plan', false),
+    SELECT set_config('plan_cache_mode', 'auto', false),
            set_config('application_name', 'outbox-relay', false),
            set_config('idle_in_transaction_session_timeout', $1, false),
            set_config('lock_timeout', $2, false)";

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
 use crate::db::Db;
@@ -126,6 +126,26 @@ enum Role {
 /// the partitions the batch appended to (see [`crate::log::notify`]).
 const NOTIFY_APPENDED: &str = "SELECT pg_notify($1, $2)";
 
+/// `drain::SELECT_BATCH`'s parameters with their types: it is sent unnamed
+/// (`query_typed`, one round trip), so each execution is planned with its
+/// snapshots, as `PEEK` is; a generic plan cannot see how narrow the
+/// transaction id range is and may scan the outbox.
+fn select_batch_params<'a>(
+    relayed: &'a String,
+    target: &'a String,
+    cursor: &'a Option<i64>,
+    limit: &'a i64,
+    late_commits: &'a Vec<String>,
+) -> [(&'a (dyn ToSql + Sync), Type); 5] {
+    [
+        (relayed, Type::TEXT),
+        (target, Type::TEXT),
+        (cursor, Type::INT8),
+        (limit, Type::INT8),
+        (late_commits, Type::TEXT_ARRAY),
+    ]
+}
+
 /// A drain batch read ahead, and the cursor state it was read for.
 struct Prefetched {
     relayed: String,
@@ -136,17 +156,15 @@ struct Prefetched {
 }
 
 /// The relay's statements, prepared once per connection: a batch is then two
-/// round trips of bound statements, each one pipelined (no Parse/Describe
-/// per statement; `plan_cache_mode = force_custom_plan` still plans each
-/// execution with its snapshot parameters).
+/// pipelined round trips with no Parse/Describe per statement. `PEEK` and
+/// `SELECT_BATCH` are not among them: they are sent unnamed, to be planned
+/// with their snapshots each time (see `select_batch_params`).
 struct Prepared {
     acquire: Statement,
     renew: Statement,
     release: Statement,
     end_expired: Statement,
-    peek: Statement,
     lock_state: Statement,
-    select_batch: Statement,
     heads: Statement,
     advance_heads: Statement,
     append: Statement,
@@ -164,9 +182,7 @@ impl Prepared {
                 RENEW_LEASE,
                 RELEASE_LEASE,
                 END_EXPIRED_HOLDER,
-                PEEK,
                 LOCK_STATE_AT_EPOCH,
-                SELECT_BATCH,
                 append::HEADS,
                 append::ADVANCE_HEADS,
                 append::APPEND_RECORDS,
@@ -185,9 +201,7 @@ impl Prepared {
             renew: next(),
             release: next(),
             end_expired: next(),
-            peek: next(),
             lock_state: next(),
-            select_batch: next(),
             heads: next(),
             advance_heads: next(),
             append: next(),
@@ -223,7 +237,7 @@ pub struct Relay {
     client: Option<(Client, Prepared)>,
     /// A second connection that reads the next drain batch while the
     /// current one commits (outbox rows in a drain are immutable).
-    reader: Option<(Client, Statement)>,
+    reader: Option<Client>,
     /// The next drain batch, read ahead.
     prefetched: Option<Prefetched>,
     role: Role,
@@ -291,8 +305,8 @@ impl Relay {
 
     /// The read-ahead connection, connected when missing; None when it
     /// cannot be had (the relay then reads each batch itself).
-    async fn take_reader(&mut self) -> Option<(Client, Statement)> {
-        if let Some(reader) = self.reader.take().filter(|(c, _)| !c.is_closed()) {
+    async fn take_reader(&mut self) -> Option<Client> {
+        if let Some(reader) = self.reader.take().filter(|c| !c.is_closed()) {
             return Some(reader);
         }
         let connect = async {
@@ -301,8 +315,7 @@ impl Relay {
             client
                 .execute(SESSION_SETTINGS, &[&bound, &lock_wait])
                 .await?;
-            let select = client.prepare(SELECT_BATCH).await?;
-            anyhow::Ok((client, select))
+            anyhow::Ok(client)
         };
         match connect.await {
             Ok(reader) => Some(reader),
@@ -425,10 +438,21 @@ impl Relay {
         let target = if draining {
             None
         } else {
-            let (client, prepared) = self.client().await?;
+            let (client, _) = self.client().await?;
+            // Unnamed, so planned with this snapshot each time (see
+            // `select_batch_params`).
             let row = client
-                .query_one(&prepared.peek, &[&relayed.text, &relayed.in_progress_ids()])
-                .await?;
+                .query_typed(
+                    PEEK,
+                    &[
+                        (&relayed.text, Type::TEXT),
+                        (&relayed.in_progress_ids(), Type::TEXT_ARRAY),
+                    ],
+                )
+                .await?
+                .into_iter()
+                .next()
+                .context("the peek returned no row")?;
             let snapshot = Snapshot::parse(row.get(0))?;
             let found: bool = row.get(1);
             if let Role::Leader { empty_peek, .. } = &mut self.role {
@@ -492,8 +516,8 @@ impl Relay {
 
         // Round trip 1 (the batch's rows were read ahead mid-drain).
         let lock_params: [&(dyn ToSql + Sync); 2] = [&name, &epoch];
-        let select_params: [&(dyn ToSql + Sync); 5] =
-            [&relayed.text, &target.text, &cursor, &limit, &late_commits];
+        let select_params =
+            select_batch_params(&relayed.text, &target.text, &cursor, &limit, &late_commits);
         let (begun, state, rows, heads) = tokio::join!(
             client.batch_execute("BEGIN"),
             client.query_opt(&prepared.lock_state, &lock_params),
@@ -501,7 +525,7 @@ impl Relay {
                 match read_ahead {
                     Some(rows) => Ok(rows),
                     None => client
-                        .query(&prepared.select_batch, &select_params)
+                        .query_typed(SELECT_BATCH, &select_params)
                         .await
                         .map(|rows| rows.iter().map(PendingRow::from_row).collect()),
                 }
@@ -632,20 +656,20 @@ impl Relay {
         let parking = !parked_ids.is_empty();
         let save_params: [&(dyn ToSql + Sync); 6] =
             [&name, &epoch, &new_relayed, &new_drain, &new_cursor, &ttl];
-        let read_ahead_params: [&(dyn ToSql + Sync); 5] = [
+        let read_ahead_params = select_batch_params(
             &relayed.text,
             &target.text,
             &new_cursor,
             &next_limit,
             &late_commits,
-        ];
+        );
         // Mid-drain, the next batch is read on the other connection while
         // this one commits.
         let read_ahead = async {
             match (&reader, full) {
-                (Some((reader, select)), true) => Some(
+                (Some(reader), true) => Some(
                     reader
-                        .query(select, &read_ahead_params)
+                        .query_typed(SELECT_BATCH, &read_ahead_params)
                         .await
                         .map(|rows| rows.iter().map(PendingRow::from_row).collect::<Vec<_>>()),
                 ),
@@ -820,12 +844,22 @@ impl Relay {
     pub async fn run(mut self, mut shutdown: Shutdown) {
         let mut idle_pause = MIN_IDLE_PAUSE;
         let mut error_pause = Duration::from_millis(100);
+        // Whether the last wait ended with a wake-up rather than a poll.
+        let mut woken = false;
         while !shutdown.is_triggered() {
             let (pause, wakeable) = match self.step().await {
                 Ok(StepOutcome::Moved { .. })
                 | Ok(StepOutcome::BecameLeader { .. })
                 | Ok(StepOutcome::LostLeadership) => {
-                    idle_pause = MIN_IDLE_PAUSE;
+                    // Writers that woke the relay will wake it again: between
+                    // their wake-ups it polls at the slow end. Rows found by
+                    // polling come from writers that do not wake it: poll
+                    // fast again, as they may write more at once.
+                    idle_pause = if woken {
+                        self.config.idle_poll_max
+                    } else {
+                        MIN_IDLE_PAUSE
+                    };
                     error_pause = Duration::from_millis(100);
                     (Duration::ZERO, false)
                 }
@@ -846,8 +880,11 @@ impl Relay {
             if !pause.is_zero() {
                 let wakeup = self.wakeup.clone();
                 tokio::select! {
-                    _ = precise_sleep(pause) => {}
-                    _ = wakeup.woken(), if wakeable => idle_pause = MIN_IDLE_PAUSE,
+                    _ = precise_sleep(pause) => woken = false,
+                    _ = wakeup.woken(), if wakeable => {
+                        woken = true;
+                        idle_pause = MIN_IDLE_PAUSE;
+                    }
                     _ = shutdown.recv() => {}
                 }
             }

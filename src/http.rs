@@ -102,8 +102,21 @@ pub struct AppState {
 
 /// The API's routes: the order API and the operational endpoints.
 pub fn router(pool: Pool, outbox_written: crate::outbox::OutboxWritten) -> Router {
-    Router::new()
-        .merge(crate::app::api::routes())
+    with_operational_routes(crate::app::api::routes(), pool, outbox_written)
+}
+
+/// Only the operational endpoints (`/healthz`, `/readyz`, `/metrics`): the
+/// listener of a process without the api role (`serve --metrics-addr`).
+pub fn operational_router(pool: Pool) -> Router {
+    with_operational_routes(Router::new(), pool, Default::default())
+}
+
+fn with_operational_routes(
+    routes: Router<AppState>,
+    pool: Pool,
+    outbox_written: crate::outbox::OutboxWritten,
+) -> Router {
+    routes
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -117,35 +130,45 @@ pub fn router(pool: Pool, outbox_written: crate::outbox::OutboxWritten) -> Route
         })
 }
 
-/// The `api` role: the order API on a bound listener.
-pub struct ApiService {
+/// An HTTP role on a bound listener: the order API (`api`), or the
+/// operational endpoints alone (`metrics`).
+pub struct HttpService {
+    name: &'static str,
     listener: TcpListener,
-    pool: Pool,
-    outbox_written: crate::outbox::OutboxWritten,
+    app: Router,
 }
 
-impl ApiService {
-    pub fn new(
+impl HttpService {
+    /// The order API with the operational endpoints.
+    pub fn api(
         listener: TcpListener,
         pool: Pool,
         outbox_written: crate::outbox::OutboxWritten,
-    ) -> ApiService {
-        ApiService {
+    ) -> HttpService {
+        HttpService {
+            name: "api",
             listener,
-            pool,
-            outbox_written,
+            app: router(pool, outbox_written),
+        }
+    }
+
+    /// The operational endpoints alone.
+    pub fn operational(listener: TcpListener, pool: Pool) -> HttpService {
+        HttpService {
+            name: "metrics",
+            listener,
+            app: operational_router(pool),
         }
     }
 }
 
-impl crate::service::Service for ApiService {
+impl crate::service::Service for HttpService {
     fn name(&self) -> &'static str {
-        "api"
+        self.name
     }
 
     async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
-        let app = router(self.pool, self.outbox_written);
-        serve(self.listener, app, shutdown).await
+        serve(self.listener, self.app, shutdown).await
     }
 }
 
@@ -276,11 +299,19 @@ async fn count_requests(request: axum::extract::Request, next: axum::middleware:
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_string();
+    let method = request.method().clone();
+    let started = std::time::Instant::now();
     let response = next.run(request).await;
-    crate::metrics::metrics()
+    let metrics = crate::metrics::metrics();
+    metrics
         .http_requests
         .with_label_values(&[route.as_str(), response.status().as_str()])
         .inc();
+    // Route templates only (`/orders/{id}`), never raw paths: a bounded set.
+    metrics
+        .http_request_duration
+        .with_label_values(&[route.as_str(), method.as_str()])
+        .observe(started.elapsed().as_secs_f64());
     response
 }
 

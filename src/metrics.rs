@@ -1,4 +1,5 @@
-//! Prometheus metrics, served at `GET /metrics` by the API role.
+//! Prometheus metrics, served at `GET /metrics` by every process with an
+//! HTTP listener (the API role's, or `--metrics-addr` without it).
 //!
 //! Counters and histograms are recorded where the work happens (relay
 //! batches, mail outcomes, HTTP requests); gauges that describe the database
@@ -9,9 +10,13 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// The kinds `outbox_relay_mail_failed_total` counts, each exported from
+/// the start (at 0) so that a panel or an alert sees a series.
+pub const MAIL_FAILURE_KINDS: [&str; 4] = ["transient", "unknown_attempt", "parked", "unknown"];
 
 pub struct Metrics {
     registry: Registry,
@@ -22,9 +27,19 @@ pub struct Metrics {
     pub mail_sent: IntCounter,
     pub mail_failed: IntCounterVec,
     pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
+    pub mail_send_duration: Histogram,
+    pub order_to_mail_seconds: Histogram,
+    pub group_rebalances: IntCounterVec,
     outbox_backlog: IntGauge,
+    outbox_oldest_age: Gauge,
+    relay_leader_alive: IntGauge,
+    log_start_offset: IntGaugeVec,
     log_end_offset: IntGaugeVec,
     group_lag: IntGaugeVec,
+    group_lag_seconds: GaugeVec,
+    committed_offset: IntGaugeVec,
+    group_members: IntGaugeVec,
     dead_letters: IntGauge,
     database_up: IntGauge,
     /// One scrape at a time: the database gauges are reset and refilled.
@@ -48,25 +63,44 @@ impl Metrics {
         let relay = crate::relay::status(&tx, crate::relay::DEFAULT_RELAY_NAME).await?;
         let heads = crate::log::topics::all_partition_offsets(&tx).await?;
         let lags = crate::group::admin::partition_lags(&tx).await?;
+        let members = crate::group::admin::live_member_counts(&tx).await?;
         let parked = crate::group::dead_letters::parked_count(&tx).await?;
         tx.commit().await?;
 
         self.outbox_backlog.set(relay.backlog);
+        self.outbox_oldest_age.set(relay.oldest_age_seconds);
+        self.relay_leader_alive.set(i64::from(relay.leader_alive));
+        self.log_start_offset.reset();
         self.log_end_offset.reset();
         for head in heads {
+            let labels = [head.topic.as_str(), &head.partition.to_string()];
+            self.log_start_offset
+                .with_label_values(&labels)
+                .set(head.log_start_offset);
             self.log_end_offset
-                .with_label_values(&[head.topic.as_str(), &head.partition.to_string()])
+                .with_label_values(&labels)
                 .set(head.log_end_offset);
         }
         self.group_lag.reset();
+        self.group_lag_seconds.reset();
+        self.committed_offset.reset();
         for lag in lags {
-            self.group_lag
-                .with_label_values(&[
-                    lag.group.as_str(),
-                    lag.topic.as_str(),
-                    &lag.partition.to_string(),
-                ])
-                .set(lag.lag);
+            let labels = [
+                lag.group.as_str(),
+                lag.topic.as_str(),
+                &lag.partition.to_string(),
+            ];
+            self.group_lag.with_label_values(&labels).set(lag.lag);
+            self.group_lag_seconds
+                .with_label_values(&labels)
+                .set(lag.lag_seconds);
+            if let Some(offset) = lag.committed_offset {
+                self.committed_offset.with_label_values(&labels).set(offset);
+            }
+        }
+        self.group_members.reset();
+        for (group, count) in members {
+            self.group_members.with_label_values(&[&group]).set(count);
         }
         self.dead_letters.set(parked);
         Ok(())
@@ -118,9 +152,53 @@ impl Metrics {
                 ),
                 &["route", "status"],
             )?,
+            http_request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "outbox_relay_http_request_duration_seconds",
+                    "HTTP requests from routing to the response, by route template and method",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14)?),
+                &["route", "method"],
+            )?,
+            mail_send_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "outbox_relay_mail_send_duration_seconds",
+                    "One SMTP exchange, from taking a connection to the final answer",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+            )?,
+            order_to_mail_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "outbox_relay_order_to_mail_seconds",
+                    "From the outbox row's created_at to the SMTP server accepting the mail",
+                )
+                .buckets(prometheus::exponential_buckets(0.001, 2.0, 18)?),
+            )?,
+            group_rebalances: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_consumer_group_rebalances_total",
+                    "Changes of this process's partition assignment, by group",
+                ),
+                &["group"],
+            )?,
             outbox_backlog: IntGauge::new(
                 "outbox_relay_outbox_backlog",
                 "Outbox rows not yet in the log (estimate)",
+            )?,
+            outbox_oldest_age: Gauge::new(
+                "outbox_relay_outbox_oldest_age_seconds",
+                "Age of the oldest committed outbox row not yet in the log (0 when none)",
+            )?,
+            relay_leader_alive: IntGauge::new(
+                "outbox_relay_relay_leader_alive",
+                "1 while some process holds an unexpired relay lease (from the database)",
+            )?,
+            log_start_offset: IntGaugeVec::new(
+                Opts::new(
+                    "outbox_relay_log_start_offset",
+                    "First offset retention keeps, per partition",
+                ),
+                &["topic", "partition"],
             )?,
             log_end_offset: IntGaugeVec::new(
                 Opts::new(
@@ -136,6 +214,27 @@ impl Metrics {
                 ),
                 &["group", "topic", "partition"],
             )?,
+            group_lag_seconds: GaugeVec::new(
+                Opts::new(
+                    "outbox_relay_consumer_group_lag_seconds",
+                    "Age (by appended_at) of the oldest record past the committed offset, 0 when caught up",
+                ),
+                &["group", "topic", "partition"],
+            )?,
+            committed_offset: IntGaugeVec::new(
+                Opts::new(
+                    "outbox_relay_consumer_committed_offset",
+                    "The group's committed offset (the next offset it reads)",
+                ),
+                &["group", "topic", "partition"],
+            )?,
+            group_members: IntGaugeVec::new(
+                Opts::new(
+                    "outbox_relay_consumer_group_members",
+                    "Members with a live session, by group",
+                ),
+                &["group"],
+            )?,
             dead_letters: IntGauge::new("outbox_relay_dead_letters", "Parked dead letters")?,
             database_up: IntGauge::new(
                 "outbox_relay_database_up",
@@ -144,19 +243,36 @@ impl Metrics {
             scrape: tokio::sync::Mutex::new(()),
             registry,
         };
-        m.registry.register(Box::new(m.relay_appended.clone()))?;
-        m.registry.register(Box::new(m.relay_batch_size.clone()))?;
-        m.registry
-            .register(Box::new(m.commit_to_log_seconds.clone()))?;
-        m.registry.register(Box::new(m.relay_is_leader.clone()))?;
-        m.registry.register(Box::new(m.mail_sent.clone()))?;
-        m.registry.register(Box::new(m.mail_failed.clone()))?;
-        m.registry.register(Box::new(m.http_requests.clone()))?;
-        m.registry.register(Box::new(m.outbox_backlog.clone()))?;
-        m.registry.register(Box::new(m.log_end_offset.clone()))?;
-        m.registry.register(Box::new(m.group_lag.clone()))?;
-        m.registry.register(Box::new(m.dead_letters.clone()))?;
-        m.registry.register(Box::new(m.database_up.clone()))?;
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.relay_appended.clone()),
+            Box::new(m.relay_batch_size.clone()),
+            Box::new(m.commit_to_log_seconds.clone()),
+            Box::new(m.relay_is_leader.clone()),
+            Box::new(m.mail_sent.clone()),
+            Box::new(m.mail_failed.clone()),
+            Box::new(m.http_requests.clone()),
+            Box::new(m.http_request_duration.clone()),
+            Box::new(m.mail_send_duration.clone()),
+            Box::new(m.order_to_mail_seconds.clone()),
+            Box::new(m.group_rebalances.clone()),
+            Box::new(m.outbox_backlog.clone()),
+            Box::new(m.outbox_oldest_age.clone()),
+            Box::new(m.relay_leader_alive.clone()),
+            Box::new(m.log_start_offset.clone()),
+            Box::new(m.log_end_offset.clone()),
+            Box::new(m.group_lag.clone()),
+            Box::new(m.group_lag_seconds.clone()),
+            Box::new(m.committed_offset.clone()),
+            Box::new(m.group_members.clone()),
+            Box::new(m.dead_letters.clone()),
+            Box::new(m.database_up.clone()),
+        ];
+        for collector in collectors {
+            m.registry.register(collector)?;
+        }
+        for kind in MAIL_FAILURE_KINDS {
+            m.mail_failed.with_label_values(&[kind]);
+        }
         Ok(m)
     }
 

@@ -37,9 +37,14 @@ pub struct ServeArgs {
         default_value = "api,relay,mail"
     )]
     pub roles: Vec<Role>,
-    /// Address of the HTTP API (api role).
+    /// Address of the HTTP API (api role), which also serves /metrics.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+    /// Address serving only /healthz, /readyz and /metrics: for a process
+    /// without the api role (a relay or mail worker of its own) that
+    /// Prometheus scrapes.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Do not apply migrations on start (the schema must then be current).
     #[arg(long)]
     pub no_migrate: bool,
@@ -55,11 +60,14 @@ pub struct ServeArgs {
     pub mail: MailArgs,
 }
 
-/// Enough for every role in one process (api 16, relay 2, mail 28).
+/// Enough for every role in one process (api 16, relay 4, mail 28, and 2
+/// for `--metrics-addr`).
 pub const DEFAULT_MAX_DB_CONNECTIONS: u32 = 64;
 
 /// The order API's pool.
 const API_POOL_SIZE: usize = 16;
+/// The pool of `--metrics-addr` (a scrape at a time, and /readyz).
+const METRICS_POOL_SIZE: usize = 2;
 /// The mail worker's pool (ledger reads and writes, dead letters).
 const MAIL_POOL_SIZE: usize = 16;
 
@@ -140,11 +148,20 @@ impl MailArgs {
     }
 }
 
+fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 /// What a process will run, with every setting checked and the HTTP port
 /// already bound: built before the database is opened.
 pub struct Plan {
     pub roles: Vec<Role>,
     pub listener: Option<std::net::TcpListener>,
+    /// The operational endpoints' own listener (`--metrics-addr`).
+    pub metrics_listener: Option<std::net::TcpListener>,
     pub migrate: bool,
     pub relay_lease: Duration,
     pub max_db_connections: u32,
@@ -162,6 +179,9 @@ impl Plan {
             data_dir,
         )?;
         plan.max_db_connections = args.max_db_connections;
+        if let Some(addr) = args.metrics_addr {
+            plan.metrics_listener = Some(bind(addr)?);
+        }
         Ok(plan)
     }
 
@@ -179,16 +199,14 @@ impl Plan {
             None
         };
         let listener = if roles.contains(&Role::Api) {
-            let listener = std::net::TcpListener::bind(http_addr)
-                .with_context(|| format!("cannot listen on {http_addr}"))?;
-            listener.set_nonblocking(true)?;
-            Some(listener)
+            Some(bind(http_addr)?)
         } else {
             None
         };
         Ok(Plan {
             roles: roles.to_vec(),
             listener,
+            metrics_listener: None,
             migrate,
             relay_lease,
             max_db_connections: DEFAULT_MAX_DB_CONNECTIONS,
@@ -207,6 +225,10 @@ impl Plan {
         let db = Db::new(url, Some(self.max_db_connections as usize))?;
         let api_pool = match &self.listener {
             Some(_) => Some(db.pool("api", API_POOL_SIZE)?),
+            None => None,
+        };
+        let metrics_pool = match &self.metrics_listener {
+            Some(_) => Some(db.pool("metrics", METRICS_POOL_SIZE)?),
             None => None,
         };
         let relay = if self.roles.contains(&Role::Relay) {
@@ -266,7 +288,7 @@ impl Plan {
                 crate::db::check(&pool).await?;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 tracing::info!(addr = %listener.local_addr()?, "order API listening");
-                Some(crate::http::ApiService::new(
+                Some(crate::http::HttpService::api(
                     listener,
                     pool,
                     outbox_written.unwrap_or_default(),
@@ -274,10 +296,21 @@ impl Plan {
             }
             _ => None,
         };
+        let metrics_endpoint = match (self.metrics_listener, metrics_pool) {
+            (Some(listener), Some(pool)) => {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+                Some(crate::http::HttpService::operational(listener, pool))
+            }
+            _ => None,
+        };
 
         let mut supervisor = Supervisor::new();
         if let Some(api) = api {
             supervisor.start(api);
+        }
+        if let Some(endpoint) = metrics_endpoint {
+            supervisor.start(endpoint);
         }
         if let Some((relay, maintenance)) = relay {
             let wakeup = relay.wakeup();

@@ -121,7 +121,7 @@ pub async fn describe(
 }
 
 /// One partition's lag in one group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PartitionLag {
     pub group: String,
     pub topic: String,
@@ -130,13 +130,39 @@ pub struct PartitionLag {
     /// Log end offset minus the committed offset; without a commit, all the
     /// partition retains (the group would start at the log start).
     pub lag: i64,
+    /// How long the oldest record not yet consumed has been in the log (by
+    /// `appended_at`); 0 when caught up.
+    pub lag_seconds: f64,
 }
 
 const PARTITION_LAGS: &str = "
     SELECT p.group_id, p.topic, p.partition, p.committed_offset,
-           greatest(h.log_end_offset - coalesce(p.committed_offset, h.log_start_offset), 0)
+           greatest(h.log_end_offset - coalesce(p.committed_offset, h.log_start_offset), 0),
+           coalesce((SELECT greatest(extract(epoch FROM now() - e.appended_at), 0)::float8
+                       FROM event_log e
+                      WHERE e.topic = p.topic AND e.partition = p.partition
+                        AND e.\"offset\" >= greatest(coalesce(p.committed_offset, 0), h.log_start_offset)
+                      ORDER BY e.\"offset\" LIMIT 1), 0)
       FROM group_partitions p JOIN partition_heads h USING (topic, partition)
      ORDER BY p.group_id, p.topic, p.partition";
+
+/// Members with a live session, per group.
+const LIVE_MEMBER_COUNTS: &str = "
+    SELECT group_id, count(*) FROM group_members
+     WHERE heartbeat_at + session_timeout > now()
+     GROUP BY group_id ORDER BY group_id";
+
+/// Members with a live session, per group.
+pub async fn live_member_counts(
+    client: &impl tokio_postgres::GenericClient,
+) -> anyhow::Result<Vec<(String, i64)>> {
+    Ok(client
+        .query(LIVE_MEMBER_COUNTS, &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
 
 /// The lag of every partition of every group.
 pub async fn partition_lags(
@@ -152,6 +178,7 @@ pub async fn partition_lags(
             partition: r.get(2),
             committed_offset: r.get(3),
             lag: r.get(4),
+            lag_seconds: r.get(5),
         })
         .collect())
 }
@@ -403,5 +430,9 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
             GROUP_PARTITIONS.to_string(),
         ),
         ("group::admin::PARTITION_LAGS", PARTITION_LAGS.to_string()),
+        (
+            "group::admin::LIVE_MEMBER_COUNTS",
+            LIVE_MEMBER_COUNTS.to_string(),
+        ),
     ]
 }

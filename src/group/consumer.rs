@@ -291,6 +291,10 @@ async fn run_member<H: RecordHandler>(
                 let assigned: Vec<String> =
                     assigned.iter().map(|(t, p)| format!("{t}:{p}")).collect();
                 if assigned != last_logged_assignment {
+                    crate::metrics::metrics()
+                        .group_rebalances
+                        .with_label_values(&[&config.group.group_id])
+                        .inc();
                     tracing::info!(group = %config.group.group_id, partitions = %assigned.join(","), "assignment changed");
                     last_logged_assignment = assigned;
                 }

@@ -312,8 +312,20 @@ impl MailWorker {
         );
         loop {
             // No transaction is open here: the SMTP exchange runs on its own.
-            let (error, unknown) = match self.transport.send(message.clone(), &name).await {
+            let started = std::time::Instant::now();
+            let outcome = self.transport.send(message.clone(), &name).await;
+            let metrics = crate::metrics::metrics();
+            metrics
+                .mail_send_duration
+                .observe(started.elapsed().as_secs_f64());
+            let (error, unknown) = match outcome {
                 SendOutcome::Sent => {
+                    let since_order = (chrono::Utc::now() - record.created_at)
+                        .to_std()
+                        .unwrap_or_default();
+                    metrics
+                        .order_to_mail_seconds
+                        .observe(since_order.as_secs_f64());
                     let mut written = self.ledger.record(SentMark {
                         topic: record.topic.clone(),
                         partition: record.partition,

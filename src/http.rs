@@ -301,7 +301,8 @@ async fn count_requests(request: axum::extract::Request, next: axum::middleware:
         .to_string();
     let method = request.method().clone();
     let started = std::time::Instant::now();
-    let response = next.run(request).await;
+    let span = tracing::info_span!("http.request", method = %method, route = %route);
+    let response = tracing::Instrument::instrument(next.run(request), span).await;
     let metrics = crate::metrics::metrics();
     metrics
         .http_requests

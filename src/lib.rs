@@ -23,6 +23,7 @@ pub mod outbox;
 pub mod relay;
 pub mod service;
 pub mod shutdown;
+pub mod trace_context;
 
 /// Every SQL statement of the modules that own the tables, by name
 /// (`module::CONSTANT`): tests/it/sql.rs prepares each against a migrated

@@ -14,6 +14,8 @@ use serde_json::json;
 
 use crate::app::order::{self, NewOrder};
 use crate::http::{ApiError, AppState, BODY_READ_TIMEOUT, MAX_BODY_BYTES};
+use crate::trace_context::{TraceParent, TRACEPARENT};
+use tracing::Instrument;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
@@ -115,10 +117,38 @@ async fn create_order(
     })?;
     let idempotency_key = idempotency_key(&headers)?;
 
+    // Continue the caller's trace, or start one: the order's span is what
+    // the mail worker continues (docs in `trace_context`).
+    let trace = headers
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+        .map_or_else(TraceParent::new_root, |parent| parent.child());
+    let span = tracing::info_span!("order.create", trace_id = %trace.trace_id(), order_id = tracing::field::Empty);
+    let answer = place_order(&state, new_order, idempotency_key, &trace)
+        .instrument(span.clone())
+        .await;
+    let mut response = answer?;
+    if let Ok(value) = header::HeaderValue::from_str(&trace.to_string()) {
+        response.headers_mut().insert(TRACEPARENT, value);
+    }
+    Ok(response)
+}
+
+/// The order's write: one statement, or with an `Idempotency-Key` a
+/// transaction that also claims the key.
+async fn place_order(
+    state: &AppState,
+    new_order: NewOrder,
+    idempotency_key: Option<String>,
+    trace: &TraceParent,
+) -> Result<Response, ApiError> {
     let mut client = state.pool.get().await?;
     let Some(key) = idempotency_key else {
-        let order_id = order::place(&client, &new_order).await?;
+        let order_id = order::place(&client, &new_order, trace).await?;
         state.outbox_written.committed();
+        tracing::Span::current().record("order_id", order_id);
+        tracing::debug!("order placed");
         return Ok(created(order_id));
     };
     let canonical = json!({
@@ -130,7 +160,7 @@ async fn create_order(
         return Ok(previous);
     }
     let tx = client.transaction().await?;
-    let order_id = order::place(&tx, &new_order).await?;
+    let order_id = order::place(&tx, &new_order, trace).await?;
     let claim = tx.prepare_cached(CLAIM_IDEMPOTENCY_KEY).await?;
     if tx.execute(&claim, &[&key, &canonical, &order_id]).await? == 0 {
         // A concurrent request with this key committed first: drop ours.
@@ -141,6 +171,8 @@ async fn create_order(
     }
     tx.commit().await?;
     state.outbox_written.committed();
+    tracing::Span::current().record("order_id", order_id);
+    tracing::debug!("order placed");
     Ok(created(order_id))
 }
 

@@ -6,6 +6,8 @@ use serde::Serialize;
 use serde_json::json;
 use tokio_postgres::{GenericClient, Transaction};
 
+use crate::trace_context::TraceParent;
+
 /// The topic order events go to.
 pub const ORDER_CREATED_TOPIC: &str = "order-created";
 
@@ -160,7 +162,8 @@ pub struct Order {
 
 /// The order and its `OrderCreated` outbox row in one statement (one round
 /// trip; on its own it is its own transaction). The event body built here
-/// is [`order_created_payload`]'s (a test holds them equal).
+/// is [`order_created_payload`]'s (a test holds them equal); `$5`, when
+/// given, is the order's `traceparent`, kept in the row's headers.
 const PLACE_ORDER: &str = "
     WITH placed AS (
         INSERT INTO orders (user_id, email, amount) VALUES ($1, $2, $3)
@@ -168,34 +171,46 @@ const PLACE_ORDER: &str = "
     INSERT INTO outbox (topic, key, payload, headers)
     SELECT $4, id::text,
            jsonb_build_object('order_id', id, 'user_id', user_id, 'amount', amount, 'email', email),
-           '{\"event-type\": \"OrderCreated\"}'::jsonb
+           jsonb_strip_nulls(jsonb_build_object('event-type', 'OrderCreated', 'traceparent', $5::text))
       FROM placed
     RETURNING (SELECT id FROM placed)";
 
 /// Inserts the order and its `OrderCreated` outbox row within the caller's
 /// transaction: both rows commit together or not at all.
 pub async fn insert(tx: &Transaction<'_>, order: &NewOrder) -> Result<i64, tokio_postgres::Error> {
-    let row = tx.query_one(PLACE_ORDER, &place_params(order)).await?;
+    let no_trace: Option<String> = None;
+    let row = tx
+        .query_one(PLACE_ORDER, &place_params(order, &no_trace))
+        .await?;
     Ok(row.get(0))
 }
 
-/// [`insert`] with the statement prepared once per pooled connection; on a
-/// client outside a transaction the order commits by itself.
+/// [`insert`] with the statement prepared once per pooled connection, and
+/// the order's trace in the event's headers; on a client outside a
+/// transaction the order commits by itself.
 pub async fn place(
     client: &impl deadpool_postgres::GenericClient,
     order: &NewOrder,
+    trace: &TraceParent,
 ) -> Result<i64, tokio_postgres::Error> {
     let statement = client.prepare_cached(PLACE_ORDER).await?;
-    let row = client.query_one(&statement, &place_params(order)).await?;
+    let trace = Some(trace.to_string());
+    let row = client
+        .query_one(&statement, &place_params(order, &trace))
+        .await?;
     Ok(row.get(0))
 }
 
-fn place_params(order: &NewOrder) -> [&(dyn tokio_postgres::types::ToSql + Sync); 4] {
+fn place_params<'a>(
+    order: &'a NewOrder,
+    trace: &'a Option<String>,
+) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 5] {
     [
         &order.user_id,
         &order.email.0,
         &order.amount,
         &ORDER_CREATED_TOPIC,
+        trace,
     ]
 }
 

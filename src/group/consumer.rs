@@ -269,13 +269,23 @@ async fn run_member<H: RecordHandler>(
                         continue;
                     }
                     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
-                    let task = tasks.spawn(run_partition(
-                        pool.clone(),
-                        config.clone(),
-                        assignment.clone(),
-                        handler.clone(),
-                        appended.subscribe(&assignment.topic, assignment.partition),
-                        stop_rx,
+                    let span = tracing::info_span!(
+                        "consumer.partition",
+                        group = %config.group.group_id,
+                        topic = %assignment.topic,
+                        partition = assignment.partition,
+                        epoch = assignment.epoch,
+                    );
+                    let task = tasks.spawn(tracing::Instrument::instrument(
+                        run_partition(
+                            pool.clone(),
+                            config.clone(),
+                            assignment.clone(),
+                            handler.clone(),
+                            appended.subscribe(&assignment.topic, assignment.partition),
+                            stop_rx,
+                        ),
+                        span,
                     ));
                     workers.insert(
                         key,

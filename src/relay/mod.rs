@@ -463,7 +463,8 @@ impl Relay {
             }
             Some(snapshot)
         };
-        self.move_batch(epoch, target).await
+        let span = tracing::info_span!("relay.batch", epoch);
+        tracing::Instrument::instrument(self.move_batch(epoch, target), span).await
     }
 
     fn lose_leadership(&mut self, epoch: i64) -> StepOutcome {

@@ -10,6 +10,7 @@ mod log;
 mod mail;
 mod metrics;
 mod migrate;
+mod observability;
 mod project;
 mod relay;
 mod replay;

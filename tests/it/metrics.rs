@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::harness::*;
 
 /// A Prometheus server scraping `target` every 200 ms.
-struct Prometheus {
+pub struct Prometheus {
     child: tokio::process::Child,
     port: u16,
     dir: std::path::PathBuf,
@@ -22,7 +22,12 @@ impl Drop for Prometheus {
 }
 
 impl Prometheus {
-    async fn start(target: &str) -> Prometheus {
+    pub async fn start(target: &str) -> Prometheus {
+        Prometheus::start_with_rules(target, None).await
+    }
+
+    /// Also evaluating the alerting rules in `rules` every second.
+    pub async fn start_with_rules(target: &str, rules: Option<&std::path::Path>) -> Prometheus {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -35,8 +40,9 @@ impl Prometheus {
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 200ms\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: outbox-relay\n    static_configs:\n      - targets: ['{target}']\n"
+                "global:\n  scrape_interval: 200ms\n  evaluation_interval: 1s\n{}\
+                 scrape_configs:\n  - job_name: outbox-relay\n    static_configs:\n      - targets: ['{target}']\n",
+                rules.map_or(String::new(), |r| format!("rule_files:\n  - {}\n", r.display()))
             ),
         )
         .unwrap();
@@ -56,7 +62,7 @@ impl Prometheus {
     }
 
     /// Polls `query` until it has a value, failing the test after `secs`.
-    async fn value_within(&self, query: &str, secs: u64) -> f64 {
+    pub async fn value_within(&self, query: &str, secs: u64) -> f64 {
         eventually(
             &format!("Prometheus to answer {query}"),
             Duration::from_secs(secs),
@@ -65,18 +71,28 @@ impl Prometheus {
         .await
     }
 
-    /// The value of an instant query's first series, once there is one.
-    async fn value(&self, query: &str) -> Option<f64> {
-        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
-        let answer: Value = reqwest::Client::new()
+    /// The whole answer to an instant query (None while Prometheus is not up).
+    pub async fn query(&self, query: &str) -> Option<Value> {
+        self.api("query", &[("query", query)]).await
+    }
+
+    /// `GET /api/v1/{path}`.
+    pub async fn api(&self, path: &str, params: &[(&str, &str)]) -> Option<Value> {
+        let url = format!("http://127.0.0.1:{}/api/v1/{path}", self.port);
+        reqwest::Client::new()
             .get(url)
-            .query(&[("query", query)])
+            .query(params)
             .send()
             .await
             .ok()?
             .json()
             .await
-            .ok()?;
+            .ok()
+    }
+
+    /// The value of an instant query's first series, once there is one.
+    pub async fn value(&self, query: &str) -> Option<f64> {
+        let answer = self.query(query).await?;
         answer["data"]["result"][0]["value"][1]
             .as_str()?
             .parse()

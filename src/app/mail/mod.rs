@@ -32,12 +32,14 @@ use crate::app::order::EmailAddress;
 use crate::group::consumer::{Lease, RecordHandler};
 use crate::group::dead_letters::park_dead_letter;
 use crate::log::Record;
+use crate::trace_context::TraceParent;
 pub use ledger::{confirmation_mail, sent_count_for_keys, ConfirmationMail};
 use ledger::{
     mark_attempt, LedgerCeiling, SentLedger, SentMark, LEDGER_STATUS, MARK_FAILED, MARK_UNKNOWN,
 };
 pub use render::{message_id, render, render_replay, replay_message_id, OrderCreated};
 pub use smtp::Limits;
+use tracing::Instrument;
 pub use transport::{MailTransport, PlainSmtpPool, SendOutcome, SmtpTarget};
 
 /// The consumer group the mail worker runs as.
@@ -217,7 +219,22 @@ impl MailWorker {
 
     /// Handles one record to its end. Database errors are retried here
     /// too: giving up would commit past a record whose mail never went out.
+    /// Its log lines carry the record's trace id (`trace_context`).
     pub async fn process(&self, record: &Record, lease: &Lease) -> Delivery {
+        let trace = TraceParent::from_headers(&record.headers);
+        let span = tracing::info_span!(
+            "mail.send",
+            trace_id = trace.map(|t| t.trace_id()).as_deref().unwrap_or(""),
+            group = %self.group,
+            topic = %record.topic,
+            partition = record.partition,
+            offset = record.offset,
+            key = record.key.as_deref().unwrap_or(""),
+        );
+        self.process_in_span(record, lease).instrument(span).await
+    }
+
+    async fn process_in_span(&self, record: &Record, lease: &Lease) -> Delivery {
         // A restarted partition worker may hand us a record whose first
         // handling still runs (it was left to finish): wait for it, then
         // the ledger says what happened.
@@ -231,7 +248,10 @@ impl MailWorker {
                 Ok(delivery) => {
                     let metrics = crate::metrics::metrics();
                     match &delivery {
-                        Delivery::Sent { .. } => metrics.mail_sent.inc(),
+                        Delivery::Sent { attempts } => {
+                            metrics.mail_sent.inc();
+                            tracing::debug!(attempts, "confirmation mail accepted");
+                        }
                         Delivery::Parked { .. } => {
                             metrics.mail_failed.with_label_values(&["parked"]).inc()
                         }

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::app::order::EmailAddress;
 use crate::log::Record;
+use crate::trace_context::TraceParent;
 
 /// The `OrderCreated` event as the mail worker reads it.
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +90,28 @@ impl header::Header for OutboxReplay {
     }
 }
 
+/// `Traceparent` on a mail whose record carries a trace: the mail is a
+/// span of the order's trace, so the systems that handle it next (an MTA,
+/// a mail API) can continue it.
+#[derive(Debug, Clone)]
+pub struct MailTraceparent(pub TraceParent);
+
+impl header::Header for MailTraceparent {
+    fn name() -> header::HeaderName {
+        header::HeaderName::new_from_ascii_str("Traceparent")
+    }
+
+    fn parse(s: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(MailTraceparent(
+            TraceParent::parse(s).ok_or("not a valid traceparent")?,
+        ))
+    }
+
+    fn display(&self) -> header::HeaderValue {
+        header::HeaderValue::new(Self::name(), self.0.to_string())
+    }
+}
+
 /// Renders the confirmation mail (plain text with an HTML alternative).
 pub fn render(
     record: &Record,
@@ -96,7 +119,8 @@ pub fn render(
     to: &EmailAddress,
     from: &Mailbox,
 ) -> anyhow::Result<Message> {
-    build(message_id(record), None, order, to, from)
+    let trace = TraceParent::from_headers(&record.headers).map(|t| t.child());
+    build(message_id(record), None, trace, order, to, from)
 }
 
 /// Renders the confirmation mail again for replay run `run_id`.
@@ -110,6 +134,7 @@ pub fn render_replay(
     build(
         replay_message_id(run_id, record),
         Some(run_id),
+        TraceParent::from_headers(&record.headers).map(|t| t.child()),
         order,
         to,
         from,
@@ -119,6 +144,7 @@ pub fn render_replay(
 fn build(
     message_id: String,
     replay: Option<i64>,
+    trace: Option<TraceParent>,
     order: &OrderCreated,
     to: &EmailAddress,
     from: &Mailbox,
@@ -142,6 +168,9 @@ fn build(
     let mut builder = Message::builder().message_id(Some(message_id));
     if let Some(run_id) = replay {
         builder = builder.header(OutboxReplay(run_id));
+    }
+    if let Some(trace) = trace {
+        builder = builder.header(MailTraceparent(trace));
     }
     builder
         .from(from.clone())

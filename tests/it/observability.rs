@@ -350,6 +350,12 @@ async fn one_trace_links_an_order_to_its_mail_and_the_metrics_alerts_and_dashboa
         |v| v == 1.0,
     )
     .await;
+    value_until(
+        &prometheus,
+        r#"sum(outbox_relay_consumer_group_rebalances_total{group="mail-service"})"#,
+        |v| v >= 1.0,
+    )
+    .await;
     value_until(&prometheus, "max(outbox_relay_relay_leader_alive)", |v| {
         v == 1.0
     })
@@ -412,4 +418,55 @@ async fn one_trace_links_an_order_to_its_mail_and_the_metrics_alerts_and_dashboa
         assert_eq!(answer["status"], "success", "{panel}: {answer}");
     }
     serve.child.kill().await.unwrap();
+}
+
+/// A process without the api role is scraped on `--metrics-addr`, which
+/// serves the operational endpoints and not the order API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_only_process_serves_metrics_on_its_metrics_address() {
+    let db = TestDb::migrated().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _relay = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["serve", "--roles", "relay"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let metrics = eventually(
+        "the relay to lead and say so on /metrics",
+        Duration::from_secs(30),
+        || async {
+            let body = reqwest::get(format!("{base}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            body.lines()
+                .any(|l| l == "outbox_relay_is_leader 1")
+                .then_some(body)
+        },
+    )
+    .await;
+    assert!(
+        metrics.contains("outbox_relay_relay_leader_alive 1"),
+        "{metrics}"
+    );
+    let orders = reqwest::Client::new()
+        .post(format!("{base}/orders"))
+        .header("content-type", "application/json")
+        .body(json!({"user_id": 1, "email": "a@example.com", "amount": 1}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(orders.status(), reqwest::StatusCode::NOT_FOUND);
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
 }

@@ -750,7 +750,7 @@ impl Relay {
                             Ok(())
                         }
                     },
-                    client.execute(&prepared.save_cursor, &save_params),
+                    client.query_one(&prepared.save_cursor, &save_params),
                     client.batch_execute("COMMIT"),
                 )
             });
@@ -759,7 +759,7 @@ impl Relay {
         indexed.context("writing the time index")?;
         parked.context("parking outbox rows")?;
         notified?;
-        anyhow::ensure!(saved? == 1, "the relay's cursor was not saved");
+        saved.context("saving the relay's cursor")?;
         committed.context("committing the relay batch")?;
         match read_ahead {
             Some(Ok(rows)) => {

@@ -597,25 +597,96 @@ async fn a_sent_mail_outlives_its_stopped_worker_and_is_not_sent_again() {
     );
 }
 
-/// Issue "performance": a record above the partition's ledger ceiling is
-/// mailed without a ledger read, but the ceiling rises with every mail this
-/// process sends: the same record handled again (its partition worker
-/// restarted after the mark was written) reads the ledger and is not
-/// mailed twice.
+/// The record after `record` in its partition, appended now (same key).
+async fn next_record_in_partition(
+    db: &TestDb,
+    record: &outbox_relay::log::Record,
+    email: &str,
+) -> outbox_relay::log::Record {
+    let client = db.client().await;
+    insert_event(
+        &client,
+        "order-created",
+        record.key.as_deref().unwrap(),
+        json!({"order_id": 990_000 + record.offset, "user_id": 1, "amount": 5, "email": email}),
+    )
+    .await;
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    relay.release().await.unwrap();
+    outbox_relay::log::read(
+        &client,
+        "order-created",
+        record.partition,
+        record.offset + 1,
+        1,
+    )
+    .await
+    .unwrap()
+    .remove(0)
+}
+
+/// Issue "performance": a record appended after the partition's ledger
+/// ceiling was read is mailed without a ledger read, but the ceiling rises
+/// with every mail this process sends: the same record handled again (its
+/// partition worker restarted after the mark was written) reads the ledger
+/// and is not mailed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_handled_again_by_the_same_process_is_not_mailed_twice() {
     let db = TestDb::migrated().await;
     let smtp = SmtpServer::start(&[]).await;
-    place_orders(&db, &["twice@example.com"]).await;
-    let (record, lease) = first_record(&db, "member-a").await;
+    place_orders(&db, &["first@example.com"]).await;
+    let (first, lease) = first_record(&db, "member-a").await;
     let worker = worker(&db, &smtp.url(), fast_retry(5));
+    // Reads the ceiling: the partition's last offset now.
     assert_eq!(
-        worker.process(&record, &lease).await,
+        worker.process(&first, &lease).await,
         Delivery::Sent { attempts: 1 }
     );
-    assert!(!worker.is_recording(&record), "the mark is in the ledger");
-    assert_eq!(worker.process(&record, &lease).await, Delivery::AlreadySent);
-    assert_eq!(smtp.messages().len(), 1, "the mail went out once");
+    let second = next_record_in_partition(&db, &first, "twice@example.com").await;
+    assert_eq!(
+        worker.process(&second, &lease).await,
+        Delivery::Sent { attempts: 1 }
+    );
+    assert!(!worker.is_recording(&second), "the mark is in the ledger");
+    assert_eq!(worker.process(&second, &lease).await, Delivery::AlreadySent);
+    assert_eq!(smtp.messages().len(), 2, "each mail went out once");
+}
+
+/// Issue "performance": a former owner's `sent` mark may land after the new
+/// owner read the ledger ceiling (marks are not fenced). Every record that
+/// was in the log when the ceiling was read is at or below it, so its
+/// ledger is read at handling time and the mail is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_owners_late_sent_mark_is_seen_by_the_new_owner() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&[]).await;
+    place_orders(&db, &["first@example.com"]).await;
+    let (first, _) = first_record(&db, "old-owner").await;
+    let second = next_record_in_partition(&db, &first, "late@example.com").await;
+    let (_, lease) = first_record(&db, "new-owner").await;
+    let worker = worker(&db, &smtp.url(), fast_retry(5));
+    // The new owner's first handling reads the ceiling...
+    assert_eq!(
+        worker.process(&first, &lease).await,
+        Delivery::Sent { attempts: 1 }
+    );
+    // ...then the old owner's mark for the second record lands.
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO mail_deliveries (group_id, topic, partition, \"offset\", key, message_id, recipient, status, attempts, sent_at)
+             VALUES ('mail-service', $1, $2, $3, $4, 'old-owner', 'late@example.com', 'sent', 1, now())",
+            &[&second.topic, &second.partition, &second.offset, &second.key],
+        )
+        .await
+        .unwrap();
+    assert_eq!(worker.process(&second, &lease).await, Delivery::AlreadySent);
+    assert_eq!(
+        smtp.messages().len(),
+        1,
+        "the old owner's mail is not sent again"
+    );
 }
 
 /// Issue "faults", 4: a member that lost its partition writes nothing on

@@ -78,22 +78,27 @@ pub(super) const MARK_UNKNOWN: &str = "
        AND g.group_id = d.group_id AND g.topic = d.topic AND g.partition = d.partition
        AND g.owner = $5 AND g.epoch = $6";
 
-/// The highest offset of a partition the ledger holds a row for.
+/// The highest offset of a partition the ledger holds a row for, and the
+/// last offset in the partition now.
 pub(super) const LEDGER_HIGH_WATER: &str = "
-    SELECT coalesce(max(\"offset\"), -1) FROM mail_deliveries
-     WHERE group_id = $1 AND topic = $2 AND partition = $3";
+    SELECT coalesce((SELECT max(\"offset\") FROM mail_deliveries
+                      WHERE group_id = $1 AND topic = $2 AND partition = $3), -1),
+           coalesce((SELECT log_end_offset FROM partition_heads
+                      WHERE topic = $2 AND partition = $3), 0) - 1";
 
-/// Per partition, an offset at or above every ledger row of it, so a
-/// record above it needs no ledger read before its first delivery (one
-/// round trip less per mail).
+/// Per partition, an offset at or above every offset anyone may have
+/// written (or may still write) a ledger row for, so a record above it
+/// needs no ledger read before its first delivery (one round trip less per
+/// mail).
 ///
-/// Read from the ledger once per ownership epoch, and raised by this
-/// process before it sends or parks anything: a record handled again in
-/// this process (a restarted partition worker) is at or below it and reads
-/// the ledger. Rows written later by another process can only be a fenced
-/// former owner's `sent` marks for mails it had in flight when it lost the
-/// partition, which the ledger read would miss just the same when it ran
-/// before the mark landed (docs/relay.md, the duplicate windows).
+/// Read once per ownership epoch: the larger of the ledger's highest
+/// offset and the partition's last offset at that moment. A former owner
+/// (fenced) can only have had records in flight that were in the log then,
+/// and its `sent` marks for them may land at any time, unfenced: those
+/// offsets are at or below the ceiling and read the ledger at handling time,
+/// as before. This process raises the ceiling before it sends or parks
+/// anything, so a record handled again here (a restarted partition worker)
+/// reads the ledger too.
 #[derive(Default)]
 pub(super) struct LedgerCeiling {
     partitions: Mutex<HashMap<(String, i32), Ceiling>>,
@@ -128,13 +133,13 @@ impl LedgerCeiling {
         let row = client
             .query_one(&statement, &[&group, &lease.topic, &lease.partition])
             .await?;
-        let in_ledger: i64 = row.get(0);
+        let (in_ledger, in_log): (i64, i64) = (row.get(0), row.get(1));
         let mut partitions = self.partitions.lock().expect("ceiling lock");
         let ceiling = partitions.entry(key).or_insert(Ceiling {
             read_at_epoch: None,
             offset: -1,
         });
-        ceiling.offset = ceiling.offset.max(in_ledger);
+        ceiling.offset = ceiling.offset.max(in_ledger).max(in_log);
         ceiling.read_at_epoch = ceiling.read_at_epoch.max(Some(lease.epoch));
         Ok(ceiling.offset)
     }

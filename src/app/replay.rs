@@ -451,6 +451,7 @@ pub async fn run(
             limiter: limiter.clone(),
             settled: settled.clone(),
             progress: progress.clone(),
+            shutdown: run_stop.clone(),
         };
         let context = Arc::new(context);
         let reader = pool.clone();
@@ -586,7 +587,7 @@ async fn replay_partition(mut job: PartitionJob) -> anyhow::Result<()> {
     let end = job.partition.to_offset;
     let mut next = job.partition.next_offset;
     let mut state = PartitionState::default();
-    let mut tasks: JoinSet<(i64, Option<String>)> = JoinSet::new();
+    let mut tasks: JoinSet<(i64, Option<String>, bool)> = JoinSet::new();
     let window = job.settings.window.max(1);
     loop {
         let stopping = job.shutdown.is_triggered();
@@ -617,11 +618,12 @@ async fn replay_partition(mut job: PartitionJob) -> anyhow::Result<()> {
                     limiter: job.limiter.clone(),
                     settled: job.settled.clone(),
                     progress: job.progress.clone(),
+                    shutdown: job.shutdown.clone(),
                 };
                 tasks.spawn(async move {
                     let (offset, key) = (record.offset, record.key.clone());
-                    job_ctx.replay_one(record).await;
-                    (offset, key)
+                    let settled = job_ctx.replay_one(record).await;
+                    (offset, key, settled)
                 });
             }
         }
@@ -637,8 +639,10 @@ async fn replay_partition(mut job: PartitionJob) -> anyhow::Result<()> {
         if waiting_for_room || !tasks.is_empty() {
             tokio::select! {
                 Some(done) = tasks.join_next() => {
-                    let (offset, key) = done.context("a replayed mail's task failed")?;
-                    state.finish(offset, key);
+                    let (offset, key, settled) = done.context("a replayed mail's task failed")?;
+                    if settled {
+                        state.finish(offset, key);
+                    }
                 }
                 _ = job.shutdown.recv(), if !stopping => {}
             }
@@ -655,26 +659,28 @@ struct SendContext {
     limiter: Option<Arc<RateLimit>>,
     settled: Arc<HashMap<(i32, i64), String>>,
     progress: Arc<Progress>,
+    shutdown: Shutdown,
 }
 
 impl SendContext {
     /// Settles one record of the run: skipped when the run's ledger says
-    /// it is done (or in doubt), else mailed and recorded.
-    async fn replay_one(&self, record: Record) {
+    /// it is done (or in doubt), else mailed and recorded. False when the
+    /// run stopped before its exchange began (nothing was done).
+    async fn replay_one(&self, record: Record) -> bool {
         if !self.time_range.contains(record.created_at) {
             self.progress.outside.fetch_add(1, Ordering::Relaxed);
-            return;
+            return true;
         }
         let event = (record.partition, record.offset);
         match self.settled.get(&event).map(String::as_str) {
             Some("sending") if !self.settings.resend_in_doubt => {
                 self.progress.in_doubt.fetch_add(1, Ordering::Relaxed);
-                return;
+                return true;
             }
             Some("sent") | Some("failed") | Some("unknown") => {
                 self.progress.reread.fetch_add(1, Ordering::Relaxed);
                 self.progress.already.fetch_add(1, Ordering::Relaxed);
-                return;
+                return true;
             }
             _ => {}
         }
@@ -698,7 +704,7 @@ impl SendContext {
                     .settle(settle("failed", 0, Some(reason), None))
                     .await;
                 self.progress.failed.fetch_add(1, Ordering::Relaxed);
-                return;
+                return true;
             }
         };
         let message = match render_replay(self.run_id, &record, &order, &to, &self.settings.from) {
@@ -709,11 +715,20 @@ impl SendContext {
                     .settle(settle("failed", 0, Some(reason), None))
                     .await;
                 self.progress.failed.fetch_add(1, Ordering::Relaxed);
-                return;
+                return true;
             }
         };
         if let Some(limiter) = &self.limiter {
-            limiter.wait().await;
+            let mut stop = self.shutdown.clone();
+            tokio::select! {
+                _ = limiter.wait() => {}
+                _ = stop.recv() => {}
+            }
+        }
+        // A stopping run starts no new exchange: the record stays unsettled
+        // (below the cursor) for the resumed run.
+        if self.shutdown.is_triggered() {
+            return false;
         }
         // In the run's ledger before the exchange: after a crash it is in doubt.
         self.ledger
@@ -725,46 +740,49 @@ impl SendContext {
         );
         let started = Instant::now();
         let mut attempts = 0;
-        let mut unknown = false;
         loop {
             attempts += 1;
-            let (error, was_unknown) =
-                match self.settings.transport.send(message.clone(), &name).await {
-                    SendOutcome::Sent => {
-                        self.ledger
-                            .settle(settle("sent", attempts, None, None))
-                            .await;
-                        self.progress.sent.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                    SendOutcome::Permanent(error) => {
-                        let (status, reason) = if unknown {
-                            ("unknown", "an earlier attempt's outcome is unknown")
-                        } else {
-                            ("failed", "permanent SMTP failure")
-                        };
-                        self.ledger
-                            .settle(settle(status, attempts, Some(reason.into()), Some(error)))
-                            .await;
-                        self.count_unsettled(status);
-                        return;
-                    }
-                    SendOutcome::Transient(error) => (error, false),
-                    SendOutcome::Unknown(error) => (error, true),
-                };
-            unknown |= was_unknown;
+            let error = match self.settings.transport.send(message.clone(), &name).await {
+                SendOutcome::Sent => {
+                    self.ledger
+                        .settle(settle("sent", attempts, None, None))
+                        .await;
+                    self.progress.sent.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                SendOutcome::Permanent(error) => {
+                    let reason = Some("permanent SMTP failure".into());
+                    self.ledger
+                        .settle(settle("failed", attempts, reason, Some(error)))
+                        .await;
+                    self.count_unsettled("failed");
+                    return true;
+                }
+                // The message reached the server and no final answer came:
+                // it may have gone out. Like an event in doubt, it is not
+                // sent again by this run (never twice).
+                SendOutcome::Unknown(error) => {
+                    let reason =
+                        Some("no final answer to the message: it may have gone out".into());
+                    self.ledger
+                        .settle(settle("unknown", attempts, reason, Some(error)))
+                        .await;
+                    self.count_unsettled("unknown");
+                    return true;
+                }
+                SendOutcome::Transient(error) => error,
+            };
             if self.settings.retry.spent(attempts, started.elapsed()) {
-                let status = if unknown { "unknown" } else { "failed" };
                 self.ledger
                     .settle(settle(
-                        status,
+                        "failed",
                         attempts,
                         Some("retry budget spent".into()),
                         Some(error),
                     ))
                     .await;
-                self.count_unsettled(status);
-                return;
+                self.count_unsettled("failed");
+                return true;
             }
             tokio::time::sleep(self.settings.retry.backoff(attempts - 1)).await;
         }

@@ -97,6 +97,11 @@ pub struct ReplayArgs {
     /// Seconds to wait at each SMTP step before the message (0.1 to 600).
     #[arg(long, default_value = "15", value_parser = parse::smtp_timeout)]
     pub smtp_timeout_secs: Duration,
+    /// Seconds to wait for the final answer once the message was sent (RFC
+    /// 5321: 10 minutes); past it the event's outcome is unknown, and the
+    /// run does not send it again (0.1 to 3600).
+    #[arg(long, default_value = "600", value_parser = parse::smtp_final_reply_timeout)]
+    pub smtp_final_reply_timeout_secs: Duration,
     /// How long a mail that did not go out is retried: 90s, 15m, 1h.
     #[arg(long, default_value = "10m", value_parser = parse::retry_for)]
     pub retry_for: Duration,
@@ -295,9 +300,13 @@ pub async fn run(
 
     let mail = MailSettings::new(args.smtp_url.as_deref(), &args.mail_from, data_dir)?;
     let settings = ReplaySettings {
-        transport: mail
-            .target
-            .transport(args.smtp_pool_size, Limits::new(args.smtp_timeout_secs))?,
+        transport: mail.target.transport(
+            args.smtp_pool_size,
+            Limits {
+                command: args.smtp_timeout_secs,
+                final_reply: args.smtp_final_reply_timeout_secs,
+            },
+        )?,
         from: mail.from.clone(),
         retry: RetryPolicy {
             max_attempts: None,

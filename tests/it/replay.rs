@@ -855,3 +855,189 @@ async fn events_in_doubt_are_sent_again_only_on_request_even_after_the_run_is_do
         0
     );
 }
+
+/// A final answer later than the limit leaves the event's outcome unknown
+/// (the server may have it): the run settles it as `unknown` after that one
+/// attempt and never sends it again, and lists it with its dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_without_a_final_answer_is_unknown_and_not_sent_again_by_the_run() {
+    let db = TestDb::migrated().await;
+    sixty_days_of_orders(&db, 0).await;
+    // Takes each message whole, then answers 250 after 1.5 s (past the
+    // client's limit: it hangs up first).
+    let smtp = SmtpServer::start(&["--delay-ms", "1500"]).await;
+    let out = run(
+        &db,
+        vec![
+            "replay".into(),
+            "--from-offset".into(),
+            "0:0".into(),
+            "--to-offset".into(),
+            "0:2".into(),
+            "--smtp-final-reply-timeout-secs".into(),
+            "0.3".into(),
+            "--retry-for".into(),
+            "5s".into(),
+            "--smtp-url".into(),
+            smtp.url(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("unknown 2"), "{summary}");
+    let client = db.client().await;
+    let settled = client
+        .query(
+            "SELECT status, attempts FROM replay_deliveries ORDER BY \"offset\"",
+            &[],
+        )
+        .await
+        .unwrap();
+    let settled: Vec<(String, i32)> = settled.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        settled,
+        vec![("unknown".to_string(), 1), ("unknown".to_string(), 1)],
+        "one attempt each (never sent again by the run), settled as unknown"
+    );
+    let run_id: i64 = client
+        .query_one("SELECT id FROM replay_runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let described = run(
+        &db,
+        vec![
+            "replay".into(),
+            "describe".into(),
+            run_id.to_string(),
+            "--output".into(),
+            "json".into(),
+        ],
+    )
+    .await;
+    assert!(described.status.success(), "{}", stderr(&described));
+    let described: Value = serde_json::from_slice(&described.stdout).unwrap();
+    let text = described.to_string();
+    assert!(
+        text.contains("unknown") && text.contains("it may have gone out"),
+        "{text}"
+    );
+}
+
+/// Ctrl-C stops a run cleanly: the mails in flight finish, the summary says
+/// `interrupted` with the resume command, and resuming mails the rest, each
+/// event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_a_run_with_a_summary_and_the_resume_command() {
+    let db = TestDb::migrated().await;
+    let all = sixty_days_of_orders(&db, 60).await;
+    let smtp = SmtpServer::start(&[]).await;
+    let args = [
+        "replay",
+        "--from",
+        "2000-01-01",
+        "--max-rate",
+        "40",
+        "--smtp-url",
+        &smtp.url(),
+    ]
+    .map(String::from);
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(&args)
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    eventually("ten mails of the run", Duration::from_secs(30), || async {
+        (smtp.messages().len() >= 10).then_some(())
+    })
+    .await;
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let stopped = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("stopped within 30 s of Ctrl-C")
+        .unwrap();
+    assert!(stopped.status.success(), "{}", stderr(&stopped));
+    let summary = String::from_utf8_lossy(&stopped.stdout);
+    let run_id: i64 = db
+        .client()
+        .await
+        .query_one("SELECT id FROM replay_runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        summary.contains(&format!("run {run_id} interrupted")),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!(
+            "resume with: outbox-relay replay --resume {run_id}"
+        )),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("in doubt 0"),
+        "in-flight mails finished: {summary}"
+    );
+    let sent_before = smtp.messages().len();
+    assert!(sent_before < all.len(), "stopped before the end");
+
+    let resumed = run(
+        &db,
+        vec![
+            "replay".into(),
+            "--resume".into(),
+            run_id.to_string(),
+            "--smtp-url".into(),
+            smtp.url(),
+        ],
+    )
+    .await;
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let mut ids: Vec<i64> = mailed(&smtp).iter().map(|m| m.0).collect();
+    ids.sort();
+    assert_eq!(ids, all, "every event of the range, once");
+}
+
+/// `--max-rate` spaces the mails out: six mails at 10/s take at least the
+/// five intervals between them (a lower bound the limiter guarantees,
+/// whatever the machine's speed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_spaces_the_mails_of_a_run() {
+    let db = TestDb::migrated().await;
+    sixty_days_of_orders(&db, 0).await;
+    let smtp = SmtpServer::start(&[]).await;
+    let started = std::time::Instant::now();
+    let out = run(
+        &db,
+        vec![
+            "replay".into(),
+            "--from-offset".into(),
+            "0:0".into(),
+            "--to-offset".into(),
+            "0:6".into(),
+            "--max-rate".into(),
+            "10".into(),
+            "--smtp-url".into(),
+            smtp.url(),
+        ],
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(smtp.messages().len(), 6);
+    assert!(
+        elapsed >= Duration::from_millis(500),
+        "six mails at 10/s took {elapsed:?}"
+    );
+}

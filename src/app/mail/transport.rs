@@ -111,11 +111,11 @@ impl SmtpTarget {
     }
 
     /// Builds the transport; SMTP transports keep a pool of `pool_size`
-    /// connections and wait for the server as `limits` say (lettre's TLS
-    /// transport has one limit for every read and write: `limits.command`).
+    /// connections and wait for the server as `limits` say (see
+    /// [`tls_timeout`] for the TLS transports).
     pub fn transport(&self, pool_size: u32, limits: Limits) -> anyhow::Result<MailTransport> {
         let pool = PoolConfig::new().max_size(pool_size.max(1));
-        let timeout = Some(limits.command);
+        let timeout = Some(tls_timeout(limits));
         Ok(match self {
             SmtpTarget::Plain { host, port } => MailTransport::Plain(Arc::new(PlainSmtpPool {
                 host: host.clone(),
@@ -159,6 +159,17 @@ impl SmtpTarget {
             }
         })
     }
+}
+
+/// lettre's TLS transports (`smtp+starttls`, `smtps`) have one limit for
+/// every read and write, the final answer to the message included. A
+/// final answer later than the limit makes the outcome unknown, and an
+/// unknown outcome is sent again: so the one limit is the final answer's
+/// (RFC 5321 §4.5.3.2, 10 minutes by default), never the shorter one for
+/// the steps before it. A server that hangs before the message is then
+/// noticed only after that limit; plain `smtp://` has both limits.
+fn tls_timeout(limits: Limits) -> Duration {
+    limits.final_reply.max(limits.command)
 }
 
 fn with_credentials(
@@ -313,6 +324,15 @@ async fn write_eml(dir: &std::path::Path, name: &str, message: &Message) -> std:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_transports_wait_for_the_final_answer_as_long_as_plain_smtp_does() {
+        let limits = Limits {
+            command: Duration::from_secs(15),
+            final_reply: Duration::from_secs(600),
+        };
+        assert_eq!(tls_timeout(limits), Duration::from_secs(600));
+    }
 
     #[test]
     fn parses_smtp_urls_without_leaking_credentials() {

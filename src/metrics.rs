@@ -4,8 +4,8 @@
 //! Counters and histograms are recorded where the work happens (relay
 //! batches, mail outcomes, HTTP requests); gauges that describe the database
 //! (outbox backlog, consumer lag, parked dead letters, log end offsets) are
-//! read from Postgres when Prometheus scrapes, so any process with the API
-//! role reports them, whichever process does the work.
+//! read from Postgres when Prometheus scrapes, so any process serving
+//! `/metrics` reports them, whichever process does the work.
 
 use std::sync::OnceLock;
 

@@ -16,10 +16,11 @@ pub struct OutboxMessage<'a> {
     pub headers: serde_json::Value,
 }
 
-/// Headers outbox-relay itself acts on. Writers cannot set them: the relay
-/// removes them from outbox rows (a payload or header a service passes
-/// through must not steer the relay or the mail worker).
-pub const RESERVED_HEADERS: &[&str] = &[RETRY_OF_HEADER];
+/// The namespace of the headers outbox-relay itself acts on. Writers
+/// cannot set any header in it: the relay removes them from outbox rows (a
+/// payload or header a service passes through must not steer the relay or
+/// the mail worker).
+pub const RESERVED_HEADER_PREFIX: &str = "outbox-relay-";
 
 /// On a record republished from a dead letter: `topic/partition/offset` of
 /// the record it retries (the relay sets it from the outbox row's

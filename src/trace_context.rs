@@ -73,6 +73,11 @@ impl TraceParent {
         }
     }
 
+    /// The id of the span this `traceparent` names, as 16 lowercase hex digits.
+    pub fn span_id(&self) -> String {
+        format!("{:016x}", self.parent_id)
+    }
+
     /// The trace id as 32 lowercase hex digits (what log lines carry).
     pub fn trace_id(&self) -> String {
         format!("{:032x}", self.trace_id)

@@ -109,7 +109,8 @@ pub struct MailArgs {
     pub mail_offset_reset: OffsetResetArg,
     /// Seconds to wait for the SMTP server at each step before the message
     /// (connect, greeting, MAIL, RCPT, DATA); past it the attempt failed and
-    /// is retried (0.1 to 600).
+    /// is retried (0.1 to 600). Plain smtp:// only: the TLS transports have
+    /// one limit for every step, --smtp-final-reply-timeout-secs.
     #[arg(long, default_value = "15", value_parser = parse::smtp_timeout)]
     pub smtp_timeout_secs: Duration,
     /// Seconds to wait for the final answer once the message was sent (RFC

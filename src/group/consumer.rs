@@ -191,6 +191,10 @@ async fn run_member<H: RecordHandler>(
         .session_timeout
         .saturating_sub(config.group.heartbeat_interval);
     tracing::info!(group = %config.group.group_id, member = %config.group.member_id, "joined consumer group");
+    // Exported from the start (at 0), so a panel or an alert sees a series.
+    crate::metrics::metrics()
+        .group_rebalances
+        .with_label_values(&[&config.group.group_id]);
     let mut last_logged_assignment: Vec<String> = Vec::new();
 
     loop {

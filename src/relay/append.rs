@@ -27,7 +27,8 @@ pub(super) const ADVANCE_HEADS: &str = "
                                'partition heads moved under the relay') FROM advanced";
 
 /// Copies rows from the outbox into the log; payloads never leave Postgres.
-/// The headers are the writer's minus the reserved ones (`$4`), plus the
+/// The headers are the writer's minus those in the reserved namespace (the
+/// prefix `$4`; the slow path runs only for rows that mention it), plus the
 /// retry header (`$5`) for a row `dead-letters retry` wrote (its link is in
 /// `outbox_retries`). Fails (and the batch rolls back) unless every row was
 /// appended. `$6` and `$7` are the batch's lowest and highest outbox ids:
@@ -38,7 +39,10 @@ pub(super) const APPEND_RECORDS: &str = "
     WITH appended AS (
         INSERT INTO event_log (topic, partition, \"offset\", key, headers, payload, created_at, appended_at, outbox_id)
         SELECT o.topic, v.partition, v.log_offset, o.key,
-               (o.headers - $4::text[])
+               CASE WHEN strpos(o.headers::text, $4::text) = 0 THEN o.headers
+                    ELSE (SELECT coalesce(jsonb_object_agg(h.key, h.value), '{}'::jsonb)
+                            FROM jsonb_each(o.headers) AS h
+                           WHERE NOT starts_with(h.key, $4::text)) END
                  || CASE WHEN r.retry_of IS NULL THEN '{}'::jsonb
                          ELSE jsonb_build_object($5::text, r.retry_of) END,
                o.payload, o.created_at, now(), o.id

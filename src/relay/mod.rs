@@ -463,7 +463,14 @@ impl Relay {
             }
             Some(snapshot)
         };
-        let span = tracing::info_span!("relay.batch", epoch);
+        // The batch's size and where it went, recorded once it committed.
+        let span = tracing::info_span!(
+            "relay.batch",
+            epoch,
+            appended = tracing::field::Empty,
+            parked = tracing::field::Empty,
+            partitions = tracing::field::Empty,
+        );
         tracing::Instrument::instrument(self.move_batch(epoch, target), span).await
     }
 
@@ -702,7 +709,7 @@ impl Relay {
                                         &records.ids,
                                         &records.partitions,
                                         &records.offsets,
-                                        &crate::outbox::RESERVED_HEADERS,
+                                        &crate::outbox::RESERVED_HEADER_PREFIX,
                                         &crate::outbox::RETRY_OF_HEADER,
                                         &id_bounds.0,
                                         &id_bounds.1,
@@ -786,6 +793,17 @@ impl Relay {
             );
         }
         let (placed, parked) = (plan.placed.len(), plan.parked.len());
+        if placed + parked > 0 {
+            let partitions: Vec<String> = plan
+                .per_partition
+                .keys()
+                .map(|(topic, partition)| format!("{topic}:{partition}"))
+                .collect();
+            let span = tracing::Span::current();
+            span.record("appended", placed);
+            span.record("parked", parked);
+            span.record("partitions", partitions.join(",").as_str());
+        }
         let metrics = crate::metrics::metrics();
         metrics.relay_batch_size.observe(batch.len() as f64);
         let now = Utc::now();

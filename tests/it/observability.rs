@@ -224,15 +224,40 @@ async fn one_trace_links_an_order_to_its_mail_and_the_metrics_alerts_and_dashboa
     let traced_order: i64 = answer.json::<Value>().await.unwrap()["order_id"]
         .as_i64()
         .unwrap();
-    for i in 0..4 {
+    // Without a caller's trace, an order starts one.
+    let untraced = serve.place_order("buyer0@example.com", None).await;
+    let started = untraced.headers()["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let untraced_order: i64 = untraced.json::<Value>().await.unwrap()["order_id"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        outbox_relay::trace_context::TraceParent::parse(&started).is_some(),
+        "{started}"
+    );
+    for i in 1..4 {
         serve
             .place_order(&format!("buyer{i}@example.com"), None)
             .await;
     }
     // Refused with 550: parked as a dead letter.
     serve.place_order("bounce@example.com", None).await;
-    eventually("five mails", Duration::from_secs(30), || async {
-        (smtp.messages().len() >= 5).then_some(())
+    // A writer in another language: plain SQL, its trace in the headers.
+    let sql_trace_id = "0af7651916cd43dd8448eb211c80319c";
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO outbox (topic, key, payload, headers) VALUES ('order-created', '900001',
+               '{\"order_id\": 900001, \"user_id\": 7, \"amount\": 1500, \"email\": \"sql-writer@example.com\"}',
+               jsonb_build_object('traceparent', '00-' || $1 || '-b7ad6b7169203331-01'))",
+            &[&sql_trace_id],
+        )
+        .await
+        .unwrap();
+    eventually("six mails", Duration::from_secs(30), || async {
+        (smtp.messages().len() >= 6).then_some(())
     })
     .await;
 
@@ -247,6 +272,27 @@ async fn one_trace_links_an_order_to_its_mail_and_the_metrics_alerts_and_dashboa
         .unwrap()
         .get(0);
     assert_eq!(headers["traceparent"], json!(answered));
+    let untraced_headers: Value = client
+        .query_one(
+            "SELECT headers FROM event_log WHERE key = $1",
+            &[&untraced_order.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(untraced_headers["traceparent"], json!(started));
+    let sql_mail = smtp
+        .messages()
+        .into_iter()
+        .find(|m| m.to.contains("sql-writer@example.com"))
+        .unwrap();
+    assert!(
+        sql_mail
+            .raw
+            .contains(&format!("Traceparent: 00-{sql_trace_id}-")),
+        "{}",
+        sql_mail.raw
+    );
     let mail = smtp
         .messages()
         .into_iter()
@@ -278,6 +324,24 @@ async fn one_trace_links_an_order_to_its_mail_and_the_metrics_alerts_and_dashboa
     assert_eq!(mail_line["span"]["name"], "mail.send", "{mail_line}");
     assert_eq!(mail_line["span"]["trace_id"], trace_id, "{mail_line}");
     assert_eq!(mail_line["span"]["group"], "mail-service", "{mail_line}");
+    // The send is a child of the order's span, and the mail names the send.
+    use outbox_relay::trace_context::TraceParent;
+    let mail_traceparent = mail
+        .raw
+        .lines()
+        .find_map(|l| l.strip_prefix("Traceparent: "))
+        .unwrap()
+        .trim();
+    assert_eq!(
+        mail_line["span"]["span_id"],
+        TraceParent::parse(mail_traceparent).unwrap().span_id(),
+        "{mail_line}"
+    );
+    assert_eq!(
+        mail_line["span"]["parent_span_id"],
+        TraceParent::parse(&answered).unwrap().span_id(),
+        "{mail_line}"
+    );
 
     // A group that committed nothing but offset 0 lags by time.
     client
@@ -291,19 +355,19 @@ async fn one_trace_links_an_order_to_its_mail_and_the_metrics_alerts_and_dashboa
 
     // Counters and histograms of the work done.
     value_until(&prometheus, "sum(outbox_relay_mail_sent_total)", |v| {
-        v == 5.0
+        v == 6.0
     })
     .await;
     value_until(
         &prometheus,
         "sum(outbox_relay_order_to_mail_seconds_count)",
-        |v| v == 5.0,
+        |v| v == 6.0,
     )
     .await;
     value_until(
         &prometheus,
         "sum(outbox_relay_mail_send_duration_seconds_count)",
-        |v| v == 6.0,
+        |v| v == 7.0,
     )
     .await;
     value_until(

@@ -1,14 +1,16 @@
 //! The mail worker: consumes `order-created` as group `mail-service` and
 //! sends each order's confirmation mail over SMTP (lettre, pooled).
 //!
-//! Delivery is at-least-once with one documented duplicate window
-//! (invariant 8): a ledger row per (group, event) goes `pending` (written
-//! once an attempt failed) → `sent` | `failed`, read before and written
-//! after (never across) the SMTP exchange. An event
-//! redelivered after a crash, rebalance or reset is not mailed again once
-//! `sent`. A crash after the server accepted the mail and before the ledger
-//! says `sent` sends it again on redelivery; its Message-ID is derived from
-//! the event, so the duplicate is recognisable.
+//! Delivery is at-least-once with three documented duplicate windows
+//! (invariant 8, and the README's "Not twice"): a ledger row per (group,
+//! event) goes `pending` (written once an attempt failed) → `sent` |
+//! `failed` | `unknown`, read before and written after (never across) the
+//! SMTP exchange. An event redelivered after a crash, rebalance or reset is
+//! not mailed again once `sent`. Sent again: a mail whose process died
+//! between the server's 250 and the ledger write; one in flight at a member
+//! treated as dead (frozen or cut off past its session timeout); one whose
+//! attempt had an unknown outcome. Its Message-ID is derived from the
+//! event, so the duplicate is recognisable.
 //!
 //! Failures (invariant 9): transient ones (connection refused, timeouts,
 //! 4xx) retry with exponential backoff and jitter, in the record's own
@@ -221,20 +223,32 @@ impl MailWorker {
     /// too: giving up would commit past a record whose mail never went out.
     /// Its log lines carry the record's trace id (`trace_context`).
     pub async fn process(&self, record: &Record, lease: &Lease) -> Delivery {
-        let trace = TraceParent::from_headers(&record.headers);
+        // The send is a span of the order's trace, child of the span that
+        // placed the order; the mail's Traceparent names it.
+        let order_span = TraceParent::from_headers(&record.headers);
+        let trace = order_span.map(|t| t.child());
         let span = tracing::info_span!(
             "mail.send",
             trace_id = trace.map(|t| t.trace_id()).as_deref().unwrap_or(""),
+            span_id = trace.map(|t| t.span_id()).as_deref().unwrap_or(""),
+            parent_span_id = order_span.map(|t| t.span_id()).as_deref().unwrap_or(""),
             group = %self.group,
             topic = %record.topic,
             partition = record.partition,
             offset = record.offset,
             key = record.key.as_deref().unwrap_or(""),
         );
-        self.process_in_span(record, lease).instrument(span).await
+        self.process_in_span(record, lease, trace)
+            .instrument(span)
+            .await
     }
 
-    async fn process_in_span(&self, record: &Record, lease: &Lease) -> Delivery {
+    async fn process_in_span(
+        &self,
+        record: &Record,
+        lease: &Lease,
+        trace: Option<TraceParent>,
+    ) -> Delivery {
         // A restarted partition worker may hand us a record whose first
         // handling still runs (it was left to finish): wait for it, then
         // the ledger says what happened.
@@ -244,7 +258,7 @@ impl MailWorker {
             .await;
         let mut db_backoff = 0;
         loop {
-            match self.try_process(record, lease).await {
+            match self.try_process(record, lease, trace).await {
                 Ok(delivery) => {
                     let metrics = crate::metrics::metrics();
                     match &delivery {
@@ -276,7 +290,12 @@ impl MailWorker {
         }
     }
 
-    async fn try_process(&self, record: &Record, lease: &Lease) -> anyhow::Result<Delivery> {
+    async fn try_process(
+        &self,
+        record: &Record,
+        lease: &Lease,
+        trace: Option<TraceParent>,
+    ) -> anyhow::Result<Delivery> {
         // Sent by this process and still being recorded (its worker was
         // restarted meanwhile): wait for the record, never send again.
         let event = (record.topic.clone(), record.partition, record.offset);
@@ -319,7 +338,7 @@ impl MailWorker {
             Ok(decoded) => decoded,
             Err(reason) => return self.park(record, lease, &reason, attempts, None).await,
         };
-        let message = match render(record, &order, &to, &self.from) {
+        let message = match render(record, &order, &to, &self.from, trace) {
             Ok(m) => m,
             Err(e) => {
                 let reason = format!("cannot render: {e:#}");

@@ -112,14 +112,15 @@ impl header::Header for MailTraceparent {
     }
 }
 
-/// Renders the confirmation mail (plain text with an HTML alternative).
+/// Renders the confirmation mail (plain text with an HTML alternative);
+/// `trace` is the send's span, carried by the mail's `Traceparent`.
 pub fn render(
     record: &Record,
     order: &OrderCreated,
     to: &EmailAddress,
     from: &Mailbox,
+    trace: Option<TraceParent>,
 ) -> anyhow::Result<Message> {
-    let trace = TraceParent::from_headers(&record.headers).map(|t| t.child());
     build(message_id(record), None, trace, order, to, from)
 }
 

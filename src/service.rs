@@ -131,3 +131,60 @@ impl Drop for Supervisor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Runs until shutdown, then takes a moment to stop and says it did.
+    struct Steady {
+        stopped: Arc<AtomicBool>,
+    }
+
+    impl Service for Steady {
+        fn name(&self) -> &'static str {
+            "steady"
+        }
+
+        async fn run(self, mut shutdown: Shutdown) -> anyhow::Result<()> {
+            shutdown.recv().await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            self.stopped.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    struct FailsAtStart;
+
+    impl Service for FailsAtStart {
+        fn name(&self) -> &'static str {
+            "broken"
+        }
+
+        async fn run(self, _shutdown: Shutdown) -> anyhow::Result<()> {
+            anyhow::bail!("bad setting")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_role_stops_the_others_and_they_finish_before_the_supervisor_returns() {
+        let stopped = Arc::new(AtomicBool::new(false));
+        let mut supervisor = Supervisor::new();
+        supervisor.start(Steady {
+            stopped: stopped.clone(),
+        });
+        supervisor.start(FailsAtStart);
+        let error = supervisor
+            .run_until(std::future::pending())
+            .await
+            .expect_err("a role failed");
+        assert_eq!(format!("{error:#}"), "the broken role failed: bad setting");
+        assert!(
+            stopped.load(Ordering::SeqCst),
+            "the steady role was stopped and had finished when run_until returned"
+        );
+    }
+}

@@ -341,6 +341,19 @@ async fn bad_settings_stop_before_anything_starts() {
             let output = wait_with_deadline(&mut child, std::time::Duration::from_secs(20));
             assert_one_line_failure(&output, needle);
         }
+        // A port already taken: one line naming it, before anything starts.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_addr = taken.local_addr().unwrap().to_string();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .args(["serve", "--http-addr", &taken_addr])
+            .env("DATABASE_URL", &url)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = wait_with_deadline(&mut child, std::time::Duration::from_secs(20));
+        assert_one_line_failure(&output, &format!("cannot listen on {taken_addr}"));
     })
     .await
     .unwrap();
@@ -816,4 +829,37 @@ async fn tail_follow_prints_records_appended_later() {
     let mut sorted = keys.clone();
     sorted.sort();
     assert_eq!(sorted, vec!["late-0", "late-1", "late-2"]);
+}
+
+/// Logs at the default level are quiet: no Postgres NOTICE lines (migrating
+/// twice, the second time finding everything there) and no colour codes
+/// when stderr is not a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_logs_carry_no_notices_and_no_colour_codes() {
+    let db = TestDb::empty().await;
+    let url = db.url.clone();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..2 {
+            let output = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+                .arg("migrate")
+                .env("DATABASE_URL", &url)
+                .env_remove("RUST_LOG")
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{}", stderr(&output));
+            let err = stderr(&output);
+            assert!(!err.contains("NOTICE"), "{err}");
+            assert!(!err.contains('\u{1b}'), "colour codes in {err:?}");
+        }
+        let output = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .args(["relay", "status"])
+            .env("DATABASE_URL", &url)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert_eq!(stderr(&output), "", "a status command logs nothing");
+    })
+    .await
+    .unwrap();
 }

@@ -1012,6 +1012,27 @@ async fn check(
         ));
     }
 
+    // A refused request wrote nothing.
+    let refused: Vec<i64> = placed
+        .refused
+        .iter()
+        .chain(&notes.refused)
+        .copied()
+        .collect();
+    let written_for_refused: i64 = client
+        .query_one(
+            "SELECT count(*) FROM orders WHERE user_id = ANY($1)",
+            &[&refused],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if written_for_refused > 0 {
+        failures.push(format!(
+            "{written_for_refused} orders exist for requests that were refused"
+        ));
+    }
+
     // Garbage is parked, not crashed on.
     if notes.garbage_records > 0 {
         let parked: i64 = client
@@ -1071,9 +1092,7 @@ async fn check(
         records,
         mails: mails.values().map(Vec::len).sum(),
         duplicates: duplicated.len(),
-        explained_by: (!duplicated.is_empty())
-            .then_some(scenario.duplicates_explained_by)
-            .flatten(),
+        explained_by: (!duplicated.is_empty()).then_some(explained_by).flatten(),
         lost: lost.len() + unmailed.len(),
         recovery,
         notes: note.join("; "),
@@ -1149,6 +1168,13 @@ async fn fault_injection_suite() {
             outcome.notes,
             if outcome.failures.is_empty() { String::new() } else { format!("; FAILED: {:?}", outcome.failures) }
         );
+        // A scenario that held leaves nothing on disk; a failed one keeps
+        // its processes' logs for whoever reads the failure.
+        if outcome.failures.is_empty() {
+            if let Some(dir) = world.api.log.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
         outcomes.push(outcome);
     }
     if let Some(path) = std::env::var_os("FAULT_REPORT") {

@@ -5,7 +5,8 @@
 //! the reference application built on it: the order API (a writer) and the
 //! mail worker (a consumer). Around them: roles as [`service`]s under one
 //! supervisor, [`db`] connections, [`migrate`], the [`embedded`] default
-//! cluster, [`http`], [`metrics`] and the [`cli`].
+//! cluster, [`http`], [`metrics`] and the [`cli`]. The [`kafka`] mirror
+//! copies the log into a Kafka cluster.
 //!
 //! The guarantees the code keeps are numbered in `docs/invariants.md`;
 //! comments and tests cite them by number.
@@ -16,6 +17,7 @@ pub mod db;
 pub mod embedded;
 pub mod group;
 pub mod http;
+pub mod kafka;
 pub mod log;
 pub mod metrics;
 pub mod migrate;
@@ -43,6 +45,7 @@ pub fn sql_statements() -> Vec<(&'static str, String)> {
         app::api::statements(),
         app::mail::statements(),
         app::replay::statements(),
+        kafka::status::statements(),
     ]
     .concat()
 }

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub mail_send_duration: Histogram,
     pub order_to_mail_seconds: Histogram,
     pub group_rebalances: IntCounterVec,
+    pub kafka_mirrored: IntCounterVec,
+    pub kafka_produce_errors: IntCounterVec,
     outbox_backlog: IntGauge,
     outbox_oldest_age: Gauge,
     relay_leader_alive: IntGauge,
@@ -181,6 +183,20 @@ impl Metrics {
                 ),
                 &["group"],
             )?,
+            kafka_mirrored: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_kafka_mirrored_total",
+                    "Records the Kafka brokers acknowledged from this process's mirror, by log topic",
+                ),
+                &["topic"],
+            )?,
+            kafka_produce_errors: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_kafka_produce_errors_total",
+                    "Records the Kafka brokers refused (produced again after a backoff), by librdkafka error code",
+                ),
+                &["class"],
+            )?,
             outbox_backlog: IntGauge::new(
                 "outbox_relay_outbox_backlog",
                 "Outbox rows not yet in the log (estimate)",
@@ -255,6 +271,8 @@ impl Metrics {
             Box::new(m.mail_send_duration.clone()),
             Box::new(m.order_to_mail_seconds.clone()),
             Box::new(m.group_rebalances.clone()),
+            Box::new(m.kafka_mirrored.clone()),
+            Box::new(m.kafka_produce_errors.clone()),
             Box::new(m.outbox_backlog.clone()),
             Box::new(m.outbox_oldest_age.clone()),
             Box::new(m.relay_leader_alive.clone()),

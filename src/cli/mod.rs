@@ -17,6 +17,7 @@ use crate::embedded::{ClusterOptions, EmbeddedPostgres};
 mod dead_letters;
 mod demo;
 mod groups;
+mod kafka;
 mod output;
 mod parked;
 mod parse;
@@ -27,7 +28,7 @@ mod tail;
 mod topics;
 
 pub use output::Output;
-pub use serve::{MailArgs, Role, ServeArgs};
+pub use serve::{KafkaArgs, MailArgs, Role, ServeArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -85,6 +86,9 @@ pub enum Command {
     /// Outbox rows the relay parked (unknown topic): list, re-drive.
     #[command(subcommand)]
     Parked(parked::ParkedCommand),
+    /// The Kafka mirror (serve --roles …,kafka): its progress per partition.
+    #[command(subcommand)]
+    Kafka(kafka::KafkaCommand),
 }
 
 /// Runs the parsed command, writing its output to stdout.
@@ -125,6 +129,7 @@ pub async fn run_with_output(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::
             Command::Relay(cmd) => relay::run(&db.url, cmd, out).await,
             Command::Replay(cmd) => replay::run(&db.url, cmd, &cli.data_dir, out).await,
             Command::Parked(cmd) => parked::run(&db.url, cmd, out).await,
+            Command::Kafka(cmd) => kafka::run(&db.url, cmd, out).await,
         }
     }
     .await;

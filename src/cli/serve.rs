@@ -25,6 +25,9 @@ pub enum Role {
     Relay,
     /// The mail worker: consumer group mail-service sending order confirmations.
     Mail,
+    /// The Kafka mirror: the log's topics copied into a Kafka cluster
+    /// (KAFKA_BROKERS), same partitions and keys. Off unless named.
+    Kafka,
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,10 +61,69 @@ pub struct ServeArgs {
     pub max_db_connections: u32,
     #[command(flatten)]
     pub mail: MailArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 }
 
-/// Enough for every role in one process (api 16, relay 4, mail 28, and 2
-/// for `--metrics-addr`).
+/// Settings of the kafka role.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers for the kafka role: host:port[,host:port…].
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// librdkafka settings passed through (SASL, TLS, tuning):
+    /// key=value,key=value, or @path to a file with one key=value per
+    /// line. Values are never logged. enable.idempotence and acks stay
+    /// true and all.
+    #[arg(long, env = "KAFKA_CONFIG", hide_env_values = true)]
+    pub kafka_config: Option<String>,
+    /// Log topics to mirror, comma-separated (default: every topic of the
+    /// log when the role starts).
+    #[arg(long, value_delimiter = ',')]
+    pub kafka_topics: Vec<String>,
+    /// Kafka topic names where they differ from the log's:
+    /// log-topic=kafka-topic,… (default: the same name).
+    #[arg(long, env = "KAFKA_TOPIC_MAP")]
+    pub kafka_topic_map: Option<String>,
+    /// Create a Kafka topic that does not exist, with the log topic's
+    /// partition count (default: refuse to start without it).
+    #[arg(long)]
+    pub kafka_create_topics: bool,
+    /// Replication factor of topics created by --kafka-create-topics (1 to 32).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=32))]
+    pub kafka_replication_factor: i32,
+}
+
+impl KafkaArgs {
+    /// Checks every kafka setting (librdkafka checks its own when the
+    /// producer is built, also before anything starts).
+    pub fn settings(&self) -> anyhow::Result<crate::kafka::KafkaSettings> {
+        let brokers = self.kafka_brokers.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("the kafka role needs KAFKA_BROKERS (or --kafka-brokers host:port)")
+        })?;
+        let mut settings = crate::kafka::KafkaSettings::new(brokers)?;
+        if let Some(config) = &self.kafka_config {
+            settings.config = crate::kafka::parse_config(config)?;
+        }
+        if let Some(map) = &self.kafka_topic_map {
+            settings.topic_map = crate::kafka::parse_topic_map(map)?;
+        }
+        settings.topics = self
+            .kafka_topics
+            .iter()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        settings.create_topics = self.kafka_create_topics;
+        settings.replication_factor = self.kafka_replication_factor;
+        // Fails here on a setting librdkafka does not know.
+        settings.client_config()?;
+        Ok(settings)
+    }
+}
+
+/// Enough for every role in one process (api 16, relay 4, mail 28, kafka
+/// 11, and 2 for `--metrics-addr`).
 pub const DEFAULT_MAX_DB_CONNECTIONS: u32 = 64;
 
 /// The order API's pool.
@@ -167,6 +229,8 @@ pub struct Plan {
     pub relay_lease: Duration,
     pub max_db_connections: u32,
     pub mail: Option<MailSettings>,
+    /// The kafka role, its producer built.
+    pub kafka: Option<crate::kafka::mirror::PreparedMirror>,
 }
 
 impl Plan {
@@ -179,6 +243,11 @@ impl Plan {
             &args.mail,
             data_dir,
         )?;
+        if args.roles.contains(&Role::Kafka) {
+            plan.kafka = Some(crate::kafka::mirror::PreparedMirror::new(
+                args.kafka.settings()?,
+            )?);
+        }
         plan.max_db_connections = args.max_db_connections;
         if let Some(addr) = args.metrics_addr {
             plan.metrics_listener = Some(bind(addr)?);
@@ -212,6 +281,7 @@ impl Plan {
             relay_lease,
             max_db_connections: DEFAULT_MAX_DB_CONNECTIONS,
             mail,
+            kafka: None,
         })
     }
 
@@ -284,6 +354,16 @@ impl Plan {
         } else {
             crate::migrate::require_current(url).await?;
         }
+        // The mirror's topics are the log's, read once the schema is there.
+        let kafka = match self.kafka {
+            Some(prepared) => {
+                let client = db.connect().await?;
+                let topics = prepared.topics(&client).await?;
+                drop(client);
+                Some(prepared.build(&db, topics)?)
+            }
+            None => None,
+        };
         let api = match (self.listener, api_pool) {
             (Some(listener), Some(pool)) => {
                 crate::db::check(&pool).await?;
@@ -321,6 +401,9 @@ impl Plan {
         }
         if let Some(mail) = mail {
             supervisor.start(mail);
+        }
+        if let Some(kafka) = kafka {
+            supervisor.start(kafka);
         }
         Ok(supervisor)
     }

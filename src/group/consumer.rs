@@ -75,7 +75,7 @@ impl ConsumerConfig {
 
 /// How a partition worker is told to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
+pub enum Stop {
     Running,
     /// Finish (within the grace period), commit, then return.
     Gracefully,
@@ -103,24 +103,73 @@ const READ_POOL_SIZE: usize = 8;
 /// Heartbeats, claims, releases.
 const MEMBERSHIP_POOL_SIZE: usize = 2;
 
+/// What a member does with each partition it owns, from the moment it owns
+/// it until [`OwnedPartition::stop`] says otherwise. [`Records`] (a
+/// [`RecordHandler`] per record) is the usual one; the Kafka mirror moves
+/// whole batches in offset order.
+pub trait PartitionWork: Send + Sync + 'static {
+    /// Works on `partition` until told to stop, or fenced. A returned
+    /// error is logged; the next heartbeat restarts the partition from its
+    /// committed offset if it is still this member's.
+    fn run_partition(
+        self: Arc<Self>,
+        partition: OwnedPartition,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// A partition as handed to [`PartitionWork`].
+pub struct OwnedPartition {
+    /// The member's read pool (reads and fenced commits).
+    pub pool: deadpool_postgres::Pool,
+    pub config: ConsumerConfig,
+    pub assignment: Assignment,
+    /// Bumped when the relay appended to this partition.
+    pub appended: watch::Receiver<u64>,
+    /// How the member tells the work to stop (`Gracefully`: finish, commit,
+    /// return; `Now`: the partition is lost, commit nothing).
+    pub stop: watch::Receiver<Stop>,
+}
+
+/// [`PartitionWork`] that runs a [`RecordHandler`] per record.
+pub struct Records<H>(pub Arc<H>);
+
+impl<H: RecordHandler> PartitionWork for Records<H> {
+    async fn run_partition(self: Arc<Self>, partition: OwnedPartition) -> anyhow::Result<()> {
+        run_partition(partition, self.0.clone()).await
+    }
+}
+
 /// A group member as a role of the process: its connections are reserved
 /// when it is built, its membership begins when it runs.
-pub struct Consumer<H> {
+pub struct Consumer<W> {
     name: &'static str,
     db: Db,
     config: ConsumerConfig,
-    handler: Arc<H>,
+    work: Arc<W>,
     reads: deadpool_postgres::Pool,
     membership: deadpool_postgres::Pool,
 }
 
-impl<H: RecordHandler> Consumer<H> {
+impl<H: RecordHandler> Consumer<Records<H>> {
+    /// A member that runs `handler` over each record of its partitions.
     pub fn new(
         name: &'static str,
         db: impl Into<Db>,
         config: ConsumerConfig,
         handler: Arc<H>,
-    ) -> anyhow::Result<Consumer<H>> {
+    ) -> anyhow::Result<Consumer<Records<H>>> {
+        Consumer::with_work(name, db, config, Arc::new(Records(handler)))
+    }
+}
+
+impl<W: PartitionWork> Consumer<W> {
+    /// A member that runs `work` on each partition it owns.
+    pub fn with_work(
+        name: &'static str,
+        db: impl Into<Db>,
+        config: ConsumerConfig,
+        work: Arc<W>,
+    ) -> anyhow::Result<Consumer<W>> {
         let db = db.into();
         let bounds = config.group.session_bounds();
         let reads = db.bounded_pool("consumer reads", READ_POOL_SIZE, bounds)?;
@@ -130,14 +179,14 @@ impl<H: RecordHandler> Consumer<H> {
             name,
             db,
             config,
-            handler,
+            work,
             reads,
             membership,
         })
     }
 }
 
-impl<H: RecordHandler> crate::service::Service for Consumer<H> {
+impl<W: PartitionWork> crate::service::Service for Consumer<W> {
     fn name(&self) -> &'static str {
         self.name
     }
@@ -149,7 +198,7 @@ impl<H: RecordHandler> crate::service::Service for Consumer<H> {
             self.reads,
             Arc::new(membership),
             self.config,
-            self.handler,
+            self.work,
             shutdown,
         )
         .await
@@ -170,12 +219,12 @@ pub async fn run<H: RecordHandler>(
         .await
 }
 
-async fn run_member<H: RecordHandler>(
+async fn run_member<W: PartitionWork>(
     db: &Db,
     pool: deadpool_postgres::Pool,
     membership: Arc<Membership>,
     config: ConsumerConfig,
-    handler: Arc<H>,
+    work: Arc<W>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let appended = crate::log::notify::listen(db.url())?;
@@ -280,15 +329,22 @@ async fn run_member<H: RecordHandler>(
                         partition = assignment.partition,
                         epoch = assignment.epoch,
                     );
+                    let partition = OwnedPartition {
+                        pool: pool.clone(),
+                        config: config.clone(),
+                        assignment: assignment.clone(),
+                        appended: appended.subscribe(&assignment.topic, assignment.partition),
+                        stop: stop_rx,
+                    };
+                    let work = work.clone();
                     let task = tasks.spawn(tracing::Instrument::instrument(
-                        run_partition(
-                            pool.clone(),
-                            config.clone(),
-                            assignment.clone(),
-                            handler.clone(),
-                            appended.subscribe(&assignment.topic, assignment.partition),
-                            stop_rx,
-                        ),
+                        async move {
+                            let (topic, number) = (partition.assignment.topic.clone(), partition.assignment.partition);
+                            if let Err(e) = work.run_partition(partition).await {
+                                tracing::warn!(topic = %topic, partition = number, error = format!("{e:#}"),
+                                    "partition worker failed; the next heartbeat restarts it");
+                            }
+                        },
                         span,
                     ));
                     workers.insert(
@@ -376,19 +432,22 @@ async fn release(membership: &Membership, assignment: &Assignment) {
 
 /// Consumes one owned partition until told to stop or fenced.
 async fn run_partition<H: RecordHandler>(
-    pool: deadpool_postgres::Pool,
-    config: ConsumerConfig,
-    assignment: Assignment,
+    partition: OwnedPartition,
     handler: Arc<H>,
-    mut appended: watch::Receiver<u64>,
-    mut stop: watch::Receiver<Stop>,
-) {
+) -> anyhow::Result<()> {
+    let OwnedPartition {
+        pool,
+        config,
+        assignment,
+        mut appended,
+        mut stop,
+    } = partition;
     // Records being handled. If this worker fails (a database error), they
     // are left to finish on their own rather than aborted mid-exchange: a
     // mail whose server already has it must still be recorded, and the
     // handler of the restarted worker waits for them (see `RecordHandler`).
     let mut tasks = JoinSet::new();
-    let result = async {
+    let result: anyhow::Result<()> = async {
         let client = pool.get().await?;
         let mut next = crate::group::start_offset(
             &**client,
@@ -522,12 +581,10 @@ async fn run_partition<H: RecordHandler>(
         }
     }
     .await;
-    if let Err(e) = result {
-        let e: anyhow::Error = e;
+    if result.is_err() {
         tasks.detach_all();
-        tracing::warn!(topic = %assignment.topic, partition = assignment.partition, error = format!("{e:#}"),
-            "partition worker failed; the next heartbeat restarts it");
     }
+    result
 }
 
 /// Per-partition bookkeeping: queued records per key, offsets in flight.

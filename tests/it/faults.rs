@@ -32,7 +32,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
-use crate::harness::eventually;
+use crate::harness::{eventually, free_port};
 use crate::smtp::SmtpServer;
 
 /// Orders per second of the steady load.
@@ -268,14 +268,6 @@ impl World {
             .ok()
             .map(|r| r.get(0))
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// What the load saw.

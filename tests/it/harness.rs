@@ -229,3 +229,12 @@ pub async fn assert_log_consistent(client: &Client, topic: &str) {
         "some outbox rows were appended more than once"
     );
 }
+
+/// A TCP port nothing listens on now (for a server a test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

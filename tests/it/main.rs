@@ -6,6 +6,7 @@ mod cli;
 mod faults;
 mod groups;
 mod harness;
+mod kafka;
 mod log;
 mod mail;
 mod metrics;

@@ -86,7 +86,7 @@ print("\n".join(sorted(checked)))
 
 /// Every query of the shipped dashboard, with Grafana's `$__rate_interval`
 /// as one minute.
-fn dashboard_queries() -> Vec<(String, String)> {
+pub(crate) fn dashboard_queries() -> Vec<(String, String)> {
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(repo().join("grafana/dashboards/outbox-relay.json")).unwrap(),
     )
@@ -464,8 +464,12 @@ async fn one_trace_links_an_order_to_its_mail_and_the_metrics_alerts_and_dashboa
     }
 
     // Every dashboard query answers, with data (a ratio of 5xx has none
-    // while no request failed).
-    for (panel, query) in dashboard_queries() {
+    // while no request failed). The Kafka row needs the kafka role: the
+    // Kafka tests check it.
+    for (panel, query) in dashboard_queries()
+        .into_iter()
+        .filter(|(panel, _)| !panel.starts_with("Kafka"))
+    {
         let answer = eventually(
             &format!("panel {panel:?}: {query}"),
             Duration::from_secs(30),

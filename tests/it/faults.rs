@@ -414,6 +414,8 @@ enum Fault {
     WriterHeldOpen,
     GarbageAndFuzz,
     KillApi,
+    FreezeApi,
+    SmtpHangs,
     ConnectionExhaustion,
     Burst,
 }
@@ -503,6 +505,18 @@ const SCENARIOS: &[Scenario] = &[
         name: "kill -9 the API, restart it",
         fault: Fault::KillApi,
         duplicates_explained_by: None,
+    },
+    Scenario {
+        name: "SIGSTOP the API for 5 s",
+        fault: Fault::FreezeApi,
+        duplicates_explained_by: None,
+    },
+    Scenario {
+        name: "SMTP server takes messages and never answers, 6 s",
+        fault: Fault::SmtpHangs,
+        duplicates_explained_by: Some(
+            "SMTP server killed after taking a message, before its answer (unknown outcome)",
+        ),
     },
     Scenario {
         name: "Postgres connections exhausted for 5 s",
@@ -716,6 +730,16 @@ async fn inject(fault: Fault, world: &mut World, scale: u32) -> FaultNotes {
             notes.killed.push(world.api.name);
             tokio::time::sleep(Duration::from_secs(1)).await;
             world.api.start().await;
+        }
+        Fault::FreezeApi => {
+            world.api.signal("STOP");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            world.api.signal("CONT");
+        }
+        Fault::SmtpHangs => {
+            world.smtp.restart_with(&["--hang"]).await;
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            world.smtp.restart_with(&[]).await;
         }
         Fault::ConnectionExhaustion => {
             let mut hogs = Vec::new();

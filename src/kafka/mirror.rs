@@ -10,12 +10,15 @@
 //! an outage only makes the mirror wait.
 //!
 //! At least once: the commit follows the acknowledgements. A crash between
-//! an acknowledgement and the next commit (at most `commit_interval` of
-//! records, and those in flight) produces those records again on restart;
-//! so does a record the brokers refused (a produce error: its partition
-//! goes back to it after a backoff, and records after it that had landed
-//! land again, after it). Each carries [`OFFSET_HEADER`], so a consumer
-//! recognises a repeat as an offset at or below one it has seen.
+//! an acknowledgement and the next commit (what was acknowledged within
+//! `commit_interval`, and what was in flight) produces those records again
+//! on restart; so does a record the brokers refused (its partition goes
+//! back to it after a backoff, and records after it that had landed land
+//! again, after it). A partition that moves to another process while its
+//! records wait in this producer's queue (brokers slow or away) may get
+//! them after the new owner's. Each record carries [`OFFSET_HEADER`]: a
+//! consumer recognises a repeat as an offset of that partition it has
+//! already seen.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -220,7 +223,7 @@ async fn create_topic(settings: &KafkaSettings, topic: &MirroredTopic) -> anyhow
     let admin: AdminClient<DefaultClientContext> = settings
         .client_config()?
         .create()
-        .context("creating a Kafka admin client")?;
+        .map_err(|e| anyhow::anyhow!("creating a Kafka admin client: {}", without_values(&e)))?;
     let new_topic = NewTopic::new(
         &topic.kafka_topic,
         topic.partitions,
@@ -239,6 +242,17 @@ async fn create_topic(settings: &KafkaSettings, topic: &MirroredTopic) -> anyhow
     }
     tracing::info!(topic = %topic.kafka_topic, partitions = topic.partitions, "created Kafka topic");
     Ok(())
+}
+
+/// A librdkafka error without the setting's value: librdkafka quotes the
+/// value of a setting it refuses, and values may be passwords.
+fn without_values(error: &KafkaError) -> String {
+    match error {
+        KafkaError::ClientConfig(result, _description, key, _value) => {
+            format!("setting {key} ({result:?}; its value is not shown)")
+        }
+        other => other.to_string(),
+    }
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -265,7 +279,7 @@ impl Producers {
         settings
             .client_config()?
             .create()
-            .map_err(|e| anyhow::anyhow!("Kafka settings refused: {e}"))
+            .map_err(|e| anyhow::anyhow!("Kafka settings refused: {}", without_values(&e)))
     }
 
     fn current(&self) -> FutureProducer {
@@ -353,6 +367,8 @@ impl MirrorWork {
         // The oldest record in flight, refused (it stays at the front).
         let mut refused: Option<KafkaError> = None;
         let mut grace_deadline: Option<Instant> = None;
+        // The producer's queue was full: read again after an acknowledgement.
+        let mut queue_full = false;
 
         loop {
             let stopping = *stop.borrow();
@@ -363,7 +379,8 @@ impl MirrorWork {
                 && !caught_up
                 && refused.is_none()
                 && retry_at.is_none_or(|at| at <= Instant::now());
-            if may_read && in_flight.len() < WINDOW {
+            // Read when a whole batch fits (not one record per acknowledgement).
+            if may_read && !queue_full && WINDOW - in_flight.len() >= READ_BATCH.min(WINDOW) {
                 retry_at = None;
                 let asked = (WINDOW - in_flight.len()).min(READ_BATCH) as i64;
                 let client = pool.get().await?;
@@ -380,13 +397,50 @@ impl MirrorWork {
                 .context("reading the partition")?;
                 drop(client);
                 caught_up = (records.len() as i64) < asked;
+                let mut not_queued = None;
                 for record in &records {
-                    let delivery = produce(&producer, &kafka_topic, record).await;
-                    next = record.offset + 1;
-                    in_flight.push_back(InFlight {
-                        offset: record.offset,
-                        delivery,
-                    });
+                    match produce(&producer, &kafka_topic, record) {
+                        Ok(delivery) => {
+                            next = record.offset + 1;
+                            in_flight.push_back(InFlight {
+                                offset: record.offset,
+                                delivery,
+                            });
+                        }
+                        Err(error) => {
+                            not_queued = Some(error);
+                            break;
+                        }
+                    }
+                }
+                // `next` stays at a record that was not queued: it is read again.
+                match not_queued {
+                    None => {}
+                    Some(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                        caught_up = false;
+                        // Room comes with acknowledgements; when this
+                        // partition has none in flight, other partitions
+                        // filled the queue.
+                        if in_flight.is_empty() {
+                            retry_at = Some(Instant::now() + Duration::from_millis(10));
+                        } else {
+                            queue_full = true;
+                        }
+                    }
+                    Some(error) => {
+                        caught_up = false;
+                        failures += 1;
+                        let wait = backoff(failures);
+                        count_error(&error);
+                        tracing::warn!(topic = %kafka_topic, partition = assignment.partition,
+                            offset = next, error = %error, retry_in_ms = wait.as_millis() as u64,
+                            "the Kafka producer refused a record; trying it again after a backoff");
+                        if producer.client().fatal_error().is_some() {
+                            self.producers.replace(generation)?;
+                            anyhow::bail!("the Kafka producer failed fatally: {error}");
+                        }
+                        retry_at = Some(Instant::now() + wait);
+                    }
                 }
             }
             // Acknowledgements already in, oldest first (up to a refusal).
@@ -399,6 +453,7 @@ impl MirrorWork {
                             in_flight.pop_front();
                             mirrored.inc();
                             failures = 0;
+                            queue_full = false;
                         }
                         Err(e) => {
                             refused = Some(e);
@@ -410,14 +465,7 @@ impl MirrorWork {
             if let Some(error) = refused.take() {
                 failures += 1;
                 let wait = backoff(failures);
-                let class = error
-                    .rdkafka_error_code()
-                    .map(|code| format!("{code:?}"))
-                    .unwrap_or_else(|| "Other".to_string());
-                metrics
-                    .kafka_produce_errors
-                    .with_label_values(&[&class])
-                    .inc();
+                count_error(&error);
                 tracing::warn!(topic = %kafka_topic, partition = assignment.partition,
                     offset = acknowledged, error = %error, retry_in_ms = wait.as_millis() as u64,
                     "Kafka refused a record; producing again from it after a backoff");
@@ -425,7 +473,18 @@ impl MirrorWork {
                 // again after it): wait for all of it before going back.
                 in_flight.pop_front();
                 for pending in in_flight.drain(..) {
-                    let _ = pending.delivery.await;
+                    tokio::select! {
+                        _ = pending.delivery => {}
+                        // Told to stop meanwhile (brokers may be away for
+                        // long): what was acknowledged is committed unless
+                        // the partition is lost.
+                        changed = stop.changed() => {
+                            if changed.is_ok() && *stop.borrow() == Stop::Gracefully {
+                                commit(&pool, &config, &assignment, acknowledged, &mut committed).await?;
+                            }
+                            return Ok(());
+                        }
+                    }
                 }
                 if producer.client().fatal_error().is_some() {
                     self.producers.replace(generation)?;
@@ -455,8 +514,9 @@ impl MirrorWork {
 
             let read_now = stopping == Stop::Running
                 && !caught_up
+                && !queue_full
                 && retry_at.is_none()
-                && in_flight.len() < WINDOW;
+                && WINDOW - in_flight.len() >= READ_BATCH.min(WINDOW);
             let timer = match (grace_deadline, retry_at) {
                 (Some(deadline), _) => deadline,
                 (None, Some(at)) => at,
@@ -489,6 +549,7 @@ impl MirrorWork {
                     acknowledged = front.offset + 1;
                     mirrored.inc();
                     failures = 0;
+                    queue_full = false;
                 }
                 // Handled by the next turn, with what is still in flight.
                 Wake::Acknowledged(Err(error)) => refused = Some(error),
@@ -511,6 +572,18 @@ impl MirrorWork {
             }
         }
     }
+}
+
+/// Counts a record the producer or the brokers refused, by librdkafka's code.
+fn count_error(error: &KafkaError) {
+    let class = error
+        .rdkafka_error_code()
+        .map(|code| format!("{code:?}"))
+        .unwrap_or_else(|| "Other".to_string());
+    crate::metrics::metrics()
+        .kafka_produce_errors
+        .with_label_values(&[&class])
+        .inc();
 }
 
 /// A fenced commit of the mirror's position; false when fenced.
@@ -540,15 +613,23 @@ fn delivery_result<E>(
 }
 
 /// Hands `record` to the producer, into the partition of its number, with
-/// its key, CreateTime, headers and [`OFFSET_HEADER`]. A full producer queue
-/// waits for the oldest record in flight (or briefly, when other
-/// partitions filled it).
-async fn produce(producer: &FutureProducer, kafka_topic: &str, record: &Record) -> DeliveryFuture {
+/// its key, CreateTime, headers and [`OFFSET_HEADER`]. An error means it was
+/// not queued (a full queue, a record over `message.max.bytes`, a producer
+/// that failed fatally).
+fn produce(
+    producer: &FutureProducer,
+    kafka_topic: &str,
+    record: &Record,
+) -> Result<DeliveryFuture, KafkaError> {
     let payload = serde_json::to_vec(&record.payload).expect("JSON values serialise");
     let offset = record.offset.to_string();
     let mut headers = OwnedHeaders::new();
     if let Some(object) = record.headers.as_object() {
         for (name, value) in object {
+            // The offset header is the mirror's own; a null has no value.
+            if name == OFFSET_HEADER || value.is_null() {
+                continue;
+            }
             let text = match value {
                 serde_json::Value::String(text) => text.clone(),
                 other => other.to_string(),
@@ -571,23 +652,7 @@ async fn produce(producer: &FutureProducer, kafka_topic: &str, record: &Record) 
     if let Some(key) = &record.key {
         message = message.key(key.as_bytes());
     }
-    loop {
-        match producer.send_result(message) {
-            Ok(delivery) => return delivery,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                // Room comes as acknowledgements come in (the partition
-                // loop collects them later).
-                message = returned;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err((error, returned)) => {
-                // Refused before it was queued (say, a record larger than
-                // message.max.bytes): retried like a refusal by the broker.
-                tracing::warn!(topic = %kafka_topic, partition = record.partition,
-                    offset = record.offset, error = %error, "Kafka producer refused a record");
-                message = returned;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
+    producer
+        .send_result(message)
+        .map_err(|(error, _message)| error)
 }

@@ -30,17 +30,20 @@ pub const MIRROR_GROUP: &str = "kafka-mirror";
 pub const OFFSET_HEADER: &str = "outbox-offset";
 
 /// Settings the mirror owns: a pass-through setting may not change them.
-const FIXED: [(&str, &str); 2] = [("enable.idempotence", "true"), ("acks", "all")];
+/// Topics are made by an operator or by --kafka-create-topics, with the
+/// log's partition count: never by a metadata request with the broker's
+/// default count.
+const FIXED: [(&str, &str); 3] = [
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("allow.auto.create.topics", "false"),
+];
 
 /// Producer defaults, each overridable through `KAFKA_CONFIG`.
-const DEFAULTS: [(&str, &str); 4] = [
+const DEFAULTS: [(&str, &str); 3] = [
     // A record is never given up while brokers are away: the mirror waits
     // (its lag grows), and Kafka keeps the log's order.
     ("message.timeout.ms", "0"),
-    // Topics are made by an operator or by --kafka-create-topics, with the
-    // log's partition count: never by a metadata request with the broker's
-    // default count.
-    ("allow.auto.create.topics", "false"),
     ("linger.ms", "5"),
     ("client.id", "outbox-relay-kafka-mirror"),
 ];

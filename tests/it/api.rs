@@ -388,3 +388,81 @@ async fn slow_and_lying_clients_are_answered_and_let_go() {
     exchange(&addr, b"POST /orders HTTP/1.1\r\nHost: x\r\n", long).await;
     assert_eq!(api.rows_written().await, 0);
 }
+
+/// Issue "faults", 5: past the connection limit (1,024), a new connection
+/// is answered `503` with a JSON error and closed, and once the others go,
+/// requests are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_get_a_json_503_and_service_resumes() {
+    let api = TestApi::spawn().await;
+    let addr = api.base.trim_start_matches("http://").to_string();
+    let probe = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    // Idle connections that hold the server's permits (it closes them after
+    // its 10 s header deadline; the checks below come well before).
+    let mut idle = Vec::new();
+    for _ in 0..1024 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let refused = eventually(
+        "a connection past the limit refused",
+        std::time::Duration::from_secs(8),
+        || async {
+            let answer = exchange(&addr, probe, std::time::Duration::from_secs(5)).await;
+            answer.starts_with("HTTP/1.1 503").then_some(answer)
+        },
+    )
+    .await;
+    assert!(refused.contains("\"too_many_connections\""), "{refused}");
+    assert!(
+        refused.contains("content-type: application/json"),
+        "{refused}"
+    );
+    drop(idle);
+    eventually(
+        "service once the idle connections are gone",
+        std::time::Duration::from_secs(10),
+        || async {
+            let answer = exchange(&addr, probe, std::time::Duration::from_secs(5)).await;
+            answer.starts_with("HTTP/1.1 200").then_some(())
+        },
+    )
+    .await;
+}
+
+/// Issue "faults", 5: requests hyper refuses before the application sees
+/// them get its own answer and a closed connection, as the README says.
+#[tokio::test]
+async fn requests_too_malformed_for_the_application_get_hypers_answer() {
+    let api = TestApi::spawn().await;
+    let addr = api.base.trim_start_matches("http://").to_string();
+    let limit = std::time::Duration::from_secs(20);
+    let conflicting = exchange(
+        &addr,
+        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        limit,
+    )
+    .await;
+    assert!(conflicting.starts_with("HTTP/1.1 400"), "{conflicting}");
+    let mut many = b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..120 {
+        many.extend_from_slice(format!("X-Header-{i}: v\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let too_many = exchange(&addr, &many, limit).await;
+    assert!(too_many.starts_with("HTTP/1.1 431"), "{too_many}");
+    let control = exchange(
+        &addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+        limit,
+    )
+    .await;
+    assert!(control.starts_with("HTTP/1.1 400"), "{control}");
+    // The server goes on.
+    let fine = exchange(
+        &addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        limit,
+    )
+    .await;
+    assert!(fine.starts_with("HTTP/1.1 200"), "{fine}");
+}

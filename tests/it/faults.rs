@@ -36,7 +36,7 @@ use crate::harness::{eventually, free_port};
 use crate::smtp::SmtpServer;
 
 /// Orders per second of the steady load.
-const ORDERS_PER_SECOND: u64 = 60;
+const ORDERS_PER_SECOND: u64 = 120;
 /// Relay lease of the relay processes (a frozen leader is replaced after it).
 const LEASE_SECS: &str = "1";
 /// Group session timeout of the mail members.

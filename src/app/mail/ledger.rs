@@ -18,14 +18,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::MAIL_GROUP;
 use crate::group::consumer::Lease;
 
-pub(super) const LEDGER_STATUS: &str = "
-    SELECT status, attempts FROM mail_deliveries
-     WHERE group_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" = $4";
+/// The status and attempts of many events at once: `$2`–`$4` are their
+/// topics, partitions and offsets; each row names its event by position.
+pub(super) const LEDGER_STATUSES: &str = "
+    SELECT v.i, d.status, d.attempts
+      FROM unnest($2::text[], $3::int4[], $4::int8[]) WITH ORDINALITY AS v(topic, partition, log_offset, i)
+      JOIN mail_deliveries d
+        ON d.group_id = $1 AND d.topic = v.topic AND d.partition = v.partition
+       AND d.\"offset\" = v.log_offset";
 
 /// Records `sent` for a batch of events in one statement (one commit).
 /// Never fenced: the mail went out, whoever sent it.
@@ -159,6 +164,82 @@ impl LedgerCeiling {
 
 /// An event: (topic, partition, offset).
 pub(super) type EventKey = (String, i32, i64);
+
+/// What the ledger says of an event: its status and attempts (None: no row).
+pub(super) type LedgerStatus = Option<(String, i32)>;
+
+type StatusRequest = (EventKey, oneshot::Sender<Result<LedgerStatus, String>>);
+
+/// The process's reader of ledger statuses: the reads that arrive while one
+/// is being answered go in the next statement, so the mails of a backlog
+/// (each below its partition's ceiling) share a round trip instead of one
+/// each.
+pub(super) struct LedgerReads {
+    requests: mpsc::UnboundedSender<StatusRequest>,
+}
+
+impl LedgerReads {
+    pub(super) fn spawn(pool: deadpool_postgres::Pool, group: String) -> LedgerReads {
+        let (requests, mut rx) = mpsc::unbounded_channel::<StatusRequest>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(request) => batch.push(request),
+                        Err(_) => break,
+                    }
+                }
+                match read_statuses(&pool, &group, &batch).await {
+                    Ok(mut found) => {
+                        for (i, (_, reply)) in batch.into_iter().enumerate() {
+                            let _ = reply.send(Ok(found.remove(&(i as i64 + 1))));
+                        }
+                    }
+                    // Each caller retries its own read (after its backoff).
+                    Err(e) => {
+                        let error = format!("{e:#}");
+                        for (_, reply) in batch {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        LedgerReads { requests }
+    }
+
+    /// The ledger's status of `event`, read now (with whatever other reads
+    /// are waiting).
+    pub(super) async fn status(&self, event: EventKey) -> anyhow::Result<LedgerStatus> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send((event, reply))
+            .map_err(|_| anyhow::anyhow!("the ledger reader stopped"))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the ledger reader stopped"))?
+            .map_err(|e| anyhow::anyhow!("reading the delivery ledger: {e}"))
+    }
+}
+
+async fn read_statuses(
+    pool: &deadpool_postgres::Pool,
+    group: &str,
+    batch: &[StatusRequest],
+) -> anyhow::Result<HashMap<i64, (String, i32)>> {
+    let client = pool.get().await?;
+    let statement = client.prepare_cached(LEDGER_STATUSES).await?;
+    let topics: Vec<&str> = batch.iter().map(|(e, _)| e.0.as_str()).collect();
+    let partitions: Vec<i32> = batch.iter().map(|(e, _)| e.1).collect();
+    let offsets: Vec<i64> = batch.iter().map(|(e, _)| e.2).collect();
+    Ok(client
+        .query(&statement, &[&group, &topics, &partitions, &offsets])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), (row.get(1), row.get(2))))
+        .collect())
+}
 
 /// One `sent` to record.
 pub(super) struct SentMark {
@@ -437,8 +518,8 @@ pub(super) fn statements() -> Vec<(&'static str, String)> {
             LEDGER_HIGH_WATER.to_string(),
         ),
         (
-            "app::mail::ledger::LEDGER_STATUS",
-            LEDGER_STATUS.to_string(),
+            "app::mail::ledger::LEDGER_STATUSES",
+            LEDGER_STATUSES.to_string(),
         ),
         ("app::mail::ledger::MARK_SENT", MARK_SENT.to_string()),
         ("app::mail::ledger::MARK_ATTEMPT", MARK_ATTEMPT.to_string()),

@@ -37,7 +37,7 @@ use crate::log::Record;
 use crate::trace_context::TraceParent;
 pub use ledger::{confirmation_mail, sent_count_for_keys, ConfirmationMail};
 use ledger::{
-    mark_attempt, LedgerCeiling, SentLedger, SentMark, LEDGER_STATUS, MARK_FAILED, MARK_UNKNOWN,
+    mark_attempt, LedgerCeiling, LedgerReads, SentLedger, SentMark, MARK_FAILED, MARK_UNKNOWN,
 };
 pub use render::{message_id, render, render_replay, replay_message_id, OrderCreated};
 pub use smtp::Limits;
@@ -176,6 +176,7 @@ pub enum Delivery {
 pub struct MailWorker {
     pool: deadpool_postgres::Pool,
     ledger: SentLedger,
+    ledger_reads: LedgerReads,
     ledger_ceiling: LedgerCeiling,
     in_flight: InFlight,
     transport: MailTransport,
@@ -209,6 +210,7 @@ impl MailWorker {
     ) -> MailWorker {
         MailWorker {
             ledger: SentLedger::spawn(pool.clone(), MAIL_GROUP.to_string()),
+            ledger_reads: LedgerReads::spawn(pool.clone(), MAIL_GROUP.to_string()),
             ledger_ceiling: LedgerCeiling::default(),
             in_flight: InFlight::default(),
             pool,
@@ -305,29 +307,18 @@ impl MailWorker {
         }
         let message_id = message_id(record);
         let client = self.pool.get().await?;
-        let ledger = if record.offset > self.ledger_ceiling.get(&client, &self.group, lease).await?
-        {
+        let ceiling = self.ledger_ceiling.get(&client, &self.group, lease).await?;
+        drop(client);
+        let ledger = if record.offset > ceiling {
             None
         } else {
-            let statement = client.prepare_cached(LEDGER_STATUS).await?;
-            client
-                .query_opt(
-                    &statement,
-                    &[
-                        &self.group,
-                        &record.topic,
-                        &record.partition,
-                        &record.offset,
-                    ],
-                )
-                .await?
+            self.ledger_reads.status(event.clone()).await?
         };
-        drop(client);
         // Whatever happens next writes the ledger at this offset.
         self.ledger_ceiling
             .raise(&record.topic, record.partition, record.offset);
-        let mut attempts: i32 = ledger.as_ref().map_or(0, |row| row.get(1));
-        match ledger.as_ref().map(|row| row.get::<_, &str>(0)) {
+        let mut attempts: i32 = ledger.as_ref().map_or(0, |(_, attempts)| *attempts);
+        match ledger.as_ref().map(|(status, _)| status.as_str()) {
             Some("sent") => return Ok(Delivery::AlreadySent),
             Some("failed") | Some("unknown") => return Ok(Delivery::AlreadySettled),
             _ => {}

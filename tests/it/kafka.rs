@@ -401,25 +401,13 @@ async fn orders_reach_kafka_in_the_logs_partitions_and_order_and_a_group_of_two_
         (mirrored == 10_000.0 && lag == 0.0).then_some(())
     })
     .await;
-    for (panel, query) in crate::observability::dashboard_queries()
-        .into_iter()
-        .filter(|(panel, _)| panel.starts_with("Kafka"))
-    {
-        eventually(
-            &format!("panel {panel:?}: {query}"),
-            Duration::from_secs(30),
-            || async {
-                let answer = prometheus.query(&query).await?;
-                let has_data = answer["data"]["result"]
-                    .as_array()
-                    .is_some_and(|r| !r.is_empty());
-                // No errors, no error series.
-                (answer["status"] == "success" && (has_data || query.contains("produce_errors")))
-                    .then_some(())
-            },
-        )
-        .await;
-    }
+    // No produce errors here, so no error series.
+    crate::observability::dashboard_panels_answer(
+        &prometheus,
+        |panel| panel.starts_with("Kafka"),
+        "produce_errors",
+    )
+    .await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let (mut first, mut second) = (Vec::new(), Vec::new());

@@ -252,13 +252,13 @@ async fn offset_and_partition_bounds_limit_a_replay() {
     assert_one_line_failure(&bad, "no partition 9");
 }
 
-/// A replay killed with SIGKILL mid-run and resumed (by running the same
-/// command again) mails each event of the range exactly once in all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_killed_mid_run_resumes_and_mails_each_event_once() {
-    let db = TestDb::migrated().await;
-    let all = sixty_days_of_orders(&db, 60).await;
-    let smtp = SmtpServer::start(&[]).await;
+/// `replay` of the whole range at 40 mails/s, as a process of its own (so
+/// a test can stop it mid-run); its arguments, to run it again.
+fn slow_replay(
+    db: &TestDb,
+    smtp: &SmtpServer,
+    output: std::process::Stdio,
+) -> ([String; 7], tokio::process::Child) {
     let args = [
         "replay",
         "--from",
@@ -269,15 +269,26 @@ async fn a_replay_killed_mid_run_resumes_and_mails_each_event_once() {
         &smtp.url(),
     ]
     .map(String::from);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .args(&args)
         .env("DATABASE_URL", &db.url)
         .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
+        .stdout(output)
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    (args, child)
+}
+
+/// A replay killed with SIGKILL mid-run and resumed (by running the same
+/// command again) mails each event of the range exactly once in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_killed_mid_run_resumes_and_mails_each_event_once() {
+    let db = TestDb::migrated().await;
+    let all = sixty_days_of_orders(&db, 60).await;
+    let smtp = SmtpServer::start(&[]).await;
+    let (args, mut child) = slow_replay(&db, &smtp, std::process::Stdio::null());
     let pid = child.id().unwrap().to_string();
     let client = db.client().await;
     eventually(
@@ -933,25 +944,7 @@ async fn ctrl_c_stops_a_run_with_a_summary_and_the_resume_command() {
     let db = TestDb::migrated().await;
     let all = sixty_days_of_orders(&db, 60).await;
     let smtp = SmtpServer::start(&[]).await;
-    let args = [
-        "replay",
-        "--from",
-        "2000-01-01",
-        "--max-rate",
-        "40",
-        "--smtp-url",
-        &smtp.url(),
-    ]
-    .map(String::from);
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(&args)
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (_, child) = slow_replay(&db, &smtp, std::process::Stdio::piped());
     let pid = child.id().unwrap().to_string();
     eventually("ten mails of the run", Duration::from_secs(30), || async {
         (smtp.messages().len() >= 10).then_some(())

@@ -379,6 +379,40 @@ async fn orders_reach_kafka_in_the_logs_partitions_and_order_and_a_group_of_two_
         (counts.iter().sum::<usize>() == PARTITIONS && counts.iter().all(|c| *c > 0)).then_some(())
     })
     .await;
+    // From here each member polls all along, as a service's consumer does,
+    // until the two together have 10,000 records (or the deadline).
+    let read = std::sync::Arc::new(std::sync::Mutex::new((Vec::new(), Vec::new())));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let (all_read, all_read_rx) = tokio::sync::watch::channel(false);
+    let mut readers = tokio::task::JoinSet::new();
+    for (i, member) in members.into_iter().enumerate() {
+        let (read, all_read) = (read.clone(), all_read.clone());
+        let mut done = all_read_rx.clone();
+        readers.spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    received = tokio::time::timeout_at(deadline, member.recv()) => received,
+                    _ = done.wait_for(|done| *done) => return,
+                };
+                match message {
+                    Ok(Ok(message)) => {
+                        let m = mirrored(&message);
+                        let mut read = read.lock().unwrap();
+                        if i == 0 {
+                            read.0.push(m)
+                        } else {
+                            read.1.push(m)
+                        }
+                        if read.0.len() + read.1.len() >= 10_000 {
+                            let _ = all_read.send(true);
+                        }
+                    }
+                    Ok(Err(e)) => panic!("consumer error: {e}"),
+                    Err(_) => return,
+                }
+            }
+        });
+    }
 
     write_orders(&db, 1, 10_000).await;
     let metrics_addr = format!("127.0.0.1:{}", free_port());
@@ -409,14 +443,8 @@ async fn orders_reach_kafka_in_the_logs_partitions_and_order_and_a_group_of_two_
     )
     .await;
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let (mut first, mut second) = (Vec::new(), Vec::new());
-    let both = |a: &[Mirrored], b: &[Mirrored]| a.len() + b.len() >= 10_000;
-    while !both(&first, &second) && tokio::time::Instant::now() < deadline {
-        let step = tokio::time::Instant::now() + Duration::from_millis(200);
-        read_until(&members[0], &mut first, step, |_| false).await;
-        read_until(&members[1], &mut second, step, |_| false).await;
-    }
+    while readers.join_next().await.is_some() {}
+    let (first, second) = std::mem::take(&mut *read.lock().unwrap());
     assert!(!first.is_empty() && !second.is_empty(), "both members read");
     let mut all = first.clone();
     all.extend(second.iter().cloned());

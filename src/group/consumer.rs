@@ -130,6 +130,22 @@ pub struct OwnedPartition {
     pub stop: watch::Receiver<Stop>,
 }
 
+impl OwnedPartition {
+    /// Where work on the partition starts: the group's committed offset, or
+    /// the reset policy's end when there is none.
+    pub async fn start_offset(&self) -> anyhow::Result<i64> {
+        let client = self.pool.get().await?;
+        crate::group::start_offset(
+            &**client,
+            &self.config.group.group_id,
+            &self.assignment.topic,
+            self.assignment.partition,
+            self.config.group.offset_reset,
+        )
+        .await
+    }
+}
+
 /// [`PartitionWork`] that runs a [`RecordHandler`] per record.
 pub struct Records<H>(pub Arc<H>);
 
@@ -435,6 +451,7 @@ async fn run_partition<H: RecordHandler>(
     partition: OwnedPartition,
     handler: Arc<H>,
 ) -> anyhow::Result<()> {
+    let start = partition.start_offset().await;
     let OwnedPartition {
         pool,
         config,
@@ -448,16 +465,7 @@ async fn run_partition<H: RecordHandler>(
     // handler of the restarted worker waits for them (see `RecordHandler`).
     let mut tasks = JoinSet::new();
     let result: anyhow::Result<()> = async {
-        let client = pool.get().await?;
-        let mut next = crate::group::start_offset(
-            &**client,
-            &config.group.group_id,
-            &assignment.topic,
-            assignment.partition,
-            config.group.offset_reset,
-        )
-        .await?;
-        drop(client);
+        let mut next = start?;
         let lease = Arc::new(Lease {
             group_id: config.group.group_id.clone(),
             member_id: config.group.member_id.clone(),

@@ -332,6 +332,8 @@ enum Wake {
 
 impl MirrorWork {
     async fn mirror(&self, partition: OwnedPartition) -> anyhow::Result<()> {
+        // Every offset below `acknowledged` is in Kafka.
+        let mut acknowledged = partition.start_offset().await?;
         let OwnedPartition {
             pool,
             config,
@@ -346,17 +348,6 @@ impl MirrorWork {
             .with_label_values(&[assignment.topic.as_str()]);
         let (generation, producer) = self.producers.current_with_generation();
 
-        let client = pool.get().await?;
-        // Every offset below `acknowledged` is in Kafka.
-        let mut acknowledged = crate::group::start_offset(
-            &**client,
-            &config.group.group_id,
-            &assignment.topic,
-            assignment.partition,
-            config.group.offset_reset,
-        )
-        .await?;
-        drop(client);
         let mut next = acknowledged;
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut committed: Option<i64> = None;

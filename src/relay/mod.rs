@@ -684,79 +684,41 @@ impl Relay {
                 _ => None,
             }
         };
+        type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+        let advance_params: [Param; 5] =
+            [&advance.0, &advance.1, &advance.2, &advance.3, &advance.4];
+        let append_params: [Param; 7] = [
+            &records.ids,
+            &records.partitions,
+            &records.offsets,
+            &crate::outbox::RESERVED_HEADER_PREFIX,
+            &crate::outbox::RETRY_OF_HEADER,
+            &id_bounds.0,
+            &id_bounds.1,
+        ];
+        let index_params: [Param; 5] = [&index.0, &index.1, &index.2, &index.3, &index.4];
+        let park_params: [Param; 2] = [&parked_ids, &parked_reasons];
+        let notify_params: [Param; 2] = [&crate::log::notify::APPENDED_CHANNEL, &notification];
         let (read_ahead, (advanced, appended, indexed, parked, notified, saved, committed)) =
             tokio::join!(read_ahead, async {
                 tokio::join!(
-                    async {
-                        if appending {
-                            client
-                                .query_one(
-                                    &prepared.advance_heads,
-                                    &[&advance.0, &advance.1, &advance.2, &advance.3, &advance.4],
-                                )
-                                .await
-                                .map(drop)
-                        } else {
-                            Ok(())
-                        }
-                    },
-                    async {
-                        if appending {
-                            client
-                                .query_one(
-                                    &prepared.append,
-                                    &[
-                                        &records.ids,
-                                        &records.partitions,
-                                        &records.offsets,
-                                        &crate::outbox::RESERVED_HEADER_PREFIX,
-                                        &crate::outbox::RETRY_OF_HEADER,
-                                        &id_bounds.0,
-                                        &id_bounds.1,
-                                    ],
-                                )
-                                .await
-                                .map(drop)
-                        } else {
-                            Ok(())
-                        }
-                    },
-                    async {
-                        if appending {
-                            client
-                                .execute(
-                                    &prepared.time_index,
-                                    &[&index.0, &index.1, &index.2, &index.3, &index.4],
-                                )
-                                .await
-                                .map(drop)
-                        } else {
-                            Ok(())
-                        }
-                    },
-                    async {
-                        if parking {
-                            client
-                                .execute(&prepared.park, &[&parked_ids, &parked_reasons])
-                                .await
-                                .map(drop)
-                        } else {
-                            Ok(())
-                        }
-                    },
-                    async {
-                        if appending {
-                            client
-                                .query_one(
-                                    &prepared.notify,
-                                    &[&crate::log::notify::APPENDED_CHANNEL, &notification],
-                                )
-                                .await
-                                .map(drop)
-                        } else {
-                            Ok(())
-                        }
-                    },
+                    only_if(
+                        appending,
+                        client.query_one(&prepared.advance_heads, &advance_params)
+                    ),
+                    only_if(
+                        appending,
+                        client.query_one(&prepared.append, &append_params)
+                    ),
+                    only_if(
+                        appending,
+                        client.execute(&prepared.time_index, &index_params)
+                    ),
+                    only_if(parking, client.execute(&prepared.park, &park_params)),
+                    only_if(
+                        appending,
+                        client.query_one(&prepared.notify, &notify_params)
+                    ),
                     client.query_one(&prepared.save_cursor, &save_params),
                     client.batch_execute("COMMIT"),
                 )
@@ -963,6 +925,20 @@ impl crate::service::Service for Relay {
 
     async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
         Relay::run(self, shutdown).await;
+        Ok(())
+    }
+}
+
+/// One statement of a pipelined batch, sent only when `wanted`. Nothing is
+/// sent until the future is polled, so an unwanted one costs nothing and
+/// the wanted ones keep their order in the pipeline.
+async fn only_if<T>(
+    wanted: bool,
+    statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<(), tokio_postgres::Error> {
+    if wanted {
+        statement.await.map(drop)
+    } else {
         Ok(())
     }
 }

@@ -36,6 +36,41 @@ pub(super) const SELECT_BATCH: &str = "
     ) AS batch
     ORDER BY batch.id LIMIT $4";
 
+/// The first page of a drain whose target is the statement's own snapshot,
+/// for a relay that was woken (a writer told it something committed): the
+/// peek and the read in one statement. `$1` is the relayed snapshot, `$2`
+/// its in-progress transaction ids, `$3` the limit. Every row carries the
+/// target snapshot; with nothing to move it is the only column set (one
+/// row, the outbox columns NULL). Same two branches as `SELECT_BATCH`; the
+/// late commits are the in-progress ids the target sees complete.
+pub(super) const SELECT_BATCH_NOW: &str = "
+    WITH target AS MATERIALIZED (SELECT pg_current_snapshot() AS snap),
+    start AS MATERIALIZED (
+        SELECT coalesce(least(
+            (SELECT min(o.id + 0) FROM outbox o
+              WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
+                AND o.txid <  pg_snapshot_xmax((SELECT snap FROM target))
+                AND pg_visible_in_snapshot(o.txid, (SELECT snap FROM target))),
+            (SELECT min(o.id + 0) FROM outbox o
+              WHERE o.txid = ANY ($2::text[]::xid8[])
+                AND pg_visible_in_snapshot(o.txid, (SELECT snap FROM target)))
+        ) - 1, 0) AS after_id)
+    SELECT batch.txid::text, batch.id, batch.topic, batch.key, batch.created_at, target.snap::text
+      FROM target LEFT JOIN (
+        (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
+          WHERE o.id > (SELECT after_id FROM start)
+            AND o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
+            AND o.txid <  pg_snapshot_xmax((SELECT snap FROM target))
+            AND pg_visible_in_snapshot(o.txid, (SELECT snap FROM target))
+          ORDER BY o.id LIMIT $3)
+        UNION ALL
+        (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
+          WHERE o.txid = ANY ($2::text[]::xid8[]) AND o.id > (SELECT after_id FROM start)
+            AND pg_visible_in_snapshot(o.txid, (SELECT snap FROM target))
+          ORDER BY o.id LIMIT $3)
+      ) AS batch ON true
+     ORDER BY batch.id LIMIT $3";
+
 /// Read-only check an idle leader runs: the current snapshot, and whether
 /// any outbox row became visible since `relayed_snapshot` ($1, with its
 /// in-progress transaction ids as $2). Only in-progress transactions that
@@ -70,6 +105,10 @@ pub(super) const SAVE_CURSOR: &str = "
 pub(super) fn statements() -> Vec<(&'static str, String)> {
     vec![
         ("relay::drain::SELECT_BATCH", SELECT_BATCH.to_string()),
+        (
+            "relay::drain::SELECT_BATCH_NOW",
+            SELECT_BATCH_NOW.to_string(),
+        ),
         ("relay::drain::PEEK", PEEK.to_string()),
         ("relay::drain::SAVE_CURSOR", SAVE_CURSOR.to_string()),
     ]

@@ -143,9 +143,23 @@ where
 
 /// Steps `relay` until it reports idle (everything visible is moved).
 pub async fn drain(relay: &mut Relay) {
+    drain_as(relay, false).await
+}
+
+/// [`drain`] as a relay that is woken for every step (no peeks).
+pub async fn drain_woken(relay: &mut Relay) {
+    drain_as(relay, true).await
+}
+
+async fn drain_as(relay: &mut Relay, woken: bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        match relay.step().await.expect("relay step") {
+        let step = if woken {
+            relay.step_woken().await
+        } else {
+            relay.step().await
+        };
+        match step.expect("relay step") {
             StepOutcome::Idle => return,
             StepOutcome::Standby => panic!("relay could not take the lease"),
             _ => {}

@@ -557,28 +557,110 @@ async fn drain_in_small_batches_across_txid_digit_boundaries_is_exact() {
 }
 
 /// Fencing at the batch itself: a leader whose lease was renewed a moment
-/// ago, but whose epoch has since moved on, cannot append.
+/// ago, but whose epoch has since moved on, cannot append, whether it
+/// peeked first or was woken.
 #[tokio::test]
 async fn a_batch_at_a_stale_epoch_appends_nothing() {
+    for woken in [false, true] {
+        let db = TestDb::migrated().await;
+        let client = db.client().await;
+        let mut leader = db.relay();
+        assert!(matches!(
+            leader.step().await.unwrap(),
+            StepOutcome::BecameLeader { .. }
+        ));
+        assert_eq!(leader.step().await.unwrap(), StepOutcome::Idle);
+        // Another process takes over right after (no renewal is due here).
+        client
+            .execute(
+                "UPDATE relay_state SET epoch = epoch + 1, holder = 'someone-else'",
+                &[],
+            )
+            .await
+            .unwrap();
+        insert_event(&client, "order-created", "x", json!({})).await;
+        let outcome = if woken {
+            leader.step_woken().await
+        } else {
+            leader.step().await
+        };
+        assert_eq!(
+            outcome.unwrap(),
+            StepOutcome::LostLeadership,
+            "woken: {woken}"
+        );
+        assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 0);
+    }
+}
+
+/// Invariants 2, 3 and 5 for a relay that is woken rather than polled: its
+/// batch is cut at the read's own snapshot (no peek), so rows committed
+/// while other writers stay open move at once, a late commit still moves
+/// once, a wake-up with nothing new writes nothing, and a backlog drains
+/// in full batches exactly.
+#[tokio::test]
+async fn a_woken_relay_cuts_its_batch_at_its_own_snapshot_and_skips_nothing() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
-    let mut leader = db.relay();
-    assert!(matches!(
-        leader.step().await.unwrap(),
-        StepOutcome::BecameLeader { .. }
-    ));
-    assert_eq!(leader.step().await.unwrap(), StepOutcome::Idle);
-    // Another process takes over right after (no renewal is due here).
+    let mut config = fast_relay_config();
+    config.min_batch = 2;
+    config.max_batch = 4;
+    // No renewal within the test: it would save the relay's empty reads.
+    config.lease_ttl = Duration::from_secs(120);
+    let mut relay = outbox_relay::relay::Relay::new(&db.url, config);
+    relay.step_woken().await.unwrap(); // take the lease
+
+    let mut late_writer = db.client().await;
+    let late_tx = late_writer.transaction().await.unwrap();
+    insert_via(&late_tx, "late").await;
+    for i in 0..5 {
+        insert_event(
+            &client,
+            "order-created",
+            &format!("early-{i}"),
+            json!({ "i": i }),
+        )
+        .await;
+    }
+    drain_woken(&mut relay).await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM event_log").await,
+        5,
+        "rows committed while a writer is open must not wait for it"
+    );
+
+    // Woken with nothing new: nothing is written, the cursor stays.
+    let cursor = "SELECT relayed_snapshot::text FROM relay_state";
+    let before: Vec<String> = column(&client, cursor).await;
+    assert_eq!(relay.step_woken().await.unwrap(), StepOutcome::Idle);
+    assert_eq!(column::<String>(&client, cursor).await, before);
+
+    late_tx.commit().await.unwrap();
+    // A backlog that takes many full batches, the late commit among them.
     client
         .execute(
-            "UPDATE relay_state SET epoch = epoch + 1, holder = 'someone-else'",
+            "INSERT INTO outbox (topic, key, payload)
+             SELECT 'order-created', 'bulk-' || (i % 7), jsonb_build_object('i', i)
+               FROM generate_series(1, 40) i",
             &[],
         )
         .await
         .unwrap();
-    insert_event(&client, "order-created", "x", json!({})).await;
-    assert_eq!(leader.step().await.unwrap(), StepOutcome::LostLeadership);
-    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 0);
+    assert!(matches!(
+        relay.step_woken().await.unwrap(),
+        StepOutcome::Moved {
+            drain_continues: true,
+            ..
+        }
+    ));
+    drain_woken(&mut relay).await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM event_log WHERE key = 'late'").await,
+        1,
+        "the late-committing row must be relayed once"
+    );
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 46);
+    assert_log_consistent(&client, "order-created").await;
 }
 
 /// Invariant 4 where transaction ids and insert order disagree: A takes its

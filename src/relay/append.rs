@@ -11,10 +11,30 @@ pub(super) const HEADS: &str = "
     SELECT t.name, t.partitions, h.partition, h.log_end_offset, h.max_created_at
       FROM topics t LEFT JOIN partition_heads h ON h.topic = t.name";
 
-/// Advances the heads the batch appends to, each from the log end offset it
-/// was read at (`$5`): should any have moved, the statement fails and the
-/// whole batch rolls back.
-pub(super) const ADVANCE_HEADS: &str = "
+/// Appends a batch in one statement, then wakes its readers:
+///
+/// - advances the heads it appends to (`$1`..`$5`: topic, partition, count,
+///   newest `created_at`, base offset), each from the log end offset it was
+///   read at: should any have moved, the statement fails;
+/// - copies the rows from the outbox into the log (`$6`..`$8`: outbox id,
+///   partition, offset); payloads never leave Postgres. The headers are the
+///   writer's minus those in the reserved namespace (the prefix `$9`; the
+///   slow path runs only for rows that mention it), plus the retry header
+///   (`$10`) for a row `dead-letters retry` wrote (its link is in
+///   `outbox_retries`). Fails unless every row was appended. `$11` and
+///   `$12` are the batch's lowest and highest outbox ids: the planner may
+///   merge-join the outbox's primary key, and without the bound that scan
+///   starts at the oldest outbox row on every batch (a million-row backlog
+///   read its whole index per batch);
+/// - writes the sparse time index, one entry per partition (`$13`: last
+///   offset, `$14`: running newest `created_at`);
+/// - `NOTIFY $15` with `$16` naming the partitions (see
+///   [`crate::log::notify`]), delivered at commit.
+///
+/// A failure aborts the transaction, so the batch's `COMMIT` rolls back.
+/// One statement rather than four: each statement costs the server a
+/// portal, an executor start and a flush of its own.
+pub(super) const APPEND_BATCH: &str = "
     WITH advanced AS (
         UPDATE partition_heads h
            SET log_end_offset = h.log_end_offset + v.n,
@@ -22,41 +42,30 @@ pub(super) const ADVANCE_HEADS: &str = "
           FROM unnest($1::text[], $2::int4[], $3::int8[], $4::timestamptz[], $5::int8[])
                AS v(topic, partition, n, max_created_at, base)
          WHERE h.topic = v.topic AND h.partition = v.partition AND h.log_end_offset = v.base
-        RETURNING 1)
-    SELECT outbox_relay_assert(count(*) = cardinality($1::text[]),
-                               'partition heads moved under the relay') FROM advanced";
-
-/// Copies rows from the outbox into the log; payloads never leave Postgres.
-/// The headers are the writer's minus those in the reserved namespace (the
-/// prefix `$4`; the slow path runs only for rows that mention it), plus the
-/// retry header (`$5`) for a row `dead-letters retry` wrote (its link is in
-/// `outbox_retries`). Fails (and the batch rolls back) unless every row was
-/// appended. `$6` and `$7` are the batch's lowest and highest outbox ids:
-/// the planner may merge-join the outbox's primary key, and without the
-/// bound that scan starts at the oldest outbox row on every batch (a
-/// million-row backlog read its whole index per batch).
-pub(super) const APPEND_RECORDS: &str = "
-    WITH appended AS (
+        RETURNING 1),
+    appended AS (
         INSERT INTO event_log (topic, partition, \"offset\", key, headers, payload, created_at, appended_at, outbox_id)
         SELECT o.topic, v.partition, v.log_offset, o.key,
-               CASE WHEN strpos(o.headers::text, $4::text) = 0 THEN o.headers
+               CASE WHEN strpos(o.headers::text, $9::text) = 0 THEN o.headers
                     ELSE (SELECT coalesce(jsonb_object_agg(h.key, h.value), '{}'::jsonb)
                             FROM jsonb_each(o.headers) AS h
-                           WHERE NOT starts_with(h.key, $4::text)) END
+                           WHERE NOT starts_with(h.key, $9::text)) END
                  || CASE WHEN r.retry_of IS NULL THEN '{}'::jsonb
-                         ELSE jsonb_build_object($5::text, r.retry_of) END,
+                         ELSE jsonb_build_object($10::text, r.retry_of) END,
                o.payload, o.created_at, now(), o.id
-          FROM unnest($1::int8[], $2::int4[], $3::int8[]) AS v(id, partition, log_offset)
+          FROM unnest($6::int8[], $7::int4[], $8::int8[]) AS v(id, partition, log_offset)
           JOIN outbox o ON o.id = v.id
           LEFT JOIN outbox_retries r ON r.outbox_id = o.id
-         WHERE o.id BETWEEN $6 AND $7
-        RETURNING 1)
-    SELECT outbox_relay_assert(count(*) = cardinality($1::int8[]),
-                               'fewer records appended than outbox rows') FROM appended";
-
-pub(super) const APPEND_TIME_INDEX: &str = "
-    INSERT INTO event_log_time_index (topic, partition, base_offset, last_offset, max_created_at)
-    SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::int8[], $5::timestamptz[])";
+         WHERE o.id BETWEEN $11 AND $12
+        RETURNING 1),
+    indexed AS (
+        INSERT INTO event_log_time_index (topic, partition, base_offset, last_offset, max_created_at)
+        SELECT * FROM unnest($1::text[], $2::int4[], $5::int8[], $13::int8[], $14::timestamptz[]))
+    SELECT outbox_relay_assert((SELECT count(*) FROM advanced) = cardinality($1::text[]),
+                               'partition heads moved under the relay'),
+           outbox_relay_assert((SELECT count(*) FROM appended) = cardinality($6::int8[]),
+                               'fewer records appended than outbox rows'),
+           pg_notify($15, $16)";
 
 pub(super) const PARK_ROWS: &str = "
     INSERT INTO outbox_parked (outbox_id, topic, key, payload, headers, created_at, reason, retry_of)
@@ -71,12 +80,7 @@ pub(super) const PARK_ROWS: &str = "
 pub(super) fn statements() -> Vec<(&'static str, String)> {
     vec![
         ("relay::append::HEADS", HEADS.to_string()),
-        ("relay::append::ADVANCE_HEADS", ADVANCE_HEADS.to_string()),
-        ("relay::append::APPEND_RECORDS", APPEND_RECORDS.to_string()),
-        (
-            "relay::append::APPEND_TIME_INDEX",
-            APPEND_TIME_INDEX.to_string(),
-        ),
+        ("relay::append::APPEND_BATCH", APPEND_BATCH.to_string()),
         ("relay::append::PARK_ROWS", PARK_ROWS.to_string()),
     ]
 }

@@ -144,10 +144,6 @@ enum Role {
     },
 }
 
-/// Wakes readers waiting on channel `$1`; delivered at commit. `$2` names
-/// the partitions the batch appended to (see [`crate::log::notify`]).
-const NOTIFY_APPENDED: &str = "SELECT pg_notify($1, $2)";
-
 /// `drain::SELECT_BATCH`'s parameters with their types: it is sent unnamed
 /// (`query_typed`, one round trip), so each execution is planned with its
 /// snapshots, as `PEEK` is; a generic plan cannot see how narrow the
@@ -188,11 +184,8 @@ struct Prepared {
     end_expired: Statement,
     lock_state: Statement,
     heads: Statement,
-    advance_heads: Statement,
     append: Statement,
-    time_index: Statement,
     park: Statement,
-    notify: Statement,
     save_cursor: Statement,
 }
 
@@ -206,11 +199,8 @@ impl Prepared {
                 END_EXPIRED_HOLDER,
                 LOCK_STATE_AT_EPOCH,
                 append::HEADS,
-                append::ADVANCE_HEADS,
-                append::APPEND_RECORDS,
-                append::APPEND_TIME_INDEX,
+                append::APPEND_BATCH,
                 append::PARK_ROWS,
-                NOTIFY_APPENDED,
                 SAVE_CURSOR,
             ]
             .map(|sql| client.prepare(sql)),
@@ -225,11 +215,8 @@ impl Prepared {
             end_expired: next(),
             lock_state: next(),
             heads: next(),
-            advance_heads: next(),
             append: next(),
-            time_index: next(),
             park: next(),
-            notify: next(),
             save_cursor: next(),
         })
     }
@@ -694,18 +681,13 @@ impl Relay {
                 .map(|(_, v)| v.base_offset)
                 .collect::<Vec<i64>>(),
         );
-        let index = (
-            advance.0.clone(),
-            advance.1.clone(),
-            advance.4.clone(),
-            appends
-                .clone()
-                .map(|(_, v)| v.base_offset + v.count - 1)
-                .collect::<Vec<i64>>(),
-            appends
-                .map(|(_, v)| v.running_max_created_at)
-                .collect::<Vec<DateTime<Utc>>>(),
-        );
+        // The time index: one entry per partition appended to.
+        let last_offsets: Vec<i64> = appends
+            .clone()
+            .map(|(_, v)| v.base_offset + v.count - 1)
+            .collect();
+        let running_max_created_at: Vec<DateTime<Utc>> =
+            appends.map(|(_, v)| v.running_max_created_at).collect();
         let parked_ids: Vec<i64> = plan.parked.iter().map(|r| r.id).collect();
         let parked_reasons: Vec<String> = plan
             .parked
@@ -764,9 +746,13 @@ impl Relay {
             }
         };
         type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
-        let advance_params: [Param; 5] =
-            [&advance.0, &advance.1, &advance.2, &advance.3, &advance.4];
-        let append_params: [Param; 7] = [
+        // See `append::APPEND_BATCH` for the parameters' order.
+        let append_params: [Param; 16] = [
+            &advance.0,
+            &advance.1,
+            &advance.2,
+            &advance.3,
+            &advance.4,
             &records.ids,
             &records.partitions,
             &records.offsets,
@@ -774,39 +760,25 @@ impl Relay {
             &crate::outbox::RETRY_OF_HEADER,
             &id_bounds.0,
             &id_bounds.1,
+            &last_offsets,
+            &running_max_created_at,
+            &crate::log::notify::APPENDED_CHANNEL,
+            &notification,
         ];
-        let index_params: [Param; 5] = [&index.0, &index.1, &index.2, &index.3, &index.4];
         let park_params: [Param; 2] = [&parked_ids, &parked_reasons];
-        let notify_params: [Param; 2] = [&crate::log::notify::APPENDED_CHANNEL, &notification];
-        let (read_ahead, (advanced, appended, indexed, parked, notified, saved, committed)) =
-            tokio::join!(read_ahead, async {
-                tokio::join!(
-                    only_if(
-                        appending,
-                        client.query_one(&prepared.advance_heads, &advance_params)
-                    ),
-                    only_if(
-                        appending,
-                        client.query_one(&prepared.append, &append_params)
-                    ),
-                    only_if(
-                        appending,
-                        client.execute(&prepared.time_index, &index_params)
-                    ),
-                    only_if(parking, client.execute(&prepared.park, &park_params)),
-                    only_if(
-                        appending,
-                        client.query_one(&prepared.notify, &notify_params)
-                    ),
-                    client.query_one(&prepared.save_cursor, &save_params),
-                    client.batch_execute("COMMIT"),
-                )
-            });
-        advanced.context("advancing partition heads")?;
-        appended.context("appending records to the event log")?;
-        indexed.context("writing the time index")?;
+        let (read_ahead, (appended, parked, saved, committed)) = tokio::join!(read_ahead, async {
+            tokio::join!(
+                only_if(
+                    appending,
+                    client.query_one(&prepared.append, &append_params)
+                ),
+                only_if(parking, client.execute(&prepared.park, &park_params)),
+                client.query_one(&prepared.save_cursor, &save_params),
+                client.batch_execute("COMMIT"),
+            )
+        });
+        appended.context("appending the batch to the event log")?;
         parked.context("parking outbox rows")?;
-        notified?;
         saved.context("saving the relay's cursor")?;
         committed.context("committing the relay batch")?;
         match read_ahead {
@@ -1043,7 +1015,7 @@ async fn only_if<T>(
 /// The relay's SQL by name, its private submodules' included:
 /// tests/it/sql.rs prepares each statement against the migrated schema.
 pub(crate) fn statements() -> Vec<(&'static str, String)> {
-    let mut all = vec![("relay::NOTIFY_APPENDED", NOTIFY_APPENDED.to_string())];
+    let mut all = Vec::new();
     all.extend(lease::statements());
     all.extend(drain::statements());
     all.extend(append::statements());

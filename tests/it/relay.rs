@@ -214,29 +214,46 @@ async fn relay_connection_terminated_mid_batch_appends_nothing() {
     }
     let mut relay = Relay::new(db.url.clone(), fast_relay_config());
     relay.step().await.unwrap(); // the lease (and the statements prepared)
-                                 // Block the relay inside its transaction after it appended the records
-                                 // (the time index comes next).
+
+    // Block the relay inside its batch after it advanced the heads and
+    // appended the records: the time index, written next in the same
+    // statement, waits on a lock this test holds (a trigger of this test's
+    // database only).
+    client
+        .batch_execute(
+            "CREATE FUNCTION wait_for_the_test() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_advisory_xact_lock(7357); RETURN NEW; END $$;
+             CREATE TRIGGER wait_for_the_test BEFORE INSERT ON event_log_time_index
+                 FOR EACH ROW EXECUTE FUNCTION wait_for_the_test();",
+        )
+        .await
+        .unwrap();
     let mut blocker = db.client().await;
     let blocker_tx = blocker.transaction().await.unwrap();
     blocker_tx
-        .execute("LOCK TABLE event_log_time_index IN EXCLUSIVE MODE", &[])
+        .execute("SELECT pg_advisory_xact_lock(7357)", &[])
         .await
         .unwrap();
 
     let stuck = tokio::spawn(async move {
         relay.step().await // the batch: blocks, then fails
     });
-    let pid: i32 = eventually("the relay to wait on the lock", Duration::from_secs(10), || async {
-        client
-            .query_opt(
-                "SELECT pid FROM pg_stat_activity
-                  WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO event_log_time_index%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .map(|r| r.get(0))
-    })
+    let pid: i32 = eventually(
+        "the relay to wait on the lock",
+        Duration::from_secs(10),
+        || async {
+            client
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'
+                    AND application_name = 'outbox-relay'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get(0))
+        },
+    )
     .await;
     client
         .execute("SELECT pg_terminate_backend($1)", &[&pid])
@@ -244,6 +261,10 @@ async fn relay_connection_terminated_mid_batch_appends_nothing() {
         .unwrap();
     assert!(stuck.await.unwrap().is_err(), "the killed batch must fail");
     blocker_tx.rollback().await.unwrap();
+    client
+        .batch_execute("DROP TRIGGER wait_for_the_test ON event_log_time_index")
+        .await
+        .unwrap();
 
     assert_eq!(
         count(&client, "SELECT count(*) FROM event_log").await,

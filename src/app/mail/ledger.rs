@@ -345,9 +345,11 @@ async fn write_sent(
     let ids: Vec<&str> = marks.clone().map(|m| m.message_id.as_str()).collect();
     let recipients: Vec<&str> = marks.clone().map(|m| m.recipient.as_str()).collect();
     let keys: Vec<Option<&str>> = marks.map(|m| m.key.as_deref()).collect();
+    // Prepared once per connection: one round trip, no parse or plan.
+    let mark_sent = client.prepare_cached(MARK_SENT).await?;
     client
         .execute(
-            MARK_SENT,
+            &mark_sent,
             &[
                 &group,
                 &topics,

@@ -617,6 +617,8 @@ impl Relay {
             }
             return Ok(StepOutcome::Idle);
         }
+        // Now that the target is known for every kind of batch (a woken
+        // read's own included): what the drain's next read looks up.
         let late_commits = relayed.completed_by(&target);
         let full = batch.len() as i64 == limit;
         let next_limit = if full {

@@ -455,9 +455,13 @@ impl Relay {
             Role::Leader { relayed, drain, .. } => (relayed.clone(), drain.is_some()),
             Role::Standby => unreachable!("handled above"),
         };
+        // A woken read looks up the outbox rows of every transaction in
+        // progress at the relayed snapshot before it knows which finished:
+        // behind a large writer still open that costs a read of all its
+        // rows, so then it peeks first, as a poll does.
         let target = if draining {
             Target::Drain
-        } else if cue == Cue::Woken {
+        } else if cue == Cue::Woken && relayed.in_progress_ids().is_empty() {
             Target::Now
         } else {
             let (client, _) = self.client().await?;
@@ -612,6 +616,7 @@ impl Relay {
             // Woken with nothing new (its rows went with the last batch):
             // what a peek that found nothing records, and nothing to write.
             client.batch_execute("ROLLBACK").await?;
+            self.reader = reader;
             if let Role::Leader { empty_peek, .. } = &mut self.role {
                 *empty_peek = Some(target);
             }

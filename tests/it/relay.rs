@@ -633,7 +633,10 @@ async fn a_woken_relay_cuts_its_batch_at_its_own_snapshot_and_skips_nothing() {
 
     let mut late_writer = db.client().await;
     let late_tx = late_writer.transaction().await.unwrap();
-    insert_via(&late_tx, "late").await;
+    // More rows than a batch holds: the late commit spans pages.
+    for _ in 0..6 {
+        insert_via(&late_tx, "late").await;
+    }
     for i in 0..5 {
         insert_event(
             &client,
@@ -677,10 +680,10 @@ async fn a_woken_relay_cuts_its_batch_at_its_own_snapshot_and_skips_nothing() {
     drain_woken(&mut relay).await;
     assert_eq!(
         count(&client, "SELECT count(*) FROM event_log WHERE key = 'late'").await,
-        1,
-        "the late-committing row must be relayed once"
+        6,
+        "each late-committing row must be relayed once"
     );
-    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 46);
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 51);
     assert_log_consistent(&client, "order-created").await;
 }
 

@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "pipelined_relay",
         sql: include_str!("../sql/0006_pipelined_relay.sql"),
     },
+    Migration {
+        version: 7,
+        name: "woken_read",
+        sql: include_str!("../sql/0007_woken_read.sql"),
+    },
 ];
 
 /// The version a fully migrated database reports.

@@ -36,40 +36,19 @@ pub(super) const SELECT_BATCH: &str = "
     ) AS batch
     ORDER BY batch.id LIMIT $4";
 
-/// The first page of a drain whose target is the statement's own snapshot,
-/// for a relay that was woken (a writer told it something committed): the
-/// peek and the read in one statement. `$1` is the relayed snapshot, `$2`
-/// its in-progress transaction ids, `$3` the limit. Every row carries the
-/// target snapshot; with nothing to move it is the only column set (one
-/// row, the outbox columns NULL). Same two branches as `SELECT_BATCH`; the
-/// late commits are the in-progress ids the target sees complete.
-pub(super) const SELECT_BATCH_NOW: &str = "
-    WITH target AS MATERIALIZED (SELECT pg_current_snapshot() AS snap),
-    start AS MATERIALIZED (
-        SELECT coalesce(least(
-            (SELECT min(o.id + 0) FROM outbox o
-              WHERE o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
-                AND o.txid <  pg_snapshot_xmax((SELECT snap FROM target))
-                AND pg_visible_in_snapshot(o.txid, (SELECT snap FROM target))),
-            (SELECT min(o.id + 0) FROM outbox o
-              WHERE o.txid = ANY ($2::text[]::xid8[])
-                AND pg_visible_in_snapshot(o.txid, (SELECT snap FROM target)))
-        ) - 1, 0) AS after_id)
-    SELECT batch.txid::text, batch.id, batch.topic, batch.key, batch.created_at, target.snap::text
-      FROM target LEFT JOIN (
-        (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
-          WHERE o.id > (SELECT after_id FROM start)
-            AND o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
-            AND o.txid <  pg_snapshot_xmax((SELECT snap FROM target))
-            AND pg_visible_in_snapshot(o.txid, (SELECT snap FROM target))
-          ORDER BY o.id LIMIT $3)
-        UNION ALL
-        (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
-          WHERE o.txid = ANY ($2::text[]::xid8[]) AND o.id > (SELECT after_id FROM start)
-            AND pg_visible_in_snapshot(o.txid, (SELECT snap FROM target))
-          ORDER BY o.id LIMIT $3)
-      ) AS batch ON true
-     ORDER BY batch.id LIMIT $3";
+/// The first page of a drain whose target is the read's own snapshot, for
+/// a relay that was woken (a writer told it something committed): the peek
+/// and the read in one statement. `$1` is the relayed snapshot, `$2` the
+/// limit. Every row carries the target snapshot; with nothing to move it is
+/// the only column set (one row, the outbox columns NULL).
+///
+/// Only for a relayed snapshot with no transaction in progress: then every
+/// transaction below its `xmax` was complete and relayed, so there are no
+/// late commits to look up, and this is `SELECT_BATCH`'s first branch
+/// alone. The statement is a function (migration 7) so that it is parsed
+/// once per session yet planned for every call with the relayed snapshot
+/// folded in; this one is prepared once per connection.
+pub(super) const SELECT_BATCH_NOW: &str = "SELECT * FROM outbox_relay_read_woken($1, $2)";
 
 /// Read-only check an idle leader runs: the current snapshot, and whether
 /// any outbox row became visible since `relayed_snapshot` ($1, with its

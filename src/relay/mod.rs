@@ -177,12 +177,15 @@ struct Prefetched {
 /// pipelined round trips with no Parse/Describe per statement. `PEEK` and
 /// `SELECT_BATCH` are not among them: they are sent unnamed, to be planned
 /// with their snapshots each time (see `select_batch_params`).
+/// `SELECT_BATCH_NOW` is, as it calls a function that plans its statement
+/// for every call.
 struct Prepared {
     acquire: Statement,
     renew: Statement,
     release: Statement,
     end_expired: Statement,
     lock_state: Statement,
+    select_batch_now: Statement,
     heads: Statement,
     append: Statement,
     park: Statement,
@@ -198,6 +201,7 @@ impl Prepared {
                 RELEASE_LEASE,
                 END_EXPIRED_HOLDER,
                 LOCK_STATE_AT_EPOCH,
+                SELECT_BATCH_NOW,
                 append::HEADS,
                 append::APPEND_BATCH,
                 append::PARK_ROWS,
@@ -214,6 +218,7 @@ impl Prepared {
             release: next(),
             end_expired: next(),
             lock_state: next(),
+            select_batch_now: next(),
             heads: next(),
             append: next(),
             park: next(),
@@ -455,10 +460,11 @@ impl Relay {
             Role::Leader { relayed, drain, .. } => (relayed.clone(), drain.is_some()),
             Role::Standby => unreachable!("handled above"),
         };
-        // A woken read looks up the outbox rows of every transaction in
-        // progress at the relayed snapshot before it knows which finished:
-        // behind a large writer still open that costs a read of all its
-        // rows, so then it peeks first, as a poll does.
+        // A woken read has no late commits to look up (see
+        // `SELECT_BATCH_NOW`) only if no transaction was in progress at the
+        // relayed snapshot; otherwise it peeks first, as a poll does (the
+        // peek looks up only those that finished since, so a large writer
+        // still open costs nothing).
         let target = if draining {
             Target::Drain
         } else if cue == Cue::Woken && relayed.in_progress_ids().is_empty() {
@@ -543,7 +549,6 @@ impl Relay {
             .as_ref()
             .map(|t| relayed.completed_by(t))
             .unwrap_or_default();
-        let in_progress = relayed.in_progress_ids();
         let read_ahead = self.prefetched.take().and_then(|p| {
             let wanted = (&relayed.text, &known_text, cursor, limit);
             (wanted == (&p.relayed, &p.target, Some(p.cursor), p.limit)).then_some(p.rows)
@@ -559,11 +564,7 @@ impl Relay {
         let lock_params: [&(dyn ToSql + Sync); 2] = [&name, &epoch];
         let select_params =
             select_batch_params(&relayed.text, &known_text, &cursor, &limit, &late_commits);
-        let select_now_params: [(&(dyn ToSql + Sync), Type); 3] = [
-            (&relayed.text, Type::TEXT),
-            (&in_progress, Type::TEXT_ARRAY),
-            (&limit, Type::INT8),
-        ];
+        let select_now_params: [&(dyn ToSql + Sync); 2] = [&relayed.text, &limit];
         let (begun, state, rows, heads) = tokio::join!(
             client.batch_execute("BEGIN"),
             client.query_opt(&prepared.lock_state, &lock_params),
@@ -577,7 +578,7 @@ impl Relay {
                     // Every row carries the snapshot; without rows to move,
                     // one row carries only it.
                     (None, None) => client
-                        .query_typed(SELECT_BATCH_NOW, &select_now_params)
+                        .query(&prepared.select_batch_now, &select_now_params)
                         .await
                         .map(|rows| {
                             let snapshot = rows.first().map(|row| row.get::<_, String>(5));

@@ -11,7 +11,6 @@ RETURNS TABLE (txid text, id bigint, topic text, key text, created_at timestampt
 LANGUAGE plpgsql VOLATILE
 SET plan_cache_mode = force_custom_plan
 AS $$
-#variable_conflict use_column
 BEGIN
     RETURN QUERY
     WITH target AS MATERIALIZED (SELECT pg_current_snapshot() AS snap),

@@ -366,6 +366,8 @@ impl Relay {
     /// [`Relay::step`] after a wake-up: a writer said it committed, so the
     /// batch is read at once, cut at that statement's snapshot, without a
     /// peek first (one statement and one round trip less per wake-up).
+    /// Only when the relayed snapshot had no transaction in progress (no
+    /// late commits to look up); otherwise it peeks first, as `step` does.
     pub async fn step_woken(&mut self) -> anyhow::Result<StepOutcome> {
         self.step_as(Cue::Woken).await
     }

@@ -146,7 +146,7 @@ pub async fn drain(relay: &mut Relay) {
     drain_as(relay, false).await
 }
 
-/// [`drain`] as a relay that is woken for every step (no peeks).
+/// [`drain`] as a relay woken before every step (see `Relay::step_woken`).
 pub async fn drain_woken(relay: &mut Relay) {
     drain_as(relay, true).await
 }

@@ -469,7 +469,7 @@ impl Relay {
         // still open costs nothing).
         let target = if draining {
             Target::Drain
-        } else if cue == Cue::Woken && relayed.in_progress_ids().is_empty() {
+        } else if cue == Cue::Woken && relayed.in_progress.is_empty() {
             Target::Now
         } else {
             let (client, _) = self.client().await?;
@@ -547,6 +547,8 @@ impl Relay {
             .as_ref()
             .map(|t| t.text.clone())
             .unwrap_or_default();
+        // The late commits this drain looks up. A woken read's target is not
+        // known yet, but it runs only with none in progress (so none).
         let late_commits = known_target
             .as_ref()
             .map(|t| relayed.completed_by(t))
@@ -625,9 +627,6 @@ impl Relay {
             }
             return Ok(StepOutcome::Idle);
         }
-        // Now that the target is known for every kind of batch (a woken
-        // read's own included): what the drain's next read looks up.
-        let late_commits = relayed.completed_by(&target);
         let full = batch.len() as i64 == limit;
         let next_limit = if full {
             (limit * 2).min(max_batch)
@@ -891,6 +890,15 @@ impl Relay {
         let mut woken = false;
         while !shutdown.is_triggered() {
             let cue = if woken { Cue::Woken } else { Cue::Poll };
+            // The first pause after a batch. Writers that woke the relay
+            // will wake it again: between their wake-ups it polls at the
+            // slow end. Rows found by polling come from writers that do not
+            // wake it: poll fast again, as they may write more at once.
+            let after_batch = if woken {
+                self.config.idle_poll_max
+            } else {
+                MIN_IDLE_PAUSE
+            };
             let (pause, wakeable) = match self.step_as(cue).await {
                 // Caught up with the snapshot the batch was cut at: rows
                 // committed since come with a wake-up (one that came during
@@ -899,27 +907,14 @@ impl Relay {
                     drain_continues: false,
                     ..
                 }) => {
-                    let pause = if woken {
-                        self.config.idle_poll_max
-                    } else {
-                        MIN_IDLE_PAUSE
-                    };
-                    idle_pause = (pause * 2).min(self.config.idle_poll_max);
+                    idle_pause = (after_batch * 2).min(self.config.idle_poll_max);
                     error_pause = Duration::from_millis(100);
-                    (pause, true)
+                    (after_batch, true)
                 }
                 Ok(StepOutcome::Moved { .. })
                 | Ok(StepOutcome::BecameLeader { .. })
                 | Ok(StepOutcome::LostLeadership) => {
-                    // Writers that woke the relay will wake it again: between
-                    // their wake-ups it polls at the slow end. Rows found by
-                    // polling come from writers that do not wake it: poll
-                    // fast again, as they may write more at once.
-                    idle_pause = if woken {
-                        self.config.idle_poll_max
-                    } else {
-                        MIN_IDLE_PAUSE
-                    };
+                    idle_pause = after_batch;
                     error_pause = Duration::from_millis(100);
                     (Duration::ZERO, false)
                 }

@@ -94,15 +94,7 @@ async fn late_commit_is_never_skipped_and_open_transactions_do_not_stall() {
         .await
         .unwrap();
 
-    for i in 0..5 {
-        insert_event(
-            &client,
-            "order-created",
-            &format!("early-{i}"),
-            json!({ "i": i }),
-        )
-        .await;
-    }
+    insert_early_events(&client, 5).await;
     drain(&mut relay).await;
     assert_eq!(
         count(&client, "SELECT count(*) FROM event_log").await,
@@ -116,6 +108,19 @@ async fn late_commit_is_never_skipped_and_open_transactions_do_not_stall() {
     assert_eq!(late, 1, "the late-committing row must be relayed once");
     job_tx.rollback().await.unwrap();
     assert_log_consistent(&client, "order-created").await;
+}
+
+/// `count` events keyed `early-0`, `early-1`, … each committed on its own.
+async fn insert_early_events(client: &tokio_postgres::Client, count: i64) {
+    for i in 0..count {
+        insert_event(
+            client,
+            "order-created",
+            &format!("early-{i}"),
+            json!({ "i": i }),
+        )
+        .await;
+    }
 }
 
 async fn insert_via(tx: &tokio_postgres::Transaction<'_>, key: &str) {
@@ -639,15 +644,7 @@ async fn a_woken_relay_cuts_its_batch_at_its_own_snapshot_and_skips_nothing() {
     for _ in 0..6 {
         insert_via(&late_tx, "late").await;
     }
-    for i in 0..5 {
-        insert_event(
-            &client,
-            "order-created",
-            &format!("early-{i}"),
-            json!({ "i": i }),
-        )
-        .await;
-    }
+    insert_early_events(&client, 5).await;
     drain_woken(&mut relay).await;
     assert_eq!(
         count(&client, "SELECT count(*) FROM event_log").await,

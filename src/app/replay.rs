@@ -858,14 +858,10 @@ impl RunLedger {
     fn spawn(pool: deadpool_postgres::Pool, run_id: i64) -> RunLedger {
         let (writes, mut rx) = mpsc::unbounded_channel::<(LedgerWrite, oneshot::Sender<()>)>();
         tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < 1000 {
-                    match rx.try_recv() {
-                        Ok(write) => batch.push(write),
-                        Err(_) => break,
-                    }
-                }
+            // Whatever waits goes in one batch; 0 only once the channel closed.
+            let mut waiting = Vec::new();
+            while rx.recv_many(&mut waiting, 1000).await > 0 {
+                let batch = std::mem::take(&mut waiting);
                 let mut failures = 0u32;
                 while let Err(e) = write_batch(&pool, run_id, &batch).await {
                     tracing::warn!(

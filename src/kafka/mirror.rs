@@ -621,9 +621,9 @@ fn produce(
             if name == OFFSET_HEADER || value.is_null() {
                 continue;
             }
-            let text = match value {
-                serde_json::Value::String(text) => text.clone(),
-                other => other.to_string(),
+            let text: std::borrow::Cow<str> = match value {
+                serde_json::Value::String(text) => text.into(),
+                other => other.to_string().into(),
             };
             headers = headers.insert(Header {
                 key: name,

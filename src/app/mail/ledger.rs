@@ -117,13 +117,14 @@ struct Ceiling {
 }
 
 impl LedgerCeiling {
-    /// The ceiling for `lease`'s partition in `group`'s ledger, read from the ledger once per epoch.
+    /// The ceiling for `lease`'s partition in `group`'s ledger, read from the
+    /// ledger once per epoch (a connection is taken from `pool` only then).
     pub(super) async fn get(
         &self,
-        client: &deadpool_postgres::Client,
+        pool: &deadpool_postgres::Pool,
         group: &str,
         lease: &Lease,
-    ) -> Result<i64, tokio_postgres::Error> {
+    ) -> anyhow::Result<i64> {
         let key = (lease.topic.clone(), lease.partition);
         let known = self
             .partitions
@@ -134,6 +135,7 @@ impl LedgerCeiling {
         if let Some(c) = known.filter(|c| c.read_at_epoch >= Some(lease.epoch)) {
             return Ok(c.offset);
         }
+        let client = pool.get().await?;
         let statement = client.prepare_cached(LEDGER_HIGH_WATER).await?;
         let row = client
             .query_one(&statement, &[&group, &lease.topic, &lease.partition])
@@ -182,14 +184,10 @@ impl LedgerReads {
     pub(super) fn spawn(pool: deadpool_postgres::Pool, group: String) -> LedgerReads {
         let (requests, mut rx) = mpsc::unbounded_channel::<StatusRequest>();
         tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(request) => batch.push(request),
-                        Err(_) => break,
-                    }
-                }
+            // Whatever waits goes in one batch; 0 only once the channel closed.
+            let mut waiting = Vec::new();
+            while rx.recv_many(&mut waiting, MAX_BATCH).await > 0 {
+                let batch = std::mem::take(&mut waiting);
                 match read_statuses(&pool, &group, &batch).await {
                     Ok(mut found) => {
                         for (i, (_, reply)) in batch.into_iter().enumerate() {
@@ -273,14 +271,10 @@ impl SentLedger {
         let unrecorded: Arc<Mutex<HashMap<EventKey, watch::Receiver<bool>>>> = Arc::default();
         let pending = unrecorded.clone();
         tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(mark) => batch.push(mark),
-                        Err(_) => break,
-                    }
-                }
+            // Whatever waits goes in one batch; 0 only once the channel closed.
+            let mut waiting = Vec::new();
+            while rx.recv_many(&mut waiting, MAX_BATCH).await > 0 {
+                let batch = std::mem::take(&mut waiting);
                 let mut failures = 0;
                 while let Err(e) = write_sent(&pool, &group, &batch).await {
                     if failures % 20 == 0 {

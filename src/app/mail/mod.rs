@@ -306,9 +306,10 @@ impl MailWorker {
             return Ok(Delivery::AlreadySent);
         }
         let message_id = message_id(record);
-        let client = self.pool.get().await?;
-        let ceiling = self.ledger_ceiling.get(&client, &self.group, lease).await?;
-        drop(client);
+        let ceiling = self
+            .ledger_ceiling
+            .get(&self.pool, &self.group, lease)
+            .await?;
         let ledger = if record.offset > ceiling {
             None
         } else {

@@ -1008,12 +1008,17 @@ async fn check(
             ));
         }
     }
-    // A database away for longer than the members' session cuts them off:
-    // the documented window of a member treated as crashed.
+    // A database away long enough cuts the members off: the documented
+    // window of a member treated as crashed. A member's last heartbeat may
+    // have gone out up to one interval (1 s, the default) before the
+    // database went away, so an outage longer than the session less that
+    // interval can outlast its session: another member may then take its
+    // partitions over before its pending `sent` marks are in.
     let session = Duration::from_secs(SESSION_SECS.parse().unwrap());
+    let heartbeat = outbox_relay::group::GroupConfig::new("", &[]).heartbeat_interval;
     let explained_by = scenario.duplicates_explained_by.or_else(|| {
-        notes.database_away.filter(|away| *away > session).map(|_| {
-            "the database was away longer than the mail members' 3 s session: members cut off with sent marks unwritten, treated as crashed"
+        notes.database_away.filter(|away| *away > session - heartbeat).map(|_| {
+            "the database was away longer than the mail members' 3 s session less their 1 s heartbeat interval: members cut off with sent marks unwritten, treated as crashed"
         })
     });
     if !duplicated.is_empty() && explained_by.is_none() {

@@ -172,7 +172,10 @@ impl Broker {
             .set("group.id", group)
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "true")
-            .set("session.timeout.ms", "6000")
+            // librdkafka's default. Shorter, a loaded machine (tansu's
+            // SQLite under the mirror's produce) missed heartbeats: the two
+            // members rebalanced every few seconds and read little between.
+            .set("session.timeout.ms", "45000")
             .create()
             .unwrap();
         consumer.subscribe(&[topic]).unwrap();

@@ -123,8 +123,8 @@ pub struct OwnedPartition {
     pub pool: deadpool_postgres::Pool,
     pub config: ConsumerConfig,
     pub assignment: Assignment,
-    /// Bumped when the relay appended to this partition.
-    pub appended: watch::Receiver<u64>,
+    /// Wakes the worker when the relay appended past where it reads.
+    pub appended: crate::log::notify::PartitionAppends,
     /// How the member tells the work to stop (`Gracefully`: finish, commit,
     /// return; `Now`: the partition is lost, commit nothing).
     pub stop: watch::Receiver<Stop>,
@@ -563,9 +563,7 @@ async fn run_partition<H: RecordHandler>(
                 }
                 // Listening all along, records in flight or not: a wake-up
                 // that comes while busy is kept for the next turn.
-                changed = appended.changed(), if stopping == Stop::Running => {
-                    if changed.is_ok() { caught_up = false; }
-                }
+                _ = appended.past(next), if stopping == Stop::Running => caught_up = false,
                 changed = stop.changed() => match changed {
                     Ok(()) if *stop.borrow() == Stop::Gracefully => {
                         grace_deadline = Some(Instant::now() + config.shutdown_grace);

@@ -528,9 +528,7 @@ impl MirrorWork {
                     biased;
                     changed = stop.changed() => Wake::StopChanged(changed.is_ok()),
                     result = oldest => Wake::Acknowledged(result),
-                    changed = appended.changed(), if stopping == Stop::Running => {
-                        if changed.is_ok() { Wake::Appended } else { Wake::Timer }
-                    }
+                    _ = appended.past(next), if stopping == Stop::Running => Wake::Appended,
                     _ = tokio::time::sleep_until(timer) => Wake::Timer,
                 }
             };

@@ -3,15 +3,18 @@
 //! these are read with `poll_message`), reconnected when they drop.
 //!
 //! * `event_log_appended`: one `NOTIFY` per relay batch (never in a
-//!   writer's transaction), naming the partitions it appended to, so a
-//!   consumer wakes only the workers of those partitions ([`Appends`]).
+//!   writer's transaction), naming the partitions it appended to and each
+//!   one's new log end offset, so a consumer wakes only the workers of those
+//!   partitions, and only those that have not read that far ([`Appends`]).
+//!   A relay in the same process also announces its batch right after its
+//!   commit ([`appended_here`]), ahead of its own `NOTIFY`.
 //! * `outbox_written`: a writer (the order API in a process without the
 //!   relay) says it committed outbox rows, in a tiny transaction of its own
 //!   after its commit ([`OutboxNotifier`]); the relay wakes at once instead
 //!   of waiting for its next poll ([`listen_outbox_written`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -26,22 +29,28 @@ pub const OUTBOX_WRITTEN_CHANNEL: &str = "outbox_written";
 /// Longest payload: a batch touching more partitions names none (everyone wakes).
 const MAX_PAYLOAD: usize = 7_000;
 
-/// The payload naming the partitions a batch appended to:
-/// `topic\tp,p,p` lines; empty when too long (which wakes everyone).
-pub fn payload<'a>(touched: impl IntoIterator<Item = (&'a str, i32)>) -> String {
-    let mut by_topic: std::collections::BTreeMap<&str, Vec<i32>> = Default::default();
-    for (topic, partition) in touched {
-        by_topic.entry(topic).or_default().push(partition);
-    }
+/// The payload naming the partitions a batch appended to, each with its
+/// new log end offset: `topic\tp:end,p:end` lines; empty when too long
+/// (which wakes everyone).
+pub fn payload<'a>(appended: impl IntoIterator<Item = (&'a str, i32, i64)>) -> String {
+    use std::fmt::Write;
     let mut text = String::new();
-    for (topic, partitions) in by_topic {
-        if !text.is_empty() {
-            text.push('\n');
+    let mut last_topic = None;
+    // Sorted by topic, so each topic is one line.
+    let mut appended: Vec<_> = appended.into_iter().collect();
+    appended.sort_unstable();
+    for (topic, partition, end) in appended {
+        if last_topic == Some(topic) {
+            text.push(',');
+        } else {
+            if last_topic.is_some() {
+                text.push('\n');
+            }
+            text.push_str(topic);
+            text.push('\t');
+            last_topic = Some(topic);
         }
-        text.push_str(topic);
-        text.push('\t');
-        let list: Vec<String> = partitions.iter().map(i32::to_string).collect();
-        text.push_str(&list.join(","));
+        let _ = write!(text, "{partition}:{end}");
     }
     if text.len() > MAX_PAYLOAD {
         String::new()
@@ -50,19 +59,34 @@ pub fn payload<'a>(touched: impl IntoIterator<Item = (&'a str, i32)>) -> String 
     }
 }
 
-/// The partitions a payload names; None for "every partition".
-fn parse_payload(text: &str) -> Option<Vec<(String, i32)>> {
+/// The partitions a payload names, with their log end offset where it
+/// says (an older relay sent partitions only); None for "every
+/// partition".
+fn parse_payload(text: &str) -> Option<Vec<(&str, i32, Option<i64>)>> {
     if text.is_empty() {
         return None;
     }
-    let mut touched = Vec::new();
+    let mut appended = Vec::new();
     for line in text.lines() {
         let (topic, list) = line.split_once('\t')?;
-        for p in list.split(',') {
-            touched.push((topic.to_string(), p.parse().ok()?));
+        for item in list.split(',') {
+            let (partition, end) = match item.split_once(':') {
+                Some((partition, end)) => (partition, Some(end.parse().ok()?)),
+                None => (item, None),
+            };
+            appended.push((topic, partition.parse().ok()?, end));
         }
     }
-    Some(touched)
+    Some(appended)
+}
+
+/// What a partition's workers have been told: the highest log end offset
+/// announced, and how many announcements gave none (a notification that
+/// named no end, or a reconnect that may have missed some).
+#[derive(Clone, Copy, Default)]
+struct Announced {
+    end: i64,
+    unknown: u64,
 }
 
 /// Wake-ups for records appended to the log, per partition and for all.
@@ -73,7 +97,34 @@ pub struct Appends {
 
 struct AppendsInner {
     all: watch::Sender<u64>,
-    partitions: Mutex<HashMap<(String, i32), watch::Sender<u64>>>,
+    partitions: Mutex<HashMap<String, HashMap<i32, watch::Sender<Announced>>>>,
+}
+
+/// One partition's wake-ups, for its worker.
+pub struct PartitionAppends {
+    announced: watch::Receiver<Announced>,
+    unknown_seen: u64,
+}
+
+impl PartitionAppends {
+    /// Returns once records at `next` or later may have been appended:
+    /// an announced log end offset past `next`, or an announcement that
+    /// gave none. Announcements of ends the worker has read past (the
+    /// `NOTIFY` of a batch already announced in-process, say) do not wake
+    /// it. Cancel-safe; if the listener is gone it never returns (the
+    /// worker's slow poll still reads).
+    pub async fn past(&mut self, next: i64) {
+        loop {
+            if self.announced.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let announced = *self.announced.borrow_and_update();
+            if announced.unknown != self.unknown_seen || announced.end > next {
+                self.unknown_seen = announced.unknown;
+                return;
+            }
+        }
+    }
 }
 
 impl Appends {
@@ -91,49 +142,107 @@ impl Appends {
         self.inner.all.subscribe()
     }
 
-    /// Changes when a batch appended to this partition (or to partitions
-    /// the notification did not name).
-    pub fn subscribe(&self, topic: &str, partition: i32) -> watch::Receiver<u64> {
+    /// Wake-ups for one partition's worker.
+    pub fn subscribe(&self, topic: &str, partition: i32) -> PartitionAppends {
         let mut partitions = self.inner.partitions.lock().expect("appends lock");
-        partitions
-            .entry((topic.to_string(), partition))
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe()
+        let announced = partitions
+            .entry(topic.to_string())
+            .or_default()
+            .entry(partition)
+            .or_insert_with(|| watch::channel(Announced::default()).0)
+            .subscribe();
+        let unknown_seen = announced.borrow().unknown;
+        PartitionAppends {
+            announced,
+            unknown_seen,
+        }
     }
 
-    fn appended(&self, payload: &str) {
+    /// Announces appends: per partition its new end, or None where unknown;
+    /// `None` in all for "maybe every partition".
+    fn announce<'a>(
+        &self,
+        appended: Option<impl IntoIterator<Item = (&'a str, i32, Option<i64>)>>,
+    ) {
         self.inner.all.send_modify(|n| *n += 1);
         let partitions = self.inner.partitions.lock().expect("appends lock");
-        match parse_payload(payload) {
-            Some(touched) => {
-                for key in touched {
-                    if let Some(sender) = partitions.get(&key) {
-                        sender.send_modify(|n| *n += 1);
-                    }
-                }
+        let Some(appended) = appended else {
+            for sender in partitions.values().flat_map(HashMap::values) {
+                sender.send_modify(|a| a.unknown += 1);
             }
-            None => {
-                for sender in partitions.values() {
-                    sender.send_modify(|n| *n += 1);
+            return;
+        };
+        for (topic, partition, end) in appended {
+            let Some(sender) = partitions.get(topic).and_then(|p| p.get(&partition)) else {
+                continue;
+            };
+            match end {
+                // Only a higher end wakes: the same batch announced twice
+                // (here, then by its NOTIFY) wakes once.
+                Some(end) => {
+                    sender.send_if_modified(|a| {
+                        let higher = end > a.end;
+                        a.end = a.end.max(end);
+                        higher
+                    });
                 }
+                None => sender.send_modify(|a| a.unknown += 1),
             }
         }
     }
 
+    fn notified(&self, payload: &str) {
+        self.announce(parse_payload(payload));
+    }
+
     fn everything(&self) {
-        self.appended("");
+        self.announce(None::<[(&str, i32, Option<i64>); 0]>);
+    }
+}
+
+/// The process's listeners, by database URL, for [`appended_here`]. (Two
+/// URLs for one database only miss the shortcut: their `NOTIFY` still
+/// comes.)
+static HERE: Mutex<Vec<(String, Weak<AppendsInner>)>> = Mutex::new(Vec::new());
+
+/// A relay in this process committed a batch to `database_url`'s log:
+/// wakes the listeners of this process on that database at once, instead
+/// of after the batch's `NOTIFY` has gone through Postgres and back. The
+/// `NOTIFY` still comes (other processes need it) and wakes nobody twice.
+pub fn appended_here<'a>(
+    database_url: &str,
+    appended: impl IntoIterator<Item = (&'a str, i32, i64)> + Clone,
+) {
+    let here = HERE.lock().expect("listeners lock");
+    for (url, listener) in here.iter() {
+        if url == database_url {
+            if let Some(inner) = listener.upgrade() {
+                let appends = Appends { inner };
+                appends.announce(Some(
+                    appended
+                        .clone()
+                        .into_iter()
+                        .map(|(t, p, end)| (t, p, Some(end))),
+                ));
+            }
+        }
     }
 }
 
 /// Listens for the relay's notifications, from now on.
 pub fn listen(database_url: &str) -> anyhow::Result<Appends> {
     let appends = Appends::new();
+    {
+        let mut here = HERE.lock().expect("listeners lock");
+        here.retain(|(_, listener)| listener.strong_count() > 0);
+        here.push((database_url.to_string(), Arc::downgrade(&appends.inner)));
+    }
     let sink = appends.clone();
     listen_channel(
         database_url,
         APPENDED_CHANNEL,
         move |payload| match payload {
-            Some(text) => sink.appended(text),
+            Some(text) => sink.notified(text),
             // (Re)connected: something may have been missed meanwhile.
             None => sink.everything(),
         },
@@ -240,22 +349,95 @@ const NOTIFY_OUTBOX_WRITTEN: &str = "NOTIFY outbox_written";
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
 
     #[test]
-    fn payloads_name_partitions_by_topic() {
-        let text = payload([("order-created", 3), ("order-created", 5), ("other", 0)]);
-        assert_eq!(text, "order-created\t3,5\nother\t0");
+    fn payloads_name_partitions_and_their_ends_by_topic() {
+        let text = payload([
+            ("other", 0, 1),
+            ("order-created", 5, 12),
+            ("order-created", 3, 40),
+        ]);
+        assert_eq!(text, "order-created\t3:40,5:12\nother\t0:1");
         assert_eq!(
             parse_payload(&text),
             Some(vec![
-                ("order-created".into(), 3),
-                ("order-created".into(), 5),
-                ("other".into(), 0)
+                ("order-created", 3, Some(40)),
+                ("order-created", 5, Some(12)),
+                ("other", 0, Some(1))
             ])
+        );
+        // An older relay's payload names partitions without ends.
+        assert_eq!(
+            parse_payload("order-created\t3,5"),
+            Some(vec![("order-created", 3, None), ("order-created", 5, None)])
         );
         assert_eq!(parse_payload(""), None);
         assert_eq!(parse_payload("garbage"), None);
-        let many = payload((0..5000).map(|p| ("order-created", p)));
+        assert_eq!(parse_payload("t\t1:x"), None);
+        let many = payload((0..5000).map(|p| ("order-created", p, 1_000_000)));
         assert!(many.is_empty(), "too long: wakes everyone");
+    }
+
+    /// Whether `past(next)` returns without waiting.
+    fn wakes(appends: &mut PartitionAppends, next: i64) -> bool {
+        appends.past(next).now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_worker_wakes_only_for_ends_past_where_it_reads_next() {
+        let appends = Appends::new();
+        let mut worker = appends.subscribe("t", 1);
+        let mut other = appends.subscribe("t", 2);
+        assert!(!wakes(&mut worker, 0), "nothing announced yet");
+
+        appends.notified("t\t1:10");
+        assert!(!wakes(&mut other, 0), "another partition's append");
+        assert!(!wakes(&mut worker, 10), "already read up to the end");
+        appends.notified("t\t1:10");
+        assert!(
+            !wakes(&mut worker, 0),
+            "the same end again (NOTIFY after in-process)"
+        );
+        appends.notified("t\t1:12");
+        assert!(wakes(&mut worker, 10), "a higher end than read");
+        assert!(!wakes(&mut worker, 10), "each announcement wakes once");
+
+        // A late notification of an older batch does not lower what is known.
+        appends.notified("t\t1:11");
+        assert!(!wakes(&mut worker, 10));
+        appends.notified("t\t1:13");
+        assert!(wakes(&mut worker, 12));
+
+        // No end given: wake, whatever was read.
+        appends.notified("t\t1");
+        assert!(wakes(&mut worker, 1_000));
+        appends.everything();
+        assert!(wakes(&mut worker, 1_000));
+        assert!(wakes(&mut other, 1_000));
+        appends.notified("");
+        assert!(
+            wakes(&mut worker, 1_000),
+            "an empty payload names every partition"
+        );
+        assert!(!wakes(&mut worker, 1_000));
+    }
+
+    #[test]
+    fn a_relay_in_this_process_wakes_the_listeners_of_its_database_only() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            // Unreachable: the LISTEN connections never connect, which is
+            // what this test needs (only in-process announcements come).
+            let ours = listen("postgres://nobody@127.0.0.1:1/ours").expect("listen");
+            let theirs = listen("postgres://nobody@127.0.0.1:1/theirs").expect("listen");
+            let (mut ours, mut theirs) = (ours.subscribe("t", 0), theirs.subscribe("t", 0));
+            appended_here("postgres://nobody@127.0.0.1:1/ours", [("t", 0, 5)]);
+            assert!(wakes(&mut ours, 4));
+            assert!(!wakes(&mut theirs, 0), "another database's relay");
+        });
     }
 }

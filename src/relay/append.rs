@@ -28,8 +28,8 @@ pub(super) const HEADS: &str = "
 ///   read its whole index per batch);
 /// - writes the sparse time index, one entry per partition (`$13`: last
 ///   offset, `$14`: running newest `created_at`);
-/// - `NOTIFY $15` with `$16` naming the partitions (see
-///   [`crate::log::notify`]), delivered at commit.
+/// - `NOTIFY $15` with `$16` naming the partitions and their new log end
+///   offsets (see [`crate::log::notify`]), delivered at commit.
 ///
 /// A failure aborts the transaction, so the batch's `COMMIT` rolls back.
 /// One statement rather than four: each statement costs the server a

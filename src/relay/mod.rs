@@ -710,8 +710,14 @@ impl Relay {
                 None => format!("unknown topic {:?}", r.topic),
             })
             .collect();
-        let notification =
-            crate::log::notify::payload(plan.per_partition.keys().map(|(t, p)| (*t, *p)));
+        // Each partition appended to, with its new log end offset.
+        let log_ends = plan
+            .per_partition
+            .iter()
+            .map(|((topic, partition), append)| {
+                (*topic, *partition, append.base_offset + append.count)
+            });
+        let notification = crate::log::notify::payload(log_ends.clone());
 
         // Advance the cursor: either mid-drain, or the drain is complete.
         let (new_relayed, new_drain, new_cursor) = if full {
@@ -790,6 +796,9 @@ impl Relay {
         parked.context("parking outbox rows")?;
         saved.context("saving the relay's cursor")?;
         committed.context("committing the relay batch")?;
+        if appending {
+            crate::log::notify::appended_here(self.db.url(), log_ends);
+        }
         match read_ahead {
             Some(Ok(rows)) => {
                 self.prefetched = Some(Prefetched {

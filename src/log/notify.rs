@@ -26,42 +26,48 @@ pub const APPENDED_CHANNEL: &str = "event_log_appended";
 /// The channel writers notify after committing outbox rows.
 pub const OUTBOX_WRITTEN_CHANNEL: &str = "outbox_written";
 
-/// Longest payload: a batch touching more partitions names none (everyone wakes).
+/// Longest payload sent (Postgres takes up to 8,000 bytes); see [`payload`].
 const MAX_PAYLOAD: usize = 7_000;
 
 /// The payload naming the partitions a batch appended to, each with its
-/// new log end offset: `topic\tp:end,p:end` lines; empty when too long
-/// (which wakes everyone).
-pub fn payload<'a>(appended: impl IntoIterator<Item = (&'a str, i32, i64)>) -> String {
+/// new log end offset: `topic\tp:end,p:end` lines. Too long, it names the
+/// partitions only (`topic\tp,p`, which wakes their workers whatever they
+/// have read), and longer still nothing (which wakes every worker).
+pub fn payload(appended: &[(&str, i32, i64)]) -> String {
     use std::fmt::Write;
-    let mut text = String::new();
-    let mut last_topic = None;
+    let mut appended = appended.to_vec();
     // Sorted by topic, so each topic is one line.
-    let mut appended: Vec<_> = appended.into_iter().collect();
     appended.sort_unstable();
-    for (topic, partition, end) in appended {
-        if last_topic == Some(topic) {
-            text.push(',');
-        } else {
-            if last_topic.is_some() {
-                text.push('\n');
+    let lines = |with_ends: bool| {
+        let mut text = String::new();
+        let mut last_topic = None;
+        for &(topic, partition, end) in &appended {
+            if last_topic == Some(topic) {
+                text.push(',');
+            } else {
+                if last_topic.is_some() {
+                    text.push('\n');
+                }
+                text.push_str(topic);
+                text.push('\t');
+                last_topic = Some(topic);
             }
-            text.push_str(topic);
-            text.push('\t');
-            last_topic = Some(topic);
+            let _ = write!(text, "{partition}");
+            if with_ends {
+                let _ = write!(text, ":{end}");
+            }
         }
-        let _ = write!(text, "{partition}:{end}");
-    }
-    if text.len() > MAX_PAYLOAD {
-        String::new()
-    } else {
         text
-    }
+    };
+    [lines(true), lines(false)]
+        .into_iter()
+        .find(|text| text.len() <= MAX_PAYLOAD)
+        .unwrap_or_default()
 }
 
 /// The partitions a payload names, with their log end offset where it
-/// says (an older relay sent partitions only); None for "every
-/// partition".
+/// says (an older relay, or a long list, names partitions only); None for
+/// "every partition".
 fn parse_payload(text: &str) -> Option<Vec<(&str, i32, Option<i64>)>> {
     if text.is_empty() {
         return None;
@@ -107,12 +113,16 @@ pub struct PartitionAppends {
 }
 
 impl PartitionAppends {
-    /// Returns once records at `next` or later may have been appended:
-    /// an announced log end offset past `next`, or an announcement that
-    /// gave none. Announcements of ends the worker has read past (the
-    /// `NOTIFY` of a batch already announced in-process, say) do not wake
-    /// it. Cancel-safe; if the listener is gone it never returns (the
-    /// worker's slow poll still reads).
+    /// Returns once records at `next` or later may have been appended: an
+    /// announced log end offset past `next`, or an announcement that gave
+    /// none. Announcements of ends the worker has read up to (the `NOTIFY`
+    /// of a batch already announced in-process, say) do not wake it.
+    ///
+    /// Cancel-safe for a worker whose `next` only grows: an announcement
+    /// it consumed without returning was of an end it had read. A worker
+    /// that moves `next` back must read again without waiting for this.
+    /// If the listener is gone it never returns (the worker's slow poll
+    /// still reads).
     pub async fn past(&mut self, next: i64) {
         loop {
             if self.announced.changed().await.is_err() {
@@ -157,28 +167,22 @@ impl Appends {
             unknown_seen,
         }
     }
+}
 
-    /// Announces appends: per partition its new end, or None where unknown;
-    /// `None` in all for "maybe every partition".
-    fn announce<'a>(
-        &self,
-        appended: Option<impl IntoIterator<Item = (&'a str, i32, Option<i64>)>>,
-    ) {
-        self.inner.all.send_modify(|n| *n += 1);
-        let partitions = self.inner.partitions.lock().expect("appends lock");
-        let Some(appended) = appended else {
-            for sender in partitions.values().flat_map(HashMap::values) {
-                sender.send_modify(|a| a.unknown += 1);
-            }
-            return;
-        };
+impl AppendsInner {
+    /// Announces appends to the partitions named, each with its new end
+    /// where known.
+    fn announce<'a>(&self, appended: impl IntoIterator<Item = (&'a str, i32, Option<i64>)>) {
+        self.all.send_modify(|n| *n += 1);
+        let partitions = self.partitions.lock().expect("appends lock");
         for (topic, partition, end) in appended {
             let Some(sender) = partitions.get(topic).and_then(|p| p.get(&partition)) else {
                 continue;
             };
             match end {
                 // Only a higher end wakes: the same batch announced twice
-                // (here, then by its NOTIFY) wakes once.
+                // (here, then by its NOTIFY) wakes once, and a late NOTIFY
+                // of an older batch does not lower what is known.
                 Some(end) => {
                     sender.send_if_modified(|a| {
                         let higher = end > a.end;
@@ -191,12 +195,28 @@ impl Appends {
         }
     }
 
-    fn notified(&self, payload: &str) {
-        self.announce(parse_payload(payload));
+    /// Something may have been appended anywhere: every worker wakes.
+    /// What was known of the ends is forgotten too, so an end that no
+    /// longer holds (a log restored from an older backup, a stray
+    /// `NOTIFY`) cannot keep workers asleep after a reconnect.
+    fn announce_everywhere(&self) {
+        self.all.send_modify(|n| *n += 1);
+        let partitions = self.partitions.lock().expect("appends lock");
+        for sender in partitions.values().flat_map(HashMap::values) {
+            sender.send_modify(|a| {
+                *a = Announced {
+                    end: 0,
+                    unknown: a.unknown + 1,
+                }
+            });
+        }
     }
 
-    fn everything(&self) {
-        self.announce(None::<[(&str, i32, Option<i64>); 0]>);
+    fn notified(&self, payload: &str) {
+        match parse_payload(payload) {
+            Some(appended) => self.announce(appended),
+            None => self.announce_everywhere(),
+        }
     }
 }
 
@@ -205,25 +225,18 @@ impl Appends {
 /// comes.)
 static HERE: Mutex<Vec<(String, Weak<AppendsInner>)>> = Mutex::new(Vec::new());
 
-/// A relay in this process committed a batch to `database_url`'s log:
-/// wakes the listeners of this process on that database at once, instead
-/// of after the batch's `NOTIFY` has gone through Postgres and back. The
-/// `NOTIFY` still comes (other processes need it) and wakes nobody twice.
-pub fn appended_here<'a>(
-    database_url: &str,
-    appended: impl IntoIterator<Item = (&'a str, i32, i64)> + Clone,
-) {
+/// A relay in this process committed a batch to `database_url`'s log,
+/// `appended` giving each partition's new log end offset: wakes the
+/// listeners of this process on that database at once, instead of after
+/// the batch's `NOTIFY` has gone through Postgres and back. The `NOTIFY`
+/// still comes (other processes need it); a worker it finds already past
+/// that end stays asleep.
+pub fn appended_here(database_url: &str, appended: &[(&str, i32, i64)]) {
     let here = HERE.lock().expect("listeners lock");
     for (url, listener) in here.iter() {
         if url == database_url {
-            if let Some(inner) = listener.upgrade() {
-                let appends = Appends { inner };
-                appends.announce(Some(
-                    appended
-                        .clone()
-                        .into_iter()
-                        .map(|(t, p, end)| (t, p, Some(end))),
-                ));
+            if let Some(listener) = listener.upgrade() {
+                listener.announce(appended.iter().map(|&(t, p, end)| (t, p, Some(end))));
             }
         }
     }
@@ -242,9 +255,9 @@ pub fn listen(database_url: &str) -> anyhow::Result<Appends> {
         database_url,
         APPENDED_CHANNEL,
         move |payload| match payload {
-            Some(text) => sink.notified(text),
+            Some(text) => sink.inner.notified(text),
             // (Re)connected: something may have been missed meanwhile.
-            None => sink.everything(),
+            None => sink.inner.announce_everywhere(),
         },
     )?;
     Ok(appends)
@@ -353,7 +366,7 @@ mod tests {
 
     #[test]
     fn payloads_name_partitions_and_their_ends_by_topic() {
-        let text = payload([
+        let text = payload(&[
             ("other", 0, 1),
             ("order-created", 5, 12),
             ("order-created", 3, 40),
@@ -375,8 +388,16 @@ mod tests {
         assert_eq!(parse_payload(""), None);
         assert_eq!(parse_payload("garbage"), None);
         assert_eq!(parse_payload("t\t1:x"), None);
-        let many = payload((0..5000).map(|p| ("order-created", p, 1_000_000)));
-        assert!(many.is_empty(), "too long: wakes everyone");
+        // Too long with ends: the partitions only; longer still, nothing.
+        let many: Vec<_> = (0..1000).map(|p| ("order-created", p, 1_000_000)).collect();
+        let text = payload(&many);
+        assert!(text.starts_with("order-created\t0,1,2,"), "{text}");
+        assert!(parse_payload(&text)
+            .unwrap()
+            .iter()
+            .all(|(_, _, end)| end.is_none()));
+        let more: Vec<_> = (0..5000).map(|p| ("order-created", p, 1_000_000)).collect();
+        assert!(payload(&more).is_empty(), "too long: wakes everyone");
     }
 
     /// Whether `past(next)` returns without waiting.
@@ -387,40 +408,60 @@ mod tests {
     #[test]
     fn a_worker_wakes_only_for_ends_past_where_it_reads_next() {
         let appends = Appends::new();
+        let listener = &appends.inner;
         let mut worker = appends.subscribe("t", 1);
         let mut other = appends.subscribe("t", 2);
         assert!(!wakes(&mut worker, 0), "nothing announced yet");
 
-        appends.notified("t\t1:10");
+        listener.notified("t\t1:10");
         assert!(!wakes(&mut other, 0), "another partition's append");
         assert!(!wakes(&mut worker, 10), "already read up to the end");
-        appends.notified("t\t1:10");
+        listener.notified("t\t1:10");
         assert!(
             !wakes(&mut worker, 0),
             "the same end again (NOTIFY after in-process)"
         );
-        appends.notified("t\t1:12");
+        listener.notified("t\t1:12");
         assert!(wakes(&mut worker, 10), "a higher end than read");
         assert!(!wakes(&mut worker, 10), "each announcement wakes once");
 
-        // A late notification of an older batch does not lower what is known.
-        appends.notified("t\t1:11");
-        assert!(!wakes(&mut worker, 10));
-        appends.notified("t\t1:13");
+        // A late notification of an older batch, arriving before the
+        // worker looks, does not hide the newer end.
+        listener.notified("t\t1:13");
+        listener.notified("t\t1:12");
         assert!(wakes(&mut worker, 12));
+        listener.notified("t\t1:11");
+        assert!(!wakes(&mut worker, 13));
 
         // No end given: wake, whatever was read.
-        appends.notified("t\t1");
+        listener.notified("t\t1");
         assert!(wakes(&mut worker, 1_000));
-        appends.everything();
-        assert!(wakes(&mut worker, 1_000));
-        assert!(wakes(&mut other, 1_000));
-        appends.notified("");
+        listener.notified("");
         assert!(
             wakes(&mut worker, 1_000),
             "an empty payload names every partition"
         );
+        assert!(wakes(&mut other, 1_000));
         assert!(!wakes(&mut worker, 1_000));
+    }
+
+    #[test]
+    fn a_reconnect_wakes_everyone_and_forgets_the_ends() {
+        let appends = Appends::new();
+        let listener = &appends.inner;
+        let mut worker = appends.subscribe("t", 0);
+        // An end that no longer holds (a stray NOTIFY, a restored log).
+        listener.notified("t\t0:1000");
+        assert!(wakes(&mut worker, 5));
+        listener.announce_everywhere();
+        assert!(wakes(&mut worker, 5));
+        listener.notified("t\t0:6");
+        assert!(wakes(&mut worker, 5), "the real end wakes again");
+
+        // A worker subscribing later starts from what is announced now.
+        let mut later = appends.subscribe("t", 0);
+        listener.notified("t\t0:6");
+        assert!(!wakes(&mut later, 6));
     }
 
     #[test]
@@ -435,7 +476,7 @@ mod tests {
             let ours = listen("postgres://nobody@127.0.0.1:1/ours").expect("listen");
             let theirs = listen("postgres://nobody@127.0.0.1:1/theirs").expect("listen");
             let (mut ours, mut theirs) = (ours.subscribe("t", 0), theirs.subscribe("t", 0));
-            appended_here("postgres://nobody@127.0.0.1:1/ours", [("t", 0, 5)]);
+            appended_here("postgres://nobody@127.0.0.1:1/ours", &[("t", 0, 5)]);
             assert!(wakes(&mut ours, 4));
             assert!(!wakes(&mut theirs, 0), "another database's relay");
         });

@@ -711,13 +711,14 @@ impl Relay {
             })
             .collect();
         // Each partition appended to, with its new log end offset.
-        let log_ends = plan
+        let log_ends: Vec<(&str, i32, i64)> = plan
             .per_partition
             .iter()
             .map(|((topic, partition), append)| {
                 (*topic, *partition, append.base_offset + append.count)
-            });
-        let notification = crate::log::notify::payload(log_ends.clone());
+            })
+            .collect();
+        let notification = crate::log::notify::payload(&log_ends);
 
         // Advance the cursor: either mid-drain, or the drain is complete.
         let (new_relayed, new_drain, new_cursor) = if full {
@@ -797,7 +798,7 @@ impl Relay {
         saved.context("saving the relay's cursor")?;
         committed.context("committing the relay batch")?;
         if appending {
-            crate::log::notify::appended_here(self.db.url(), log_ends);
+            crate::log::notify::appended_here(self.db.url(), &log_ends);
         }
         match read_ahead {
             Some(Ok(rows)) => {

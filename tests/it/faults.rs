@@ -1009,16 +1009,23 @@ async fn check(
         }
     }
     // A database away long enough cuts the members off: the documented
-    // window of a member treated as crashed. A member's last heartbeat may
-    // have gone out up to one interval (1 s, the default) before the
-    // database went away, so an outage longer than the session less that
-    // interval can outlast its session: another member may then take its
-    // partitions over before its pending `sent` marks are in.
-    let session = Duration::from_secs(SESSION_SECS.parse().unwrap());
-    let heartbeat = outbox_relay::group::GroupConfig::new("", &[]).heartbeat_interval;
+    // window of a member treated as crashed. A member stops its partitions
+    // one heartbeat interval short of its session after its last heartbeat
+    // went out, and that may have been up to an interval before the
+    // database went away: so any outage longer than the session less two
+    // intervals may cut it off, with sent marks unwritten.
+    let mut mail = outbox_relay::app::mail::MailSettings::new(
+        None,
+        "shop@example.com",
+        std::path::Path::new("."),
+    )
+    .unwrap();
+    mail.session_timeout = Duration::from_secs(SESSION_SECS.parse().unwrap());
+    let group = mail.consumer_config().group;
+    let cut_off_after = group.session_timeout - 2 * group.heartbeat_interval;
     let explained_by = scenario.duplicates_explained_by.or_else(|| {
-        notes.database_away.filter(|away| *away > session - heartbeat).map(|_| {
-            "the database was away longer than the mail members' 3 s session less their 1 s heartbeat interval: members cut off with sent marks unwritten, treated as crashed"
+        notes.database_away.filter(|away| *away > cut_off_after).map(|_| {
+            "the database was away longer than the mail members' 3 s session less two heartbeat intervals: members cut off with sent marks unwritten, treated as crashed"
         })
     });
     if !duplicated.is_empty() && explained_by.is_none() {

@@ -59,9 +59,13 @@ pub fn payload(appended: &[(&str, i32, i64)]) -> String {
         }
         text
     };
-    [lines(true), lines(false)]
-        .into_iter()
-        .find(|text| text.len() <= MAX_PAYLOAD)
+    // The shorter forms are built only when the longer one does not fit.
+    let with_ends = lines(true);
+    if with_ends.len() <= MAX_PAYLOAD {
+        return with_ends;
+    }
+    Some(lines(false))
+        .filter(|partitions_only| partitions_only.len() <= MAX_PAYLOAD)
         .unwrap_or_default()
 }
 

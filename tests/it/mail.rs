@@ -473,6 +473,14 @@ async fn eml_files_are_named_by_order_id() {
     let url = url::Url::from_directory_path(&dir).unwrap().to_string();
     let ids = place_orders(&db, &["a@example.com", "b@example.com"]).await;
     let pipeline = Pipeline::start(&db, &url, fast_retry(5)).await;
+    // Caught up holds trivially before the relay has appended anything.
+    let client = db.client().await;
+    eventually(
+        "both orders in the log",
+        Duration::from_secs(30),
+        || async { (count(&client, "SELECT count(*) FROM event_log").await == 2).then_some(()) },
+    )
+    .await;
     wait_until_caught_up(&db).await;
     pipeline.stop().await;
     let mut names: Vec<String> = std::fs::read_dir(&dir)

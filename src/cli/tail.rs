@@ -83,11 +83,14 @@ pub async fn run(url: &str, args: &TailArgs, out: &mut (dyn Write + Send)) -> an
     }
     let mut remaining = args.max.unwrap_or(u64::MAX);
     // Following waits for the relay's notification rather than polling.
-    let mut appended = if args.follow {
-        Some(crate::log::notify::listen(url)?.subscribe_all())
+    let listener = if args.follow {
+        Some(crate::log::notify::listen(url)?)
     } else {
         None
     };
+    let mut appended = listener
+        .as_ref()
+        .map(crate::log::notify::Appends::subscribe_all);
     loop {
         let mut progressed = false;
         for (partition, next) in positions.iter_mut() {

@@ -100,6 +100,7 @@ struct Announced {
 }
 
 /// Wake-ups for records appended to the log, per partition and for all.
+/// Its `LISTEN` connection closes once every clone is dropped.
 #[derive(Clone)]
 pub struct Appends {
     inner: Arc<AppendsInner>,
@@ -108,6 +109,9 @@ pub struct Appends {
 struct AppendsInner {
     all: watch::Sender<u64>,
     partitions: Mutex<HashMap<String, HashMap<i32, watch::Sender<Announced>>>>,
+    /// Never sent on: its receiver in the listening task sees it closed
+    /// when this is dropped.
+    _alive: watch::Sender<()>,
 }
 
 /// One partition's wake-ups, for its worker.
@@ -142,13 +146,17 @@ impl PartitionAppends {
 }
 
 impl Appends {
-    fn new() -> Appends {
-        Appends {
+    /// With the receiver that sees it dropped.
+    fn new() -> (Appends, watch::Receiver<()>) {
+        let (alive, dropped) = watch::channel(());
+        let appends = Appends {
             inner: Arc::new(AppendsInner {
                 all: watch::channel(0).0,
                 partitions: Mutex::new(HashMap::new()),
+                _alive: alive,
             }),
-        }
+        };
+        (appends, dropped)
     }
 
     /// Changes whenever anything is appended.
@@ -246,22 +254,30 @@ pub fn appended_here(database_url: &str, appended: &[(&str, i32, i64)]) {
     }
 }
 
-/// Listens for the relay's notifications, from now on.
+/// Listens for the relay's notifications, from now on, until the
+/// `Appends` returned and its clones are dropped.
 pub fn listen(database_url: &str) -> anyhow::Result<Appends> {
-    let appends = Appends::new();
+    let (appends, mut dropped) = Appends::new();
+    let sink = Arc::downgrade(&appends.inner);
     {
         let mut here = HERE.lock().expect("listeners lock");
         here.retain(|(_, listener)| listener.strong_count() > 0);
-        here.push((database_url.to_string(), Arc::downgrade(&appends.inner)));
+        here.push((database_url.to_string(), sink.clone()));
     }
-    let sink = appends.clone();
     listen_channel(
         database_url,
         APPENDED_CHANNEL,
-        move |payload| match payload {
-            Some(text) => sink.inner.notified(text),
-            // (Re)connected: something may have been missed meanwhile.
-            None => sink.inner.announce_everywhere(),
+        move |payload| {
+            let Some(sink) = sink.upgrade() else { return };
+            match payload {
+                Some(text) => sink.notified(text),
+                // (Re)connected: something may have been missed meanwhile.
+                None => sink.announce_everywhere(),
+            }
+        },
+        async move {
+            // Resolves (with an error) once the sender is dropped.
+            let _ = dropped.changed().await;
         },
     )?;
     Ok(appends)
@@ -272,19 +288,25 @@ pub fn listen_outbox_written(
     database_url: &str,
     wake: impl Fn() + Send + 'static,
 ) -> anyhow::Result<()> {
-    listen_channel(database_url, OUTBOX_WRITTEN_CHANNEL, move |_| wake())
+    listen_channel(
+        database_url,
+        OUTBOX_WRITTEN_CHANNEL,
+        move |_| wake(),
+        std::future::pending(),
+    )
 }
 
 /// A dedicated LISTEN connection on `channel`, reconnected when it drops;
 /// `on` gets each notification's payload, and `None` after (re)connecting.
-/// It stops when `on` no longer matters: never, for the process's roles.
+/// It closes when `until` completes.
 fn listen_channel(
     database_url: &str,
     channel: &'static str,
     on: impl Fn(Option<&str>) + Send + 'static,
+    until: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = crate::db::parse_url(database_url)?;
-    tokio::spawn(async move {
+    let listening = async move {
         loop {
             match config.connect(tokio_postgres::NoTls).await {
                 Ok((client, mut connection)) => {
@@ -315,6 +337,12 @@ fn listen_channel(
                 Err(e) => tracing::debug!(error = %e, channel, "LISTEN connection failed"),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    tokio::spawn(async move {
+        tokio::select! {
+            () = listening => {}
+            () = until => {}
         }
     });
     Ok(())
@@ -411,7 +439,7 @@ mod tests {
 
     #[test]
     fn a_worker_wakes_only_for_ends_past_where_it_reads_next() {
-        let appends = Appends::new();
+        let (appends, _dropped) = Appends::new();
         let listener = &appends.inner;
         let mut worker = appends.subscribe("t", 1);
         let mut other = appends.subscribe("t", 2);
@@ -451,7 +479,7 @@ mod tests {
 
     #[test]
     fn a_reconnect_wakes_everyone_and_forgets_the_ends() {
-        let appends = Appends::new();
+        let (appends, _dropped) = Appends::new();
         let listener = &appends.inner;
         let mut worker = appends.subscribe("t", 0);
         // An end that no longer holds (a stray NOTIFY, a restored log).

@@ -185,3 +185,31 @@ async fn retention_does_not_queue_behind_a_long_reader() {
     let outcome = log::storage::enforce_retention(&mut client).await.unwrap();
     assert_eq!(outcome.days_dropped, vec!["event_log_20200101".to_string()]);
 }
+
+/// A listener for the relay's notifications closes its `LISTEN` connection
+/// once dropped: a group member that stopped must not keep one open (and
+/// its place in the process's registry) for the process's lifetime.
+#[tokio::test]
+async fn a_dropped_append_listener_closes_its_connection() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let listening = || {
+        count(
+            &client,
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND query = 'LISTEN event_log_appended'",
+        )
+    };
+    let appends = log::notify::listen(&db.url).expect("listen");
+    eventually("the LISTEN connection", Duration::from_secs(10), || async {
+        (listening().await == 1).then_some(())
+    })
+    .await;
+    drop(appends);
+    eventually(
+        "the LISTEN connection to close",
+        Duration::from_secs(10),
+        || async { (listening().await == 0).then_some(()) },
+    )
+    .await;
+}

@@ -1,15 +1,5 @@
-//! The Postgres side of an append: partition counts, advancing the heads,
-//! copying rows from the outbox into the log (payloads never leave
+//! The Postgres side of an append: advancing the partition heads, copying rows from the outbox into the log (payloads never leave
 //! Postgres), the sparse time index, and parking rows that cannot be placed.
-
-/// Every topic with its partition count (`topics.partitions`, the one
-/// source of truth) and each partition head's log end offset and running
-/// maximum `created_at`. Read under the lease's row lock, so the heads are
-/// the ones this batch continues from; the relay places records only in
-/// topics whose heads match the count (docs/invariants.md, 4 and 5).
-pub(super) const HEADS: &str = "
-    SELECT t.name, t.partitions, h.partition, h.log_end_offset, h.max_created_at
-      FROM topics t LEFT JOIN partition_heads h ON h.topic = t.name";
 
 /// Appends a batch in one statement, then wakes its readers:
 ///
@@ -29,10 +19,13 @@ pub(super) const HEADS: &str = "
 /// - writes the sparse time index, one entry per partition (`$13`: last
 ///   offset, `$14`: running newest `created_at`);
 /// - `NOTIFY $15` with `$16` naming the partitions and their new log end
-///   offsets (see [`crate::log::notify`]), delivered at commit.
+///   offsets (see [`crate::log::notify`]), delivered at commit;
+/// - saves the relay's cursor and extends its lease at our epoch, as
+///   `drain::SAVE_CURSOR` does (`$17`..`$22`, that statement's `$1`..`$6`);
+///   fails unless the row was updated.
 ///
 /// A failure aborts the transaction, so the batch's `COMMIT` rolls back.
-/// One statement rather than four: each statement costs the server a
+/// One statement rather than five: each statement costs the server a
 /// portal, an executor start and a flush of its own.
 pub(super) const APPEND_BATCH: &str = "
     WITH advanced AS (
@@ -60,11 +53,20 @@ pub(super) const APPEND_BATCH: &str = "
         RETURNING 1),
     indexed AS (
         INSERT INTO event_log_time_index (topic, partition, base_offset, last_offset, max_created_at)
-        SELECT * FROM unnest($1::text[], $2::int4[], $5::int8[], $13::int8[], $14::timestamptz[]))
+        SELECT * FROM unnest($1::text[], $2::int4[], $5::int8[], $13::int8[], $14::timestamptz[])),
+    saved AS (
+        UPDATE relay_state
+           SET relayed_snapshot = $19::text::pg_snapshot,
+               draining_snapshot = $20::text::pg_snapshot,
+               cursor_id = $21,
+               lease_expires_at = clock_timestamp() + make_interval(secs => $22)
+         WHERE relay = $17 AND epoch = $18
+        RETURNING 1)
     SELECT outbox_relay_assert((SELECT count(*) FROM advanced) = cardinality($1::text[]),
                                'partition heads moved under the relay'),
            outbox_relay_assert((SELECT count(*) FROM appended) = cardinality($6::int8[]),
                                'fewer records appended than outbox rows'),
+           outbox_relay_assert((SELECT count(*) FROM saved) = 1, 'the relay cursor was not saved'),
            pg_notify($15, $16)";
 
 pub(super) const PARK_ROWS: &str = "
@@ -79,7 +81,6 @@ pub(super) const PARK_ROWS: &str = "
 /// against the migrated schema.
 pub(super) fn statements() -> Vec<(&'static str, String)> {
     vec![
-        ("relay::append::HEADS", HEADS.to_string()),
         ("relay::append::APPEND_BATCH", APPEND_BATCH.to_string()),
         ("relay::append::PARK_ROWS", PARK_ROWS.to_string()),
     ]

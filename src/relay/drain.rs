@@ -67,7 +67,9 @@ pub(super) const PEEK: &str = "
     FROM cur";
 
 /// Saves the cursor and extends the lease, at our epoch; fails (and the
-/// batch rolls back with it) unless the row was updated.
+/// batch rolls back with it) unless the row was updated. A batch that
+/// appends does this within `append::APPEND_BATCH`; this is for a batch
+/// that only parks rows.
 pub(super) const SAVE_CURSOR: &str = "
     WITH saved AS (
         UPDATE relay_state

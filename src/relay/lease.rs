@@ -72,9 +72,25 @@ pub(super) const RELEASE_LEASE: &str = "
     UPDATE relay_state SET holder = NULL, holder_pid = NULL, lease_expires_at = '-infinity'
      WHERE relay = $1 AND epoch = $2";
 
-pub(super) const LOCK_STATE_AT_EPOCH: &str = "
-    SELECT relayed_snapshot::text, draining_snapshot::text, cursor_id
-      FROM relay_state WHERE relay = $1 AND epoch = $2 FOR UPDATE";
+/// A batch's first statement: locks the lease row at our epoch (fencing:
+/// no row means another process took the lease) and returns the cursor,
+/// with every topic, its partition count and each partition head's log end
+/// offset and running maximum `created_at`, one row per head (a topic
+/// without heads, or no topic at all, gives one row with those columns
+/// NULL). The relay places records only in topics whose heads match the
+/// count (docs/invariants.md, 4 and 5).
+///
+/// One statement rather than two: the heads are read from the statement's
+/// snapshot, which a wait for the lock does not renew; the append checks
+/// every head it advances against the offset read here, so a head that
+/// moved meanwhile fails the batch instead of giving an offset twice.
+pub(super) const LOCK_STATE_WITH_HEADS: &str = "
+    SELECT r.relayed_snapshot::text, r.draining_snapshot::text, r.cursor_id,
+           t.name, t.partitions, h.partition, h.log_end_offset, h.max_created_at
+      FROM relay_state r
+      LEFT JOIN (topics t LEFT JOIN partition_heads h ON h.topic = t.name) ON true
+     WHERE r.relay = $1 AND r.epoch = $2
+       FOR UPDATE OF r";
 
 /// The lease and the backlog of one relay (`outbox-relay relay status`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -150,8 +166,8 @@ pub(super) fn statements() -> Vec<(&'static str, String)> {
         ("relay::lease::RENEW_LEASE", RENEW_LEASE.to_string()),
         ("relay::lease::RELEASE_LEASE", RELEASE_LEASE.to_string()),
         (
-            "relay::lease::LOCK_STATE_AT_EPOCH",
-            LOCK_STATE_AT_EPOCH.to_string(),
+            "relay::lease::LOCK_STATE_WITH_HEADS",
+            LOCK_STATE_WITH_HEADS.to_string(),
         ),
         ("relay::lease::STATUS", STATUS.to_string()),
     ]

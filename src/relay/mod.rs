@@ -47,7 +47,7 @@ use batch::{AdvancedHead, PendingRow};
 use drain::{PEEK, SAVE_CURSOR, SELECT_BATCH, SELECT_BATCH_NOW};
 pub use lease::{instance_id, status, RelayStatus, DEFAULT_RELAY_NAME};
 use lease::{
-    ACQUIRE_LEASE, END_EXPIRED_HOLDER, LOCK_STATE_AT_EPOCH, RELEASE_LEASE, RENEW_LEASE,
+    ACQUIRE_LEASE, END_EXPIRED_HOLDER, LOCK_STATE_WITH_HEADS, RELEASE_LEASE, RENEW_LEASE,
     SESSION_SETTINGS,
 };
 pub use maintenance::{delete_relayed_outbox_rows, Maintenance};
@@ -184,9 +184,8 @@ struct Prepared {
     renew: Statement,
     release: Statement,
     end_expired: Statement,
-    lock_state: Statement,
+    lock_state_with_heads: Statement,
     select_batch_now: Statement,
-    heads: Statement,
     append: Statement,
     park: Statement,
     save_cursor: Statement,
@@ -200,9 +199,8 @@ impl Prepared {
                 RENEW_LEASE,
                 RELEASE_LEASE,
                 END_EXPIRED_HOLDER,
-                LOCK_STATE_AT_EPOCH,
+                LOCK_STATE_WITH_HEADS,
                 SELECT_BATCH_NOW,
-                append::HEADS,
                 append::APPEND_BATCH,
                 append::PARK_ROWS,
                 SAVE_CURSOR,
@@ -217,9 +215,8 @@ impl Prepared {
             renew: next(),
             release: next(),
             end_expired: next(),
-            lock_state: next(),
+            lock_state_with_heads: next(),
             select_batch_now: next(),
-            heads: next(),
             append: next(),
             park: next(),
             save_cursor: next(),
@@ -519,11 +516,11 @@ impl Relay {
     /// the snapshot of the batch's own read), in two pipelined round trips
     /// within one transaction:
     ///
-    /// 1. `BEGIN`, the lease row locked at our epoch (fencing), the batch and
-    ///    the partition heads;
-    /// 2. the heads advanced from what was read (the statement fails if any
-    ///    moved), the records appended (fails unless all were), the time
-    ///    index, parked rows, the notification, the cursor, and `COMMIT`.
+    /// 1. `BEGIN`, the lease row locked at our epoch (fencing) with the
+    ///    partition heads, and the batch;
+    /// 2. in one statement the heads advanced from what was read (it fails
+    ///    if any moved), the records appended (fails unless all were), the
+    ///    time index, the notification and the cursor; parked rows; `COMMIT`.
     ///
     /// A statement that fails aborts the transaction, so the `COMMIT` at the
     /// end of the pipeline rolls back; every result is checked.
@@ -569,9 +566,9 @@ impl Relay {
         let select_params =
             select_batch_params(&relayed.text, &known_text, &cursor, &limit, &late_commits);
         let select_now_params: [&(dyn ToSql + Sync); 2] = [&relayed.text, &limit];
-        let (begun, state, rows, heads) = tokio::join!(
+        let (begun, state_and_heads, rows) = tokio::join!(
             client.batch_execute("BEGIN"),
-            client.query_opt(&prepared.lock_state, &lock_params),
+            client.query(&prepared.lock_state_with_heads, &lock_params),
             async {
                 match (read_ahead, &known_target) {
                     (Some(rows), _) => Ok((rows, None)),
@@ -595,11 +592,11 @@ impl Relay {
                         }),
                 }
             },
-            client.query(&prepared.heads, &[]),
         );
         begun?;
+        let state_and_heads = state_and_heads?;
         // Fencing: only the holder of the current epoch gets this row lock.
-        let Some(state) = state? else {
+        let Some(state) = state_and_heads.first() else {
             client.batch_execute("ROLLBACK").await?;
             return Ok(self.lose_leadership(epoch));
         };
@@ -637,18 +634,21 @@ impl Relay {
         // Topics whose heads do not match their partition count are not
         // placed (a wrong count would move keys): their rows are parked.
         let mut topics: HashMap<String, (i32, Vec<AdvancedHead>)> = HashMap::new();
-        for row in heads? {
-            let (topic, partitions): (String, i32) = (row.get(0), row.get(1));
+        for row in &state_and_heads {
+            let Some(topic) = row.get::<_, Option<String>>(3) else {
+                continue; // no topic at all
+            };
+            let partitions: i32 = row.get(4);
             let entry = topics
                 .entry(topic.clone())
                 .or_insert((partitions, Vec::new()));
-            if let Some(partition) = row.get::<_, Option<i32>>(2) {
+            if let Some(partition) = row.get::<_, Option<i32>>(5) {
                 entry.1.push(AdvancedHead {
                     topic,
                     partition,
-                    base_offset: row.get(3),
+                    base_offset: row.get(6),
                     running_max_created_at: row
-                        .get::<_, Option<DateTime<Utc>>>(4)
+                        .get::<_, Option<DateTime<Utc>>>(7)
                         .unwrap_or(DateTime::<Utc>::MIN_UTC),
                 });
             }
@@ -763,7 +763,7 @@ impl Relay {
         };
         type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
         // See `append::APPEND_BATCH` for the parameters' order.
-        let append_params: [Param; 16] = [
+        let append_params: [Param; 22] = [
             &advance.0,
             &advance.1,
             &advance.2,
@@ -780,6 +780,12 @@ impl Relay {
             &running_max_created_at,
             &crate::log::notify::APPENDED_CHANNEL,
             &notification,
+            save_params[0],
+            save_params[1],
+            save_params[2],
+            save_params[3],
+            save_params[4],
+            save_params[5],
         ];
         let park_params: [Param; 2] = [&parked_ids, &parked_reasons];
         let (read_ahead, (appended, parked, saved, committed)) = tokio::join!(read_ahead, async {
@@ -789,7 +795,10 @@ impl Relay {
                     client.query_one(&prepared.append, &append_params)
                 ),
                 only_if(parking, client.execute(&prepared.park, &park_params)),
-                client.query_one(&prepared.save_cursor, &save_params),
+                only_if(
+                    !appending,
+                    client.query_one(&prepared.save_cursor, &save_params)
+                ),
                 client.batch_execute("COMMIT"),
             )
         });

@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "woken_read",
         sql: include_str!("../sql/0007_woken_read.sql"),
     },
+    Migration {
+        version: 8,
+        name: "woken_read_generic_plan",
+        sql: include_str!("../sql/0008_woken_read_generic_plan.sql"),
+    },
 ];
 
 /// The version a fully migrated database reports.

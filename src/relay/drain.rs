@@ -46,8 +46,9 @@ pub(super) const SELECT_BATCH: &str = "
 /// transaction below its `xmax` was complete and relayed, so there are no
 /// late commits to look up, and this is `SELECT_BATCH`'s first branch
 /// alone. The statement is a function (migration 7) so that it is parsed
-/// once per session yet planned for every call with the relayed snapshot
-/// folded in; this one is prepared once per connection.
+/// once per session; it runs on a generic plan (migration 8), as the
+/// snapshot does not change its plan (docs/relay.md). This call is
+/// prepared once per connection.
 pub(super) const SELECT_BATCH_NOW: &str = "SELECT * FROM outbox_relay_read_woken($1, $2)";
 
 /// Read-only check an idle leader runs: the current snapshot, and whether

@@ -46,9 +46,10 @@ pub(super) const SELECT_BATCH: &str = "
 /// transaction below its `xmax` was complete and relayed, so there are no
 /// late commits to look up, and this is `SELECT_BATCH`'s first branch
 /// alone. The statement is a function (migration 7) so that it is parsed
-/// once per session; it runs on a generic plan (migration 8), as the
-/// snapshot does not change its plan (docs/relay.md). This call is
-/// prepared once per connection.
+/// once per session; it runs on a generic plan without sequential scans
+/// (migration 8), which reads the transaction id index whatever the outbox
+/// held when the plan was built (docs/relay.md). This call is prepared
+/// once per connection.
 pub(super) const SELECT_BATCH_NOW: &str = "SELECT * FROM outbox_relay_read_woken($1, $2)";
 
 /// Read-only check an idle leader runs: the current snapshot, and whether
@@ -70,7 +71,7 @@ pub(super) const PEEK: &str = "
 /// Saves the cursor and extends the lease, at our epoch; fails (and the
 /// batch rolls back with it) unless the row was updated. A batch that
 /// appends does this within `append::APPEND_BATCH`; this is for a batch
-/// that only parks rows.
+/// that appends nothing (it only parks rows, or moves none).
 pub(super) const SAVE_CURSOR: &str = "
     WITH saved AS (
         UPDATE relay_state

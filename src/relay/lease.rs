@@ -80,10 +80,12 @@ pub(super) const RELEASE_LEASE: &str = "
 /// NULL). The relay places records only in topics whose heads match the
 /// count (docs/invariants.md, 4 and 5).
 ///
-/// One statement rather than two: the heads are read from the statement's
-/// snapshot, which a wait for the lock does not renew; the append checks
-/// every head it advances against the offset read here, so a head that
-/// moved meanwhile fails the batch instead of giving an offset twice.
+/// Sent after the batch's read, so that its snapshot (which the topics and
+/// heads are read from) sees every topic the read's does. One statement
+/// rather than two: a wait for the lock does not renew that snapshot, but
+/// the append checks every head it advances against the offset read here,
+/// so a head that moved meanwhile fails the batch instead of giving an
+/// offset twice.
 pub(super) const LOCK_STATE_WITH_HEADS: &str = "
     SELECT r.relayed_snapshot::text, r.draining_snapshot::text, r.cursor_id,
            t.name, t.partitions, h.partition, h.log_end_offset, h.max_created_at

@@ -516,8 +516,8 @@ impl Relay {
     /// the snapshot of the batch's own read), in two pipelined round trips
     /// within one transaction:
     ///
-    /// 1. `BEGIN`, the lease row locked at our epoch (fencing) with the
-    ///    partition heads, and the batch;
+    /// 1. `BEGIN`, the batch, and the lease row locked at our epoch
+    ///    (fencing) with the partition heads;
     /// 2. in one statement the heads advanced from what was read (it fails
     ///    if any moved), the records appended (fails unless all were), the
     ///    time index, the notification and the cursor; parked rows; `COMMIT`.
@@ -561,14 +561,17 @@ impl Relay {
         };
         let (client, prepared) = self.client().await?;
 
-        // Round trip 1 (the batch's rows were read ahead mid-drain).
+        // Round trip 1 (the batch's rows were read ahead mid-drain). The lock
+        // goes after the read: the topics it returns with the heads must
+        // include every topic the read's snapshot sees, or a woken read
+        // (whose snapshot is its own) could park a row of a topic created
+        // meanwhile as unknown.
         let lock_params: [&(dyn ToSql + Sync); 2] = [&name, &epoch];
         let select_params =
             select_batch_params(&relayed.text, &known_text, &cursor, &limit, &late_commits);
         let select_now_params: [&(dyn ToSql + Sync); 2] = [&relayed.text, &limit];
-        let (begun, state_and_heads, rows) = tokio::join!(
+        let (begun, rows, state_and_heads) = tokio::join!(
             client.batch_execute("BEGIN"),
-            client.query(&prepared.lock_state_with_heads, &lock_params),
             async {
                 match (read_ahead, &known_target) {
                     (Some(rows), _) => Ok((rows, None)),
@@ -592,8 +595,13 @@ impl Relay {
                         }),
                 }
             },
+            client.query(&prepared.lock_state_with_heads, &lock_params),
         );
         begun?;
+        // A read that failed aborted the transaction, and the lock's
+        // statement with it: the read's error is the one to report.
+        let (batch, read_snapshot): (Vec<PendingRow>, Option<String>) =
+            rows.context("selecting the next outbox batch")?;
         let state_and_heads = state_and_heads?;
         // Fencing: only the holder of the current epoch gets this row lock.
         let Some(state) = state_and_heads.first() else {
@@ -605,8 +613,6 @@ impl Relay {
             state.get::<_, &str>(0) == relayed.text && saved == drain,
             "the relay's cursor in the database is not the one it holds"
         );
-        let (batch, read_snapshot): (Vec<PendingRow>, Option<String>) =
-            rows.context("selecting the next outbox batch")?;
         let read_its_own_snapshot = known_target.is_none();
         let target = match known_target {
             Some(target) => target,

@@ -627,7 +627,7 @@ async fn a_batch_at_a_stale_epoch_appends_nothing() {
 /// the cluster; otherwise it peeks first. Other tests' transactions decide
 /// which happens here; the read itself is tested below.)
 #[tokio::test]
-async fn a_woken_relay_cuts_its_batch_at_its_own_snapshot_and_skips_nothing() {
+async fn a_woken_relay_skips_no_late_commit_and_writes_nothing_when_nothing_is_new() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
     let mut config = fast_relay_config();

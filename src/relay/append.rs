@@ -1,5 +1,6 @@
-//! The Postgres side of an append: advancing the partition heads, copying rows from the outbox into the log (payloads never leave
-//! Postgres), the sparse time index, and parking rows that cannot be placed.
+//! The Postgres side of an append: advancing the partition heads, copying
+//! rows from the outbox into the log (payloads never leave Postgres), the
+//! sparse time index, and parking rows that cannot be placed.
 
 /// Appends a batch in one statement, then wakes its readers:
 ///

@@ -72,12 +72,12 @@ pub(super) const RELEASE_LEASE: &str = "
     UPDATE relay_state SET holder = NULL, holder_pid = NULL, lease_expires_at = '-infinity'
      WHERE relay = $1 AND epoch = $2";
 
-/// A batch's first statement: locks the lease row at our epoch (fencing:
-/// no row means another process took the lease) and returns the cursor,
-/// with every topic, its partition count and each partition head's log end
-/// offset and running maximum `created_at`, one row per head (a topic
-/// without heads, or no topic at all, gives one row with those columns
-/// NULL). The relay places records only in topics whose heads match the
+/// A batch's lock: locks the lease row at our epoch (fencing: no row means
+/// another process took the lease) and returns the cursor, with every
+/// topic, its partition count and each partition head's log end offset and
+/// running maximum `created_at`, one row per head (a topic without heads
+/// gives one row with the head's columns NULL; no topic at all, one row
+/// with the topic's NULL too). The relay places records only in topics whose heads match the
 /// count (docs/invariants.md, 4 and 5).
 ///
 /// Sent after the batch's read, so that its snapshot (which the topics and

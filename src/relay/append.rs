@@ -20,10 +20,15 @@
 /// - writes the sparse time index, one entry per partition (`$13`: last
 ///   offset, `$14`: running newest `created_at`);
 /// - `NOTIFY $15` with `$16` naming the partitions and their new log end
-///   offsets (see [`crate::log::notify`]), delivered at commit;
-/// - saves the relay's cursor and extends its lease at our epoch, as
-///   `drain::SAVE_CURSOR` does (`$17`..`$22`, that statement's `$1`..`$6`);
-///   fails unless the row was updated.
+///   offsets (see [`crate::log::notify`]), delivered at commit, if it
+///   appended any;
+/// - saves the relay's cursor and extends its lease at our epoch (`$17`,
+///   `$18`: relay and epoch; `$19`..`$21`: relayed snapshot, draining
+///   snapshot, cursor id; `$22`: lease seconds); fails unless the row was
+///   updated.
+///
+/// It runs for every batch, one with no records too (it only parks rows, or
+/// moves none): then it saves the cursor alone.
 ///
 /// A failure aborts the transaction, so the batch's `COMMIT` rolls back.
 /// One statement rather than five: each statement costs the server a
@@ -68,7 +73,7 @@ pub(super) const APPEND_BATCH: &str = "
            outbox_relay_assert((SELECT count(*) FROM appended) = cardinality($6::int8[]),
                                'fewer records appended than outbox rows'),
            outbox_relay_assert((SELECT count(*) FROM saved) = 1, 'the relay cursor was not saved'),
-           pg_notify($15, $16)";
+           CASE WHEN cardinality($6::int8[]) > 0 THEN pg_notify($15, $16) END";
 
 pub(super) const PARK_ROWS: &str = "
     INSERT INTO outbox_parked (outbox_id, topic, key, payload, headers, created_at, reason, retry_of)

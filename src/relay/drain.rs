@@ -68,21 +68,6 @@ pub(super) const PEEK: &str = "
                       AND EXISTS (SELECT 1 FROM outbox o WHERE o.txid = x))
     FROM cur";
 
-/// Saves the cursor and extends the lease, at our epoch; fails (and the
-/// batch rolls back with it) unless the row was updated. A batch that
-/// appends does this within `append::APPEND_BATCH`; this is for a batch
-/// that appends nothing (it only parks rows, or moves none).
-pub(super) const SAVE_CURSOR: &str = "
-    WITH saved AS (
-        UPDATE relay_state
-           SET relayed_snapshot = $3::text::pg_snapshot,
-               draining_snapshot = $4::text::pg_snapshot,
-               cursor_id = $5,
-               lease_expires_at = clock_timestamp() + make_interval(secs => $6)
-         WHERE relay = $1 AND epoch = $2
-        RETURNING 1)
-    SELECT outbox_relay_assert(count(*) = 1, 'the relay cursor was not saved') FROM saved";
-
 /// This module's SQL by name: tests/it/sql.rs prepares each statement
 /// against the migrated schema.
 pub(super) fn statements() -> Vec<(&'static str, String)> {
@@ -93,6 +78,5 @@ pub(super) fn statements() -> Vec<(&'static str, String)> {
             SELECT_BATCH_NOW.to_string(),
         ),
         ("relay::drain::PEEK", PEEK.to_string()),
-        ("relay::drain::SAVE_CURSOR", SAVE_CURSOR.to_string()),
     ]
 }

@@ -44,7 +44,7 @@ use tokio_postgres::{Client, Statement};
 use crate::db::Db;
 use crate::shutdown::Shutdown;
 use batch::{AdvancedHead, PendingRow};
-use drain::{PEEK, SAVE_CURSOR, SELECT_BATCH, SELECT_BATCH_NOW};
+use drain::{PEEK, SELECT_BATCH, SELECT_BATCH_NOW};
 pub use lease::{instance_id, status, RelayStatus, DEFAULT_RELAY_NAME};
 use lease::{
     ACQUIRE_LEASE, END_EXPIRED_HOLDER, LOCK_STATE_WITH_HEADS, RELEASE_LEASE, RENEW_LEASE,
@@ -188,7 +188,6 @@ struct Prepared {
     select_batch_now: Statement,
     append: Statement,
     park: Statement,
-    save_cursor: Statement,
 }
 
 impl Prepared {
@@ -203,7 +202,6 @@ impl Prepared {
                 SELECT_BATCH_NOW,
                 append::APPEND_BATCH,
                 append::PARK_ROWS,
-                SAVE_CURSOR,
             ]
             .map(|sql| client.prepare(sql)),
         )
@@ -219,7 +217,6 @@ impl Prepared {
             select_batch_now: next(),
             append: next(),
             park: next(),
-            save_cursor: next(),
         })
     }
 }
@@ -745,8 +742,6 @@ impl Relay {
             records.ids.iter().copied().max().unwrap_or(0),
         );
         let parking = !parked_ids.is_empty();
-        let save_params: [&(dyn ToSql + Sync); 6] =
-            [&name, &epoch, &new_relayed, &new_drain, &new_cursor, &ttl];
         let read_ahead_params = select_batch_params(
             &relayed.text,
             &target.text,
@@ -786,31 +781,25 @@ impl Relay {
             &running_max_created_at,
             &crate::log::notify::APPENDED_CHANNEL,
             &notification,
-            save_params[0],
-            save_params[1],
-            save_params[2],
-            save_params[3],
-            save_params[4],
-            save_params[5],
+            &name,
+            &epoch,
+            &new_relayed,
+            &new_drain,
+            &new_cursor,
+            &ttl,
         ];
         let park_params: [Param; 2] = [&parked_ids, &parked_reasons];
-        let (read_ahead, (appended, parked, saved, committed)) = tokio::join!(read_ahead, async {
+        // The append runs for every batch, as it saves the cursor; with no
+        // records it appends nothing and sends no notification.
+        let (read_ahead, (appended, parked, committed)) = tokio::join!(read_ahead, async {
             tokio::join!(
-                only_if(
-                    appending,
-                    client.query_one(&prepared.append, &append_params)
-                ),
+                client.query_one(&prepared.append, &append_params),
                 only_if(parking, client.execute(&prepared.park, &park_params)),
-                only_if(
-                    !appending,
-                    client.query_one(&prepared.save_cursor, &save_params)
-                ),
                 client.batch_execute("COMMIT"),
             )
         });
-        appended.context("appending the batch to the event log")?;
+        appended.context("appending the batch to the event log and saving the cursor")?;
         parked.context("parking outbox rows")?;
-        saved.context("saving the relay's cursor")?;
         committed.context("committing the relay batch")?;
         if appending {
             crate::log::notify::appended_here(self.db.url(), &log_ends);

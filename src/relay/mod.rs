@@ -842,12 +842,16 @@ impl Relay {
         }
         let metrics = crate::metrics::metrics();
         metrics.relay_batch_size.observe(batch.len() as f64);
-        let now = Utc::now();
-        for (row, _) in &plan.placed {
+        // Counted per partition, not per record: a drain's batch is 16,384
+        // records, and each label lookup hashes and locks.
+        for ((topic, _), append) in &plan.per_partition {
             metrics
                 .relay_appended
-                .with_label_values(&[row.topic.as_str()])
-                .inc();
+                .with_label_values(&[*topic])
+                .inc_by(append.count as u64);
+        }
+        let now = Utc::now();
+        for (row, _) in &plan.placed {
             let age = (now - row.created_at).to_std().unwrap_or_default();
             metrics.commit_to_log_seconds.observe(age.as_secs_f64());
         }

@@ -164,6 +164,15 @@ fn select_batch_params<'a>(
     ]
 }
 
+/// Sent before the append, in its round trip: for the rest of the batch's
+/// transaction, prepared statements run on their generic plans. The
+/// append's generic plan merges its records with the outbox's id range at
+/// any batch size; left to choose, Postgres plans it anew for every small
+/// batch (a custom plan of one record looks cheaper than the generic plan,
+/// which expects a thousand), 0.3 ms of planning per batch. The batch's
+/// read, planned with its snapshots, comes before it.
+const GENERIC_PLAN: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
+
 /// A drain batch read ahead, and the cursor state it was read for.
 struct Prefetched {
     relayed: String,
@@ -790,14 +799,18 @@ impl Relay {
         ];
         let park_params: [Param; 2] = [&parked_ids, &parked_reasons];
         // The append runs for every batch, as it saves the cursor; with no
-        // records it appends nothing and sends no notification.
-        let (read_ahead, (appended, parked, committed)) = tokio::join!(read_ahead, async {
-            tokio::join!(
-                client.query_one(&prepared.append, &append_params),
-                only_if(parking, client.execute(&prepared.park, &park_params)),
-                client.batch_execute("COMMIT"),
-            )
-        });
+        // records it appends nothing and sends no notification. It runs on
+        // its generic plan (see `GENERIC_PLAN`).
+        let (read_ahead, (generic, appended, parked, committed)) =
+            tokio::join!(read_ahead, async {
+                tokio::join!(
+                    client.batch_execute(GENERIC_PLAN),
+                    client.query_one(&prepared.append, &append_params),
+                    only_if(parking, client.execute(&prepared.park, &park_params)),
+                    client.batch_execute("COMMIT"),
+                )
+            });
+        generic.context("choosing the append's generic plan")?;
         appended.context("appending the batch to the event log and saving the cursor")?;
         parked.context("parking outbox rows")?;
         committed.context("committing the relay batch")?;

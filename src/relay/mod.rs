@@ -166,12 +166,14 @@ fn select_batch_params<'a>(
 
 /// Sent before the append, in its round trip: for the rest of the batch's
 /// transaction, prepared statements run on their generic plans. The
-/// append's generic plan merges its records with the outbox's id range at
-/// any batch size; left to choose, Postgres plans it anew for every small
-/// batch (a custom plan of one record looks cheaper than the generic plan,
-/// which expects a thousand), 0.3 ms of planning per batch. The batch's
-/// read, planned with its snapshots, comes before it.
-const GENERIC_PLAN: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
+/// append's generic plan joins its records to the outbox's id range
+/// whatever the batch's size; left to choose, Postgres planned it anew for
+/// every small batch (a custom plan of one record looks cheaper than the
+/// generic plan, which expects a thousand), 0.3 ms of planning per batch.
+/// `LOCAL`, as the setting also governs unnamed statements: the batch's
+/// read, which comes before it, and the next transaction's must stay
+/// planned with their snapshots.
+const FORCE_GENERIC_PLAN: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
 
 /// A drain batch read ahead, and the cursor state it was read for.
 struct Prefetched {
@@ -800,11 +802,11 @@ impl Relay {
         let park_params: [Param; 2] = [&parked_ids, &parked_reasons];
         // The append runs for every batch, as it saves the cursor; with no
         // records it appends nothing and sends no notification. It runs on
-        // its generic plan (see `GENERIC_PLAN`).
+        // its generic plan (see `FORCE_GENERIC_PLAN`).
         let (read_ahead, (generic, appended, parked, committed)) =
             tokio::join!(read_ahead, async {
                 tokio::join!(
-                    client.batch_execute(GENERIC_PLAN),
+                    client.batch_execute(FORCE_GENERIC_PLAN),
                     client.query_one(&prepared.append, &append_params),
                     only_if(parking, client.execute(&prepared.park, &park_params)),
                     client.batch_execute("COMMIT"),
@@ -855,8 +857,8 @@ impl Relay {
         }
         let metrics = crate::metrics::metrics();
         metrics.relay_batch_size.observe(batch.len() as f64);
-        // Counted per partition, not per record: a drain's batch is 16,384
-        // records, and each label lookup hashes and locks.
+        // Counted per partition, not per record: a drain's batch holds up to
+        // `max_batch` records, and each label lookup hashes and locks.
         for ((topic, _), append) in &plan.per_partition {
             metrics
                 .relay_appended

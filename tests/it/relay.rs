@@ -471,6 +471,92 @@ async fn row_for_unknown_topic_is_parked_and_the_relay_moves_on() {
     assert!(reason.contains("unknown topic"), "{reason}");
 }
 
+/// A batch that appends nothing (here it only parks a row) sends no
+/// `NOTIFY`: an empty payload would wake every consumer worker. Postgres
+/// delivers notifications in commit order, so the first one the listener
+/// gets must be the later batch's, naming its partition.
+#[tokio::test]
+async fn a_batch_that_appends_nothing_notifies_no_one() {
+    use futures_util::StreamExt;
+    use tokio_postgres::{AsyncMessage, NoTls};
+
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let (listener, mut connection) = outbox_relay::db::parse_url(&db.url)
+        .unwrap()
+        .connect(NoTls)
+        .await
+        .unwrap();
+    let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = notified.send(n.payload().to_string());
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN event_log_appended")
+        .await
+        .unwrap();
+
+    let mut relay = db.relay();
+    insert_event(&client, "no-such-topic", "x", json!({})).await;
+    drain(&mut relay).await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox_parked").await,
+        1
+    );
+    insert_event(&client, "order-created", "ok", json!({})).await;
+    drain(&mut relay).await;
+
+    let first = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+        .await
+        .expect("a notification for the batch that appended")
+        .unwrap();
+    let partition = partition_for_key("ok", 8);
+    assert_eq!(first, format!("order-created\t{partition}:1"));
+}
+
+/// Retry links are looked up only when the batch's id range has one; then
+/// the retried row gets its header and its neighbours in the batch none.
+#[tokio::test]
+async fn only_the_retried_row_of_a_batch_carries_the_retry_header() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    for key in ["before", "retried", "after"] {
+        insert_event(&client, "order-created", key, json!({})).await;
+    }
+    client
+        .execute(
+            "INSERT INTO outbox_retries (outbox_id, retry_of)
+             SELECT id, 'order-created/3/7' FROM outbox WHERE key = 'retried'",
+            &[],
+        )
+        .await
+        .unwrap();
+    drain(&mut db.relay()).await;
+    let headers: Vec<(String, serde_json::Value)> = client
+        .query("SELECT key, headers FROM event_log ORDER BY outbox_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        headers,
+        vec![
+            ("before".to_string(), json!({})),
+            (
+                "retried".to_string(),
+                json!({ "outbox-relay-retry-of": "order-created/3/7" })
+            ),
+            ("after".to_string(), json!({})),
+        ]
+    );
+}
+
 /// Keyless records are spread over partitions; headers and created_at are kept.
 #[tokio::test]
 async fn keyless_rows_headers_and_create_time_are_carried_over() {

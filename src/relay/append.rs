@@ -15,13 +15,15 @@
 ///   `outbox_retries`, looked up per row only if the batch's id range has
 ///   any: rows without one are nearly all). Fails unless every row was
 ///   appended. `$11` and `$12` are the batch's lowest and highest outbox
-///   ids: the planner merge-joins the outbox's primary key, and without the
-///   bound that scan starts at the oldest outbox row on every batch (a
-///   million-row backlog read its whole index per batch). The records are
-///   read by subscript over `generate_series` rather than `unnest`: the
-///   generic plan then expects a thousand rows, not ten, and merges them
-///   with that range instead of probing the index once per record, and
-///   subscripts are cheaper than unnesting three arrays (docs/benchmarks.md);
+///   ids: the records are joined to the outbox's primary key over that
+///   range, and without the bound a merge join's scan starts at the oldest
+///   outbox row on every batch (a million-row backlog read its whole index
+///   per batch). The records are read by subscript over `generate_series`
+///   rather than `unnest`: the generic plan then expects a thousand rows,
+///   not ten, and joins them to that range in one pass (a merge or a hash
+///   join, as the statistics were when it was built) instead of probing the
+///   index once per record; subscripts are also cheaper than unnesting
+///   three arrays (docs/benchmarks.md);
 /// - writes the sparse time index, one entry per partition (`$13`: last
 ///   offset, `$14`: running newest `created_at`);
 /// - `NOTIFY $15` with `$16` naming the partitions and their new log end

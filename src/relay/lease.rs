@@ -77,8 +77,8 @@ pub(super) const RELEASE_LEASE: &str = "
 /// topic, its partition count and each partition head's log end offset and
 /// running maximum `created_at`, one row per head (a topic without heads
 /// gives one row with the head's columns NULL; no topic at all, one row
-/// with the topic's NULL too). The relay places records only in topics whose heads match the
-/// count (docs/invariants.md, 4 and 5).
+/// with the topic's NULL too). The relay places records only in topics
+/// whose heads match the count (docs/invariants.md, 4 and 5).
 ///
 /// Sent after the batch's read, so that its snapshot (which the topics and
 /// heads are read from) sees every topic the read's does. One statement

@@ -13,10 +13,12 @@
 
 pub mod app;
 pub mod cli;
+pub mod clip;
 pub mod db;
 pub mod embedded;
 pub mod group;
 pub mod http;
+pub mod json;
 pub mod kafka;
 pub mod log;
 pub mod metrics;

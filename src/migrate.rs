@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "woken_read_generic_plan",
         sql: include_str!("../sql/0008_woken_read_generic_plan.sql"),
     },
+    Migration {
+        version: 9,
+        name: "row_limits",
+        sql: include_str!("../sql/0009_row_limits.sql"),
+    },
 ];
 
 /// The version a fully migrated database reports.

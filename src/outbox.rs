@@ -27,6 +27,29 @@ pub const RESERVED_HEADER_PREFIX: &str = "outbox-relay-";
 /// `retry_of` column, which only `dead-letters retry` writes).
 pub const RETRY_OF_HEADER: &str = "outbox-relay-retry-of";
 
+/// What an outbox row may hold: what every stage after the outbox can carry
+/// (the log and the ledgers in Postgres, the Kafka mirror, serde_json
+/// readers, mails and webhooks). `sql/0009_row_limits.sql` refuses a row
+/// over any of them at the writer's `INSERT`, with a constraint named after
+/// the limit; rows written before that migration are checked where they
+/// are read (the relay parks a row whose key is over the limit).
+pub mod limits {
+    /// Kafka's topic names: 1 to 249 of `[A-Za-z0-9._-]`.
+    pub const TOPIC_MAX_CHARS: usize = 249;
+    /// Bytes of a key (UTF-8).
+    pub const KEY_MAX_BYTES: usize = 1024;
+    /// Headers of a row; each value a string, number, boolean or null.
+    pub const HEADERS_MAX: usize = 64;
+    /// Bytes of the headers' JSON text (as Postgres prints it).
+    pub const HEADERS_MAX_BYTES: usize = 16_384;
+    /// Bytes of the payload's JSON text (as Postgres prints it): with the
+    /// key and headers, within Kafka's default 1 MiB message.
+    pub const PAYLOAD_MAX_BYTES: usize = 1_000_000;
+    /// Levels of arrays and objects below the payload's top (serde_json
+    /// reads 128 at most).
+    pub const PAYLOAD_MAX_DEPTH: usize = 64;
+}
+
 /// The statement every writer runs, in any language.
 pub const INSERT_OUTBOX: &str =
     "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4)";

@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::app::order::{self, NewOrder};
+use crate::json::StrictJsonError;
 use crate::http::{ApiError, AppState, BODY_READ_TIMEOUT, MAX_BODY_BYTES};
 use crate::trace_context::{TraceParent, TRACEPARENT};
 use tracing::Instrument;
@@ -99,12 +100,15 @@ async fn create_order(
         ));
     }
     let body = read_body(&headers, body).await?;
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
+    let value = crate::json::parse_strict(&body).map_err(|e| match e {
+        StrictJsonError::DuplicateMember(_) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "duplicate_field", e.to_string())
+        }
+        StrictJsonError::Malformed(e) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_json",
             format!("the body is not valid JSON: {e}"),
-        )
+        ),
     })?;
     let new_order = NewOrder::from_json(&value).map_err(|invalid| {
         let code = match invalid.field {

@@ -38,6 +38,13 @@ pub trait RecordHandler: Send + Sync + 'static {
     /// record to a second call while the first still runs, so a handler
     /// with side effects lets one call per record run at a time.
     fn handle(&self, record: Record, lease: Arc<Lease>) -> impl Future<Output = ()> + Send;
+
+    /// Called once the member has stopped (its partitions committed and
+    /// released, or abandoned): what the handler still holds, such as
+    /// writes handed to a writer of its own, is finished or reported here.
+    fn stopped(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// A partition as one member owns it: the member, and the epoch its
@@ -115,6 +122,11 @@ pub trait PartitionWork: Send + Sync + 'static {
         self: Arc<Self>,
         partition: OwnedPartition,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Called once the member has stopped (see [`RecordHandler::stopped`]).
+    fn stopped(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// A partition as handed to [`PartitionWork`].
@@ -152,6 +164,10 @@ pub struct Records<H>(pub Arc<H>);
 impl<H: RecordHandler> PartitionWork for Records<H> {
     async fn run_partition(self: Arc<Self>, partition: OwnedPartition) -> anyhow::Result<()> {
         run_partition(partition, self.0.clone()).await
+    }
+
+    async fn stopped(&self) {
+        self.0.stopped().await
     }
 }
 
@@ -209,15 +225,17 @@ impl<W: PartitionWork> crate::service::Service for Consumer<W> {
 
     async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
         let membership = Membership::join_with(self.membership, self.config.group.clone()).await?;
-        run_member(
+        let result = run_member(
             &self.db,
             self.reads,
             Arc::new(membership),
             self.config,
-            self.work,
+            self.work.clone(),
             shutdown,
         )
-        .await
+        .await;
+        self.work.stopped().await;
+        result
     }
 }
 

@@ -1,5 +1,6 @@
 //! Planning a batch, without Postgres: which partition each outbox row goes
-//! to (Kafka's partitioner), which rows are parked (unknown topic), and, once
+//! to (Kafka's partitioner), which rows are parked (an unknown topic, a key
+//! over the outbox's limit), and, once
 //! the partition heads have been advanced, the offset of every record.
 //!
 //! Offsets are handed out in batch (outbox id) order, so events of one key
@@ -49,14 +50,25 @@ pub struct PartitionAppend {
 pub struct BatchPlan<'a> {
     /// Rows with a partition, in batch order.
     pub placed: Vec<(&'a PendingRow, i32)>,
-    /// Rows for topics that do not exist.
-    pub parked: Vec<&'a PendingRow>,
+    /// Rows that cannot be placed, and why.
+    pub parked: Vec<(&'a PendingRow, Unplaceable)>,
     /// Per (topic, partition) the batch touches.
     pub per_partition: BTreeMap<(&'a str, i32), PartitionAppend>,
 }
 
+/// Why a row cannot go into the log: it is parked instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unplaceable {
+    /// Its topic does not exist (or its partitions do not match its count).
+    UnknownTopic,
+    /// Its key is over [`crate::outbox::limits::KEY_MAX_BYTES`] (written
+    /// before the outbox refused such rows): later stages index keys.
+    KeyTooLong,
+}
+
 /// Places each row: keyed rows by Kafka's partitioner, keyless ones spread
-/// deterministically by outbox id; rows of unknown topics are parked.
+/// deterministically by outbox id; rows of unknown topics, and rows whose
+/// key is over the outbox's limit, are parked.
 pub fn plan<'a>(rows: &'a [PendingRow], partition_counts: &HashMap<String, i32>) -> BatchPlan<'a> {
     let mut plan = BatchPlan {
         placed: Vec::with_capacity(rows.len()),
@@ -65,9 +77,17 @@ pub fn plan<'a>(rows: &'a [PendingRow], partition_counts: &HashMap<String, i32>)
     };
     for row in rows {
         let Some(&partitions) = partition_counts.get(&row.topic) else {
-            plan.parked.push(row);
+            plan.parked.push((row, Unplaceable::UnknownTopic));
             continue;
         };
+        if row
+            .key
+            .as_ref()
+            .is_some_and(|key| key.len() > crate::outbox::limits::KEY_MAX_BYTES)
+        {
+            plan.parked.push((row, Unplaceable::KeyTooLong));
+            continue;
+        }
         let partition = match &row.key {
             Some(key) => partition_for_key(key, partitions as u32) as i32,
             // Kafka spreads keyless records; the outbox id does so deterministically.
@@ -163,6 +183,18 @@ mod tests {
     }
 
     #[test]
+    fn a_key_at_the_limit_is_placed_one_byte_over_is_parked() {
+        let at = "é".repeat(512); // 1,024 bytes
+        let over = format!("{at}k");
+        let rows = vec![row(1, "t", Some(&at)), row(2, "t", Some(&over))];
+        let plan = plan(&rows, &HashMap::from([("t".to_string(), 8)]));
+        assert_eq!(plan.placed.len(), 1);
+        assert_eq!(plan.placed[0].0.id, 1);
+        assert_eq!(plan.parked.len(), 1);
+        assert_eq!((plan.parked[0].0.id, plan.parked[0].1), (2, Unplaceable::KeyTooLong));
+    }
+
+    #[test]
     fn places_by_key_parks_unknown_topics_and_numbers_in_batch_order() {
         let rows = vec![
             row(1, "t", Some("hejsan")),
@@ -170,12 +202,16 @@ mod tests {
             row(3, "t", Some("hejsan")),
             row(4, "t", None),
             row(5, "t", Some("23456")),
+            row(6, "t", Some(&"k".repeat(1025))),
         ];
         let counts = HashMap::from([("t".to_string(), 17)]);
         let mut plan = plan(&rows, &counts);
         assert_eq!(
-            plan.parked.iter().map(|r| r.id).collect::<Vec<_>>(),
-            vec![2]
+            plan.parked
+                .iter()
+                .map(|(r, why)| (r.id, *why))
+                .collect::<Vec<_>>(),
+            vec![(2, Unplaceable::UnknownTopic), (6, Unplaceable::KeyTooLong)]
         );
         // librdkafka's vectors: "hejsan" → 5, "23456" → 9; keyless id 4 → 4 % 17.
         let placed: Vec<(i64, i32)> = plan.placed.iter().map(|(r, p)| (r.id, *p)).collect();

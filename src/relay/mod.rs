@@ -43,7 +43,8 @@ use tokio_postgres::{Client, Statement};
 
 use crate::db::Db;
 use crate::shutdown::Shutdown;
-use batch::{AdvancedHead, PendingRow};
+use crate::clip::clip;
+use batch::{AdvancedHead, PendingRow, Unplaceable};
 use drain::{PEEK, SELECT_BATCH, SELECT_BATCH_NOW};
 pub use lease::{instance_id, status, RelayStatus, DEFAULT_RELAY_NAME};
 use lease::{
@@ -711,17 +712,22 @@ impl Relay {
             .collect();
         let running_max_created_at: Vec<DateTime<Utc>> =
             appends.map(|(_, v)| v.running_max_created_at).collect();
-        let parked_ids: Vec<i64> = plan.parked.iter().map(|r| r.id).collect();
+        let parked_ids: Vec<i64> = plan.parked.iter().map(|(r, _)| r.id).collect();
         let parked_reasons: Vec<String> = plan
             .parked
             .iter()
-            .map(|r| match topics.get(&r.topic) {
-                Some((partitions, heads)) => format!(
+            .map(|(r, why)| match (why, topics.get(&r.topic)) {
+                (Unplaceable::KeyTooLong, _) => format!(
+                    "key of {} bytes is over the outbox's limit of {}",
+                    r.key.as_ref().map_or(0, String::len),
+                    crate::outbox::limits::KEY_MAX_BYTES
+                ),
+                (Unplaceable::UnknownTopic, Some((partitions, heads))) => format!(
                     "topic {:?} has {partitions} partitions but {} partition heads",
-                    r.topic,
+                    clip(&r.topic),
                     heads.len()
                 ),
-                None => format!("unknown topic {:?}", r.topic),
+                (Unplaceable::UnknownTopic, None) => format!("unknown topic {:?}", clip(&r.topic)),
             })
             .collect();
         // Each partition appended to, with its new log end offset.

@@ -12,15 +12,17 @@
 //! * `sent` marks are written in batches by one writer per process, which
 //!   keeps each mark until it is in the ledger: a partition worker that is
 //!   restarted (say, after a database restart) finds the mark still waiting
-//!   and does not send the mail again.
+//!   and does not send the mail again. One mark the database refuses holds
+//!   back no other ([`crate::db::batch`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 
 use super::MAIL_GROUP;
+use crate::db::batch::{BatchStatement, Batcher, ItemError};
 use crate::group::consumer::Lease;
 
 /// The status and attempts of many events at once: `$2`–`$4` are their
@@ -170,192 +172,209 @@ pub(super) type EventKey = (String, i32, i64);
 /// What the ledger says of an event: its status and attempts (None: no row).
 pub(super) type LedgerStatus = Option<(String, i32)>;
 
-type StatusRequest = (EventKey, oneshot::Sender<Result<LedgerStatus, String>>);
+/// Most items in one statement.
+const MAX_BATCH: usize = 1000;
 
-/// The process's reader of ledger statuses: the reads that arrive while one
-/// is being answered go in the next statement, so the mails of a backlog
-/// (each below its partition's ceiling) share a round trip instead of one
-/// each.
-pub(super) struct LedgerReads {
-    requests: mpsc::UnboundedSender<StatusRequest>,
+/// Ledger statuses, read for many events at once: the reads that arrive
+/// while one is being answered go in the next statement, so the mails of a
+/// backlog (each below its partition's ceiling) share a round trip instead
+/// of one each.
+pub(super) struct ReadStatuses {
+    group: String,
 }
 
-impl LedgerReads {
-    pub(super) fn spawn(pool: deadpool_postgres::Pool, group: String) -> LedgerReads {
-        let (requests, mut rx) = mpsc::unbounded_channel::<StatusRequest>();
-        tokio::spawn(async move {
-            // Whatever waits goes in one batch; 0 only once the channel closed.
-            let mut waiting = Vec::new();
-            while rx.recv_many(&mut waiting, MAX_BATCH).await > 0 {
-                let batch = std::mem::take(&mut waiting);
-                match read_statuses(&pool, &group, &batch).await {
-                    Ok(mut found) => {
-                        for (i, (_, reply)) in batch.into_iter().enumerate() {
-                            let _ = reply.send(Ok(found.remove(&(i as i64 + 1))));
-                        }
-                    }
-                    // Each caller retries its own read (after its backoff).
-                    Err(e) => {
-                        let error = format!("{e:#}");
-                        for (_, reply) in batch {
-                            let _ = reply.send(Err(error.clone()));
-                        }
-                    }
-                }
-            }
-        });
-        LedgerReads { requests }
-    }
+impl BatchStatement for ReadStatuses {
+    type Item = EventKey;
+    type Output = LedgerStatus;
+    const WHAT: &'static str = "delivery ledger reads";
 
-    /// The ledger's status of `event`, read now (with whatever other reads
-    /// are waiting).
-    pub(super) async fn status(&self, event: EventKey) -> anyhow::Result<LedgerStatus> {
-        let (reply, answer) = oneshot::channel();
-        self.requests
-            .send((event, reply))
-            .map_err(|_| anyhow::anyhow!("the ledger reader stopped"))?;
-        answer
-            .await
-            .map_err(|_| anyhow::anyhow!("the ledger reader stopped"))?
-            .map_err(|e| anyhow::anyhow!("reading the delivery ledger: {e}"))
+    async fn run(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        events: &[EventKey],
+    ) -> anyhow::Result<Vec<LedgerStatus>> {
+        let statement = client.prepare_cached(LEDGER_STATUSES).await?;
+        let topics: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+        let partitions: Vec<i32> = events.iter().map(|e| e.1).collect();
+        let offsets: Vec<i64> = events.iter().map(|e| e.2).collect();
+        let mut statuses: Vec<LedgerStatus> = vec![None; events.len()];
+        for row in client
+            .query(&statement, &[&self.group, &topics, &partitions, &offsets])
+            .await?
+        {
+            let i: i64 = row.get(0);
+            statuses[i as usize - 1] = Some((row.get(1), row.get(2)));
+        }
+        Ok(statuses)
     }
 }
 
-async fn read_statuses(
-    pool: &deadpool_postgres::Pool,
-    group: &str,
-    batch: &[StatusRequest],
-) -> anyhow::Result<HashMap<i64, (String, i32)>> {
-    let client = pool.get().await?;
-    let statement = client.prepare_cached(LEDGER_STATUSES).await?;
-    let topics: Vec<&str> = batch.iter().map(|(e, _)| e.0.as_str()).collect();
-    let partitions: Vec<i32> = batch.iter().map(|(e, _)| e.1).collect();
-    let offsets: Vec<i64> = batch.iter().map(|(e, _)| e.2).collect();
-    Ok(client
-        .query(&statement, &[&group, &topics, &partitions, &offsets])
-        .await?
-        .iter()
-        .map(|row| (row.get(0), (row.get(1), row.get(2))))
-        .collect())
+/// The process's reader of ledger statuses.
+pub(super) type LedgerReads = Batcher<ReadStatuses>;
+
+pub(super) fn ledger_reads(pool: deadpool_postgres::Pool, group: String) -> LedgerReads {
+    Batcher::spawn(pool, ReadStatuses { group }, MAX_BATCH)
 }
 
 /// One `sent` to record.
+#[derive(Clone)]
 pub(super) struct SentMark {
     pub(super) topic: String,
     pub(super) partition: i32,
     pub(super) offset: i64,
     pub(super) key: Option<String>,
     pub(super) message_id: String,
-    pub(super) recipient: String,
+    pub(super) recipient: Option<String>,
 }
 
-/// Most marks written in one statement.
-const MAX_BATCH: usize = 1000;
+impl SentMark {
+    fn event(&self) -> EventKey {
+        (self.topic.clone(), self.partition, self.offset)
+    }
+}
 
-/// The process's writer of `sent` marks.
+/// Marks handed over and not yet in the ledger, each with a flag that
+/// turns true once it is settled (written, or given up on).
+type Unrecorded = Arc<Mutex<HashMap<EventKey, watch::Sender<bool>>>>;
+
+/// Writes `sent` marks, many in one statement (one commit, one fsync).
+struct MarkSent {
+    group: String,
+    unrecorded: Unrecorded,
+}
+
+impl BatchStatement for MarkSent {
+    type Item = SentMark;
+    type Output = ();
+    const WHAT: &'static str = "sent marks";
+
+    async fn run(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        marks: &[SentMark],
+    ) -> anyhow::Result<Vec<()>> {
+        let topics: Vec<&str> = marks.iter().map(|m| m.topic.as_str()).collect();
+        let partitions: Vec<i32> = marks.iter().map(|m| m.partition).collect();
+        let offsets: Vec<i64> = marks.iter().map(|m| m.offset).collect();
+        let ids: Vec<&str> = marks.iter().map(|m| m.message_id.as_str()).collect();
+        let recipients: Vec<Option<&str>> = marks.iter().map(|m| m.recipient.as_deref()).collect();
+        let keys: Vec<Option<&str>> = marks.iter().map(|m| m.key.as_deref()).collect();
+        // Prepared once per connection: one round trip, no parse or plan.
+        let mark_sent = client.prepare_cached(MARK_SENT).await?;
+        client
+            .execute(
+                &mark_sent,
+                &[
+                    &self.group,
+                    &topics,
+                    &partitions,
+                    &offsets,
+                    &ids,
+                    &recipients,
+                    &keys,
+                ],
+            )
+            .await?;
+        Ok(vec![(); marks.len()])
+    }
+
+    /// The mark without what came from the record (its key and recipient):
+    /// `sent` is what stops a second mail.
+    fn fallback(&self, mark: &SentMark) -> Option<SentMark> {
+        (mark.key.is_some() || mark.recipient.is_some()).then(|| SentMark {
+            key: None,
+            recipient: None,
+            ..mark.clone()
+        })
+    }
+
+    fn answered(&self, mark: &SentMark, answer: &Result<(), ItemError>) {
+        if let Err(error) = answer {
+            tracing::error!(
+                topic = %mark.topic, partition = mark.partition, offset = mark.offset,
+                message_id = %mark.message_id, error = %error,
+                "a sent mail's mark cannot be written: the mail would go out again if its event were delivered again"
+            );
+        }
+        let done = self
+            .unrecorded
+            .lock()
+            .expect("ledger lock")
+            .remove(&mark.event());
+        if let Some(done) = done {
+            let _ = done.send(true);
+        }
+    }
+}
+
+/// The process's writer of `sent` marks: a mark handed over is kept by the
+/// process until it is in the ledger (retried while the database is away),
+/// whatever happens to the worker that sent the mail. A mark the database
+/// refuses for itself is written without the record's key and recipient;
+/// if even that is refused, the error is logged with the event, and the
+/// record is settled all the same (the mail went out): no mark holds back
+/// another.
 pub(super) struct SentLedger {
-    marks: mpsc::UnboundedSender<(SentMark, watch::Sender<bool>)>,
-    /// Marks handed over and not yet in the ledger, with a flag that turns
-    /// true once written.
-    unrecorded: Arc<Mutex<HashMap<EventKey, watch::Receiver<bool>>>>,
+    marks: Batcher<MarkSent>,
+    unrecorded: Unrecorded,
 }
 
 impl SentLedger {
-    /// Starts the writer: whatever arrived while the previous batch was
-    /// being written goes in the next statement, so many mails share one
-    /// commit (and one fsync). A batch that fails is written again (with a
-    /// backoff) until it is in: a mail that went out is never forgotten
-    /// while the process lives.
     pub(super) fn spawn(pool: deadpool_postgres::Pool, group: String) -> SentLedger {
-        let (marks, mut rx) = mpsc::unbounded_channel::<(SentMark, watch::Sender<bool>)>();
-        let unrecorded: Arc<Mutex<HashMap<EventKey, watch::Receiver<bool>>>> = Arc::default();
-        let pending = unrecorded.clone();
-        tokio::spawn(async move {
-            // Whatever waits goes in one batch; 0 only once the channel closed.
-            let mut waiting = Vec::new();
-            while rx.recv_many(&mut waiting, MAX_BATCH).await > 0 {
-                let batch = std::mem::take(&mut waiting);
-                let mut failures = 0;
-                while let Err(e) = write_sent(&pool, &group, &batch).await {
-                    if failures % 20 == 0 {
-                        tracing::warn!(
-                            marks = batch.len(),
-                            error = format!("{e:#}"),
-                            "could not record sent mails; retrying"
-                        );
-                    }
-                    // Short pauses: once the database is back, these marks
-                    // must be in before another member takes the partition
-                    // over and finds no `sent`.
-                    let pause = Duration::from_millis(50) * 2u32.pow(failures.min(2));
-                    tokio::time::sleep(pause).await;
-                    failures += 1;
-                }
-                let mut pending = pending.lock().expect("ledger lock");
-                for (mark, done) in batch {
-                    pending.remove(&(mark.topic, mark.partition, mark.offset));
-                    let _ = done.send(true);
-                }
-            }
-        });
-        SentLedger { marks, unrecorded }
+        let unrecorded = Unrecorded::default();
+        let statement = MarkSent {
+            group,
+            unrecorded: unrecorded.clone(),
+        };
+        SentLedger {
+            marks: Batcher::spawn(pool, statement, MAX_BATCH),
+            unrecorded,
+        }
     }
 
     /// Hands a `sent` mark over; it is written even if the caller goes
-    /// away. The receiver turns true once it is in the ledger.
+    /// away. The receiver turns true once it is settled.
     pub(super) fn record(&self, mark: SentMark) -> watch::Receiver<bool> {
-        let (done, written) = watch::channel(false);
-        let key = (mark.topic.clone(), mark.partition, mark.offset);
+        let (done, settled) = watch::channel(false);
         self.unrecorded
             .lock()
             .expect("ledger lock")
-            .insert(key, written.clone());
-        if self.marks.send((mark, done)).is_err() {
-            tracing::error!("the ledger writer stopped; a sent mail may be sent again");
-        }
-        written
+            .insert(mark.event(), done);
+        // Answered through `MarkSent::answered`, whoever waits.
+        drop(self.marks.hand_over(mark));
+        settled
     }
 
-    /// The flag of a mark for `key` handed over and not yet written.
+    /// The flag of a mark for `key` handed over and not yet settled.
     pub(super) fn unrecorded(&self, key: &EventKey) -> Option<watch::Receiver<bool>> {
         self.unrecorded
             .lock()
             .expect("ledger lock")
             .get(key)
-            .cloned()
+            .map(watch::Sender::subscribe)
     }
-}
 
-async fn write_sent(
-    pool: &deadpool_postgres::Pool,
-    group: &str,
-    batch: &[(SentMark, watch::Sender<bool>)],
-) -> anyhow::Result<()> {
-    let client = pool.get().await?;
-    let marks = batch.iter().map(|(m, _)| m);
-    let topics: Vec<&str> = marks.clone().map(|m| m.topic.as_str()).collect();
-    let partitions: Vec<i32> = marks.clone().map(|m| m.partition).collect();
-    let offsets: Vec<i64> = marks.clone().map(|m| m.offset).collect();
-    let ids: Vec<&str> = marks.clone().map(|m| m.message_id.as_str()).collect();
-    let recipients: Vec<&str> = marks.clone().map(|m| m.recipient.as_str()).collect();
-    let keys: Vec<Option<&str>> = marks.map(|m| m.key.as_deref()).collect();
-    // Prepared once per connection: one round trip, no parse or plan.
-    let mark_sent = client.prepare_cached(MARK_SENT).await?;
-    client
-        .execute(
-            &mark_sent,
-            &[
-                &group,
-                &topics,
-                &partitions,
-                &offsets,
-                &ids,
-                &recipients,
-                &keys,
-            ],
-        )
-        .await?;
-    Ok(())
+    /// Waits up to `within` for every mark handed over to be settled;
+    /// returns the events whose marks are still unwritten.
+    pub(super) async fn flush(&self, within: Duration) -> Vec<EventKey> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let waiting: Vec<(EventKey, watch::Receiver<bool>)> = self
+                .unrecorded
+                .lock()
+                .expect("ledger lock")
+                .iter()
+                .map(|(event, done)| (event.clone(), done.subscribe()))
+                .collect();
+            let Some((_, mut first)) = waiting.first().cloned() else {
+                return Vec::new();
+            };
+            let settled = tokio::time::timeout_at(deadline, first.wait_for(|done| *done)).await;
+            if settled.is_err() {
+                return waiting.into_iter().map(|(event, _)| event).collect();
+            }
+        }
+    }
 }
 
 /// What the ledger says after an attempt that did not deliver.

@@ -39,6 +39,7 @@ pub use ledger::{confirmation_mail, sent_count_for_keys, ConfirmationMail};
 use ledger::{
     mark_attempt, LedgerCeiling, LedgerReads, SentLedger, SentMark, MARK_FAILED, MARK_UNKNOWN,
 };
+use crate::clip::{clip, clip_error};
 pub use render::{message_id, render, render_replay, replay_message_id, OrderCreated};
 pub use smtp::Limits;
 use tracing::Instrument;
@@ -210,7 +211,7 @@ impl MailWorker {
     ) -> MailWorker {
         MailWorker {
             ledger: SentLedger::spawn(pool.clone(), MAIL_GROUP.to_string()),
-            ledger_reads: LedgerReads::spawn(pool.clone(), MAIL_GROUP.to_string()),
+            ledger_reads: ledger::ledger_reads(pool.clone(), MAIL_GROUP.to_string()),
             ledger_ceiling: LedgerCeiling::default(),
             in_flight: InFlight::default(),
             pool,
@@ -238,7 +239,7 @@ impl MailWorker {
             topic = %record.topic,
             partition = record.partition,
             offset = record.offset,
-            key = record.key.as_deref().unwrap_or(""),
+            key = %clip(record.key.as_deref().unwrap_or("")),
         );
         self.process_in_span(record, lease, trace)
             .instrument(span)
@@ -259,34 +260,65 @@ impl MailWorker {
             .enter((record.topic.clone(), record.partition, record.offset))
             .await;
         let mut db_backoff = 0;
+        let delivery = loop {
+            let error = match self.try_process(record, lease, trace).await {
+                Ok(delivery) => break delivery,
+                Err(error) => error,
+            };
+            if !crate::db::is_transient(&error) {
+                // This record's bookkeeping cannot be stored (the database
+                // refuses it for itself): settle it on its own, so it holds
+                // back nothing (the partition's commits, other marks).
+                break self.park_unstorable(record, lease, &error).await;
+            }
+            tracing::warn!(
+                offset = record.offset,
+                partition = record.partition,
+                error = %clip_error(&error),
+                "mail delivery bookkeeping failed; retrying"
+            );
+            tokio::time::sleep(self.retry.backoff(db_backoff)).await;
+            db_backoff += 1;
+        };
+        let metrics = crate::metrics::metrics();
+        match &delivery {
+            Delivery::Sent { attempts } => {
+                metrics.mail_sent.inc();
+                tracing::debug!(attempts, "confirmation mail accepted");
+            }
+            Delivery::Parked { .. } => metrics.mail_failed.with_label_values(&["parked"]).inc(),
+            Delivery::OutcomeUnknown => metrics.mail_failed.with_label_values(&["unknown"]).inc(),
+            Delivery::AlreadySent | Delivery::AlreadySettled | Delivery::Fenced => {}
+        }
+        delivery
+    }
+
+    /// Parks a record whose bookkeeping the database refused (not a
+    /// transient error), retrying only while the park itself fails
+    /// transiently.
+    async fn park_unstorable(
+        &self,
+        record: &Record,
+        lease: &Lease,
+        error: &anyhow::Error,
+    ) -> Delivery {
+        let last_error = clip_error(error);
+        let mut backoff = 0;
         loop {
-            match self.try_process(record, lease, trace).await {
-                Ok(delivery) => {
-                    let metrics = crate::metrics::metrics();
-                    match &delivery {
-                        Delivery::Sent { attempts } => {
-                            metrics.mail_sent.inc();
-                            tracing::debug!(attempts, "confirmation mail accepted");
-                        }
-                        Delivery::Parked { .. } => {
-                            metrics.mail_failed.with_label_values(&["parked"]).inc()
-                        }
-                        Delivery::OutcomeUnknown => {
-                            metrics.mail_failed.with_label_values(&["unknown"]).inc()
-                        }
-                        Delivery::AlreadySent | Delivery::AlreadySettled | Delivery::Fenced => {}
-                    }
-                    return delivery;
-                }
+            match self
+                .park(record, lease, "delivery bookkeeping refused", 0, Some(&last_error))
+                .await
+            {
+                Ok(delivery) => return delivery,
                 Err(e) => {
                     tracing::warn!(
                         offset = record.offset,
                         partition = record.partition,
-                        error = format!("{e:#}"),
-                        "mail delivery bookkeeping failed; retrying"
+                        error = %clip_error(&e),
+                        "could not park a record whose bookkeeping was refused; retrying"
                     );
-                    tokio::time::sleep(self.retry.backoff(db_backoff)).await;
-                    db_backoff += 1;
+                    tokio::time::sleep(self.retry.backoff(backoff)).await;
+                    backoff += 1;
                 }
             }
         }
@@ -313,7 +345,10 @@ impl MailWorker {
         let ledger = if record.offset > ceiling {
             None
         } else {
-            self.ledger_reads.status(event.clone()).await?
+            self.ledger_reads
+                .submit(event.clone())
+                .await
+                .map_err(|e| anyhow::Error::new(e).context("reading the delivery ledger"))?
         };
         // Whatever happens next writes the ledger at this offset.
         self.ledger_ceiling
@@ -363,7 +398,7 @@ impl MailWorker {
                         offset: record.offset,
                         key: record.key.clone(),
                         message_id: message_id.clone(),
-                        recipient: to.as_str().to_string(),
+                        recipient: Some(to.as_str().to_string()),
                     });
                     let _ = written.wait_for(|written| *written).await;
                     return Ok(Delivery::Sent {
@@ -482,8 +517,38 @@ impl MailWorker {
     }
 
     /// Parks the record as a dead letter and marks the ledger `failed`, in
-    /// one transaction that holds the partition's ownership (fenced).
+    /// one transaction that holds the partition's ownership (fenced). A
+    /// record the database refuses to store (not a transient error) is
+    /// parked without what came from its writer (key, headers, payload; the
+    /// log keeps them at its offset), with the error in its reason.
     async fn park(
+        &self,
+        record: &Record,
+        lease: &Lease,
+        reason: &str,
+        attempts: i32,
+        last_error: Option<&str>,
+    ) -> anyhow::Result<Delivery> {
+        match self.park_as(record, lease, reason, attempts, last_error).await {
+            Err(e) if !crate::db::is_transient(&e) => {
+                let bare = Record {
+                    key: None,
+                    headers: serde_json::json!({}),
+                    payload: serde_json::Value::Null,
+                    ..record.clone()
+                };
+                let reason = format!(
+                    "{reason}; the record could not be stored with it ({}): it is in the log at its offset",
+                    clip_error(&e)
+                );
+                self.park_as(&bare, lease, &reason, attempts, last_error)
+                    .await
+            }
+            parked => parked,
+        }
+    }
+
+    async fn park_as(
         &self,
         record: &Record,
         lease: &Lease,
@@ -512,11 +577,30 @@ impl MailWorker {
         )
         .await?;
         tx.commit().await?;
-        tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason,
-            "parked as a dead letter");
+        tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
+            reason = %clip(reason), "parked as a dead letter");
         Ok(Delivery::Parked {
             reason: reason.to_string(),
         })
+    }
+
+    /// Waits up to `within` for this process's `sent` marks to be written;
+    /// those that cannot be are logged with their events, the duplicate
+    /// window they open (README, "Not twice").
+    pub async fn flush_sent_marks(&self, within: Duration) {
+        let unwritten = self.ledger.flush(within).await;
+        if unwritten.is_empty() {
+            return;
+        }
+        let events: Vec<String> = unwritten
+            .iter()
+            .map(|(topic, partition, offset)| format!("{topic}/{partition}/{offset}"))
+            .collect();
+        tracing::error!(
+            count = events.len(),
+            events = %events.join(","),
+            "stopping with sent mails whose marks are not written: these events would be mailed again"
+        );
     }
 }
 
@@ -562,7 +646,14 @@ impl RecordHandler for MailWorker {
     async fn handle(&self, record: Record, lease: Arc<Lease>) {
         self.process(&record, &lease).await;
     }
+
+    async fn stopped(&self) {
+        self.flush_sent_marks(SENT_MARKS_FLUSH).await
+    }
 }
+
+/// On stopping, how long `sent` marks not yet written may take.
+const SENT_MARKS_FLUSH: Duration = Duration::from_secs(5);
 
 /// The mail worker's SQL by name (all of it is the ledger's): tests/it/sql.rs
 /// prepares each statement against the migrated schema.

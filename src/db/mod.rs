@@ -7,6 +7,8 @@
 //! name when a role is built, so the total a process may open is known (and
 //! refused) before anything starts, and `serve` logs it.
 
+pub mod batch;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -92,6 +94,43 @@ pub async fn check(pool: &Pool) -> anyhow::Result<()> {
     let client = pool.get().await.context("cannot connect to the database")?;
     client.simple_query("SELECT 1").await?;
     Ok(())
+}
+
+/// Whether a failed database call may succeed if simply tried again.
+///
+/// By SQLSTATE class: transient are `08` (connection exception), `40`
+/// (transaction rollback: serialization failure, deadlock), `53`
+/// (insufficient resources: disk full, too many connections), `57`
+/// (operator intervention: shutdown, a cancelled statement), `58` (system
+/// error: I/O), and `55P03` (lock not available) and `25P03` (an idle
+/// transaction ended). An error without a SQLSTATE (a lost connection, a
+/// pool that timed out, anything not from Postgres) is transient too. Every
+/// other SQLSTATE, and an item a [`batch::Batcher`] reports as refused, is
+/// about the statement or its data (`22` data exception,
+/// `23` integrity violation, `54` program limit such as an index row too
+/// large, `42` ...): the same write fails the same way again, so retrying it
+/// would loop.
+pub fn is_transient(error: &anyhow::Error) -> bool {
+    for cause in error.chain() {
+        if let Some(e) = cause.downcast_ref::<batch::ItemError>() {
+            return matches!(e, batch::ItemError::Stopped(_));
+        }
+        let code = if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
+            e.code()
+        } else if let Some(deadpool_postgres::PoolError::Backend(e)) =
+            cause.downcast_ref::<deadpool_postgres::PoolError>()
+        {
+            e.code()
+        } else {
+            continue;
+        };
+        return code.is_none_or(|code| sqlstate_is_transient(code.code()));
+    }
+    true
+}
+
+fn sqlstate_is_transient(code: &str) -> bool {
+    matches!(code.get(..2), Some("08" | "40" | "53" | "57" | "58")) || matches!(code, "55P03" | "25P03")
 }
 
 /// host:port/dbname of a config, for messages (never the password).
@@ -237,6 +276,18 @@ impl From<&Db> for Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqlstates_are_transient_by_class() {
+        for code in ["08006", "40001", "40P01", "53300", "57P01", "57014", "58030", "55P03", "25P03"] {
+            assert!(sqlstate_is_transient(code), "{code}");
+        }
+        // index row size exceeded, check and unique violations, bad data, syntax
+        for code in ["54000", "23514", "23505", "22021", "42601", "XX000", "OR001"] {
+            assert!(!sqlstate_is_transient(code), "{code}");
+        }
+        assert!(is_transient(&anyhow::anyhow!("the pool timed out")));
+    }
 
     #[test]
     fn the_budget_refuses_what_it_cannot_hold() {

@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use lettre::message::Mailbox;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
@@ -42,6 +41,9 @@ use crate::group::consumer::PartitionState;
 use crate::log::ranges::PartitionRange;
 use crate::log::Record;
 use crate::shutdown::Shutdown;
+use ledger::{RunLedger, Settle};
+
+mod ledger;
 
 /// Advisory lock keys of runs: this plus the run id ("rply" in the high
 /// bits keeps them clear of the schema lock's key).
@@ -96,25 +98,6 @@ const SAVE_CURSORS: &str = "
     UPDATE replay_partitions p SET next_offset = v.next_offset
       FROM unnest($2::int4[], $3::int8[]) AS v(partition, next_offset)
      WHERE p.run_id = $1 AND p.partition = v.partition AND p.next_offset < v.next_offset";
-
-/// Events about to be sent (committed before the SMTP exchange). A row in
-/// doubt that is being sent again stays `sending`.
-const MARK_SENDING: &str = "
-    INSERT INTO replay_deliveries (run_id, partition, \"offset\", status, message_id)
-    SELECT $1, v.partition, v.log_offset, 'sending', v.message_id
-      FROM unnest($2::int4[], $3::int8[], $4::text[]) AS v(partition, log_offset, message_id)
-    ON CONFLICT (run_id, partition, \"offset\") DO UPDATE SET updated_at = now()
-     WHERE replay_deliveries.status = 'sending'";
-
-/// Events settled: sent, failed (the run's dead letters) or unknown.
-const MARK_SETTLED: &str = "
-    INSERT INTO replay_deliveries (run_id, partition, \"offset\", status, message_id, attempts, reason, last_error)
-    SELECT $1, v.partition, v.log_offset, v.status, v.message_id, v.attempts, v.reason, v.last_error
-      FROM unnest($2::int4[], $3::int8[], $4::text[], $5::text[], $6::int4[], $7::text[], $8::text[])
-           AS v(partition, log_offset, status, message_id, attempts, reason, last_error)
-    ON CONFLICT (run_id, partition, \"offset\") DO UPDATE
-       SET status = excluded.status, attempts = excluded.attempts, reason = excluded.reason,
-           last_error = excluded.last_error, updated_at = now()";
 
 const RUN_DEAD_LETTERS: &str = "
     SELECT partition, \"offset\", reason, last_error, attempts FROM replay_deliveries
@@ -730,10 +713,24 @@ impl SendContext {
         if self.shutdown.is_triggered() {
             return false;
         }
-        // In the run's ledger before the exchange: after a crash it is in doubt.
-        self.ledger
+        // In the run's ledger before the exchange: after a crash it is in
+        // doubt. A row the ledger refuses is not sent: it is settled failed.
+        match self
+            .ledger
             .sending(record.partition, record.offset, &message_id)
-            .await;
+            .await
+        {
+            Ok(()) => {}
+            Err(crate::db::batch::ItemError::Refused(error)) => {
+                let reason = Some("the run's ledger refused its row".into());
+                self.ledger
+                    .settle(settle("failed", 0, reason, Some(error)))
+                    .await;
+                self.count_unsettled("failed");
+                return true;
+            }
+            Err(crate::db::batch::ItemError::Stopped(_)) => return false,
+        }
         let name = format!(
             "order-{}.replay-{}.{}.{}.{}",
             order.order_id, self.run_id, record.topic, record.partition, record.offset
@@ -824,140 +821,6 @@ impl RateLimit {
     }
 }
 
-// ─── The run's ledger writer ─────────────────────────────────────────────────
-
-/// An event settled.
-struct Settle {
-    partition: i32,
-    offset: i64,
-    status: &'static str,
-    message_id: String,
-    attempts: i32,
-    reason: Option<String>,
-    last_error: Option<String>,
-}
-
-enum LedgerWrite {
-    Sending {
-        partition: i32,
-        offset: i64,
-        message_id: String,
-    },
-    Settled(Settle),
-}
-
-/// Writes the run's ledger in batches (one commit for whatever arrived
-/// meanwhile), retrying a failed batch until it is in; each writer waits
-/// for its own row to be committed.
-#[derive(Clone)]
-struct RunLedger {
-    writes: mpsc::UnboundedSender<(LedgerWrite, oneshot::Sender<()>)>,
-}
-
-impl RunLedger {
-    fn spawn(pool: deadpool_postgres::Pool, run_id: i64) -> RunLedger {
-        let (writes, mut rx) = mpsc::unbounded_channel::<(LedgerWrite, oneshot::Sender<()>)>();
-        tokio::spawn(async move {
-            // Whatever waits goes in one batch; 0 only once the channel closed.
-            let mut waiting = Vec::new();
-            while rx.recv_many(&mut waiting, 1000).await > 0 {
-                let batch = std::mem::take(&mut waiting);
-                let mut failures = 0u32;
-                while let Err(e) = write_batch(&pool, run_id, &batch).await {
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        "could not write the replay ledger; retrying"
-                    );
-                    tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(failures.min(6)))
-                        .await;
-                    failures += 1;
-                }
-                for (_, done) in batch {
-                    let _ = done.send(());
-                }
-            }
-        });
-        RunLedger { writes }
-    }
-
-    async fn write(&self, write: LedgerWrite) {
-        let (done, written) = oneshot::channel();
-        if self.writes.send((write, done)).is_ok() {
-            let _ = written.await;
-        }
-    }
-
-    async fn sending(&self, partition: i32, offset: i64, message_id: &str) {
-        self.write(LedgerWrite::Sending {
-            partition,
-            offset,
-            message_id: message_id.to_string(),
-        })
-        .await
-    }
-
-    async fn settle(&self, settle: Settle) {
-        self.write(LedgerWrite::Settled(settle)).await
-    }
-}
-
-async fn write_batch(
-    pool: &deadpool_postgres::Pool,
-    run_id: i64,
-    batch: &[(LedgerWrite, oneshot::Sender<()>)],
-) -> anyhow::Result<()> {
-    let mut sending = (Vec::new(), Vec::new(), Vec::new());
-    let mut settled = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
-    for (write, _) in batch {
-        match write {
-            LedgerWrite::Sending {
-                partition,
-                offset,
-                message_id,
-            } => {
-                sending.0.push(*partition);
-                sending.1.push(*offset);
-                sending.2.push(message_id.as_str());
-            }
-            LedgerWrite::Settled(s) => {
-                settled.0.push(s.partition);
-                settled.1.push(s.offset);
-                settled.2.push(s.status);
-                settled.3.push(s.message_id.as_str());
-                settled.4.push(s.attempts);
-                settled.5.push(s.reason.as_deref());
-                settled.6.push(s.last_error.as_deref());
-            }
-        }
-    }
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    if !sending.0.is_empty() {
-        tx.execute(MARK_SENDING, &[&run_id, &sending.0, &sending.1, &sending.2])
-            .await?;
-    }
-    if !settled.0.is_empty() {
-        tx.execute(
-            MARK_SETTLED,
-            &[
-                &run_id, &settled.0, &settled.1, &settled.2, &settled.3, &settled.4, &settled.5,
-                &settled.6,
-            ],
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
 /// This module's SQL by name: tests/it/sql.rs prepares each statement.
 pub(crate) fn statements() -> Vec<(&'static str, String)> {
     [
@@ -972,12 +835,11 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
         ("app::replay::RUN_COUNTS", RUN_COUNTS),
         ("app::replay::RUN_LEDGER_FROM", RUN_LEDGER_FROM),
         ("app::replay::SAVE_CURSORS", SAVE_CURSORS),
-        ("app::replay::MARK_SENDING", MARK_SENDING),
-        ("app::replay::MARK_SETTLED", MARK_SETTLED),
         ("app::replay::RUN_DEAD_LETTERS", RUN_DEAD_LETTERS),
         ("app::replay::IN_DOUBT", IN_DOUBT),
     ]
     .into_iter()
     .map(|(name, sql)| (name, sql.to_string()))
+    .chain(ledger::statements())
     .collect()
 }

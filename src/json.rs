@@ -136,7 +136,8 @@ mod tests {
             parse_strict(b"{} {}"),
             Err(StrictJsonError::Malformed(_))
         ));
-        let value = parse_strict(br#"{"a": 1, "b": [1.5, null, true, "x"], "c": {"a": 2}}"#).unwrap();
+        let value =
+            parse_strict(br#"{"a": 1, "b": [1.5, null, true, "x"], "c": {"a": 2}}"#).unwrap();
         assert_eq!(
             value,
             serde_json::json!({"a": 1, "b": [1.5, null, true, "x"], "c": {"a": 2}})

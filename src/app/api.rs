@@ -13,8 +13,8 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::app::order::{self, NewOrder};
-use crate::json::StrictJsonError;
 use crate::http::{ApiError, AppState, BODY_READ_TIMEOUT, MAX_BODY_BYTES};
+use crate::json::StrictJsonError;
 use crate::trace_context::{TraceParent, TRACEPARENT};
 use tracing::Instrument;
 
@@ -101,9 +101,11 @@ async fn create_order(
     }
     let body = read_body(&headers, body).await?;
     let value = crate::json::parse_strict(&body).map_err(|e| match e {
-        StrictJsonError::DuplicateMember(_) => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "duplicate_field", e.to_string())
-        }
+        StrictJsonError::DuplicateMember(_) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "duplicate_field",
+            e.to_string(),
+        ),
         StrictJsonError::Malformed(e) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_json",

@@ -130,7 +130,8 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
 }
 
 fn sqlstate_is_transient(code: &str) -> bool {
-    matches!(code.get(..2), Some("08" | "40" | "53" | "57" | "58")) || matches!(code, "55P03" | "25P03")
+    matches!(code.get(..2), Some("08" | "40" | "53" | "57" | "58"))
+        || matches!(code, "55P03" | "25P03")
 }
 
 /// host:port/dbname of a config, for messages (never the password).
@@ -279,11 +280,15 @@ mod tests {
 
     #[test]
     fn sqlstates_are_transient_by_class() {
-        for code in ["08006", "40001", "40P01", "53300", "57P01", "57014", "58030", "55P03", "25P03"] {
+        for code in [
+            "08006", "40001", "40P01", "53300", "57P01", "57014", "58030", "55P03", "25P03",
+        ] {
             assert!(sqlstate_is_transient(code), "{code}");
         }
         // index row size exceeded, check and unique violations, bad data, syntax
-        for code in ["54000", "23514", "23505", "22021", "42601", "XX000", "OR001"] {
+        for code in [
+            "54000", "23514", "23505", "22021", "42601", "XX000", "OR001",
+        ] {
             assert!(!sqlstate_is_transient(code), "{code}");
         }
         assert!(is_transient(&anyhow::anyhow!("the pool timed out")));

@@ -191,7 +191,10 @@ mod tests {
         assert_eq!(plan.placed.len(), 1);
         assert_eq!(plan.placed[0].0.id, 1);
         assert_eq!(plan.parked.len(), 1);
-        assert_eq!((plan.parked[0].0.id, plan.parked[0].1), (2, Unplaceable::KeyTooLong));
+        assert_eq!(
+            (plan.parked[0].0.id, plan.parked[0].1),
+            (2, Unplaceable::KeyTooLong)
+        );
     }
 
     #[test]

@@ -41,9 +41,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
+use crate::clip::clip;
 use crate::db::Db;
 use crate::shutdown::Shutdown;
-use crate::clip::clip;
 use batch::{AdvancedHead, PendingRow, Unplaceable};
 use drain::{PEEK, SELECT_BATCH, SELECT_BATCH_NOW};
 pub use lease::{instance_id, status, RelayStatus, DEFAULT_RELAY_NAME};

@@ -231,6 +231,18 @@ async fn every_bad_input_class_is_refused_and_writes_nothing() {
             .as_str()
             .is_some_and(|m| !m.is_empty()));
     }
+    // A member named twice is refused, not resolved to either value.
+    for duplicated in [
+        r#"{"user_id": 1, "email": "a@example.com", "amount": 5, "amount": 6}"#,
+        r#"{"user_id": 1, "email": "a@example.com", "email": "b@example.com", "amount": 5}"#,
+    ] {
+        let (status, body) = api.post_raw(Some("application/json"), duplicated).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (StatusCode::UNPROCESSABLE_ENTITY, "duplicate_field"),
+            "{duplicated} -> {body}"
+        );
+    }
     // Bytes that are not UTF-8 at all.
     let (status, body) = api
         .post_raw(Some("application/json"), vec![0xff, 0xfe, 0x00])

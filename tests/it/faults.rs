@@ -413,6 +413,7 @@ enum Fault {
     SmtpSlowAnswer,
     WriterHeldOpen,
     GarbageAndFuzz,
+    OddRows,
     KillApi,
     FreezeApi,
     SmtpHangs,
@@ -502,6 +503,11 @@ const SCENARIOS: &[Scenario] = &[
         duplicates_explained_by: None,
     },
     Scenario {
+        name: "odd rows: the issue's 6,400-byte key, keys and payloads at the limits",
+        fault: Fault::OddRows,
+        duplicates_explained_by: None,
+    },
+    Scenario {
         name: "kill -9 the API, restart it",
         fault: Fault::KillApi,
         duplicates_explained_by: None,
@@ -540,6 +546,9 @@ struct FaultNotes {
     /// Garbage rows written (parked as dead letters, or in outbox_parked).
     garbage_records: i64,
     garbage_unknown_topic: i64,
+    /// Events for orders outside `orders` written as odd outbox rows: each
+    /// must be mailed exactly once.
+    odd_orders: Vec<i64>,
     /// Orders the fault placed itself (a burst): answered 201, and the
     /// `user_id`s of those refused.
     created: Vec<i64>,
@@ -724,6 +733,47 @@ async fn inject(fault: Fault, world: &mut World, scale: u32) -> FaultNotes {
                 let error: serde_json::Value = answer.json().await.unwrap();
                 assert!(error["error"]["code"].is_string(), "{error}");
             }
+        }
+        Fault::OddRows => {
+            // The issue's reproduction, refused at the door now.
+            let refused = observer
+                .batch_execute(
+                    "INSERT INTO outbox (topic, key, payload) SELECT 'order-created',
+                       (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 200)),
+                       '{\"order_id\": 900000100, \"user_id\": 1, \"amount\": 5, \"email\": \"hugekey@example.com\"}'",
+                )
+                .await
+                .unwrap_err();
+            let constraint = refused.as_db_error().and_then(|e| e.constraint());
+            assert_eq!(constraint, Some("outbox_key_at_most_1024_bytes"));
+            let order = |id: i64| serde_json::json!({"order_id": id, "user_id": 1, "amount": 5, "email": format!("odd{id}@example.com")});
+            let mut padded = order(900_000_104);
+            padded["pad"] = serde_json::json!("x".repeat(999_000));
+            let rows = [
+                ("é".repeat(512), order(900_000_101)),
+                (String::new(), order(900_000_102)),
+                ("900000103\u{2028}e\u{301}".into(), order(900_000_103)),
+                ("odd-900000104".into(), padded),
+                // Parked: garbage keys start with g.
+                (
+                    format!("g{}", "x".repeat(1023)),
+                    serde_json::json!({"garbage": 1}),
+                ),
+            ];
+            for (key, payload) in &rows {
+                observer
+                    .execute(
+                        outbox_relay::outbox::INSERT_OUTBOX,
+                        &[&"order-created", key, payload, &serde_json::json!({})],
+                    )
+                    .await
+                    .unwrap();
+            }
+            notes.odd_orders = (900_000_101..=900_000_104).collect();
+            notes.garbage_records = 1;
+            notes
+                .notes
+                .push("the 6,400-byte key refused at the door; 4 odd rows mailed, 1 parked".into());
         }
         Fault::KillApi => {
             world.api.kill9().await;
@@ -1058,6 +1108,19 @@ async fn check(
     if written_for_refused > 0 {
         failures.push(format!(
             "{written_for_refused} orders exist for requests that were refused"
+        ));
+    }
+
+    // Odd rows within the limits are mailed like any order.
+    let unmailed_odd: Vec<i64> = notes
+        .odd_orders
+        .iter()
+        .filter(|id| mails.get(id).is_none_or(|ids| ids.len() != 1))
+        .copied()
+        .collect();
+    if !unmailed_odd.is_empty() {
+        failures.push(format!(
+            "odd rows not mailed exactly once: {unmailed_odd:?}"
         ));
     }
 

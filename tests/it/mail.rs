@@ -93,7 +93,7 @@ pub async fn place_orders(db: &TestDb, emails: &[&str]) -> Vec<i64> {
     ids
 }
 
-async fn wait_for_mails(smtp: &SmtpServer, n: usize, timeout: Duration) {
+pub async fn wait_for_mails(smtp: &SmtpServer, n: usize, timeout: Duration) {
     eventually(
         &format!("{n} mails at the SMTP server"),
         timeout,
@@ -103,7 +103,7 @@ async fn wait_for_mails(smtp: &SmtpServer, n: usize, timeout: Duration) {
 }
 
 /// The group's committed offsets have reached the log end on every partition.
-async fn wait_until_caught_up(db: &TestDb) {
+pub async fn wait_until_caught_up(db: &TestDb) {
     let client = db.client().await;
     eventually("the mail group to commit up to the log end", Duration::from_secs(30), || async {
         let behind = count(

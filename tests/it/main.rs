@@ -12,6 +12,7 @@ mod mail;
 mod metrics;
 mod migrate;
 mod observability;
+mod odd_rows;
 mod project;
 mod relay;
 mod replay;

@@ -31,6 +31,7 @@ use anyhow::Context;
 use lettre::message::Mailbox;
 
 use crate::app::order::EmailAddress;
+use crate::clip::{clip, clip_error};
 use crate::group::consumer::{Lease, RecordHandler};
 use crate::group::dead_letters::park_dead_letter;
 use crate::log::Record;
@@ -39,7 +40,6 @@ pub use ledger::{confirmation_mail, sent_count_for_keys, ConfirmationMail};
 use ledger::{
     mark_attempt, LedgerCeiling, LedgerReads, SentLedger, SentMark, MARK_FAILED, MARK_UNKNOWN,
 };
-use crate::clip::{clip, clip_error};
 pub use render::{message_id, render, render_replay, replay_message_id, OrderCreated};
 pub use smtp::Limits;
 use tracing::Instrument;
@@ -306,7 +306,13 @@ impl MailWorker {
         let mut backoff = 0;
         loop {
             match self
-                .park(record, lease, "delivery bookkeeping refused", 0, Some(&last_error))
+                .park(
+                    record,
+                    lease,
+                    "delivery bookkeeping refused",
+                    0,
+                    Some(&last_error),
+                )
                 .await
             {
                 Ok(delivery) => return delivery,
@@ -529,7 +535,10 @@ impl MailWorker {
         attempts: i32,
         last_error: Option<&str>,
     ) -> anyhow::Result<Delivery> {
-        match self.park_as(record, lease, reason, attempts, last_error).await {
+        match self
+            .park_as(record, lease, reason, attempts, last_error)
+            .await
+        {
             Err(e) if !crate::db::is_transient(&e) => {
                 let bare = Record {
                     key: None,

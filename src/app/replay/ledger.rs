@@ -180,7 +180,13 @@ impl RunLedger {
 /// This module's SQL by name: tests/it/sql.rs prepares each statement.
 pub(super) fn statements() -> Vec<(&'static str, String)> {
     vec![
-        ("app::replay::ledger::MARK_SENDING", MARK_SENDING.to_string()),
-        ("app::replay::ledger::MARK_SETTLED", MARK_SETTLED.to_string()),
+        (
+            "app::replay::ledger::MARK_SENDING",
+            MARK_SENDING.to_string(),
+        ),
+        (
+            "app::replay::ledger::MARK_SETTLED",
+            MARK_SETTLED.to_string(),
+        ),
     ]
 }

@@ -9,7 +9,8 @@
 #
 #   examples/backlog.sh [eml|smtp-sink|smtp://host:port]   # default eml
 #
-# EVENTS (default 1000000), MAX_DB_CONNECTIONS (passed to the mail process),
+# EVENTS (default 1000000), MAX_DB_CONNECTIONS and MAIL_ARGS (passed to the
+# mail process), MAIL_LOG (a path to keep the mail process's log at),
 # PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres).
 # smtp-sink is Postfix's (apt-get install postfix; no daemon needed).
 set -euo pipefail
@@ -64,7 +65,7 @@ esac
 echo "draining into $smtp_url" >&2
 started=$(psql -tAq "$url" -c "SELECT extract(epoch FROM clock_timestamp())")
 DATABASE_URL=$url SMTP_URL=$smtp_url RUST_LOG=${RUST_LOG:-info} \
-  $bin serve --roles mail --no-migrate ${MAX_DB_CONNECTIONS:+--max-db-connections $MAX_DB_CONNECTIONS} \
+  $bin serve --roles mail --no-migrate ${MAX_DB_CONNECTIONS:+--max-db-connections $MAX_DB_CONNECTIONS} ${MAIL_ARGS:-} \
   >"$work/mail.log" 2>&1 &
 mail=$!
 pids+=("$mail")
@@ -82,6 +83,7 @@ done
 peak=$(awk '/VmHWM/ {print $2}' "/proc/$mail/status")
 kill -TERM "$mail"
 wait "$mail" || true
+[ -n "${MAIL_LOG:-}" ] && cp "$work/mail.log" "$MAIL_LOG"
 psql -tAq "$url" -F ' ' -c "
   SELECT extract(epoch FROM min(sent_at)) - $started, extract(epoch FROM max(sent_at)) - $started, count(*)
     FROM mail_deliveries WHERE status = 'sent'" | {

@@ -2,8 +2,8 @@
 -- breaks one fails with the constraint's name, which names the limit, and
 -- its transaction writes nothing. They are what every later stage can
 -- carry: the log, the delivery ledger and the dead letters (Postgres), the
--- Kafka mirror (a row within them fits Kafka's default 1 MiB
--- message.max.bytes), a serde_json reader (128 levels of nesting at most)
+-- Kafka mirror (a row within them fits librdkafka's default
+-- message.max.bytes of 1,000,000, and Kafka's 1 MiB), a serde_json reader (128 levels of nesting at most)
 -- and a mail or webhook. `src/outbox.rs` holds the same figures
 -- (`limits`), the README's "Writing to the outbox" explains them.
 --
@@ -22,8 +22,8 @@ ALTER TABLE outbox
         CHECK (octet_length(headers::text) <= 16384) NOT VALID,
     ADD CONSTRAINT outbox_header_values_are_not_nested
         CHECK (NOT jsonb_path_exists(headers, 'strict $.* ? (@.type() == "object" || @.type() == "array")', '{}', true)) NOT VALID,
-    ADD CONSTRAINT outbox_payload_at_most_1000000_bytes
-        CHECK (octet_length(payload::text) <= 1000000) NOT VALID,
+    ADD CONSTRAINT outbox_payload_at_most_900000_bytes
+        CHECK (octet_length(payload::text) <= 900000) NOT VALID,
     ADD CONSTRAINT outbox_payload_at_most_64_levels_deep
         CHECK (NOT jsonb_path_exists(payload, 'strict $.**{65}')) NOT VALID;
 

@@ -41,6 +41,7 @@ pub fn sql_statements() -> Vec<(&'static str, String)> {
         log::read::statements(),
         log::storage::statements(),
         group::membership::statements(),
+        group::progress::statements(),
         group::admin::statements(),
         group::dead_letters::statements(),
         app::order::statements(),

@@ -43,8 +43,9 @@ pub mod limits {
     /// Bytes of the headers' JSON text (as Postgres prints it).
     pub const HEADERS_MAX_BYTES: usize = 16_384;
     /// Bytes of the payload's JSON text (as Postgres prints it): with the
-    /// key and headers, within Kafka's default 1 MiB message.
-    pub const PAYLOAD_MAX_BYTES: usize = 1_000_000;
+    /// key and headers, within librdkafka's default `message.max.bytes`
+    /// (1,000,000; Kafka's brokers and Java producer take 1 MiB).
+    pub const PAYLOAD_MAX_BYTES: usize = 900_000;
     /// Levels of arrays and objects below the payload's top (serde_json
     /// reads 128 at most).
     pub const PAYLOAD_MAX_DEPTH: usize = 64;

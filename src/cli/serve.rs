@@ -122,7 +122,7 @@ impl KafkaArgs {
     }
 }
 
-/// Enough for every role in one process (api 16, relay 4, mail 28, kafka
+/// Enough for every role in one process (api 16, relay 4, mail 27, kafka
 /// 11, and 2 for `--metrics-addr`).
 pub const DEFAULT_MAX_DB_CONNECTIONS: u32 = 64;
 
@@ -130,8 +130,31 @@ pub const DEFAULT_MAX_DB_CONNECTIONS: u32 = 64;
 const API_POOL_SIZE: usize = 16;
 /// The pool of `--metrics-addr` (a scrape at a time, and /readyz).
 const METRICS_POOL_SIZE: usize = 2;
-/// The mail worker's pool (ledger reads and writes, dead letters).
+/// The mail worker's pool (ledger reads and writes, dead letters), and
+/// its group's reads and commits, when the budget allows.
 const MAIL_POOL_SIZE: usize = 16;
+const MAIL_READ_CONNECTIONS: usize = 8;
+/// A group member's own connections: heartbeats and claims (2), LISTEN (1).
+const MEMBER_OWN_CONNECTIONS: usize = 3;
+/// The kafka role's group member (reads 8 and its own 3).
+const KAFKA_CONNECTIONS: usize = 8 + MEMBER_OWN_CONNECTIONS;
+
+/// The mail role's reads-and-commits and ledger connections within `left`
+/// (what `--max-db-connections` leaves it): the defaults if they fit, else
+/// both shrunk (a third to reads), at least 2 each. The member's own
+/// connections are never shrunk, so a burst of mails that takes every
+/// ledger connection cannot delay a heartbeat or a commit; waiting for a
+/// connection is back-pressure.
+fn mail_connections(left: Option<usize>) -> (usize, usize) {
+    let shared = left.map_or(usize::MAX, |left| {
+        left.saturating_sub(MEMBER_OWN_CONNECTIONS)
+    });
+    if shared >= MAIL_READ_CONNECTIONS + MAIL_POOL_SIZE {
+        return (MAIL_READ_CONNECTIONS, MAIL_POOL_SIZE);
+    }
+    let reads = (shared / 3).max(2);
+    (reads, shared.saturating_sub(reads).max(2))
+}
 
 /// `auto.offset.reset` for a group's partitions without a committed offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -319,13 +342,17 @@ impl Plan {
         let mail = match &self.mail {
             Some(settings) => {
                 tracing::info!(transport = %settings.target, "mail worker ready");
-                let consumer = settings.consumer_config();
+                let kafka_needs = if self.kafka.is_some() {
+                    KAFKA_CONNECTIONS
+                } else {
+                    0
+                };
+                let (reads, ledger) =
+                    mail_connections(db.remaining().map(|left| left.saturating_sub(kafka_needs)));
+                let mut consumer = settings.consumer_config();
+                consumer.read_connections = reads;
                 let worker = crate::app::mail::MailWorker::from_settings(
-                    db.bounded_pool(
-                        "mail worker",
-                        MAIL_POOL_SIZE,
-                        consumer.group.session_bounds(),
-                    )?,
+                    db.bounded_pool("mail worker", ledger, consumer.group.session_bounds())?,
                     settings,
                 )?;
                 Some(crate::group::consumer::Consumer::new(
@@ -411,4 +438,21 @@ impl Plan {
 
 pub async fn run(url: &str, plan: Plan) -> anyhow::Result<()> {
     plan.start(url).await?.run_until_signal().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mail_role_shrinks_its_shared_connections_to_the_budget_never_its_own() {
+        assert_eq!(mail_connections(None), (8, 16));
+        assert_eq!(mail_connections(Some(64)), (8, 16));
+        assert_eq!(mail_connections(Some(27)), (8, 16));
+        assert_eq!(mail_connections(Some(20)), (5, 12));
+        // 3 of the member's own, 2 for reads and commits, 3 for the ledger.
+        assert_eq!(mail_connections(Some(8)), (2, 3));
+        // Below the minimum: the budget check refuses it with the figures.
+        assert_eq!(mail_connections(Some(5)), (2, 2));
+    }
 }

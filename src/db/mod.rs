@@ -241,6 +241,13 @@ impl Db {
     pub fn reserved_total(&self) -> usize {
         self.reservations().iter().map(|(_, n)| n).sum()
     }
+
+    /// Connections the budget has left (None: no limit).
+    pub fn remaining(&self) -> Option<usize> {
+        self.inner
+            .limit
+            .map(|limit| limit.saturating_sub(self.reserved_total()))
+    }
 }
 
 /// A URL alone: a handle without a budget (tests, one-shot commands).

@@ -67,15 +67,19 @@ pub struct ConsumerConfig {
     pub commit_interval: Duration,
     /// On shutdown or hand-over, how long in-flight records may finish.
     pub shutdown_grace: Duration,
+    /// Connections for reading partitions and committing offsets (the
+    /// membership's heartbeats and claims have two of their own).
+    pub read_connections: usize,
 }
 
 impl ConsumerConfig {
     pub fn new(group: GroupConfig) -> ConsumerConfig {
         ConsumerConfig {
             group,
-            max_in_flight_per_partition: 512,
+            max_in_flight_per_partition: 128,
             commit_interval: Duration::from_millis(200),
             shutdown_grace: Duration::from_secs(10),
+            read_connections: 8,
         }
     }
 }
@@ -105,8 +109,6 @@ impl PartitionWorker {
     }
 }
 
-/// Reads of the partitions' records, shared by a member's partition workers.
-const READ_POOL_SIZE: usize = 8;
 /// Heartbeats, claims, releases.
 const MEMBERSHIP_POOL_SIZE: usize = 2;
 
@@ -204,7 +206,7 @@ impl<W: PartitionWork> Consumer<W> {
     ) -> anyhow::Result<Consumer<W>> {
         let db = db.into();
         let bounds = config.group.session_bounds();
-        let reads = db.bounded_pool("consumer reads", READ_POOL_SIZE, bounds)?;
+        let reads = db.bounded_pool("consumer reads", config.read_connections, bounds)?;
         let membership = db.bounded_pool("group membership", MEMBERSHIP_POOL_SIZE, bounds)?;
         db.reserve("consumer LISTEN", 1)?;
         Ok(Consumer {
@@ -279,6 +281,7 @@ async fn run_member<W: PartitionWork>(
         .group_rebalances
         .with_label_values(&[&config.group.group_id]);
     let mut last_logged_assignment: Vec<String> = Vec::new();
+    let mut progress = crate::group::progress::BacklogProgress::new();
 
     loop {
         while tasks.try_join_next().is_some() {}
@@ -430,6 +433,11 @@ async fn run_member<W: PartitionWork>(
                 }
             }
         }
+        if !workers.is_empty() {
+            progress
+                .sample(&pool, &config.group.group_id, &config.group.member_id)
+                .await;
+        }
         tokio::select! {
             _ = tokio::time::sleep(config.group.heartbeat_interval) => {}
             _ = shutdown.recv() => break,
@@ -497,6 +505,7 @@ async fn run_partition<H: RecordHandler>(
         let mut committed = None;
         let mut caught_up = false;
         let mut grace_deadline: Option<Instant> = None;
+        let refill_at = config.max_in_flight_per_partition / 2;
 
         loop {
             let stopping = *stop.borrow();
@@ -505,8 +514,9 @@ async fn run_partition<H: RecordHandler>(
                 return Ok(());
             }
             if stopping == Stop::Running {
-                // Read ahead while there is room.
-                if !caught_up && partition.in_flight.len() < config.max_in_flight_per_partition {
+                // Read ahead once half the window is free: a backlog is read
+                // a few hundred records a statement, not one per record.
+                if !caught_up && partition.in_flight.len() <= refill_at {
                     let room = (config.max_in_flight_per_partition - partition.in_flight.len()) as i64;
                     let asked = room.min(500);
                     let client = pool.get().await?;
@@ -555,9 +565,8 @@ async fn run_partition<H: RecordHandler>(
                 return Ok(());
             }
 
-            let more_to_read = stopping == Stop::Running
-                && !caught_up
-                && partition.in_flight.len() < config.max_in_flight_per_partition;
+            let more_to_read =
+                stopping == Stop::Running && !caught_up && partition.in_flight.len() <= refill_at;
             let timer = match grace_deadline {
                 Some(deadline) => deadline,
                 // A full read: read on at once (after anything ready).
@@ -600,6 +609,18 @@ async fn run_partition<H: RecordHandler>(
                         partition.running.clear();
                     }
                     caught_up = false;
+                }
+            }
+            // Everything else that finished meanwhile, at once: a finished
+            // task's memory is freed only once it is joined, so joining
+            // one per turn let a backlog pile up tens of thousands of them.
+            while let Ok((offset, key)) = done_rx.try_recv() {
+                partition.finish(offset, key);
+            }
+            while let Some(joined) = tasks.try_join_next() {
+                if joined.is_err_and(|e| e.is_panic()) {
+                    tasks.abort_all();
+                    anyhow::bail!("a record handler panicked");
                 }
             }
         }

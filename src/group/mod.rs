@@ -11,6 +11,7 @@
 //! * [`consumer`]: the runtime that runs a [`consumer::RecordHandler`] over
 //!   the records of the partitions a member owns.
 //! * [`admin`]: list and describe groups (the operator's view).
+//! * `progress`: a member's progress through a backlog, logged.
 //! * [`dead_letters`]: records a group's handler gave up on.
 
 pub mod admin;
@@ -18,6 +19,7 @@ pub mod assign;
 pub mod consumer;
 pub mod dead_letters;
 pub mod membership;
+pub(crate) mod progress;
 
 use std::time::Duration;
 

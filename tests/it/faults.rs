@@ -748,7 +748,9 @@ async fn inject(fault: Fault, world: &mut World, scale: u32) -> FaultNotes {
             assert_eq!(constraint, Some("outbox_key_at_most_1024_bytes"));
             let order = |id: i64| serde_json::json!({"order_id": id, "user_id": 1, "amount": 5, "email": format!("odd{id}@example.com")});
             let mut padded = order(900_000_104);
-            padded["pad"] = serde_json::json!("x".repeat(999_000));
+            padded["pad"] = serde_json::json!(
+                "x".repeat(outbox_relay::outbox::limits::PAYLOAD_MAX_BYTES - 200)
+            );
             let rows = [
                 ("é".repeat(512), order(900_000_101)),
                 (String::new(), order(900_000_102)),

@@ -663,3 +663,53 @@ async fn a_missing_topic_a_different_partition_count_and_bad_settings_are_refuse
         .get(0);
     assert_eq!(commits, 0);
 }
+
+/// Rows at the outbox's limits (a key of 1,024 bytes, 64 headers, a
+/// payload of nearly 900,000 bytes) fit librdkafka's default message size:
+/// the mirror carries them whole, with the ordinary records around them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_at_the_outbox_limits_reach_kafka_whole() {
+    use outbox_relay::outbox::limits;
+    let Some(tansu) = tansu() else { return };
+    let db = TestDb::migrated().await;
+    let broker = Broker::start(tansu).await;
+    broker.create_topic(TOPIC, PARTITIONS as i32).await;
+    write_orders(&db, 1, 20).await;
+    let key = "é".repeat(limits::KEY_MAX_BYTES / 2);
+    let headers: serde_json::Value = (0..limits::HEADERS_MAX)
+        .map(|i| (format!("h{i}"), serde_json::json!("v".repeat(200))))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    let payload = serde_json::json!({
+        "order_id": 1_000_000, "user_id": 1, "amount": 5, "email": "big@example.com",
+        "pad": "x".repeat(limits::PAYLOAD_MAX_BYTES - 200),
+    });
+    db.client()
+        .await
+        .execute(
+            outbox_relay::outbox::INSERT_OUTBOX,
+            &[&TOPIC, &key, &payload, &headers],
+        )
+        .await
+        .unwrap();
+    write_orders(&db, 21, 20).await;
+    let mut mirror = mirror_process(&db, &broker, &[]).await;
+    eventually("all 41 mirrored", Duration::from_secs(120), || async {
+        mirrored_all(&db, 41).await.then_some(())
+    })
+    .await;
+    let reader = broker.reader(TOPIC, PARTITIONS as i32);
+    let mut read = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    read_until(&reader, &mut read, deadline, |read| read.len() >= 41).await;
+    assert_eq!(read.len(), 41);
+    let big = read
+        .iter()
+        .find(|m| m.key == key)
+        .expect("the row at the limits");
+    assert_eq!(big.payload, payload);
+    for i in 0..limits::HEADERS_MAX {
+        assert_eq!(big.headers[&format!("h{i}")], "v".repeat(200));
+    }
+    let _ = mirror.kill().await;
+}

@@ -2,6 +2,7 @@
 //! Each test gets its own database in a private Postgres cluster.
 
 mod api;
+mod backlog;
 mod cli;
 mod faults;
 mod groups;

@@ -27,12 +27,24 @@ use crate::group::consumer::Lease;
 
 /// The status and attempts of many events at once: `$2`–`$4` are their
 /// topics, partitions and offsets; each row names its event by position.
+///
+/// One primary-key probe per event, whatever the ledger's statistics say:
+/// the `LIMIT` keeps the lookup a lateral subquery, so the planner cannot
+/// turn it into a hash join over the group's whole ledger. That join is
+/// what a plan made on an empty or unanalysed ledger chose, and it read
+/// every row of the ledger per call (32 s a call at 300,000 rows, in a
+/// generic plan cached while the ledger was empty). The statement is also
+/// planned for each call (run unprepared, see [`ReadStatuses`]): a plan
+/// cached while the ledger was empty probes it with a sequential scan.
+/// docs/benchmarks.md has the plans.
 pub(super) const LEDGER_STATUSES: &str = "
     SELECT v.i, d.status, d.attempts
       FROM unnest($2::text[], $3::int4[], $4::int8[]) WITH ORDINALITY AS v(topic, partition, log_offset, i)
-      JOIN mail_deliveries d
-        ON d.group_id = $1 AND d.topic = v.topic AND d.partition = v.partition
-       AND d.\"offset\" = v.log_offset";
+     CROSS JOIN LATERAL (
+           SELECT d.status, d.attempts FROM mail_deliveries d
+            WHERE d.group_id = $1 AND d.topic = v.topic AND d.partition = v.partition
+              AND d.\"offset\" = v.log_offset
+            LIMIT 1) d";
 
 /// Records `sent` for a batch of events in one statement (one commit).
 /// Never fenced: the mail went out, whoever sent it.
@@ -86,10 +98,15 @@ pub(super) const MARK_UNKNOWN: &str = "
        AND g.owner = $5 AND g.epoch = $6";
 
 /// The highest offset of a partition the ledger holds a row for, and the
-/// last offset in the partition now.
+/// last offset in the partition now. `ORDER BY … LIMIT 1` rather than
+/// `max()`, run unprepared (planned as the ledger is now): a plan cached
+/// while the ledger was empty computed `max()` with a sequential scan (184
+/// ms at a million rows, growing); this one walks the primary key
+/// backwards from its end.
 pub(super) const LEDGER_HIGH_WATER: &str = "
-    SELECT coalesce((SELECT max(\"offset\") FROM mail_deliveries
-                      WHERE group_id = $1 AND topic = $2 AND partition = $3), -1),
+    SELECT coalesce((SELECT \"offset\" FROM mail_deliveries
+                      WHERE group_id = $1 AND topic = $2 AND partition = $3
+                      ORDER BY \"offset\" DESC LIMIT 1), -1),
            coalesce((SELECT log_end_offset FROM partition_heads
                       WHERE topic = $2 AND partition = $3), 0) - 1";
 
@@ -108,7 +125,10 @@ pub(super) const LEDGER_HIGH_WATER: &str = "
 /// reads the ledger too.
 #[derive(Default)]
 pub(super) struct LedgerCeiling {
-    partitions: Mutex<HashMap<(String, i32), Ceiling>>,
+    /// Held across a ledger read, so the records of a partition that all
+    /// arrive at once (a backlog) read it once, not once each: thousands of
+    /// reads at once starved the worker's pool.
+    partitions: tokio::sync::Mutex<HashMap<(String, i32), Ceiling>>,
 }
 
 #[derive(Clone, Copy)]
@@ -128,34 +148,28 @@ impl LedgerCeiling {
         lease: &Lease,
     ) -> anyhow::Result<i64> {
         let key = (lease.topic.clone(), lease.partition);
-        let known = self
-            .partitions
-            .lock()
-            .expect("ceiling lock")
-            .get(&key)
-            .copied();
-        if let Some(c) = known.filter(|c| c.read_at_epoch >= Some(lease.epoch)) {
-            return Ok(c.offset);
-        }
-        let client = pool.get().await?;
-        let statement = client.prepare_cached(LEDGER_HIGH_WATER).await?;
-        let row = client
-            .query_one(&statement, &[&group, &lease.topic, &lease.partition])
-            .await?;
-        let (in_ledger, in_log): (i64, i64) = (row.get(0), row.get(1));
-        let mut partitions = self.partitions.lock().expect("ceiling lock");
+        let mut partitions = self.partitions.lock().await;
         let ceiling = partitions.entry(key).or_insert(Ceiling {
             read_at_epoch: None,
             offset: -1,
         });
+        if ceiling.read_at_epoch >= Some(lease.epoch) {
+            return Ok(ceiling.offset);
+        }
+        let client = pool.get().await?;
+        // Unprepared: planned as the ledger is now (once per epoch).
+        let row = client
+            .query_one(LEDGER_HIGH_WATER, &[&group, &lease.topic, &lease.partition])
+            .await?;
+        let (in_ledger, in_log): (i64, i64) = (row.get(0), row.get(1));
         ceiling.offset = ceiling.offset.max(in_ledger).max(in_log);
         ceiling.read_at_epoch = ceiling.read_at_epoch.max(Some(lease.epoch));
         Ok(ceiling.offset)
     }
 
     /// This process is about to write ledger rows for `offset`.
-    pub(super) fn raise(&self, topic: &str, partition: i32, offset: i64) {
-        let mut partitions = self.partitions.lock().expect("ceiling lock");
+    pub(super) async fn raise(&self, topic: &str, partition: i32, offset: i64) {
+        let mut partitions = self.partitions.lock().await;
         let ceiling = partitions
             .entry((topic.to_string(), partition))
             .or_insert(Ceiling {
@@ -193,7 +207,8 @@ impl BatchStatement for ReadStatuses {
         client: &mut deadpool_postgres::Client,
         events: &[EventKey],
     ) -> anyhow::Result<Vec<LedgerStatus>> {
-        let statement = client.prepare_cached(LEDGER_STATUSES).await?;
+        // Unprepared: planned for this call, as the ledger is now.
+        let statement = client.prepare(LEDGER_STATUSES).await?;
         let topics: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
         let partitions: Vec<i32> = events.iter().map(|e| e.1).collect();
         let offsets: Vec<i64> = events.iter().map(|e| e.2).collect();

@@ -358,7 +358,8 @@ impl MailWorker {
         };
         // Whatever happens next writes the ledger at this offset.
         self.ledger_ceiling
-            .raise(&record.topic, record.partition, record.offset);
+            .raise(&record.topic, record.partition, record.offset)
+            .await;
         let mut attempts: i32 = ledger.as_ref().map_or(0, |(_, attempts)| *attempts);
         match ledger.as_ref().map(|(status, _)| status.as_str()) {
             Some("sent") => return Ok(Delivery::AlreadySent),

@@ -14,15 +14,30 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::smtp::{Exchange, Limits, SmtpConnection};
 
-/// Where mails go.
+/// Where mails go, at most `pool_size` exchanges at a time whatever the
+/// route: a fast route (`.eml` files) is bounded like SMTP, so a backlog
+/// never turns into thousands of writes (and threads) at once.
 #[derive(Clone)]
-pub enum MailTransport {
+pub struct MailTransport {
+    route: Route,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+#[derive(Clone)]
+enum Route {
     /// Plain SMTP through [`PlainSmtpPool`] (TCP_NODELAY set).
     Plain(Arc<PlainSmtpPool>),
     /// TLS (STARTTLS or implicit) through lettre's pooled transport.
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
     /// `.eml` files in a directory: the embedded default.
     Files(PathBuf),
+}
+
+/// One of a transport's exchange slots, held: [`SendSlot::send`] starts
+/// the exchange at once.
+pub struct SendSlot<'a> {
+    transport: &'a MailTransport,
+    _slot: tokio::sync::SemaphorePermit<'a>,
 }
 
 /// An `SMTP_URL`, parsed; `Display` never shows credentials.
@@ -116,19 +131,18 @@ impl SmtpTarget {
     pub fn transport(&self, pool_size: u32, limits: Limits) -> anyhow::Result<MailTransport> {
         let pool = PoolConfig::new().max_size(pool_size.max(1));
         let timeout = Some(tls_timeout(limits));
-        Ok(match self {
-            SmtpTarget::Plain { host, port } => MailTransport::Plain(Arc::new(PlainSmtpPool {
+        let route = match self {
+            SmtpTarget::Plain { host, port } => Route::Plain(Arc::new(PlainSmtpPool {
                 host: host.clone(),
                 port: *port,
                 limits,
                 idle: Mutex::new(Vec::new()),
-                permits: tokio::sync::Semaphore::new(pool_size.max(1) as usize),
             })),
             SmtpTarget::StartTls {
                 host,
                 port,
                 credentials,
-            } => MailTransport::Smtp(
+            } => Route::Smtp(
                 with_credentials(
                     AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host)?,
                     credentials,
@@ -142,7 +156,7 @@ impl SmtpTarget {
                 host,
                 port,
                 credentials,
-            } => MailTransport::Smtp(
+            } => Route::Smtp(
                 with_credentials(
                     AsyncSmtpTransport::<Tokio1Executor>::relay(host)?,
                     credentials,
@@ -155,8 +169,12 @@ impl SmtpTarget {
             SmtpTarget::Files { dir } => {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating mail directory {}", dir.display()))?;
-                MailTransport::Files(dir.clone())
+                Route::Files(dir.clone())
             }
+        };
+        Ok(MailTransport {
+            route,
+            slots: Arc::new(tokio::sync::Semaphore::new(pool_size.max(1) as usize)),
         })
     }
 }
@@ -205,8 +223,8 @@ pub struct PlainSmtpPool {
     host: String,
     port: u16,
     limits: Limits,
+    /// At most the transport's slots (one connection per exchange).
     idle: Mutex<Vec<(SmtpConnection, Instant)>>,
-    permits: tokio::sync::Semaphore,
 }
 
 /// Idle connections older than this are closed rather than reused.
@@ -216,9 +234,6 @@ const PROBE_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 impl PlainSmtpPool {
     async fn send(&self, message: &Message) -> SendOutcome {
-        let Ok(_permit) = self.permits.acquire().await else {
-            return SendOutcome::Transient("SMTP pool closed".into());
-        };
         let mut connection = match self.checkout().await {
             Ok(connection) => connection,
             Err(e) => return SendOutcome::Transient(e),
@@ -287,12 +302,32 @@ pub enum SendOutcome {
 }
 
 impl MailTransport {
-    /// Sends `message`. `name` names the mail for people (the file
-    /// transport's file is `<name>.eml`); SMTP ignores it.
+    /// Waits for one of the transport's exchange slots (back-pressure: a
+    /// caller that has one starts its exchange at once).
+    pub async fn slot(&self) -> SendSlot<'_> {
+        SendSlot {
+            transport: self,
+            _slot: self
+                .slots
+                .acquire()
+                .await
+                .expect("the slots are never closed"),
+        }
+    }
+
+    /// Sends `message` when a slot is free. `name` names the mail for
+    /// people (the file transport's file is `<name>.eml`); SMTP ignores it.
     pub async fn send(&self, message: Message, name: &str) -> SendOutcome {
-        match self {
-            MailTransport::Plain(pool) => pool.send(&message).await,
-            MailTransport::Smtp(smtp) => match smtp.send(message).await {
+        self.slot().await.send(message, name).await
+    }
+}
+
+impl SendSlot<'_> {
+    /// Sends `message` in this slot.
+    pub async fn send(self, message: Message, name: &str) -> SendOutcome {
+        match &self.transport.route {
+            Route::Plain(pool) => pool.send(&message).await,
+            Route::Smtp(smtp) => match smtp.send(message).await {
                 Ok(_) => SendOutcome::Sent,
                 // A definite answer from the server.
                 Err(e) if e.is_permanent() || e.is_client() => {
@@ -304,7 +339,7 @@ impl MailTransport {
                 // not a failure (it may have been delivered).
                 Err(e) => SendOutcome::Unknown(e.to_string()),
             },
-            MailTransport::Files(dir) => match write_eml(dir, name, &message).await {
+            Route::Files(dir) => match write_eml(dir, name, &message).await {
                 Ok(()) => SendOutcome::Sent,
                 Err(e) => SendOutcome::Transient(format!("writing the .eml file: {e}")),
             },

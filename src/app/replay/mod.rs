@@ -708,6 +708,11 @@ impl SendContext {
                 _ = stop.recv() => {}
             }
         }
+        // The exchange begins once the transport has a slot for it: only
+        // then is the event written `sending`, so what a crash leaves in
+        // doubt is at most the exchanges in flight (about the pool size),
+        // not every record read ahead.
+        let mut slot = Some(self.settings.transport.slot().await);
         // A stopping run starts no new exchange: the record stays unsettled
         // (below the cursor) for the resumed run.
         if self.shutdown.is_triggered() {
@@ -739,7 +744,11 @@ impl SendContext {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let error = match self.settings.transport.send(message.clone(), &name).await {
+            let outcome = match slot.take() {
+                Some(slot) => slot.send(message.clone(), &name).await,
+                None => self.settings.transport.send(message.clone(), &name).await,
+            };
+            let error = match outcome {
                 SendOutcome::Sent => {
                     self.ledger
                         .settle(settle("sent", attempts, None, None))

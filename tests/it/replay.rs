@@ -1034,3 +1034,42 @@ async fn max_rate_spaces_the_mails_of_a_run() {
         "six mails at 10/s took {elapsed:?}"
     );
 }
+
+/// A replay killed outright leaves in doubt only what had reached its SMTP
+/// exchange: `sending` is written once a connection of the pool is held,
+/// so at most the pool's exchanges and the settles not yet written, not
+/// every record read ahead (128).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replay_leaves_in_doubt_at_most_the_exchanges_it_had_begun() {
+    let db = TestDb::migrated().await;
+    let all = sixty_days_of_orders(&db, 60).await;
+    let smtp = SmtpServer::start(&["--delay-ms", "100"]).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["replay", "--from", "2000-01-01", "--smtp-pool-size", "2"])
+        .args(["--smtp-url", &smtp.url()])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually("a few mails sent", Duration::from_secs(30), || async {
+        (smtp.messages().len() >= 4).then_some(())
+    })
+    .await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let in_doubt = count(
+        &db.client().await,
+        "SELECT count(*) FROM replay_deliveries WHERE status = 'sending'",
+    )
+    .await;
+    let received = smtp.messages().len();
+    assert!(received < all.len(), "killed mid-run");
+    assert!(
+        in_doubt <= 4,
+        "{in_doubt} events in doubt with 2 connections (the server has {received} of {})",
+        all.len()
+    );
+}

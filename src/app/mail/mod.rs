@@ -43,7 +43,7 @@ use ledger::{
 pub use render::{message_id, render, render_replay, replay_message_id, OrderCreated};
 pub use smtp::Limits;
 use tracing::Instrument;
-pub use transport::{MailTransport, PlainSmtpPool, SendOutcome, SmtpTarget};
+pub use transport::{MailTransport, PlainSmtpPool, SendOutcome, SendSlot, SmtpTarget};
 
 /// The consumer group the mail worker runs as.
 pub const MAIL_GROUP: &str = "mail-service";

@@ -252,3 +252,28 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Waits until `group`'s committed offsets reach the log end of every
+/// partition of `topic`.
+pub async fn wait_until_group_caught_up(db: &TestDb, group: &str, topic: &str) {
+    let client = db.client().await;
+    eventually(
+        &format!("group {group} to commit up to the log end of {topic}"),
+        Duration::from_secs(30),
+        || async {
+            let behind: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM partition_heads h
+                       LEFT JOIN group_partitions p
+                         ON p.group_id = $1 AND p.topic = h.topic AND p.partition = h.partition
+                      WHERE h.topic = $2 AND coalesce(p.committed_offset, -1) < h.log_end_offset",
+                    &[&group, &topic],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (behind == 0).then_some(())
+        },
+    )
+    .await;
+}

@@ -104,18 +104,7 @@ pub async fn wait_for_mails(smtp: &SmtpServer, n: usize, timeout: Duration) {
 
 /// The group's committed offsets have reached the log end on every partition.
 pub async fn wait_until_caught_up(db: &TestDb) {
-    let client = db.client().await;
-    eventually("the mail group to commit up to the log end", Duration::from_secs(30), || async {
-        let behind = count(
-            &client,
-            "SELECT count(*) FROM partition_heads h
-               LEFT JOIN group_partitions p ON p.group_id = 'mail-service' AND p.topic = h.topic AND p.partition = h.partition
-              WHERE h.topic = 'order-created' AND coalesce(p.committed_offset, -1) < h.log_end_offset",
-        )
-        .await;
-        (behind == 0).then_some(())
-    })
-    .await;
+    wait_until_group_caught_up(db, "mail-service", "order-created").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -723,17 +723,7 @@ async fn through_the_pipeline(rows: Vec<GeneratedRow>) {
         handler.clone(),
         shutdown,
     ));
-    eventually("the group to commit to the log end", Duration::from_secs(30), || async {
-        let behind = count(
-            &client,
-            "SELECT count(*) FROM partition_heads h
-               LEFT JOIN group_partitions p ON p.group_id = 'odd-rows' AND p.topic = h.topic AND p.partition = h.partition
-              WHERE h.topic = 'odd' AND coalesce(p.committed_offset, -1) < h.log_end_offset",
-        )
-        .await;
-        (behind == 0).then_some(())
-    })
-    .await;
+    wait_until_group_caught_up(&db, "odd-rows", "odd").await;
     trigger.trigger();
     consumer.await.unwrap().unwrap();
     let handled = handler.handled.lock().unwrap().clone();

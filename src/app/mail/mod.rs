@@ -260,16 +260,32 @@ impl MailWorker {
             .enter((record.topic.clone(), record.partition, record.offset))
             .await;
         let mut db_backoff = 0;
+        // Set once the database refused this record's bookkeeping for
+        // itself (not a transient error): it is then parked with that
+        // error, on its own, so it holds back nothing (the partition's
+        // commits, other records' marks).
+        let mut refused: Option<String> = None;
         let delivery = loop {
-            let error = match self.try_process(record, lease, trace).await {
+            let step = match &refused {
+                None => self.try_process(record, lease, trace).await,
+                Some(error) => {
+                    self.park(
+                        record,
+                        lease,
+                        "delivery bookkeeping refused",
+                        0,
+                        Some(error),
+                    )
+                    .await
+                }
+            };
+            let error = match step {
                 Ok(delivery) => break delivery,
                 Err(error) => error,
             };
-            if !crate::db::is_transient(&error) {
-                // This record's bookkeeping cannot be stored (the database
-                // refuses it for itself): settle it on its own, so it holds
-                // back nothing (the partition's commits, other marks).
-                break self.park_unstorable(record, lease, &error).await;
+            if refused.is_none() && !crate::db::is_transient(&error) {
+                refused = Some(clip_error(&error));
+                continue;
             }
             tracing::warn!(
                 offset = record.offset,
@@ -291,43 +307,6 @@ impl MailWorker {
             Delivery::AlreadySent | Delivery::AlreadySettled | Delivery::Fenced => {}
         }
         delivery
-    }
-
-    /// Parks a record whose bookkeeping the database refused (not a
-    /// transient error), retrying only while the park itself fails
-    /// transiently.
-    async fn park_unstorable(
-        &self,
-        record: &Record,
-        lease: &Lease,
-        error: &anyhow::Error,
-    ) -> Delivery {
-        let last_error = clip_error(error);
-        let mut backoff = 0;
-        loop {
-            match self
-                .park(
-                    record,
-                    lease,
-                    "delivery bookkeeping refused",
-                    0,
-                    Some(&last_error),
-                )
-                .await
-            {
-                Ok(delivery) => return delivery,
-                Err(e) => {
-                    tracing::warn!(
-                        offset = record.offset,
-                        partition = record.partition,
-                        error = %clip_error(&e),
-                        "could not park a record whose bookkeeping was refused; retrying"
-                    );
-                    tokio::time::sleep(self.retry.backoff(backoff)).await;
-                    backoff += 1;
-                }
-            }
-        }
     }
 
     async fn try_process(

@@ -118,7 +118,8 @@ fn expand_glob(pattern: &str) -> Vec<PathBuf> {
     paths
 }
 
-fn is_root() -> bool {
+/// True when this process runs as root (Postgres then runs as another user).
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc_geteuid() == 0 }
 }
@@ -284,6 +285,29 @@ impl EmbeddedPostgres {
     /// from a detached watcher. For throwaway clusters (the tests'), which
     /// nothing else would stop after the last test.
     pub fn discard_after_exit_of(&self, pid: u32) -> anyhow::Result<()> {
+        self.watch(pid, ShutdownMode::Immediate, None)
+    }
+
+    /// Once process `pid` has exited, however it ended (an error, a panic,
+    /// kill -9, a closed pipe), stops the server this process started (fast:
+    /// a checkpoint, no recovery at the next start), from a detached
+    /// watcher. A server stopped already, or started since by another
+    /// command (another postmaster), is left alone.
+    pub fn stop_after_exit_of(&self, pid: u32) -> anyhow::Result<()> {
+        let postmaster = std::fs::read_to_string(self.data_dir.join("postmaster.pid"))
+            .context("reading postmaster.pid")?;
+        let postmaster = postmaster.lines().next().unwrap_or_default().trim();
+        anyhow::ensure!(
+            postmaster.parse::<u32>().is_ok(),
+            "postmaster.pid does not start with a pid"
+        );
+        self.watch(pid, ShutdownMode::Fast, Some(postmaster))
+    }
+
+    /// The watcher: once `pid` has exited, stops the cluster in `mode`;
+    /// only if its postmaster is still `postmaster` when given, else stops
+    /// it and deletes the data directory.
+    fn watch(&self, pid: u32, mode: ShutdownMode, postmaster: Option<&str>) -> anyhow::Result<()> {
         let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
         let data_dir = self.data_dir.to_string_lossy().to_string();
         let pg_ctl = self.bin_dir.join("pg_ctl").to_string_lossy().to_string();
@@ -291,13 +315,21 @@ impl EmbeddedPostgres {
             Some(user) => format!("runuser -u {} -- ", quote(user)),
             None => String::new(),
         };
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; \
-             {run_as}{} -D {} -m immediate -w stop >/dev/null 2>&1; rm -rf {}",
+        let stop = format!(
+            "{run_as}{} -D {} -m {} -w stop >/dev/null 2>&1",
             quote(&pg_ctl),
             quote(&data_dir),
-            quote(&data_dir),
+            mode.as_str(),
         );
+        let after = match postmaster {
+            Some(postmaster) => format!(
+                "[ \"$(head -n 1 {} 2>/dev/null)\" = {} ] && {stop}",
+                quote(&format!("{data_dir}/postmaster.pid")),
+                quote(postmaster)
+            ),
+            None => format!("{stop}; rm -rf {}", quote(&data_dir)),
+        };
+        let script = format!("while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {after}");
         Command::new("setsid")
             .args(["sh", "-c", &script])
             .stdin(std::process::Stdio::null())

@@ -129,29 +129,32 @@ pub async fn run(
     }
 
     let command = command_prefix(cli, db);
-    writeln!(
-        out,
-        "\nwhere to look (from this directory, while the demo runs):"
-    )?;
-    writeln!(
-        out,
-        "  curl -s -X POST http://{addr}/orders -H 'content-type: application/json' \\"
-    )?;
-    writeln!(
-        out,
-        "       -d '{{\"user_id\": 1, \"email\": \"ada@example.com\", \"amount\": 4200}}'"
-    )?;
-    writeln!(
-        out,
-        "  curl -s http://{addr}/orders/{}        # the order and its mail's state",
-        placed[0]
-    )?;
+    // With --no-wait the API is gone when this is read: only what works
+    // without it (the commands start the database they need).
+    if args.no_wait {
+        writeln!(out, "\nwhere to look:")?;
+    } else {
+        writeln!(out, "\nwhere to look (while the demo runs):")?;
+        writeln!(
+            out,
+            "  curl -s -X POST http://{addr}/orders -H 'content-type: application/json' \\"
+        )?;
+        writeln!(
+            out,
+            "       -d '{{\"user_id\": 1, \"email\": \"ada@example.com\", \"amount\": 4200}}'"
+        )?;
+        writeln!(
+            out,
+            "  curl -s http://{addr}/orders/{}        # the order and its mail's state",
+            placed[0]
+        )?;
+    }
     writeln!(out, "  {command} topics describe order-created")?;
     writeln!(out, "  {command} tail order-created --last 3")?;
     writeln!(out, "  {command} groups describe mail-service")?;
     writeln!(out, "  {command} relay status")?;
     if db.is_embedded() && args.mail.smtp_url.is_none() {
-        let dir = std::path::absolute(cli.data_dir.join("mail"))?;
+        let dir = std::path::absolute(cli.data_dir().join("mail"))?;
         writeln!(
             out,
             "  ls {}/order-{}.*.eml      # an order's mail, by order id",
@@ -184,8 +187,9 @@ fn command_prefix(cli: &Cli, db: &Database) -> String {
         _ => "outbox-relay".to_string(),
     };
     if db.is_embedded() {
-        if cli.data_dir != Path::new(".outbox-relay") {
-            command.push_str(&format!(" --data-dir {}", cli.data_dir.display()));
+        if let Some(dir) = &cli.data_dir {
+            let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+            command.push_str(&format!(" --data-dir {}", dir.display()));
         }
     } else if std::env::var_os("DATABASE_URL").is_none() {
         command.push_str(" --database-url '…'");
@@ -223,10 +227,11 @@ async fn place_sample_orders(addr: SocketAddr, count: u32) -> anyhow::Result<Vec
             .with_context(|| format!("unexpected API answer: {response}"))?;
         ids.push(id);
         if progress && (i % 50 == 0 || i == count) {
-            eprint!("\rplacing sample orders: {i}/{count}");
-            if i == count {
-                eprintln!();
-            }
+            let end = if i == count { "\n" } else { "" };
+            let _ = write!(
+                std::io::stderr(),
+                "\rplacing sample orders: {i}/{count}{end}"
+            );
         }
     }
     Ok(ids)

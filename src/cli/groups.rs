@@ -101,6 +101,11 @@ pub async fn run(
         }
         GroupsCommand::List { output } => {
             let groups = crate::group::admin::list_groups(&client).await?;
+            if groups.is_empty() && *output == Output::Table {
+                // On stderr: a script reading names gets none.
+                super::tell(format_args!("no consumer groups"));
+                return Ok(());
+            }
             output::print(out, *output, &groups, |groups| {
                 groups.iter().map(|g| format!("{g}\n")).collect()
             })

@@ -10,6 +10,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::embedded::{ClusterOptions, EmbeddedPostgres};
@@ -44,14 +45,16 @@ pub struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
-    /// Data directory of the embedded cluster (used without DATABASE_URL).
-    #[arg(
-        long,
-        env = "OUTBOX_RELAY_DATA_DIR",
-        default_value = ".outbox-relay",
-        global = true
-    )]
-    pub data_dir: PathBuf,
+    /// Data directory of the embedded cluster (used without DATABASE_URL;
+    /// the cluster is in its postgres/, the default .eml files in its mail/).
+    /// Default: $XDG_DATA_HOME/outbox-relay, else /var/lib/outbox-relay as
+    /// root, else ~/.local/share/outbox-relay, wherever the command runs.
+    #[arg(long, env = "OUTBOX_RELAY_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+
+    /// Log at DEBUG (RUST_LOG, when set, decides instead).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
 
     #[command(subcommand)]
     pub command: Command,
@@ -91,6 +94,41 @@ pub enum Command {
     Kafka(kafka::KafkaCommand),
 }
 
+impl Cli {
+    /// The data directory: `--data-dir`, else [`default_data_dir`].
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
+/// The platform's data directory for this user, the same from any working
+/// directory: `$XDG_DATA_HOME/outbox-relay`; else, as root,
+/// `/var/lib/outbox-relay` (Postgres runs as another user, who cannot enter
+/// root's home); else `~/.local/share/outbox-relay`.
+pub fn default_data_dir() -> PathBuf {
+    let absolute = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    if let Some(data) = absolute("XDG_DATA_HOME") {
+        return data.join("outbox-relay");
+    }
+    if crate::embedded::is_root() {
+        return PathBuf::from("/var/lib/outbox-relay");
+    }
+    match absolute("HOME") {
+        Some(home) => home.join(".local/share/outbox-relay"),
+        None => PathBuf::from(".outbox-relay"),
+    }
+}
+
+/// A line on stderr for the operator; a closed stderr is not an error
+/// (`eprintln!` would panic).
+pub(crate) fn tell(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// Runs the parsed command, writing its output to stdout.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
@@ -100,11 +138,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Runs the parsed command, writing its output to `out`.
 pub async fn run_with_output(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     // Settings are checked before anything starts (no database, no port).
+    let data_dir = cli.data_dir();
     let plan = match &cli.command {
-        Command::Serve(args) => Some(serve::Plan::new(args, &cli.data_dir)?),
-        Command::Demo(args) => Some(demo::plan(args, &cli.data_dir)?),
+        Command::Serve(args) => Some(serve::Plan::new(args, &data_dir)?),
+        Command::Demo(args) => Some(demo::plan(args, &data_dir)?),
         Command::Replay(cmd) => {
-            replay::check(cmd, &cli.data_dir)?;
+            replay::check(cmd, &data_dir)?;
             None
         }
         _ => None,
@@ -114,7 +153,9 @@ pub async fn run_with_output(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::
     let result = async {
         match &cli.command {
             Command::Migrate | Command::Serve(_) | Command::Demo(_) => {}
-            _ => crate::migrate::require_current(&db.url).await?,
+            _ => crate::migrate::require_current(&db.url)
+                .await
+                .with_context(|| db.describe())?,
         }
         match &cli.command {
             Command::Migrate => migrate(&db.url, out).await,
@@ -127,7 +168,7 @@ pub async fn run_with_output(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::
             Command::Groups(cmd) => groups::run(&db.url, cmd, out).await,
             Command::DeadLetters(cmd) => dead_letters::run(&db.url, cmd, out).await,
             Command::Relay(cmd) => relay::run(&db.url, cmd, out).await,
-            Command::Replay(cmd) => replay::run(&db.url, cmd, &cli.data_dir, out).await,
+            Command::Replay(cmd) => replay::run(&db.url, cmd, &data_dir, out).await,
             Command::Parked(cmd) => parked::run(&db.url, cmd, out).await,
             Command::Kafka(cmd) => kafka::run(&db.url, cmd, out).await,
         }
@@ -175,13 +216,20 @@ impl Database {
                 embedded: None,
             });
         }
+        let data_dir = cli.data_dir();
         let options = ClusterOptions {
-            data_dir: cli.data_dir.clone(),
+            data_dir: data_dir.join("postgres"),
             durable: true,
             extra_settings: Vec::new(),
         };
-        let cluster =
-            tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&options)).await??;
+        let cluster = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&options))
+            .await?
+            .with_context(|| format!("the embedded Postgres in {}", data_dir.display()))?;
+        // Stopped when this process ends, however it ends (a clean exit
+        // stops it first, below).
+        if cluster.started_here {
+            cluster.stop_after_exit_of(std::process::id())?;
+        }
         let database = Database {
             url: cluster.url("outbox"),
             embedded: Some(cluster),
@@ -193,13 +241,28 @@ impl Database {
         }
         let cluster = database.embedded.as_ref().expect("set above");
         if announce {
-            eprintln!(
+            tell(format_args!(
                 "DATABASE_URL is not set: using the embedded Postgres in {} ({})",
                 cluster.data_dir().display(),
                 database.url
-            );
+            ));
         }
         Ok(database)
+    }
+
+    /// Which database this is, for messages: host:port/db (never the
+    /// password), and the embedded cluster's data directory.
+    pub fn describe(&self) -> String {
+        let place = crate::db::parse_url(&self.url)
+            .map(|config| crate::db::describe(&config))
+            .unwrap_or_else(|_| "an unparsable URL".into());
+        match &self.embedded {
+            Some(cluster) => format!(
+                "database {place} (the embedded Postgres in {})",
+                cluster.data_dir().display()
+            ),
+            None => format!("database {place}"),
+        }
     }
 
     /// True when this is the embedded cluster (no DATABASE_URL).
@@ -212,7 +275,9 @@ impl Database {
     fn close(self) {
         if let Some(cluster) = self.embedded.filter(|c| c.started_here) {
             if let Err(e) = cluster.stop() {
-                eprintln!("warning: could not stop the embedded Postgres: {e:#}");
+                tell(format_args!(
+                    "warning: could not stop the embedded Postgres: {e:#}"
+                ));
             }
         }
     }

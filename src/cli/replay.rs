@@ -19,7 +19,7 @@ use crate::app::replay::{self, Finish, Progress, ReplaySettings};
 use crate::log::ranges::{Bound, Bounds, PartitionRange};
 
 #[derive(Debug, clap::Args)]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct ReplayCommand {
     #[command(subcommand)]
     pub list_or_describe: Option<RunsCommand>,
@@ -47,7 +47,7 @@ pub enum RunsCommand {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("start").multiple(false)))]
+#[command(group(clap::ArgGroup::new("start").multiple(false).required(true)))]
 pub struct ReplayArgs {
     /// The topic to replay.
     #[arg(long, default_value = crate::app::order::ORDER_CREATED_TOPIC)]
@@ -288,9 +288,9 @@ pub async fn run(
     let run_id = match run_id {
         Some(id) => {
             if args.resume.is_none() {
-                eprintln!(
+                super::tell(format_args!(
                     "resuming unfinished run {id} of the same command (--new starts another)"
-                );
+                ));
             }
             id
         }
@@ -326,7 +326,9 @@ pub async fn run(
     let finish = tokio::select! {
         finish = &mut replaying => finish,
         _ = crate::shutdown::signal() => {
-            eprintln!("\nstopping: letting the mails in flight finish…");
+            super::tell(format_args!(
+                "\nstopping: letting the mails in flight finish…"
+            ));
             trigger.trigger();
             replaying.await
         }
@@ -479,10 +481,10 @@ fn spawn_progress(run_id: i64, total: u64, progress: Arc<Progress>) -> tokio::ta
             } else {
                 "-".into()
             };
-            eprintln!(
+            super::tell(format_args!(
                 "replay run {run_id}: {done}/{total} ({:.0}%), {rate:.0} mails/s, ETA {eta}",
                 100.0 * done as f64 / total.max(1) as f64
-            );
+            ));
         }
     })
 }

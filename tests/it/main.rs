@@ -5,6 +5,7 @@ mod api;
 mod backlog;
 mod cli;
 mod faults;
+mod first_hour;
 mod groups;
 mod harness;
 mod kafka;

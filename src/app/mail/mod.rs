@@ -67,8 +67,10 @@ pub struct MailSettings {
 }
 
 impl MailSettings {
-    /// Checks `SMTP_URL` (unset: `.eml` files in `<data_dir>/mail`) and
-    /// `MAIL_FROM`; the rest takes its defaults.
+    /// Checks `SMTP_URL` (unset: `.eml` files in `<data_dir>/mail`, the
+    /// data directory created if missing) and `MAIL_FROM`; the rest takes
+    /// its defaults. A `file://` directory is created at start if missing,
+    /// but only it: its parent must exist.
     pub fn new(
         smtp_url: Option<&str>,
         mail_from: &str,
@@ -76,10 +78,24 @@ impl MailSettings {
     ) -> anyhow::Result<MailSettings> {
         let target = match smtp_url {
             Some(url) => SmtpTarget::parse(url)?,
-            None => SmtpTarget::Files {
-                dir: std::path::absolute(data_dir.join("mail"))?,
-            },
+            None => {
+                std::fs::create_dir_all(data_dir).with_context(|| {
+                    format!("creating the data directory {}", data_dir.display())
+                })?;
+                SmtpTarget::Files {
+                    dir: std::path::absolute(data_dir.join("mail"))?,
+                }
+            }
         };
+        if let SmtpTarget::Files { dir } = &target {
+            let parent = dir.parent().unwrap_or(dir);
+            if !parent.is_dir() {
+                anyhow::bail!(
+                    "SMTP_URL {target}: the directory {} does not exist (only the last directory is created)",
+                    parent.display()
+                );
+            }
+        }
         let from: Mailbox = EmailAddress::parse(mail_from)
             .map_err(|e| anyhow::anyhow!("MAIL_FROM {mail_from:?} is not usable: {e}"))?
             .as_str()

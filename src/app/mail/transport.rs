@@ -167,8 +167,12 @@ impl SmtpTarget {
                 .build(),
             ),
             SmtpTarget::Files { dir } => {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating mail directory {}", dir.display()))?;
+                // Only the last directory: a mistyped path is refused, not
+                // created from the root of the filesystem.
+                if !dir.is_dir() {
+                    std::fs::create_dir(dir)
+                        .with_context(|| format!("creating mail directory {}", dir.display()))?;
+                }
                 Route::Files(dir.clone())
             }
         };

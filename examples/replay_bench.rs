@@ -141,7 +141,10 @@ async fn bench(url: &str, smtp_url: &str, log_records: i64, replayed: i64) -> an
     let settings = ReplaySettings {
         transport: SmtpTarget::parse(smtp_url)?
             .transport(32, Limits::new(Duration::from_secs(15)))?,
-        from: "shop@example.com".parse()?,
+        letterhead: outbox_relay::app::mail::Letterhead {
+            from: "shop@example.com".parse()?,
+            currency: Default::default(),
+        },
         retry: RetryPolicy::default(),
         max_rate: None,
         resend_in_doubt: false,

@@ -91,6 +91,10 @@ pub struct ReplayArgs {
     /// Sender address of the mails.
     #[arg(long, env = "MAIL_FROM", default_value = "shop@example.com")]
     pub mail_from: String,
+    /// Currency of the order amounts (ISO 4217; as for serve).
+    #[arg(long, env = "MAIL_CURRENCY", default_value = crate::app::mail::Currency::DEFAULT,
+          value_parser = crate::app::mail::Currency::parse)]
+    pub mail_currency: crate::app::mail::Currency,
     /// SMTP connections kept open (1 to 1000).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub smtp_pool_size: u32,
@@ -298,7 +302,8 @@ pub async fn run(
     };
     drop(client);
 
-    let mail = MailSettings::new(args.smtp_url.as_deref(), &args.mail_from, data_dir)?;
+    let mut mail = MailSettings::new(args.smtp_url.as_deref(), &args.mail_from, data_dir)?;
+    mail.letterhead.currency = args.mail_currency.clone();
     let settings = ReplaySettings {
         transport: mail.target.transport(
             args.smtp_pool_size,
@@ -307,7 +312,7 @@ pub async fn run(
                 final_reply: args.smtp_final_reply_timeout_secs,
             },
         )?,
-        from: mail.from.clone(),
+        letterhead: mail.letterhead.clone(),
         retry: RetryPolicy {
             max_attempts: None,
             retry_for: args.retry_for,

@@ -176,6 +176,11 @@ pub struct MailArgs {
     /// Sender address of the confirmation mails (one plain address).
     #[arg(long, env = "MAIL_FROM", default_value = "shop@example.com")]
     pub mail_from: String,
+    /// Currency of the order amounts (ISO 4217): the API takes amounts in
+    /// its minor unit, the mail shows them as money (1099 → 10.99 EUR).
+    #[arg(long, env = "MAIL_CURRENCY", default_value = crate::app::mail::Currency::DEFAULT,
+          value_parser = crate::app::mail::Currency::parse)]
+    pub mail_currency: crate::app::mail::Currency,
     /// SMTP connections kept in the pool (1 to 1000).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub smtp_pool_size: u32,
@@ -217,6 +222,7 @@ impl MailArgs {
     /// Checks every mail setting; `data_dir` holds the default `.eml` folder.
     pub fn settings(&self, data_dir: &Path) -> anyhow::Result<MailSettings> {
         let mut settings = MailSettings::new(self.smtp_url.as_deref(), &self.mail_from, data_dir)?;
+        settings.letterhead.currency = self.mail_currency.clone();
         settings.pool_size = self.smtp_pool_size;
         settings.limits = crate::app::mail::Limits {
             command: self.smtp_timeout_secs,

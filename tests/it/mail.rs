@@ -132,7 +132,14 @@ async fn every_order_gets_one_confirmation_mail() {
                 && mail.message_id.ends_with("@outbox-relay>")
         );
         assert!(mail.raw.contains("multipart/alternative") && mail.raw.contains("text/html"));
-        assert!(mail.raw.contains("Order total"));
+        // Amounts are minor units, shown as money (1000 + i cents).
+        let i = emails.iter().position(|e| e == email).unwrap() as i64;
+        let total = format!(
+            "Order total: {}.{:02} EUR",
+            (1000 + i) / 100,
+            (1000 + i) % 100
+        );
+        assert!(mail.raw.contains(&total), "{total} in {}", mail.raw);
     }
     let distinct: std::collections::HashSet<&str> =
         mails.iter().map(|m| m.message_id.as_str()).collect();

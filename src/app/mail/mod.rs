@@ -40,7 +40,9 @@ pub use ledger::{confirmation_mail, sent_count_for_keys, ConfirmationMail};
 use ledger::{
     mark_attempt, LedgerCeiling, LedgerReads, SentLedger, SentMark, MARK_FAILED, MARK_UNKNOWN,
 };
-pub use render::{message_id, render, render_replay, replay_message_id, OrderCreated};
+pub use render::{
+    message_id, render, render_replay, replay_message_id, Currency, Letterhead, OrderCreated,
+};
 pub use smtp::Limits;
 use tracing::Instrument;
 pub use transport::{MailTransport, PlainSmtpPool, SendOutcome, SendSlot, SmtpTarget};
@@ -52,7 +54,8 @@ pub const MAIL_GROUP: &str = "mail-service";
 #[derive(Debug, Clone)]
 pub struct MailSettings {
     pub target: SmtpTarget,
-    pub from: Mailbox,
+    /// The sender and the amounts' currency.
+    pub letterhead: Letterhead,
     /// SMTP connections kept open.
     pub pool_size: u32,
     /// How long to wait for the SMTP server, per step.
@@ -103,7 +106,10 @@ impl MailSettings {
             .with_context(|| format!("MAIL_FROM {mail_from:?}"))?;
         Ok(MailSettings {
             target,
-            from,
+            letterhead: Letterhead {
+                from,
+                currency: Currency::default(),
+            },
             pool_size: 16,
             limits: smtp::Limits::new(Duration::from_secs(15)),
             retry: RetryPolicy::default(),
@@ -197,7 +203,7 @@ pub struct MailWorker {
     ledger_ceiling: LedgerCeiling,
     in_flight: InFlight,
     transport: MailTransport,
-    from: Mailbox,
+    letterhead: Letterhead,
     group: String,
     retry: RetryPolicy,
 }
@@ -214,9 +220,10 @@ impl MailWorker {
         Ok(MailWorker::new(
             pool,
             transport,
-            settings.from.clone(),
+            settings.letterhead.from.clone(),
             settings.retry.clone(),
-        ))
+        )
+        .with_currency(settings.letterhead.currency.clone()))
     }
 
     pub fn new(
@@ -232,10 +239,19 @@ impl MailWorker {
             in_flight: InFlight::default(),
             pool,
             transport,
-            from,
+            letterhead: Letterhead {
+                from,
+                currency: Currency::default(),
+            },
             group: MAIL_GROUP.to_string(),
             retry,
         }
+    }
+
+    /// Amounts shown in `currency` (default [`Currency::DEFAULT`]).
+    pub fn with_currency(mut self, currency: Currency) -> MailWorker {
+        self.letterhead.currency = currency;
+        self
     }
 
     /// Handles one record to its end. Database errors are retried here
@@ -367,7 +383,7 @@ impl MailWorker {
             Ok(decoded) => decoded,
             Err(reason) => return self.park(record, lease, &reason, attempts, None).await,
         };
-        let message = match render(record, &order, &to, &self.from, trace) {
+        let message = match render(record, &order, &to, &self.letterhead, trace) {
             Ok(m) => m,
             Err(e) => {
                 let reason = format!("cannot render: {e:#}");

@@ -112,16 +112,58 @@ impl header::Header for MailTraceparent {
     }
 }
 
+/// The currency order amounts are in: an ISO 4217 code. Amounts are
+/// integers in its minor unit (cents for EUR and USD), as `POST /orders`
+/// takes them, and mails show them with two decimals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Currency(String);
+
+impl Currency {
+    /// `MAIL_CURRENCY`'s default.
+    pub const DEFAULT: &'static str = "EUR";
+
+    /// Three capital letters (EUR, USD, GBP…).
+    pub fn parse(code: &str) -> Result<Currency, String> {
+        if code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase()) {
+            Ok(Currency(code.to_string()))
+        } else {
+            Err(format!(
+                "{code:?} is not an ISO 4217 currency code (three capital letters, e.g. EUR)"
+            ))
+        }
+    }
+
+    /// `amount` minor units as money: 1099 → "10.99 EUR".
+    pub fn format(&self, amount: i64) -> String {
+        let sign = if amount < 0 { "-" } else { "" };
+        let minor = amount.unsigned_abs();
+        format!("{sign}{}.{:02} {}", minor / 100, minor % 100, self.0)
+    }
+}
+
+impl Default for Currency {
+    fn default() -> Currency {
+        Currency(Currency::DEFAULT.to_string())
+    }
+}
+
+/// How the mails are written: who they are from, the amounts' currency.
+#[derive(Debug, Clone)]
+pub struct Letterhead {
+    pub from: Mailbox,
+    pub currency: Currency,
+}
+
 /// Renders the confirmation mail (plain text with an HTML alternative);
 /// `trace` is the send's span, carried by the mail's `Traceparent`.
 pub fn render(
     record: &Record,
     order: &OrderCreated,
     to: &EmailAddress,
-    from: &Mailbox,
+    letterhead: &Letterhead,
     trace: Option<TraceParent>,
 ) -> anyhow::Result<Message> {
-    build(message_id(record), None, trace, order, to, from)
+    build(message_id(record), None, trace, order, to, letterhead)
 }
 
 /// Renders the confirmation mail again for replay run `run_id`.
@@ -130,7 +172,7 @@ pub fn render_replay(
     record: &Record,
     order: &OrderCreated,
     to: &EmailAddress,
-    from: &Mailbox,
+    letterhead: &Letterhead,
 ) -> anyhow::Result<Message> {
     build(
         replay_message_id(run_id, record),
@@ -138,7 +180,7 @@ pub fn render_replay(
         TraceParent::from_headers(&record.headers).map(|t| t.child()),
         order,
         to,
-        from,
+        letterhead,
     )
 }
 
@@ -148,15 +190,16 @@ fn build(
     trace: Option<TraceParent>,
     order: &OrderCreated,
     to: &EmailAddress,
-    from: &Mailbox,
+    letterhead: &Letterhead,
 ) -> anyhow::Result<Message> {
+    let from = &letterhead.from;
     let to: Mailbox = to.as_str().parse().context("recipient address")?;
     let subject = format!("Your order #{} is confirmed", order.order_id);
     let text = format!(
         "Hello,\n\nthank you for your order #{id}.\nOrder total: {amount}\n\n\
          We will let you know when it ships.\n",
         id = order.order_id,
-        amount = order.amount
+        amount = letterhead.currency.format(order.amount)
     );
     let html = format!(
         "<!doctype html><html><body><p>Hello,</p>\
@@ -164,7 +207,7 @@ fn build(
          <p>Order total: <strong>{amount}</strong></p>\
          <p>We will let you know when it ships.</p></body></html>",
         id = order.order_id,
-        amount = order.amount
+        amount = letterhead.currency.format(order.amount)
     );
     let mut builder = Message::builder().message_id(Some(message_id));
     if let Some(run_id) = replay {
@@ -196,6 +239,18 @@ fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_are_shown_as_money_in_the_currency() {
+        let eur = Currency::default();
+        assert_eq!(eur.format(1099), "10.99 EUR");
+        assert_eq!(eur.format(5), "0.05 EUR");
+        assert_eq!(eur.format(-250), "-2.50 EUR");
+        assert_eq!(Currency::parse("USD").unwrap().format(100), "1.00 USD");
+        for bad in ["usd", "EURO", "E1R", ""] {
+            assert!(Currency::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn payloads_are_decoded_strictly() {

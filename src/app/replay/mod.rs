@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::app::mail::Letterhead;
 use anyhow::Context;
-use lettre::message::Mailbox;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
@@ -297,7 +297,7 @@ fn run_from(
 #[derive(Clone)]
 pub struct ReplaySettings {
     pub transport: MailTransport,
-    pub from: Mailbox,
+    pub letterhead: Letterhead,
     pub retry: RetryPolicy,
     /// At most this many mails per second (None: as fast as the SMTP pool goes).
     pub max_rate: Option<f64>,
@@ -690,17 +690,18 @@ impl SendContext {
                 return true;
             }
         };
-        let message = match render_replay(self.run_id, &record, &order, &to, &self.settings.from) {
-            Ok(m) => m,
-            Err(e) => {
-                let reason = format!("cannot render: {e:#}");
-                self.ledger
-                    .settle(settle("failed", 0, Some(reason), None))
-                    .await;
-                self.progress.failed.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-        };
+        let message =
+            match render_replay(self.run_id, &record, &order, &to, &self.settings.letterhead) {
+                Ok(m) => m,
+                Err(e) => {
+                    let reason = format!("cannot render: {e:#}");
+                    self.ledger
+                        .settle(settle("failed", 0, Some(reason), None))
+                        .await;
+                    self.progress.failed.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+            };
         if let Some(limiter) = &self.limiter {
             let mut stop = self.shutdown.clone();
             tokio::select! {

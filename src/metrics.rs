@@ -33,6 +33,9 @@ pub struct Metrics {
     pub group_rebalances: IntCounterVec,
     pub kafka_mirrored: IntCounterVec,
     pub kafka_produce_errors: IntCounterVec,
+    pub deliveries: IntCounterVec,
+    pub delivery_duration: HistogramVec,
+    pub webhook_responses: IntCounterVec,
     outbox_backlog: IntGauge,
     outbox_oldest_age: Gauge,
     relay_leader_alive: IntGauge,
@@ -197,6 +200,28 @@ impl Metrics {
                 ),
                 &["class"],
             )?,
+            deliveries: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_deliveries_total",
+                    "Attempts of consumers under the group delivery policy (group::delivery), by group and outcome: delivered, retried, parked",
+                ),
+                &["group", "outcome"],
+            )?,
+            delivery_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "outbox_relay_delivery_duration_seconds",
+                    "One delivery attempt, by group",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+                &["group"],
+            )?,
+            webhook_responses: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_webhook_responses_total",
+                    "Webhook requests by sink and answer: 2xx, 3xx, 4xx, 5xx, or timeout and error (no answer)",
+                ),
+                &["sink", "class"],
+            )?,
             outbox_backlog: IntGauge::new(
                 "outbox_relay_outbox_backlog",
                 "Outbox rows not yet in the log (estimate)",
@@ -273,6 +298,9 @@ impl Metrics {
             Box::new(m.group_rebalances.clone()),
             Box::new(m.kafka_mirrored.clone()),
             Box::new(m.kafka_produce_errors.clone()),
+            Box::new(m.deliveries.clone()),
+            Box::new(m.delivery_duration.clone()),
+            Box::new(m.webhook_responses.clone()),
             Box::new(m.outbox_backlog.clone()),
             Box::new(m.outbox_oldest_age.clone()),
             Box::new(m.relay_leader_alive.clone()),

@@ -13,11 +13,14 @@
 //! * [`admin`]: list and describe groups (the operator's view).
 //! * `progress`: a member's progress through a backlog, logged.
 //! * [`dead_letters`]: records a group's handler gave up on.
+//! * [`delivery`]: the delivery policy consumers share: retries, parking
+//!   (fenced), one attempt per event at a time, counted.
 
 pub mod admin;
 pub mod assign;
 pub mod consumer;
 pub mod dead_letters;
+pub mod delivery;
 pub mod membership;
 pub(crate) mod progress;
 

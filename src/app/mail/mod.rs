@@ -23,8 +23,9 @@ mod render;
 pub mod smtp;
 mod transport;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -33,7 +34,8 @@ use lettre::message::Mailbox;
 use crate::app::order::EmailAddress;
 use crate::clip::{clip, clip_error};
 use crate::group::consumer::{Lease, RecordHandler};
-use crate::group::dead_letters::park_dead_letter;
+pub use crate::group::delivery::RetryPolicy;
+use crate::group::delivery::{InFlight, OnPark, Parked};
 use crate::log::Record;
 use crate::trace_context::TraceParent;
 pub use ledger::{confirmation_mail, sent_count_for_keys, ConfirmationMail};
@@ -130,46 +132,6 @@ impl MailSettings {
         group.offset_reset = self.offset_reset;
         group.heartbeat_interval = (self.session_timeout / 5).min(Duration::from_secs(1));
         crate::group::consumer::ConsumerConfig::new(group)
-    }
-}
-
-/// Retry schedule for attempts that did not deliver.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Attempts before giving up (None: no limit but `retry_for`).
-    pub max_attempts: Option<i32>,
-    /// How long after the first attempt to keep trying (an MTA's queue
-    /// lifetime: an SMTP outage of minutes or hours loses no mail).
-    pub retry_for: Duration,
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: None,
-            retry_for: Duration::from_secs(24 * 3600),
-            initial_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(60),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// Exponential backoff before attempt `attempt + 1`, jittered to
-    /// between half and all of the delay.
-    pub fn backoff(&self, attempt: i32) -> Duration {
-        let exp = self
-            .initial_backoff
-            .saturating_mul(2u32.saturating_pow(attempt.clamp(0, 20) as u32))
-            .min(self.max_backoff);
-        exp.mul_f64(0.5 + rand::random::<f64>() * 0.5)
-    }
-
-    /// True once `attempts` made over `elapsed` spend the budget.
-    pub fn spent(&self, attempts: i32, elapsed: Duration) -> bool {
-        self.max_attempts.is_some_and(|max| attempts >= max) || elapsed >= self.retry_for
     }
 }
 
@@ -535,10 +497,8 @@ impl MailWorker {
     }
 
     /// Parks the record as a dead letter and marks the ledger `failed`, in
-    /// one transaction that holds the partition's ownership (fenced). A
-    /// record the database refuses to store (not a transient error) is
-    /// parked without what came from its writer (key, headers, payload; the
-    /// log keeps them at its offset), with the error in its reason.
+    /// one transaction that holds the partition's ownership (fenced; see
+    /// [`crate::group::delivery::park`]).
     async fn park(
         &self,
         record: &Record,
@@ -547,61 +507,21 @@ impl MailWorker {
         attempts: i32,
         last_error: Option<&str>,
     ) -> anyhow::Result<Delivery> {
-        match self
-            .park_as(record, lease, reason, attempts, last_error)
-            .await
-        {
-            Err(e) if !crate::db::is_transient(&e) => {
-                let bare = Record {
-                    key: None,
-                    headers: serde_json::json!({}),
-                    payload: serde_json::Value::Null,
-                    ..record.clone()
-                };
-                let reason = format!(
-                    "{reason}; the record could not be stored with it ({}): it is in the log at its offset",
-                    clip_error(&e)
-                );
-                self.park_as(&bare, lease, &reason, attempts, last_error)
-                    .await
-            }
-            parked => parked,
-        }
-    }
-
-    async fn park_as(
-        &self,
-        record: &Record,
-        lease: &Lease,
-        reason: &str,
-        attempts: i32,
-        last_error: Option<&str>,
-    ) -> anyhow::Result<Delivery> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        if !crate::group::membership::hold_ownership(&tx, lease).await? {
-            return Ok(self.fenced(record));
-        }
-        park_dead_letter(&*tx, &self.group, record, reason, attempts, last_error).await?;
-        tx.execute(
-            MARK_FAILED,
-            &[
-                &self.group,
-                &record.topic,
-                &record.partition,
-                &record.offset,
-                &message_id(record),
-                &attempts,
-                &last_error,
-                &record.key,
-            ],
+        let parked = crate::group::delivery::park(
+            &self.pool,
+            lease,
+            record,
+            reason,
+            attempts,
+            last_error,
+            Some(self),
         )
         .await?;
-        tx.commit().await?;
-        tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
-            reason = %clip(reason), "parked as a dead letter");
-        Ok(Delivery::Parked {
-            reason: reason.to_string(),
+        Ok(match parked {
+            Parked::Parked => Delivery::Parked {
+                reason: reason.to_string(),
+            },
+            Parked::Fenced => self.fenced(record),
         })
     }
 
@@ -625,41 +545,32 @@ impl MailWorker {
     }
 }
 
-/// One handling of an event at a time in this process.
-#[derive(Default)]
-struct InFlight {
-    events: std::sync::Mutex<InFlightEvents>,
-}
-
-#[derive(Default)]
-struct InFlightEvents {
-    turns: HashMap<ledger::EventKey, Weak<tokio::sync::Mutex<()>>>,
-    /// Finished entries are swept when the map reaches this size.
-    sweep_at: usize,
-}
-
-impl InFlight {
-    async fn enter(&self, event: ledger::EventKey) -> tokio::sync::OwnedMutexGuard<()> {
-        let turn = {
-            let mut guard = self.events.lock().expect("in-flight lock");
-            let InFlightEvents {
-                turns: events,
-                sweep_at,
-            } = &mut *guard;
-            if events.len() >= *sweep_at {
-                events.retain(|_, turn| turn.strong_count() > 0);
-                *sweep_at = (events.len() * 2).max(1024);
-            }
-            match events.get(&event).and_then(Weak::upgrade) {
-                Some(turn) => turn,
-                None => {
-                    let turn = Arc::new(tokio::sync::Mutex::new(()));
-                    events.insert(event, Arc::downgrade(&turn));
-                    turn
-                }
-            }
-        };
-        turn.lock_owned().await
+/// The ledger says `failed` in the transaction that parks a record.
+impl OnPark for MailWorker {
+    fn on_park<'a>(
+        &'a self,
+        tx: &'a tokio_postgres::Transaction<'_>,
+        record: &'a Record,
+        attempts: i32,
+        last_error: Option<&'a str>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>> {
+        Box::pin(async move {
+            tx.execute(
+                MARK_FAILED,
+                &[
+                    &self.group,
+                    &record.topic,
+                    &record.partition,
+                    &record.offset,
+                    &message_id(record),
+                    &attempts,
+                    &last_error,
+                    &record.key,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
     }
 }
 
@@ -680,26 +591,4 @@ const SENT_MARKS_FLUSH: Duration = Duration::from_secs(5);
 /// prepares each statement against the migrated schema.
 pub(crate) fn statements() -> Vec<(&'static str, String)> {
     ledger::statements()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let policy = RetryPolicy {
-            max_attempts: Some(5),
-            retry_for: Duration::from_secs(60),
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-        };
-        assert!(!policy.spent(4, Duration::from_secs(59)));
-        assert!(policy.spent(5, Duration::ZERO));
-        assert!(policy.spent(1, Duration::from_secs(60)));
-        assert!(policy.backoff(0) <= Duration::from_millis(100));
-        assert!(policy.backoff(0) >= Duration::from_millis(50));
-        assert!(policy.backoff(3) >= Duration::from_millis(400));
-        assert!(policy.backoff(30) <= Duration::from_secs(1));
-    }
 }

@@ -8,8 +8,11 @@
 //!   `mail-service`.
 //! * [`replay`]: mailing a range of `order-created` again, under a run of
 //!   its own.
+//! * [`webhook`]: the webhook sink, a consumer that pushes events to a URL,
+//!   signed (Standard Webhooks); its delivery policy is the group layer's.
 
 pub mod api;
 pub mod mail;
 pub mod order;
 pub mod replay;
+pub mod webhook;

@@ -28,6 +28,9 @@ pub enum Role {
     /// The Kafka mirror: the log's topics copied into a Kafka cluster
     /// (KAFKA_BROKERS), same partitions and keys. Off unless named.
     Kafka,
+    /// Webhook sinks (WEBHOOK_SINKS): each event POSTed to a URL, signed
+    /// (Standard Webhooks), each sink a consumer group. Off unless named.
+    Webhook,
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,6 +66,11 @@ pub struct ServeArgs {
     pub mail: MailArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    /// Webhook sinks for the webhook role, comma-separated names; each is
+    /// configured by WEBHOOK_<NAME>_URL, _SECRET (whsec_…), _TOPICS
+    /// (default order-created) and _TIMEOUT_SECS (default 10).
+    #[arg(long, env = "WEBHOOK_SINKS")]
+    pub webhook_sinks: Option<String>,
 }
 
 /// Settings of the kafka role.
@@ -260,6 +268,8 @@ pub struct Plan {
     pub mail: Option<MailSettings>,
     /// The kafka role, its producer built.
     pub kafka: Option<crate::kafka::mirror::PreparedMirror>,
+    /// The webhook role's sinks.
+    pub webhooks: Vec<crate::app::webhook::SinkSettings>,
 }
 
 impl Plan {
@@ -276,6 +286,12 @@ impl Plan {
             plan.kafka = Some(crate::kafka::mirror::PreparedMirror::new(
                 args.kafka.settings()?,
             )?);
+        }
+        if args.roles.contains(&Role::Webhook) {
+            plan.webhooks = crate::app::webhook::SinkSettings::from_env(
+                args.webhook_sinks.as_deref().unwrap_or(""),
+                |name| std::env::var(name).ok(),
+            )?;
         }
         plan.max_db_connections = args.max_db_connections;
         if let Some(addr) = args.metrics_addr {
@@ -311,6 +327,7 @@ impl Plan {
             max_db_connections: DEFAULT_MAX_DB_CONNECTIONS,
             mail,
             kafka: None,
+            webhooks: Vec::new(),
         })
     }
 
@@ -348,13 +365,15 @@ impl Plan {
         let mail = match &self.mail {
             Some(settings) => {
                 tracing::info!(transport = %settings.target, "mail worker ready");
-                let kafka_needs = if self.kafka.is_some() {
-                    KAFKA_CONNECTIONS
-                } else {
-                    0
-                };
+                // What the roles built after this one need.
+                let others = self.webhooks.len() * crate::app::webhook::CONNECTIONS_PER_SINK
+                    + if self.kafka.is_some() {
+                        KAFKA_CONNECTIONS
+                    } else {
+                        0
+                    };
                 let (reads, ledger) =
-                    mail_connections(db.remaining().map(|left| left.saturating_sub(kafka_needs)));
+                    mail_connections(db.remaining().map(|left| left.saturating_sub(others)));
                 let mut consumer = settings.consumer_config();
                 consumer.read_connections = reads;
                 let worker = crate::app::mail::MailWorker::from_settings(
@@ -370,6 +389,7 @@ impl Plan {
             }
             None => None,
         };
+        let webhooks = crate::app::webhook::consumers(&db, &self.webhooks)?;
         // Orders placed here wake the relay directly when it runs here too,
         // else through `NOTIFY outbox_written` on a connection of its own.
         let outbox_written = match (&relay, &api_pool) {
@@ -386,6 +406,10 @@ impl Plan {
             crate::migrate::apply_all(url).await?;
         } else {
             crate::migrate::require_current(url).await?;
+        }
+        if !self.webhooks.is_empty() {
+            let client = db.connect().await?;
+            crate::app::webhook::check_topics(&client, &self.webhooks).await?;
         }
         // The mirror's topics are the log's, read once the schema is there.
         let kafka = match self.kafka {
@@ -437,6 +461,9 @@ impl Plan {
         }
         if let Some(kafka) = kafka {
             supervisor.start(kafka);
+        }
+        for sink in webhooks {
+            supervisor.start(sink);
         }
         Ok(supervisor)
     }

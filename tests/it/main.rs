@@ -20,3 +20,4 @@ mod relay;
 mod replay;
 mod smtp;
 mod sql;
+mod webhook;

@@ -46,6 +46,7 @@ pub struct Metrics {
     committed_offset: IntGaugeVec,
     group_members: IntGaugeVec,
     dead_letters: IntGauge,
+    group_dead_letters: IntGaugeVec,
     database_up: IntGauge,
     /// One scrape at a time: the database gauges are reset and refilled.
     scrape: tokio::sync::Mutex<()>,
@@ -107,7 +108,13 @@ impl Metrics {
         for (group, count) in members {
             self.group_members.with_label_values(&[&group]).set(count);
         }
-        self.dead_letters.set(parked);
+        self.dead_letters.set(parked.iter().map(|(_, n)| n).sum());
+        self.group_dead_letters.reset();
+        for (group, count) in parked {
+            self.group_dead_letters
+                .with_label_values(&[&group])
+                .set(count);
+        }
         Ok(())
     }
 
@@ -277,6 +284,13 @@ impl Metrics {
                 &["group"],
             )?,
             dead_letters: IntGauge::new("outbox_relay_dead_letters", "Parked dead letters")?,
+            group_dead_letters: IntGaugeVec::new(
+                Opts::new(
+                    "outbox_relay_consumer_group_dead_letters",
+                    "Parked dead letters, by group",
+                ),
+                &["group"],
+            )?,
             database_up: IntGauge::new(
                 "outbox_relay_database_up",
                 "1 if the last scrape could read the database gauges",
@@ -311,6 +325,7 @@ impl Metrics {
             Box::new(m.committed_offset.clone()),
             Box::new(m.group_members.clone()),
             Box::new(m.dead_letters.clone()),
+            Box::new(m.group_dead_letters.clone()),
             Box::new(m.database_up.clone()),
         ];
         for collector in collectors {

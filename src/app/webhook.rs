@@ -330,6 +330,13 @@ pub fn consumers(db: &Db, sinks: &[SinkSettings]) -> anyhow::Result<Vec<SinkCons
     sinks
         .iter()
         .map(|sink| {
+            // Exported from the start (at 0), so an alert on an increase
+            // sees the first parked event.
+            for outcome in ["delivered", "retried", "parked"] {
+                crate::metrics::metrics()
+                    .deliveries
+                    .with_label_values(&[&sink.group_id(), outcome]);
+            }
             let topics: Vec<&str> = sink.topics.iter().map(String::as_str).collect();
             let mut config = ConsumerConfig::new(GroupConfig::new(&sink.group_id(), &topics));
             config.read_connections = READ_CONNECTIONS;

@@ -168,11 +168,19 @@ pub async fn discard_dead_letter(
     Ok(n == 1)
 }
 
-const PARKED_COUNT: &str = "SELECT count(*) FROM dead_letters WHERE status = 'parked'";
+const PARKED_COUNT: &str =
+    "SELECT group_id, count(*) FROM dead_letters WHERE status = 'parked' GROUP BY group_id";
 
-/// How many dead letters wait for an operator.
-pub async fn parked_count(client: &impl tokio_postgres::GenericClient) -> anyhow::Result<i64> {
-    Ok(client.query_one(PARKED_COUNT, &[]).await?.get(0))
+/// How many dead letters wait for an operator, by group.
+pub async fn parked_count(
+    client: &impl tokio_postgres::GenericClient,
+) -> anyhow::Result<Vec<(String, i64)>> {
+    Ok(client
+        .query(PARKED_COUNT, &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }
 
 /// This module's SQL by name: tests/it/sql.rs prepares each statement

@@ -483,15 +483,20 @@ async fn one_trace_links_an_order_to_its_mail_and_the_metrics_alerts_and_dashboa
         .unwrap()
         .iter()
         .collect();
-    assert_eq!(rules.len(), 8);
+    assert_eq!(rules.len(), 9);
     for rule in rules {
         assert_eq!(rule["health"], "ok", "{rule}");
     }
 
     // Every dashboard query answers, with data (a ratio of 5xx has none
-    // while no request failed). The Kafka row needs the kafka role: the
-    // Kafka tests check it.
-    dashboard_panels_answer(&prometheus, |panel| !panel.starts_with("Kafka"), "5..").await;
+    // while no request failed). The Kafka and webhook rows need their
+    // roles: their tests check them.
+    dashboard_panels_answer(
+        &prometheus,
+        |panel| !panel.starts_with("Kafka") && !panel.starts_with("Webhooks"),
+        "5..",
+    )
+    .await;
     serve.child.kill().await.unwrap();
 }
 

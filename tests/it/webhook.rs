@@ -103,8 +103,13 @@ fn secret() -> String {
 
 /// `serve --roles webhook` with one sink, `test`.
 fn sink(db: &TestDb, url: &str, secret: &str, timeout_secs: &str) -> Child {
+    sink_with(db, url, secret, timeout_secs, &[])
+}
+
+fn sink_with(db: &TestDb, url: &str, secret: &str, timeout_secs: &str, args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .args(["serve", "--roles", "webhook", "--no-migrate"])
+        .args(args)
         .env("DATABASE_URL", &db.url)
         .env("WEBHOOK_SINKS", "test")
         .env("WEBHOOK_TEST_URL", url)
@@ -212,8 +217,28 @@ async fn an_event_the_receiver_refuses_is_parked_and_the_rest_go_on() {
     let secret = secret();
     // Key k3: every event of it is refused with a 400.
     let receiver = Receiver::start(&secret, &["--reject-key", "k3"]).await;
+    // Scraped by a real Prometheus with the shipped rules from before the
+    // first event, so the alert sees the dead letters grow.
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let _sink = sink_with(
+        &db,
+        &receiver.url(),
+        &secret,
+        "10",
+        &["--metrics-addr", &metrics_addr],
+    );
+    let prometheus = crate::metrics::Prometheus::start_with_rules(
+        &metrics_addr,
+        Some(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grafana/alerts.yml")),
+    )
+    .await;
+    prometheus
+        .value_within(
+            r#"sum(outbox_relay_deliveries_total{group="webhook-test",outcome="parked"})"#,
+            30,
+        )
+        .await;
     events(&db, 100, 10).await;
-    let _sink = sink(&db, &receiver.url(), &secret, "10");
     wait_accepted(&receiver, 90, Duration::from_secs(60)).await;
     wait_until_group_caught_up(&db, "webhook-test", "order-created").await;
     let client = db.client().await;
@@ -238,6 +263,26 @@ async fn an_event_the_receiver_refuses_is_parked_and_the_rest_go_on() {
     );
     assert!(out.status.success(), "{}", crate::cli::stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("HTTP 400"));
+    // The dashboard's webhook row answers, and the alert fires.
+    crate::observability::dashboard_panels_answer(
+        &prometheus,
+        |panel| panel.starts_with("Webhooks"),
+        "no series may be empty",
+    )
+    .await;
+    eventually("the webhook alert", Duration::from_secs(60), || async {
+        let alerts = prometheus.api("alerts", &[]).await?;
+        alerts["data"]["alerts"]
+            .as_array()?
+            .iter()
+            .any(|a| {
+                a["labels"]["alertname"] == "OutboxRelayWebhookDeadLetters"
+                    && a["labels"]["group"] == "webhook-test"
+                    && a["state"] == "firing"
+            })
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

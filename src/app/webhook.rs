@@ -44,6 +44,8 @@ pub struct SinkSettings {
     pub secret: SigningSecret,
     /// For the whole exchange; connecting has a third of it.
     pub timeout: Duration,
+    /// Requests in flight at once (connections kept open as many).
+    pub concurrency: usize,
 }
 
 impl std::fmt::Debug for SinkSettings {
@@ -53,6 +55,7 @@ impl std::fmt::Debug for SinkSettings {
             .field("url", &redacted(&self.url))
             .field("topics", &self.topics)
             .field("timeout", &self.timeout)
+            .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
 }
@@ -69,8 +72,10 @@ impl SinkSettings {
     /// The sinks named in `names` (`WEBHOOK_SINKS`), each from its
     /// variables: `WEBHOOK_<NAME>_URL` (http or https),
     /// `WEBHOOK_<NAME>_SECRET` (`whsec_` and base64),
-    /// `WEBHOOK_<NAME>_TOPICS` (default `order-created`) and
-    /// `WEBHOOK_<NAME>_TIMEOUT_SECS` (default 10). `env` reads a variable.
+    /// `WEBHOOK_<NAME>_TOPICS` (default `order-created`),
+    /// `WEBHOOK_<NAME>_TIMEOUT_SECS` (default 10) and
+    /// `WEBHOOK_<NAME>_CONCURRENCY` (requests at once, default 64). `env`
+    /// reads a variable.
     pub fn from_env(
         names: &str,
         env: impl Fn(&str) -> Option<String>,
@@ -121,12 +126,21 @@ impl SinkSettings {
                         format!("{} must be 0.1 to 600 seconds", var(name, "TIMEOUT_SECS"))
                     })?,
             };
+            let concurrency = match env(&var(name, "CONCURRENCY")) {
+                None => 64,
+                Some(n) => n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .with_context(|| format!("{} must be 1 to 1000", var(name, "CONCURRENCY")))?,
+            };
             sinks.push(SinkSettings {
                 name: name.to_string(),
                 url,
                 topics,
                 secret,
                 timeout,
+                concurrency,
             });
         }
         if sinks.is_empty() {
@@ -190,17 +204,28 @@ pub fn webhook_id(record: &Record) -> String {
     )
 }
 
-/// The request body.
+/// The request body: the record's fields, serialised from the record (no
+/// copy of its payload first).
 pub fn body(record: &Record) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
-        "key": record.key,
-        "created_at": record.created_at,
-        "headers": record.headers,
-        "payload": record.payload,
-    }))
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        topic: &'a str,
+        partition: i32,
+        offset: i64,
+        key: Option<&'a str>,
+        created_at: chrono::DateTime<chrono::Utc>,
+        headers: &'a serde_json::Value,
+        payload: &'a serde_json::Value,
+    }
+    serde_json::to_vec(&Body {
+        topic: &record.topic,
+        partition: record.partition,
+        offset: record.offset,
+        key: record.key.as_deref(),
+        created_at: record.created_at,
+        headers: &record.headers,
+        payload: &record.payload,
+    })
     .expect("JSON values serialise")
 }
 
@@ -214,6 +239,9 @@ pub struct WebhookSink {
     secret: SigningSecret,
     timeout: Duration,
     client: reqwest::Client,
+    /// At most the sink's concurrency in flight: a backlog is not a
+    /// thousand requests at once.
+    slots: tokio::sync::Semaphore,
 }
 
 impl WebhookSink {
@@ -222,6 +250,7 @@ impl WebhookSink {
             .connect_timeout(settings.timeout / 3)
             .timeout(settings.timeout)
             .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(settings.concurrency)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("outbox-relay/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -232,6 +261,7 @@ impl WebhookSink {
             secret: settings.secret.clone(),
             timeout: settings.timeout,
             client,
+            slots: tokio::sync::Semaphore::new(settings.concurrency),
         })
     }
 
@@ -245,6 +275,7 @@ impl WebhookSink {
 
 impl Deliver for WebhookSink {
     async fn attempt(&self, record: &Record) -> Attempt {
+        let _slot = self.slots.acquire().await.expect("never closed");
         let id = webhook_id(record);
         let body = body(record);
         let timestamp = SystemTime::now()

@@ -8,8 +8,9 @@
 //!   `owner = me AND epoch = my epoch`, so a member that lost a partition
 //!   cannot commit for it.
 //! * [`assign`]: the cooperative, incremental assignment as a pure function.
-//! * [`consumer`]: the runtime that runs a [`consumer::RecordHandler`] over
-//!   the records of the partitions a member owns.
+//! * [`consumer`]: a member's runtime (heartbeats, rebalances, one worker
+//!   per owned partition); [`records`]: the worker that runs a
+//!   [`consumer::RecordHandler`] over a partition's records.
 //! * [`admin`]: list and describe groups (the operator's view).
 //! * `progress`: a member's progress through a backlog, logged.
 //! * [`dead_letters`]: records a group's handler gave up on.
@@ -23,6 +24,7 @@ pub mod dead_letters;
 pub mod delivery;
 pub mod membership;
 pub(crate) mod progress;
+pub mod records;
 
 use std::time::Duration;
 

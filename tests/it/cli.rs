@@ -307,11 +307,7 @@ async fn a_database_without_the_schema_gets_the_migrate_hint() {
 #[tokio::test]
 async fn bad_settings_stop_before_anything_starts() {
     let db = TestDb::empty().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = db.url.clone();
     let addr = format!("127.0.0.1:{port}");
     tokio::task::spawn_blocking(move || {
@@ -451,11 +447,7 @@ async fn demo_runs_the_pipeline_on_the_embedded_default() {
 async fn serve_mails_one_confirmation_per_order_and_leaves_cleanly_on_sigterm() {
     let db = TestDb::migrated().await;
     let smtp = crate::smtp::SmtpServer::start(&[]).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .args(["serve", "--http-addr", &format!("127.0.0.1:{port}")])
         .env("DATABASE_URL", &db.url)

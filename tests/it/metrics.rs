@@ -28,11 +28,7 @@ impl Prometheus {
 
     /// Also evaluating the alerting rules in `rules` every second.
     pub async fn start_with_rules(target: &str, rules: Option<&std::path::Path>) -> Prometheus {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir =
             std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("prometheus-{port}"));
         std::fs::create_dir_all(&dir).unwrap();

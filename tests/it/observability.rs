@@ -140,11 +140,7 @@ struct Serve {
 
 impl Serve {
     async fn start(db: &TestDb, smtp: &SmtpServer) -> Serve {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
             .args(["serve", "--http-addr", &format!("127.0.0.1:{port}")])
             .args(["--mail-max-attempts", "1"])
@@ -505,11 +501,7 @@ async fn one_trace_links_an_order_to_its_mail_and_the_metrics_alerts_and_dashboa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_only_process_serves_metrics_on_its_metrics_address() {
     let db = TestDb::migrated().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let _relay = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .args(["serve", "--roles", "relay"])
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])

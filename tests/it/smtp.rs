@@ -8,6 +8,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::harness::free_port;
+
 pub struct SmtpServer {
     pub port: u16,
     pub maildir: PathBuf,
@@ -30,11 +32,7 @@ pub struct ReceivedMail {
 impl SmtpServer {
     /// Starts a server on a free port with `options` (see smtp_server.py).
     pub async fn start(options: &[&str]) -> SmtpServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let maildir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("maildir-{port}-{:x}", rand::random::<u32>()));
         let mut server = SmtpServer {

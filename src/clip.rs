@@ -20,10 +20,17 @@ pub fn clip_error(error: &(impl std::fmt::Display + ?Sized)) -> String {
     clip_to(&format!("{error:#}"), CLIP_ERROR_CHARS).into_owned()
 }
 
+/// Cut to `chars`; a NUL becomes U+FFFD, as Postgres stores no NUL in text
+/// (a reason or an error quoting one would be refused).
 fn clip_to(text: &str, chars: usize) -> Cow<'_, str> {
-    match text.char_indices().nth(chars) {
+    let clipped = match text.char_indices().nth(chars) {
         None => Cow::Borrowed(text),
         Some((end, _)) => Cow::Owned(format!("{}… ({} bytes)", &text[..end], text.len())),
+    };
+    if clipped.contains('\0') {
+        Cow::Owned(clipped.replace('\0', "\u{fffd}"))
+    } else {
+        clipped
     }
 }
 
@@ -40,5 +47,6 @@ mod tests {
         assert!(clipped.ends_with("… (6000 bytes)"), "{clipped}");
         let error = anyhow::anyhow!("{}", "x".repeat(10_000));
         assert!(clip_error(&error).chars().count() < CLIP_ERROR_CHARS + 20);
+        assert_eq!(clip("a\0b"), "a\u{fffd}b");
     }
 }

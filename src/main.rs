@@ -37,7 +37,13 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(outbox_relay::cli::run(cli)) {
+    let result = runtime.block_on(outbox_relay::cli::run(cli));
+    if OUTPUT_CLOSED.load(Ordering::SeqCst) {
+        // As a Unix tool killed by SIGPIPE would (128 + 13): a supervisor
+        // restarting on failure sees one.
+        return std::process::ExitCode::from(141);
+    }
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -92,9 +98,11 @@ impl Write for LogWriter {
     }
 }
 
+/// Set once stderr was found closed: the process stops, and exits 141.
+static OUTPUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
 fn stop_on_closed_output() {
-    static STOPPING: AtomicBool = AtomicBool::new(false);
-    if !STOPPING.swap(true, Ordering::SeqCst) {
+    if !OUTPUT_CLOSED.swap(true, Ordering::SeqCst) {
         // SAFETY: kill(2) on our own pid with a valid signal number.
         unsafe {
             kill(std::process::id() as i32, SIGTERM);

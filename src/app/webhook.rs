@@ -327,11 +327,19 @@ impl Deliver for WebhookSink {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let mut text = response.text().await.unwrap_or_default();
-        if let Some((cut, _)) = text.char_indices().nth(BODY_KEPT) {
-            text.truncate(cut);
+        // The first bytes of the answer only, read as they come: a receiver
+        // streaming a large error page is not buffered whole.
+        let mut response = response;
+        let mut kept = Vec::new();
+        while kept.len() < BODY_KEPT {
+            match response.chunk().await {
+                Ok(Some(chunk)) => kept.extend_from_slice(&chunk),
+                _ => break,
+            }
         }
-        let error = format!("HTTP {status}: {text}");
+        kept.truncate(BODY_KEPT);
+        let text = String::from_utf8_lossy(&kept);
+        let error = crate::clip::clip(&format!("HTTP {status}: {text}")).into_owned();
         match status.as_u16() {
             408 | 429 | 500..=599 => Attempt::Retry {
                 error,

@@ -8,7 +8,7 @@
 //! get it when not.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -217,8 +217,21 @@ impl Database {
             });
         }
         let data_dir = cli.data_dir();
+        if cli.data_dir.is_none() && Path::new(".outbox-relay/PG_VERSION").exists() {
+            tell(format_args!(
+                "note: ./.outbox-relay holds a cluster of an earlier version, no longer the default; \
+                 --data-dir .outbox-relay uses it"
+            ));
+        }
+        // A data directory that is itself a cluster is one made before the
+        // cluster moved into its postgres/: it is used where it is.
+        let cluster_dir = if data_dir.join("PG_VERSION").exists() {
+            data_dir.clone()
+        } else {
+            data_dir.join("postgres")
+        };
         let options = ClusterOptions {
-            data_dir: data_dir.join("postgres"),
+            data_dir: cluster_dir,
             durable: true,
             extra_settings: Vec::new(),
         };

@@ -98,18 +98,17 @@ pub async fn check(pool: &Pool) -> anyhow::Result<()> {
 
 /// Whether a failed database call may succeed if simply tried again.
 ///
-/// By SQLSTATE class: transient are `08` (connection exception), `40`
-/// (transaction rollback: serialization failure, deadlock), `53`
-/// (insufficient resources: disk full, too many connections), `57`
-/// (operator intervention: shutdown, a cancelled statement), `58` (system
-/// error: I/O), and `55P03` (lock not available) and `25P03` (an idle
-/// transaction ended). An error without a SQLSTATE (a lost connection, a
-/// pool that timed out, anything not from Postgres) is transient too. Every
-/// other SQLSTATE, and an item a [`batch::Batcher`] reports as refused, is
-/// about the statement or its data (`22` data exception,
-/// `23` integrity violation, `54` program limit such as an index row too
-/// large, `42` ...): the same write fails the same way again, so retrying it
-/// would loop.
+/// Refused for good, by SQLSTATE class, is what is about the row written:
+/// `22` (data exception: a value out of range, a byte sequence the encoding
+/// refuses), `23` (integrity constraint: a check, a unique key) and `54`
+/// (program limit: an index row too large); an item a [`batch::Batcher`]
+/// reports as refused too. The same row fails the same way again, so its
+/// writer settles it on its own instead of retrying it. Everything else is
+/// transient: a lost connection, a pool that timed out, a serialization
+/// failure, a read-only server after a failover (`25006`), a rejected
+/// password, a cancelled statement: none of those is one row's fault, and
+/// treating them as refused would settle healthy records without their
+/// bookkeeping.
 pub fn is_transient(error: &anyhow::Error) -> bool {
     for cause in error.chain() {
         if let Some(e) = cause.downcast_ref::<batch::ItemError>() {
@@ -130,8 +129,7 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
 }
 
 fn sqlstate_is_transient(code: &str) -> bool {
-    matches!(code.get(..2), Some("08" | "40" | "53" | "57" | "58"))
-        || matches!(code, "55P03" | "25P03")
+    !matches!(code.get(..2), Some("22" | "23" | "54"))
 }
 
 /// host:port/dbname of a config, for messages (never the password).
@@ -287,15 +285,16 @@ mod tests {
 
     #[test]
     fn sqlstates_are_transient_by_class() {
+        // Lost connection, serialization, deadlock, too many connections,
+        // shutdown, cancelled, I/O, lock timeout, read-only, bad password.
         for code in [
-            "08006", "40001", "40P01", "53300", "57P01", "57014", "58030", "55P03", "25P03",
+            "08006", "40001", "40P01", "53300", "57P01", "57014", "58030", "55P03", "25006",
+            "28P01",
         ] {
             assert!(sqlstate_is_transient(code), "{code}");
         }
-        // index row size exceeded, check and unique violations, bad data, syntax
-        for code in [
-            "54000", "23514", "23505", "22021", "42601", "XX000", "OR001",
-        ] {
+        // Index row size exceeded, check and unique violations, bad bytes.
+        for code in ["54000", "23514", "23505", "22021"] {
             assert!(!sqlstate_is_transient(code), "{code}");
         }
         assert!(is_transient(&anyhow::anyhow!("the pool timed out")));

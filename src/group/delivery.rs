@@ -176,9 +176,13 @@ impl<D: Deliver> Delivering<D> {
                 Attempt::Retry { error, after } => {
                     count(lease, "retried");
                     if !self.retry.spent(attempts, started.elapsed()) {
-                        let pause = after
-                            .map(|after| after.min(self.retry.max_backoff))
-                            .unwrap_or_else(|| self.retry.backoff(attempts - 1));
+                        // A delay the receiver asked for, if longer than
+                        // the backoff (`Retry-After: 0` is no reason to
+                        // hammer it), capped by the longest backoff.
+                        let backoff = self.retry.backoff(attempts - 1);
+                        let pause = after.map_or(backoff, |after| {
+                            after.min(self.retry.max_backoff).max(backoff)
+                        });
                         tracing::info!(group = %lease.group_id, partition = record.partition,
                             offset = record.offset, attempts, error = %clip(&error),
                             retry_in_ms = pause.as_millis() as u64, "delivery failed; will retry");

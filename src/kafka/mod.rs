@@ -15,6 +15,7 @@
 
 pub mod mirror;
 pub mod status;
+mod topics;
 
 use std::collections::BTreeMap;
 use std::path::Path;

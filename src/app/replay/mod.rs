@@ -42,6 +42,7 @@ use crate::group::records::PartitionState;
 use crate::log::Record;
 use crate::shutdown::Shutdown;
 use ledger::{RunLedger, Settle};
+use rate::RateLimit;
 use runs::run_partitions;
 pub use runs::{
     create_run, describe_run, find_unfinished, list_runs, Run, RunDeadLetter, RunDescription,
@@ -49,6 +50,7 @@ pub use runs::{
 };
 
 mod ledger;
+mod rate;
 mod runs;
 
 /// Advisory lock keys of runs: this plus the run id ("rply" in the high
@@ -179,6 +181,17 @@ pub async fn run(
     let limiter = settings.max_rate.map(|rate| Arc::new(RateLimit::new(rate)));
     let settled = Arc::new(settled);
     let cursors: Arc<Mutex<BTreeMap<i32, i64>>> = Arc::default();
+    // What every mail of the run needs, shared by all its partitions.
+    let send = Arc::new(SendContext {
+        run_id,
+        time_range,
+        settings: settings.clone(),
+        ledger: ledger.clone(),
+        limiter,
+        settled,
+        progress: progress.clone(),
+        shutdown: run_stop.clone(),
+    });
     let mut partitions = JoinSet::new();
     for p in run
         .partitions
@@ -187,16 +200,10 @@ pub async fn run(
     {
         partitions.spawn(replay_partition(PartitionJob {
             pool: pool.clone(),
-            run_id,
             topic: run.run.topic.clone(),
             partition: p.clone(),
-            settings: settings.clone(),
-            ledger: ledger.clone(),
-            limiter: limiter.clone(),
-            settled: settled.clone(),
-            time_range,
             cursors: cursors.clone(),
-            progress: progress.clone(),
+            send: send.clone(),
             shutdown: run_stop.clone(),
         }));
     }
@@ -212,17 +219,17 @@ pub async fn run(
             })
             .copied()
             .collect();
-        let context = SendContext {
-            run_id,
+        // The same, for events in doubt wherever they were created.
+        let context = Arc::new(SendContext {
             time_range: TimeRange::default(),
+            limiter: send.limiter.clone(),
+            settled: send.settled.clone(),
             settings: settings.clone(),
             ledger: ledger.clone(),
-            limiter: limiter.clone(),
-            settled: settled.clone(),
             progress: progress.clone(),
             shutdown: run_stop.clone(),
-        };
-        let context = Arc::new(context);
+            run_id,
+        });
         let reader = pool.clone();
         let topic = run.run.topic.clone();
         partitions.spawn(async move {
@@ -305,16 +312,10 @@ async fn save_cursors(
 
 struct PartitionJob {
     pool: deadpool_postgres::Pool,
-    run_id: i64,
     topic: String,
     partition: RunPartition,
-    settings: ReplaySettings,
-    ledger: RunLedger,
-    limiter: Option<Arc<RateLimit>>,
-    settled: Arc<HashMap<(i32, i64), String>>,
-    time_range: TimeRange,
     cursors: Arc<Mutex<BTreeMap<i32, i64>>>,
-    progress: Arc<Progress>,
+    send: Arc<SendContext>,
     shutdown: Shutdown,
 }
 
@@ -357,7 +358,7 @@ async fn replay_partition(mut job: PartitionJob) -> anyhow::Result<()> {
     let mut next = job.partition.next_offset;
     let mut state = PartitionState::default();
     let mut tasks: JoinSet<(i64, Option<String>, bool)> = JoinSet::new();
-    let window = job.settings.window.max(1);
+    let window = job.send.settings.window.max(1);
     loop {
         let stopping = job.shutdown.is_triggered();
         if !stopping && next < end && state.in_flight.len() < window {
@@ -379,19 +380,10 @@ async fn replay_partition(mut job: PartitionJob) -> anyhow::Result<()> {
         }
         if !stopping {
             for record in state.take_ready() {
-                let job_ctx = SendContext {
-                    run_id: job.run_id,
-                    time_range: job.time_range,
-                    settings: job.settings.clone(),
-                    ledger: job.ledger.clone(),
-                    limiter: job.limiter.clone(),
-                    settled: job.settled.clone(),
-                    progress: job.progress.clone(),
-                    shutdown: job.shutdown.clone(),
-                };
+                let send = job.send.clone();
                 tasks.spawn(async move {
                     let (offset, key) = (record.offset, record.key.clone());
-                    let settled = job_ctx.replay_one(record).await;
+                    let settled = send.replay_one(record).await;
                     (offset, key, settled)
                 });
             }
@@ -419,7 +411,7 @@ async fn replay_partition(mut job: PartitionJob) -> anyhow::Result<()> {
     }
 }
 
-/// What one mail's task needs.
+/// What one mail's task needs: one per run, shared.
 struct SendContext {
     run_id: i64,
     time_range: TimeRange,
@@ -588,32 +580,6 @@ impl SendContext {
             &self.progress.failed
         };
         counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// At most `rate` starts per second, shared by every task of a run.
-struct RateLimit {
-    period: Duration,
-    next: tokio::sync::Mutex<tokio::time::Instant>,
-}
-
-impl RateLimit {
-    fn new(rate: f64) -> RateLimit {
-        RateLimit {
-            period: Duration::from_secs_f64(1.0 / rate.max(0.001)),
-            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
-        }
-    }
-
-    async fn wait(&self) {
-        let slot = {
-            let mut next = self.next.lock().await;
-            let now = tokio::time::Instant::now();
-            let slot = (*next).max(now);
-            *next = slot + self.period;
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
     }
 }
 

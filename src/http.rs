@@ -1,7 +1,7 @@
-//! The HTTP server of a process: the order API's routes
-//! ([`crate::app::api`]) plus the operational ones every process can serve
-//! (`/healthz`, `/readyz`, `/metrics`), and the JSON error every refusal
-//! uses.
+//! The HTTP server of a process: it serves the routes it is given (the
+//! order API's, [`crate::app::api`]) beside the operational ones every
+//! process can serve (`/healthz`, `/readyz`, `/metrics`), counts every
+//! request, and defines the JSON error every refusal uses.
 //!
 //! Every refusal is a 4xx with `{"error": {"code", "message"}}`, where
 //! `code` is stable for clients to match on; nothing is written for a
@@ -92,46 +92,26 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     }
 }
 
-/// What every handler gets: the process's database pool.
-#[derive(Clone)]
-pub struct AppState {
-    pub pool: Pool,
-    /// Told after each order commits.
-    pub outbox_written: crate::outbox::OutboxWritten,
-}
-
-/// The API's routes: the order API and the operational endpoints.
-pub fn router(pool: Pool, outbox_written: crate::outbox::OutboxWritten) -> Router {
-    with_operational_routes(crate::app::api::routes(), pool, outbox_written)
-}
-
-/// Only the operational endpoints (`/healthz`, `/readyz`, `/metrics`): the
-/// listener of a process without the api role (`serve --metrics-addr`).
-pub fn operational_router(pool: Pool) -> Router {
-    with_operational_routes(Router::new(), pool, Default::default())
-}
-
-fn with_operational_routes(
-    routes: Router<AppState>,
-    pool: Pool,
-    outbox_written: crate::outbox::OutboxWritten,
-) -> Router {
-    routes
+/// `routes` (an application's, with their state) and the operational
+/// endpoints (`/healthz`, `/readyz`, `/metrics`, answered from `pool`),
+/// with the refusals, the body limit and the request metrics every route
+/// shares. `Router::new()` for the operational endpoints alone (`serve
+/// --metrics-addr`).
+pub fn with_operational_routes(routes: Router, pool: Pool) -> Router {
+    let operational = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .with_state(pool);
+    routes
+        .merge(operational)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(count_requests))
-        .with_state(AppState {
-            pool,
-            outbox_written,
-        })
 }
 
-/// An HTTP role on a bound listener: the order API (`api`), or the
-/// operational endpoints alone (`metrics`).
+/// An HTTP role on a bound listener: `app` served until shutdown.
 pub struct HttpService {
     name: &'static str,
     listener: TcpListener,
@@ -139,25 +119,12 @@ pub struct HttpService {
 }
 
 impl HttpService {
-    /// The order API with the operational endpoints.
-    pub fn api(
-        listener: TcpListener,
-        pool: Pool,
-        outbox_written: crate::outbox::OutboxWritten,
-    ) -> HttpService {
+    /// `name` is the role's name in logs (`api`, `metrics`).
+    pub fn new(name: &'static str, listener: TcpListener, app: Router) -> HttpService {
         HttpService {
-            name: "api",
+            name,
             listener,
-            app: router(pool, outbox_written),
-        }
-    }
-
-    /// The operational endpoints alone.
-    pub fn operational(listener: TcpListener, pool: Pool) -> HttpService {
-        HttpService {
-            name: "metrics",
-            listener,
-            app: operational_router(pool),
+            app,
         }
     }
 }
@@ -303,17 +270,41 @@ async fn count_requests(request: axum::extract::Request, next: axum::middleware:
     let started = std::time::Instant::now();
     let span = tracing::info_span!("http.request", method = %method, route = %route);
     let response = tracing::Instrument::instrument(next.run(request), span).await;
-    let metrics = crate::metrics::metrics();
+    let metrics = http_metrics();
     metrics
-        .http_requests
+        .requests
         .with_label_values(&[route.as_str(), response.status().as_str()])
         .inc();
     // Route templates only (`/orders/{id}`), never raw paths: a bounded set.
     metrics
-        .http_request_duration
+        .request_duration
         .with_label_values(&[route.as_str(), method])
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+struct HttpMetrics {
+    requests: prometheus::IntCounterVec,
+    request_duration: prometheus::HistogramVec,
+}
+
+fn http_metrics() -> &'static HttpMetrics {
+    static METRICS: std::sync::OnceLock<HttpMetrics> = std::sync::OnceLock::new();
+    METRICS.get_or_init(|| HttpMetrics {
+        requests: crate::metrics::counter_vec(
+            "outbox_relay_http_requests_total",
+            "HTTP requests answered, by route and status",
+            &["route", "status"],
+        ),
+        request_duration: crate::metrics::histogram_vec(
+            "outbox_relay_http_request_duration_seconds",
+            "HTTP requests from routing to the response, by route template and method",
+            &["route", "method"],
+            0.0005,
+            2.0,
+            14,
+        ),
+    })
 }
 
 /// The method as a metric label: the standard methods by name, anything
@@ -339,10 +330,9 @@ fn method_label(method: &axum::http::Method) -> &'static str {
 
 /// `GET /metrics`: Prometheus text format. The process's counters are
 /// served even when the database is down (`outbox_relay_database_up` 0).
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let mut client = state.pool.get().await.ok();
-    let body = crate::metrics::metrics()
-        .render(client.as_deref_mut().map(|c| &mut **c))
+async fn metrics(State(pool): State<Pool>) -> Result<Response, ApiError> {
+    let mut client = pool.get().await.ok();
+    let body = crate::metrics::render(client.as_deref_mut().map(|c| &mut **c))
         .await
         .map_err(ApiError::internal)?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
@@ -353,11 +343,10 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// Ready when the database answers and its schema is the one this binary expects.
-async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn readyz(State(pool): State<Pool>) -> Result<Json<serde_json::Value>, ApiError> {
     let not_ready =
         |message: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message);
-    let client = state
-        .pool
+    let client = pool
         .get()
         .await
         .map_err(|e| not_ready(format!("database unreachable: {e}")))?;

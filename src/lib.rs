@@ -12,6 +12,7 @@
 //! comments and tests cite them by number.
 
 pub mod app;
+pub mod builder;
 pub mod cli;
 pub mod clip;
 pub mod db;

@@ -74,31 +74,6 @@ pub async fn enqueue(
     Ok(())
 }
 
-/// What a writer in this process does after committing outbox rows, so
-/// that an idle relay moves them at once rather than at its next poll.
-/// Never part of the writer's transaction: it adds nothing to its commit.
-#[derive(Clone, Default)]
-pub enum OutboxWritten {
-    /// Nobody is told; the relay finds the rows by polling.
-    #[default]
-    Unsignalled,
-    /// The relay runs in this process: wake it directly.
-    Relay(crate::relay::Wakeup),
-    /// The relay runs elsewhere: a coalesced `NOTIFY outbox_written`.
-    Notify(crate::log::notify::OutboxNotifier),
-}
-
-impl OutboxWritten {
-    /// Outbox rows were committed.
-    pub fn committed(&self) {
-        match self {
-            OutboxWritten::Unsignalled => {}
-            OutboxWritten::Relay(wakeup) => wakeup.wake(),
-            OutboxWritten::Notify(notifier) => notifier.written(),
-        }
-    }
-}
-
 /// This module's SQL by name: tests/it/sql.rs prepares each statement
 /// against the migrated schema.
 pub(crate) fn statements() -> Vec<(&'static str, String)> {

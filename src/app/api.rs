@@ -13,19 +13,48 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::app::order::{self, NewOrder};
-use crate::http::{ApiError, AppState, BODY_READ_TIMEOUT, MAX_BODY_BYTES};
+use crate::http::{ApiError, BODY_READ_TIMEOUT, MAX_BODY_BYTES};
 use crate::json::StrictJsonError;
+use crate::relay::OutboxWritten;
 use crate::trace_context::{TraceParent, TRACEPARENT};
 use tracing::Instrument;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
-/// The order API's routes.
-pub fn routes() -> Router<AppState> {
-    Router::new()
+/// What the order API's handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: deadpool_postgres::Pool,
+    /// Told after each order commits.
+    pub outbox_written: OutboxWritten,
+}
+
+/// The order API's routes with the operational endpoints, on `pool`.
+pub fn router(pool: deadpool_postgres::Pool, outbox_written: OutboxWritten) -> Router {
+    let routes = Router::new()
         .route("/orders", post(create_order))
         .route("/orders/{id}", get(get_order))
+        .with_state(AppState {
+            pool: pool.clone(),
+            outbox_written,
+        });
+    crate::http::with_operational_routes(routes, pool)
+}
+
+/// The api role on its bound listener.
+pub fn service(
+    listener: std::net::TcpListener,
+    pool: deadpool_postgres::Pool,
+    outbox_written: OutboxWritten,
+) -> anyhow::Result<crate::http::HttpService> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tracing::info!(addr = %listener.local_addr()?, "order API listening");
+    Ok(crate::http::HttpService::new(
+        "api",
+        listener,
+        router(pool, outbox_written),
+    ))
 }
 
 /// Binds the key to this order; 0 rows when a concurrent request with the

@@ -26,11 +26,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 
-use std::sync::Arc;
-
 use crate::db::Db;
-use crate::group::consumer::{Consumer, ConsumerConfig, Records};
-use crate::group::delivery::{Attempt, Deliver, Delivering, RetryPolicy};
+use crate::group::consumer::ConsumerConfig;
+use crate::group::delivery::{self, Attempt, Deliver, DeliveringConsumer, RetryPolicy};
 use crate::group::GroupConfig;
 use crate::log::Record;
 
@@ -266,8 +264,17 @@ impl WebhookSink {
     }
 
     fn count(&self, class: &str) {
-        crate::metrics::metrics()
-            .webhook_responses
+        static RESPONSES: std::sync::OnceLock<prometheus::IntCounterVec> =
+            std::sync::OnceLock::new();
+        RESPONSES
+            .get_or_init(|| {
+                crate::metrics::counter_vec(
+                    "outbox_relay_webhook_responses_total",
+                    "Webhook requests by sink and answer: 2xx, 3xx, 4xx, 5xx, \
+                     or timeout and error (no answer)",
+                    &["sink", "class"],
+                )
+            })
             .with_label_values(&[&self.name, class])
             .inc();
     }
@@ -353,40 +360,39 @@ impl Deliver for WebhookSink {
     }
 }
 
-/// Connections of one sink's group member for reads and commits (its
-/// heartbeats, claims and LISTEN have 3 more), and for parking.
-const READ_CONNECTIONS: usize = 2;
-const PARKING_CONNECTIONS: usize = 2;
-/// All of one sink's connections.
-pub const CONNECTIONS_PER_SINK: usize = READ_CONNECTIONS + PARKING_CONNECTIONS + 3;
-
 /// One sink as a role of the process: a member of its group delivering
 /// under the group's policy.
-pub type SinkConsumer = Consumer<Records<Delivering<WebhookSink>>>;
+pub type SinkConsumer = DeliveringConsumer<WebhookSink>;
+
+impl SinkSettings {
+    /// The sink's group: `webhook-<name>`, reading its topics on 2
+    /// connections (the requests, not the reads, are what take time).
+    fn consumer_config(&self) -> ConsumerConfig {
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        let mut config = ConsumerConfig::new(GroupConfig::new(&self.group_id(), &topics));
+        config.read_connections = 2;
+        config
+    }
+
+    /// Every connection the sink's member takes.
+    pub fn connections(&self) -> usize {
+        delivery::consumer_connections(&self.consumer_config())
+    }
+}
 
 /// The sinks' group members, their connections reserved from `db`.
 pub fn consumers(db: &Db, sinks: &[SinkSettings]) -> anyhow::Result<Vec<SinkConsumer>> {
     sinks
         .iter()
         .map(|sink| {
-            // Exported from the start (at 0), so an alert on an increase
-            // sees the first parked event.
-            for outcome in ["delivered", "retried", "parked"] {
-                crate::metrics::metrics()
-                    .deliveries
-                    .with_label_values(&[&sink.group_id(), outcome]);
-            }
-            let topics: Vec<&str> = sink.topics.iter().map(String::as_str).collect();
-            let mut config = ConsumerConfig::new(GroupConfig::new(&sink.group_id(), &topics));
-            config.read_connections = READ_CONNECTIONS;
-            let parking = db.bounded_pool(
-                "webhook dead letters",
-                PARKING_CONNECTIONS,
-                config.group.session_bounds(),
-            )?;
-            let delivering =
-                Delivering::new(WebhookSink::new(sink)?, parking, RetryPolicy::default());
-            Consumer::new("webhook", db, config, Arc::new(delivering))
+            let deliver = WebhookSink::new(sink)?;
+            delivery::consumer(
+                "webhook",
+                db,
+                sink.consumer_config(),
+                deliver,
+                RetryPolicy::default(),
+            )
         })
         .collect()
 }

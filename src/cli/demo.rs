@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::serve::{MailArgs, Plan, Role};
+use super::serve::MailArgs;
 use super::{Cli, Database};
 use crate::app::order::ORDER_CREATED_TOPIC;
+use crate::builder::{bind, Application, Settings};
 use crate::log;
 
 #[derive(Debug, clap::Args)]
@@ -33,32 +34,30 @@ pub struct DemoArgs {
 const RECORDS_SHOWN: usize = 10;
 
 /// Every role, checked and bound, before anything starts.
-pub fn plan(args: &DemoArgs, data_dir: &Path) -> anyhow::Result<Plan> {
-    Plan::for_roles(
-        &[Role::Api, Role::Relay, Role::Mail],
-        args.http_addr,
-        true,
-        Duration::from_secs(3),
-        &args.mail,
-        data_dir,
-    )
+pub fn settings(args: &DemoArgs, data_dir: &Path) -> anyhow::Result<Settings> {
+    Ok(Settings {
+        mail: Some(args.mail.settings(data_dir)?),
+        api: Some(bind(args.http_addr)?),
+        relay: Some(Duration::from_secs(3)),
+        ..Settings::default()
+    })
 }
 
 pub async fn run(
     db: &Database,
     args: &DemoArgs,
-    plan: Plan,
+    settings: Settings,
     cli: &Cli,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
     let url = db.url.as_str();
-    let addr = plan.http_addr().context("the demo plan has no API")?;
-    let mail_target = plan
+    let addr = settings.api_addr().context("the demo has no API")?;
+    let mail_target = settings
         .mail
         .as_ref()
         .map(|m| m.target.to_string())
         .unwrap_or_default();
-    let supervisor = plan.start(url).await?;
+    let application = Application::start(settings, url).await?;
     let placed = place_sample_orders(addr, args.orders).await?;
     writeln!(
         out,
@@ -163,11 +162,11 @@ pub async fn run(
         )?;
     }
     if args.no_wait {
-        return supervisor.stop().await;
+        return application.stop().await;
     }
     writeln!(out, "\nserving on http://{addr}; Ctrl-C to stop")?;
     out.flush()?;
-    supervisor.run_until_signal().await
+    application.run_until_signal().await
 }
 
 /// How to run this binary again from this directory: `outbox-relay` when

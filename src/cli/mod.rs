@@ -139,16 +139,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 pub async fn run_with_output(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     // Settings are checked before anything starts (no database, no port).
     let data_dir = cli.data_dir();
-    let plan = match &cli.command {
-        Command::Serve(args) => Some(serve::Plan::new(args, &data_dir)?),
-        Command::Demo(args) => Some(demo::plan(args, &data_dir)?),
+    let settings = match &cli.command {
+        Command::Serve(args) => Some(serve::settings(args, &data_dir)?),
+        Command::Demo(args) => Some(demo::settings(args, &data_dir)?),
         Command::Replay(cmd) => {
             replay::check(cmd, &data_dir)?;
             None
         }
         _ => None,
     };
-    let announce = plan.is_some();
+    let announce = settings.is_some();
     let db = Database::open(&cli, announce).await?;
     let result = async {
         match &cli.command {
@@ -159,9 +159,9 @@ pub async fn run_with_output(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::
         }
         match &cli.command {
             Command::Migrate => migrate(&db.url, out).await,
-            Command::Serve(_) => serve::run(&db.url, plan.expect("built above")).await,
+            Command::Serve(_) => serve::run(&db.url, settings.expect("built above")).await,
             Command::Demo(args) => {
-                demo::run(&db, args, plan.expect("built above"), &cli, out).await
+                demo::run(&db, args, settings.expect("built above"), &cli, out).await
             }
             Command::Topics(cmd) => topics::run(&db.url, cmd, out).await,
             Command::Tail(args) => tail::run(&db.url, args, out).await,

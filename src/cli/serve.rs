@@ -2,36 +2,17 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::ValueEnum;
 
 use super::parse;
 use crate::app::mail::MailSettings;
-use crate::db::Db;
+use crate::app::webhook::SinkSettings;
+pub use crate::builder::Role;
+use crate::builder::{bind, Application, Settings, DEFAULT_MAX_DB_CONNECTIONS};
 use crate::group::OffsetReset;
-use crate::log::notify::OutboxNotifier;
-use crate::outbox::OutboxWritten;
-use crate::service::Supervisor;
-
-/// A role a process can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Role {
-    /// The order API (POST /orders, GET /orders/{id}) and /metrics.
-    Api,
-    /// The relay (outbox → event log; one leader among all relay processes) and its upkeep.
-    Relay,
-    /// The mail worker: consumer group mail-service sending order confirmations.
-    Mail,
-    /// The Kafka mirror: the log's topics copied into a Kafka cluster
-    /// (KAFKA_BROKERS), same partitions and keys. Off unless named.
-    Kafka,
-    /// Webhook sinks (WEBHOOK_SINKS): each event POSTed to a URL, signed
-    /// (Standard Webhooks), each sink a consumer group. Off unless named.
-    Webhook,
-}
+use crate::kafka::mirror::PreparedMirror;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -130,40 +111,6 @@ impl KafkaArgs {
     }
 }
 
-/// Enough for every role in one process (api 16, relay 4, mail 27, kafka
-/// 11, and 2 for `--metrics-addr`).
-pub const DEFAULT_MAX_DB_CONNECTIONS: u32 = 64;
-
-/// The order API's pool.
-const API_POOL_SIZE: usize = 16;
-/// The pool of `--metrics-addr` (a scrape at a time, and /readyz).
-const METRICS_POOL_SIZE: usize = 2;
-/// The mail worker's pool (ledger reads and writes, dead letters), and
-/// its group's reads and commits, when the budget allows.
-const MAIL_POOL_SIZE: usize = 16;
-const MAIL_READ_CONNECTIONS: usize = 8;
-/// A group member's own connections: heartbeats and claims (2), LISTEN (1).
-const MEMBER_OWN_CONNECTIONS: usize = 3;
-/// The kafka role's group member (reads 8 and its own 3).
-const KAFKA_CONNECTIONS: usize = 8 + MEMBER_OWN_CONNECTIONS;
-
-/// The mail role's reads-and-commits and ledger connections within `left`
-/// (what `--max-db-connections` leaves it): the defaults if they fit, else
-/// both shrunk (a third to reads), at least 2 each. The member's own
-/// connections are never shrunk, so a burst of mails that takes every
-/// ledger connection cannot delay a heartbeat or a commit; waiting for a
-/// connection is back-pressure.
-fn mail_connections(left: Option<usize>) -> (usize, usize) {
-    let shared = left.map_or(usize::MAX, |left| {
-        left.saturating_sub(MEMBER_OWN_CONNECTIONS)
-    });
-    if shared >= MAIL_READ_CONNECTIONS + MAIL_POOL_SIZE {
-        return (MAIL_READ_CONNECTIONS, MAIL_POOL_SIZE);
-    }
-    let reads = (shared / 3).max(2);
-    (reads, shared.saturating_sub(reads).max(2))
-}
-
 /// `auto.offset.reset` for a group's partitions without a committed offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OffsetResetArg {
@@ -248,244 +195,33 @@ impl MailArgs {
     }
 }
 
-fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    let listener =
-        std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
+/// Every role of `args` checked and its ports bound, before anything starts.
+pub fn settings(args: &ServeArgs, data_dir: &Path) -> anyhow::Result<Settings> {
+    let has = |role| args.roles.contains(&role);
+    Ok(Settings {
+        mail: has(Role::Mail)
+            .then(|| args.mail.settings(data_dir))
+            .transpose()?,
+        api: has(Role::Api).then(|| bind(args.http_addr)).transpose()?,
+        relay: has(Role::Relay).then_some(args.relay_lease_secs),
+        kafka: has(Role::Kafka)
+            .then(|| PreparedMirror::new(args.kafka.settings()?))
+            .transpose()?,
+        webhooks: match has(Role::Webhook) {
+            true => SinkSettings::from_env(args.webhook_sinks.as_deref().unwrap_or(""), |name| {
+                std::env::var(name).ok()
+            })?,
+            false => Vec::new(),
+        },
+        metrics: args.metrics_addr.map(bind).transpose()?,
+        migrate: !args.no_migrate,
+        max_db_connections: args.max_db_connections,
+    })
 }
 
-/// What a process will run, with every setting checked and the HTTP port
-/// already bound: built before the database is opened.
-pub struct Plan {
-    pub roles: Vec<Role>,
-    pub listener: Option<std::net::TcpListener>,
-    /// The operational endpoints' own listener (`--metrics-addr`).
-    pub metrics_listener: Option<std::net::TcpListener>,
-    pub migrate: bool,
-    pub relay_lease: Duration,
-    pub max_db_connections: u32,
-    pub mail: Option<MailSettings>,
-    /// The kafka role, its producer built.
-    pub kafka: Option<crate::kafka::mirror::PreparedMirror>,
-    /// The webhook role's sinks.
-    pub webhooks: Vec<crate::app::webhook::SinkSettings>,
-}
-
-impl Plan {
-    pub fn new(args: &ServeArgs, data_dir: &Path) -> anyhow::Result<Plan> {
-        let mut plan = Plan::for_roles(
-            &args.roles,
-            args.http_addr,
-            !args.no_migrate,
-            args.relay_lease_secs,
-            &args.mail,
-            data_dir,
-        )?;
-        if args.roles.contains(&Role::Kafka) {
-            plan.kafka = Some(crate::kafka::mirror::PreparedMirror::new(
-                args.kafka.settings()?,
-            )?);
-        }
-        if args.roles.contains(&Role::Webhook) {
-            plan.webhooks = crate::app::webhook::SinkSettings::from_env(
-                args.webhook_sinks.as_deref().unwrap_or(""),
-                |name| std::env::var(name).ok(),
-            )?;
-        }
-        plan.max_db_connections = args.max_db_connections;
-        if let Some(addr) = args.metrics_addr {
-            plan.metrics_listener = Some(bind(addr)?);
-        }
-        Ok(plan)
-    }
-
-    pub fn for_roles(
-        roles: &[Role],
-        http_addr: SocketAddr,
-        migrate: bool,
-        relay_lease: Duration,
-        mail: &MailArgs,
-        data_dir: &Path,
-    ) -> anyhow::Result<Plan> {
-        let mail = if roles.contains(&Role::Mail) {
-            Some(mail.settings(data_dir)?)
-        } else {
-            None
-        };
-        let listener = if roles.contains(&Role::Api) {
-            Some(bind(http_addr)?)
-        } else {
-            None
-        };
-        Ok(Plan {
-            roles: roles.to_vec(),
-            listener,
-            metrics_listener: None,
-            migrate,
-            relay_lease,
-            max_db_connections: DEFAULT_MAX_DB_CONNECTIONS,
-            mail,
-            kafka: None,
-            webhooks: Vec::new(),
-        })
-    }
-
-    /// The bound API address, if the plan has the api role.
-    pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.listener.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
-    /// Migrates (unless told not to), builds every role, then starts them.
-    pub async fn start(self, url: &str) -> anyhow::Result<Supervisor> {
-        // Build everything first (no I/O yet): a failure here starts nothing.
-        let db = Db::new(url, Some(self.max_db_connections as usize))?;
-        let api_pool = match &self.listener {
-            Some(_) => Some(db.pool("api", API_POOL_SIZE)?),
-            None => None,
-        };
-        let metrics_pool = match &self.metrics_listener {
-            Some(_) => Some(db.pool("metrics", METRICS_POOL_SIZE)?),
-            None => None,
-        };
-        let relay = if self.roles.contains(&Role::Relay) {
-            let config = crate::relay::RelayConfig {
-                lease_ttl: self.relay_lease,
-                ..crate::relay::RelayConfig::default()
-            };
-            db.reserve("relay (and its read-ahead)", 2)?;
-            db.reserve("relay upkeep", 1)?;
-            db.reserve("relay wake-ups (LISTEN outbox_written)", 1)?;
-            let relay = crate::relay::Relay::new(&db, config);
-            let maintenance = crate::relay::Maintenance::new(&relay);
-            Some((relay, maintenance))
-        } else {
-            None
-        };
-        let mail = match &self.mail {
-            Some(settings) => {
-                tracing::info!(transport = %settings.target, "mail worker ready");
-                // What the roles built after this one need.
-                let others = self.webhooks.len() * crate::app::webhook::CONNECTIONS_PER_SINK
-                    + if self.kafka.is_some() {
-                        KAFKA_CONNECTIONS
-                    } else {
-                        0
-                    };
-                let (reads, ledger) =
-                    mail_connections(db.remaining().map(|left| left.saturating_sub(others)));
-                let mut consumer = settings.consumer_config();
-                consumer.read_connections = reads;
-                let worker = crate::app::mail::MailWorker::from_settings(
-                    db.bounded_pool("mail worker", ledger, consumer.group.session_bounds())?,
-                    settings,
-                )?;
-                Some(crate::group::consumer::Consumer::new(
-                    "mail",
-                    &db,
-                    consumer,
-                    Arc::new(worker),
-                )?)
-            }
-            None => None,
-        };
-        let webhooks = crate::app::webhook::consumers(&db, &self.webhooks)?;
-        // Orders placed here wake the relay directly when it runs here too,
-        // else through `NOTIFY outbox_written` on a connection of its own.
-        let outbox_written = match (&relay, &api_pool) {
-            (_, None) => None,
-            (Some((relay, _)), Some(_)) => Some(OutboxWritten::Relay(relay.wakeup())),
-            (None, Some(_)) => {
-                db.reserve("API's NOTIFY outbox_written", 1)?;
-                Some(OutboxWritten::Notify(OutboxNotifier::start(url)?))
-            }
-        };
-        tracing::debug!(connections = db.reserved_total(), reserved = ?db.reservations(), "database connection budget");
-
-        if self.migrate {
-            crate::migrate::apply_all(url).await?;
-        } else {
-            crate::migrate::require_current(url).await?;
-        }
-        if !self.webhooks.is_empty() {
-            let client = db.connect().await?;
-            crate::app::webhook::check_topics(&client, &self.webhooks).await?;
-        }
-        // The mirror's topics are the log's, read once the schema is there.
-        let kafka = match self.kafka {
-            Some(prepared) => {
-                let client = db.connect().await?;
-                let topics = prepared.topics(&client).await?;
-                drop(client);
-                Some(prepared.build(&db, topics)?)
-            }
-            None => None,
-        };
-        let api = match (self.listener, api_pool) {
-            (Some(listener), Some(pool)) => {
-                crate::db::check(&pool).await?;
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                tracing::info!(addr = %listener.local_addr()?, "order API listening");
-                Some(crate::http::HttpService::api(
-                    listener,
-                    pool,
-                    outbox_written.unwrap_or_default(),
-                ))
-            }
-            _ => None,
-        };
-        let metrics_endpoint = match (self.metrics_listener, metrics_pool) {
-            (Some(listener), Some(pool)) => {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                tracing::info!(addr = %listener.local_addr()?, "metrics listening");
-                Some(crate::http::HttpService::operational(listener, pool))
-            }
-            _ => None,
-        };
-
-        let mut supervisor = Supervisor::new();
-        if let Some(api) = api {
-            supervisor.start(api);
-        }
-        if let Some(endpoint) = metrics_endpoint {
-            supervisor.start(endpoint);
-        }
-        if let Some((relay, maintenance)) = relay {
-            let wakeup = relay.wakeup();
-            crate::log::notify::listen_outbox_written(url, move || wakeup.wake())?;
-            supervisor.start(relay);
-            supervisor.start(maintenance);
-        }
-        if let Some(mail) = mail {
-            supervisor.start(mail);
-        }
-        if let Some(kafka) = kafka {
-            supervisor.start(kafka);
-        }
-        for sink in webhooks {
-            supervisor.start(sink);
-        }
-        Ok(supervisor)
-    }
-}
-
-pub async fn run(url: &str, plan: Plan) -> anyhow::Result<()> {
-    plan.start(url).await?.run_until_signal().await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_mail_role_shrinks_its_shared_connections_to_the_budget_never_its_own() {
-        assert_eq!(mail_connections(None), (8, 16));
-        assert_eq!(mail_connections(Some(64)), (8, 16));
-        assert_eq!(mail_connections(Some(27)), (8, 16));
-        assert_eq!(mail_connections(Some(20)), (5, 12));
-        // 3 of the member's own, 2 for reads and commits, 3 for the ledger.
-        assert_eq!(mail_connections(Some(8)), (2, 3));
-        // Below the minimum: the budget check refuses it with the figures.
-        assert_eq!(mail_connections(Some(5)), (2, 2));
-    }
+pub async fn run(url: &str, settings: Settings) -> anyhow::Result<()> {
+    Application::start(settings, url)
+        .await?
+        .run_until_signal()
+        .await
 }

@@ -6,7 +6,6 @@
 //! fallback.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,79 +13,12 @@ use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
-pub use super::records::Records;
+pub use super::partition::{Lease, OwnedPartition, PartitionWork, Stop};
+pub use super::records::{RecordHandler, Records};
+pub use super::ConsumerConfig;
 use crate::db::Db;
-use crate::group::{Assignment, GroupConfig, Membership};
-use crate::log::Record;
+use crate::group::{Assignment, Membership};
 use crate::shutdown::Shutdown;
-
-/// Processes one record. It returns once the record is finished: done, or
-/// parked as a dead letter. Transient failures are the handler's to retry.
-pub trait RecordHandler: Send + Sync + 'static {
-    /// `lease` says under which ownership the record was read: a handler
-    /// that writes on the group's behalf fences those writes with it, as
-    /// the offset commit is fenced (docs/invariants.md, 6).
-    ///
-    /// A handler is not aborted when its partition worker fails (it is
-    /// when the partition is lost): the restarted worker may hand the same
-    /// record to a second call while the first still runs, so a handler
-    /// with side effects lets one call per record run at a time.
-    fn handle(&self, record: Record, lease: Arc<Lease>) -> impl Future<Output = ()> + Send;
-
-    /// Called once the member has stopped (its partitions committed and
-    /// released, or abandoned): what the handler still holds, such as
-    /// writes handed to a writer of its own, is finished or reported here.
-    fn stopped(&self) -> impl Future<Output = ()> + Send {
-        async {}
-    }
-}
-
-/// A partition as one member owns it: the member, and the epoch its
-/// ownership began at.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub group_id: String,
-    pub member_id: String,
-    pub topic: String,
-    pub partition: i32,
-    pub epoch: i64,
-}
-
-#[derive(Debug, Clone)]
-pub struct ConsumerConfig {
-    pub group: GroupConfig,
-    /// Records read ahead per partition (in flight or queued behind a key).
-    pub max_in_flight_per_partition: usize,
-    /// How often progress is committed while records complete.
-    pub commit_interval: Duration,
-    /// On shutdown or hand-over, how long in-flight records may finish.
-    pub shutdown_grace: Duration,
-    /// Connections for reading partitions and committing offsets (the
-    /// membership's heartbeats and claims have two of their own).
-    pub read_connections: usize,
-}
-
-impl ConsumerConfig {
-    pub fn new(group: GroupConfig) -> ConsumerConfig {
-        ConsumerConfig {
-            group,
-            max_in_flight_per_partition: 128,
-            commit_interval: Duration::from_millis(200),
-            shutdown_grace: Duration::from_secs(10),
-            read_connections: 8,
-        }
-    }
-}
-
-/// How a partition worker is told to stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
-    Running,
-    /// Finish (within the grace period), commit, then return.
-    Gracefully,
-    /// Lost ownership: drop everything, commit nothing.
-    Now,
-}
 
 struct PartitionWorker {
     assignment: Assignment,
@@ -106,53 +38,9 @@ impl PartitionWorker {
 /// Heartbeats, claims, releases.
 const MEMBERSHIP_POOL_SIZE: usize = 2;
 
-/// What a member does with each partition it owns, from the moment it owns
-/// it until [`OwnedPartition::stop`] says otherwise. [`Records`] (a
-/// [`RecordHandler`] per record) is the usual one; the Kafka mirror moves
-/// whole batches in offset order.
-pub trait PartitionWork: Send + Sync + 'static {
-    /// Works on `partition` until told to stop, or fenced. A returned
-    /// error is logged; the next heartbeat restarts the partition from its
-    /// committed offset if it is still this member's.
-    fn run_partition(
-        self: Arc<Self>,
-        partition: OwnedPartition,
-    ) -> impl Future<Output = anyhow::Result<()>> + Send;
-
-    /// Called once the member has stopped (see [`RecordHandler::stopped`]).
-    fn stopped(&self) -> impl Future<Output = ()> + Send {
-        async {}
-    }
-}
-
-/// A partition as handed to [`PartitionWork`].
-pub struct OwnedPartition {
-    /// The member's read pool (reads and fenced commits).
-    pub pool: deadpool_postgres::Pool,
-    pub config: ConsumerConfig,
-    pub assignment: Assignment,
-    /// Wakes the worker when the relay appended past where it reads.
-    pub appended: crate::log::notify::PartitionAppends,
-    /// How the member tells the work to stop (`Gracefully`: finish, commit,
-    /// return; `Now`: the partition is lost, commit nothing).
-    pub stop: watch::Receiver<Stop>,
-}
-
-impl OwnedPartition {
-    /// Where work on the partition starts: the group's committed offset, or
-    /// the reset policy's end when there is none.
-    pub async fn start_offset(&self) -> anyhow::Result<i64> {
-        let client = self.pool.get().await?;
-        crate::group::start_offset(
-            &**client,
-            &self.config.group.group_id,
-            &self.assignment.topic,
-            self.assignment.partition,
-            self.config.group.offset_reset,
-        )
-        .await
-    }
-}
+/// A member's own connections, beside its reads and commits: heartbeats
+/// and claims, and LISTEN.
+pub const MEMBER_OWN_CONNECTIONS: usize = MEMBERSHIP_POOL_SIZE + 1;
 
 /// A group member as a role of the process: its connections are reserved
 /// when it is built, its membership begins when it runs.
@@ -258,8 +146,8 @@ async fn run_member<W: PartitionWork>(
         .saturating_sub(config.group.heartbeat_interval);
     tracing::info!(group = %config.group.group_id, member = %config.group.member_id, "joined consumer group");
     // Exported from the start (at 0), so a panel or an alert sees a series.
-    crate::metrics::metrics()
-        .group_rebalances
+    super::metrics::group_metrics()
+        .rebalances
         .with_label_values(&[&config.group.group_id]);
     let mut last_logged_assignment: Vec<String> = Vec::new();
     let mut progress = crate::group::progress::BacklogProgress::new();
@@ -379,8 +267,8 @@ async fn run_member<W: PartitionWork>(
                 let assigned: Vec<String> =
                     assigned.iter().map(|(t, p)| format!("{t}:{p}")).collect();
                 if assigned != last_logged_assignment {
-                    crate::metrics::metrics()
-                        .group_rebalances
+                    super::metrics::group_metrics()
+                        .rebalances
                         .with_label_values(&[&config.group.group_id])
                         .inc();
                     tracing::info!(group = %config.group.group_id, partitions = %assigned.join(","), "assignment changed");

@@ -21,7 +21,10 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::clip::{clip, clip_error};
-use crate::group::consumer::{Lease, RecordHandler};
+use crate::db::Db;
+use crate::group::consumer::{
+    Consumer, ConsumerConfig, Lease, RecordHandler, Records, MEMBER_OWN_CONNECTIONS,
+};
 use crate::group::dead_letters::park_dead_letter;
 use crate::log::Record;
 
@@ -156,7 +159,7 @@ impl<D: Deliver> Delivering<D> {
             .in_flight
             .enter((record.topic.clone(), record.partition, record.offset))
             .await;
-        let metrics = crate::metrics::metrics();
+        let metrics = super::metrics::group_metrics();
         let started = Instant::now();
         let mut attempts = 0;
         loop {
@@ -230,7 +233,7 @@ impl<D: Deliver> Delivering<D> {
 }
 
 fn count(lease: &Lease, outcome: &str) {
-    crate::metrics::metrics()
+    super::metrics::group_metrics()
         .deliveries
         .with_label_values(&[&lease.group_id, outcome])
         .inc();
@@ -247,6 +250,44 @@ pub enum Settled {
     },
     /// The partition was lost meanwhile: its new owner decides.
     Fenced,
+}
+
+/// A group member delivering each record of its partitions with `deliver`
+/// under `retry`: what a consumer without a ledger of its own runs.
+pub type DeliveringConsumer<D> = Consumer<Records<Delivering<D>>>;
+
+/// Connections a [`DeliveringConsumer`] parks dead letters on.
+pub const PARKING_CONNECTIONS: usize = 2;
+
+/// Every connection a [`consumer`] with `config` takes from the budget.
+pub fn consumer_connections(config: &ConsumerConfig) -> usize {
+    config.read_connections + PARKING_CONNECTIONS + MEMBER_OWN_CONNECTIONS
+}
+
+/// Builds a member of `config`'s group that delivers with `deliver` under
+/// `retry`, its connections reserved from `db`'s budget. `name` is the
+/// role's name in logs.
+pub fn consumer<D: Deliver>(
+    name: &'static str,
+    db: &Db,
+    config: ConsumerConfig,
+    deliver: D,
+    retry: RetryPolicy,
+) -> anyhow::Result<DeliveringConsumer<D>> {
+    // Exported from the start (at 0), so an alert on an increase sees the
+    // first parked record.
+    for outcome in ["delivered", "retried", "parked"] {
+        super::metrics::group_metrics()
+            .deliveries
+            .with_label_values(&[&config.group.group_id, outcome]);
+    }
+    let parking = db.bounded_pool(
+        "dead letters",
+        PARKING_CONNECTIONS,
+        config.group.session_bounds(),
+    )?;
+    let delivering = Delivering::new(deliver, parking, retry);
+    Consumer::new(name, db, config, Arc::new(delivering))
 }
 
 impl<D: Deliver> RecordHandler for Delivering<D> {

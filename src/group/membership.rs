@@ -303,7 +303,7 @@ pub async fn start_offset(
 /// Writes a handler makes for the group are fenced with it, like commits.
 pub async fn hold_ownership(
     tx: &tokio_postgres::Transaction<'_>,
-    lease: &crate::group::consumer::Lease,
+    lease: &super::partition::Lease,
 ) -> anyhow::Result<bool> {
     Ok(tx
         .query_opt(

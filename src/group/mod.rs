@@ -23,6 +23,8 @@ pub mod consumer;
 pub mod dead_letters;
 pub mod delivery;
 pub mod membership;
+mod metrics;
+pub mod partition;
 pub(crate) mod progress;
 pub mod records;
 
@@ -115,4 +117,31 @@ pub struct Rebalance {
     /// Partitions this member should hand over: stop processing, commit,
     /// then call [`Membership::release`].
     pub to_release: Vec<Assignment>,
+}
+
+/// How a member of a group runs its partitions.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub group: GroupConfig,
+    /// Records read ahead per partition (in flight or queued behind a key).
+    pub max_in_flight_per_partition: usize,
+    /// How often progress is committed while records complete.
+    pub commit_interval: Duration,
+    /// On shutdown or hand-over, how long in-flight records may finish.
+    pub shutdown_grace: Duration,
+    /// Connections for reading partitions and committing offsets (the
+    /// membership's heartbeats and claims have two of their own).
+    pub read_connections: usize,
+}
+
+impl ConsumerConfig {
+    pub fn new(group: GroupConfig) -> ConsumerConfig {
+        ConsumerConfig {
+            group,
+            max_in_flight_per_partition: 128,
+            commit_interval: Duration::from_millis(200),
+            shutdown_grace: Duration::from_secs(10),
+            read_connections: 8,
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! work (at-least-once, invariant 7).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +18,29 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::consumer::{Lease, OwnedPartition, PartitionWork, RecordHandler, Stop};
+use super::partition::{Lease, OwnedPartition, PartitionWork, Stop};
 use crate::log::{self, Record};
+
+/// Processes one record. It returns once the record is finished: done, or
+/// parked as a dead letter. Transient failures are the handler's to retry.
+pub trait RecordHandler: Send + Sync + 'static {
+    /// `lease` says under which ownership the record was read: a handler
+    /// that writes on the group's behalf fences those writes with it, as
+    /// the offset commit is fenced (docs/invariants.md, 6).
+    ///
+    /// A handler is not aborted when its partition worker fails (it is
+    /// when the partition is lost): the restarted worker may hand the same
+    /// record to a second call while the first still runs, so a handler
+    /// with side effects lets one call per record run at a time.
+    fn handle(&self, record: Record, lease: Arc<Lease>) -> impl Future<Output = ()> + Send;
+
+    /// Called once the member has stopped (its partitions committed and
+    /// released, or abandoned): what the handler still holds, such as
+    /// writes handed to a writer of its own, is finished or reported here.
+    fn stopped(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
 
 /// [`PartitionWork`] that runs a [`RecordHandler`] per record.
 pub struct Records<H>(pub Arc<H>);

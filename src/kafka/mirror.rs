@@ -21,7 +21,7 @@
 //! already seen.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,6 +31,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::time::Instant;
 
+pub use super::producer::MirroredTopic;
+use super::producer::{backoff, Producers};
 use super::topics::check_topics;
 use super::{KafkaSettings, MIRROR_GROUP, OFFSET_HEADER};
 use crate::db::Db;
@@ -44,14 +46,6 @@ const WINDOW: usize = 20_000;
 /// Records read from the log at a time.
 const READ_BATCH: usize = 2_000;
 
-/// A log topic to mirror, with its partition count.
-#[derive(Debug, Clone)]
-pub struct MirroredTopic {
-    pub log_topic: String,
-    pub kafka_topic: String,
-    pub partitions: i32,
-}
-
 /// The `kafka` role.
 pub struct KafkaMirror {
     settings: Arc<KafkaSettings>,
@@ -59,6 +53,10 @@ pub struct KafkaMirror {
     work: Arc<MirrorWork>,
     consumer: Consumer<MirrorWork>,
 }
+
+/// Every connection the mirror's group member takes: its reads and
+/// commits, and its own.
+pub const CONNECTIONS: usize = 8 + crate::group::consumer::MEMBER_OWN_CONNECTIONS;
 
 /// The mirror with its producer built (librdkafka checks every setting
 /// then, so a bad one stops the process before anything starts), waiting
@@ -149,64 +147,6 @@ impl crate::service::Service for KafkaMirror {
     }
 }
 
-/// A librdkafka error without the setting's value: librdkafka quotes the
-/// value of a setting it refuses, and values may be passwords.
-pub(super) fn without_values(error: &KafkaError) -> String {
-    match error {
-        KafkaError::ClientConfig(result, _description, key, _value) => {
-            format!("setting {key} ({result:?}; its value is not shown)")
-        }
-        other => other.to_string(),
-    }
-}
-
-pub(super) fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(200u64.saturating_mul(1 << failures.min(8)).min(30_000))
-}
-
-/// The process's producer; replaced when librdkafka reports a fatal error
-/// (an idempotent producer that lost its sequence cannot go on).
-pub(super) struct Producers {
-    settings: Arc<KafkaSettings>,
-    current: Mutex<(u64, FutureProducer)>,
-}
-
-impl Producers {
-    fn new(settings: &Arc<KafkaSettings>) -> anyhow::Result<Producers> {
-        Ok(Producers {
-            settings: settings.clone(),
-            current: Mutex::new((0, Self::create(settings)?)),
-        })
-    }
-
-    fn create(settings: &KafkaSettings) -> anyhow::Result<FutureProducer> {
-        // librdkafka names the offending setting (never its value).
-        settings
-            .client_config()?
-            .create()
-            .map_err(|e| anyhow::anyhow!("Kafka settings refused: {}", without_values(&e)))
-    }
-
-    pub(super) fn current(&self) -> FutureProducer {
-        self.current.lock().expect("producer lock").1.clone()
-    }
-
-    fn current_with_generation(&self) -> (u64, FutureProducer) {
-        self.current.lock().expect("producer lock").clone()
-    }
-
-    /// After a fatal error of generation `generation`'s producer: a new one
-    /// (once, whichever partition noticed first).
-    fn replace(&self, generation: u64) -> anyhow::Result<()> {
-        let mut current = self.current.lock().expect("producer lock");
-        if current.0 == generation {
-            *current = (generation + 1, Self::create(&self.settings)?);
-            tracing::warn!("Kafka producer replaced after a fatal error");
-        }
-        Ok(())
-    }
-}
-
 /// The per-partition work of the mirror.
 pub struct MirrorWork {
     settings: Arc<KafkaSettings>,
@@ -247,9 +187,8 @@ impl MirrorWork {
             mut stop,
         } = partition;
         let kafka_topic = self.settings.kafka_topic(&assignment.topic).to_string();
-        let metrics = crate::metrics::metrics();
-        let mirrored = metrics
-            .kafka_mirrored
+        let mirrored = super::metrics::mirror_metrics()
+            .mirrored
             .with_label_values(&[assignment.topic.as_str()]);
         let (generation, producer) = self.producers.current_with_generation();
 
@@ -474,8 +413,8 @@ fn count_error(error: &KafkaError) {
         .rdkafka_error_code()
         .map(|code| format!("{code:?}"))
         .unwrap_or_else(|| "Other".to_string());
-    crate::metrics::metrics()
-        .kafka_produce_errors
+    super::metrics::mirror_metrics()
+        .produce_errors
         .with_label_values(&[&class])
         .inc();
 }

@@ -13,7 +13,9 @@
 //! * [`mirror`]: the role.
 //! * [`status`]: per partition, log end, mirrored offset and lag.
 
+mod metrics;
 pub mod mirror;
+mod producer;
 pub mod status;
 mod topics;
 

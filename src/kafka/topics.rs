@@ -10,7 +10,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::util::Timeout;
 
-use super::mirror::{backoff, without_values, MirroredTopic, Producers};
+use super::producer::{backoff, without_values, MirroredTopic, Producers};
 use super::KafkaSettings;
 
 /// How long a metadata request or a topic creation may take.

@@ -27,8 +27,10 @@ pub mod batch;
 mod drain;
 mod lease;
 mod maintenance;
+mod metrics;
 pub mod parked;
 pub mod snapshot;
+mod wakeup;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +55,7 @@ use lease::{
 };
 pub use maintenance::{delete_relayed_outbox_rows, Maintenance};
 pub use snapshot::Snapshot;
+pub use wakeup::{OutboxWritten, Wakeup};
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -233,21 +236,22 @@ impl Prepared {
     }
 }
 
-/// Wakes an idle relay at once when a writer in this process committed (an
-/// order placed through the API), or when `NOTIFY outbox_written` came from
-/// a writer elsewhere. Without it the relay polls.
-#[derive(Clone, Default)]
-pub struct Wakeup(Arc<tokio::sync::Notify>);
-
-impl Wakeup {
-    /// Something was committed to the outbox.
-    pub fn wake(&self) {
-        self.0.notify_one();
-    }
-
-    async fn woken(&self) {
-        self.0.notified().await
-    }
+/// The relay role: the relay and its upkeep, their connections reserved
+/// from `db`'s budget (a batch and its read-ahead, upkeep, and the LISTEN
+/// for writers elsewhere).
+pub fn role(db: &Db, lease_ttl: Duration) -> anyhow::Result<(Relay, Maintenance)> {
+    db.reserve("relay (and its read-ahead)", 2)?;
+    db.reserve("relay upkeep", 1)?;
+    db.reserve("relay wake-ups (LISTEN outbox_written)", 1)?;
+    let relay = Relay::new(
+        db,
+        RelayConfig {
+            lease_ttl,
+            ..RelayConfig::default()
+        },
+    );
+    let maintenance = Maintenance::new(&relay);
+    Ok((relay, maintenance))
 }
 
 /// The relay of one process. Call [`Relay::step`] (tests) or [`Relay::run`].
@@ -354,9 +358,7 @@ impl Relay {
         self.prefetched = None;
         let leading = matches!(role, Role::Leader { .. });
         self.is_leader.store(leading, Ordering::Relaxed);
-        crate::metrics::metrics()
-            .relay_is_leader
-            .set(i64::from(leading));
+        metrics::relay_metrics().is_leader.set(i64::from(leading));
         self.role = role;
     }
 
@@ -861,13 +863,13 @@ impl Relay {
             span.record("parked", parked);
             span.record("partitions", partitions.join(",").as_str());
         }
-        let metrics = crate::metrics::metrics();
-        metrics.relay_batch_size.observe(batch.len() as f64);
+        let metrics = metrics::relay_metrics();
+        metrics.batch_size.observe(batch.len() as f64);
         // Counted per partition, not per record: a drain's batch holds up to
         // `max_batch` records, and each label lookup hashes and locks.
         for ((topic, _), append) in &plan.per_partition {
             metrics
-                .relay_appended
+                .appended
                 .with_label_values(&[*topic])
                 .inc_by(append.count as u64);
         }

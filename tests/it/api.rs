@@ -22,7 +22,7 @@ impl TestApi {
         let pool = db.pool(4);
         tokio::spawn(outbox_relay::http::serve(
             listener,
-            outbox_relay::http::router(pool, Default::default()),
+            outbox_relay::app::api::router(pool, Default::default()),
             outbox_relay::shutdown::Shutdown::never(),
         ));
         TestApi {

@@ -40,7 +40,7 @@ async fn a_backlog_drains_at_once_with_bounded_memory_on_a_small_pool() {
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     // 10 connections: /metrics 2, the member's own 3, 2 for reads and
     // commits, 3 for the delivery ledger.
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    let mut child = binary(&db)
         .args([
             "serve",
             "--roles",
@@ -50,12 +50,10 @@ async fn a_backlog_drains_at_once_with_bounded_memory_on_a_small_pool() {
             "10",
         ])
         .args(["--metrics-addr", &metrics_addr])
-        .env("DATABASE_URL", &db.url)
         .env("SMTP_URL", format!("file://{}", mail_dir.display()))
         .env("RUST_LOG", "info")
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log))
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let pid = child.id().unwrap();

@@ -448,13 +448,10 @@ async fn serve_mails_one_confirmation_per_order_and_leaves_cleanly_on_sigterm() 
     let db = TestDb::migrated().await;
     let smtp = crate::smtp::SmtpServer::start(&[]).await;
     let port = free_port();
-    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    let mut serve = binary(&db)
         .args(["serve", "--http-addr", &format!("127.0.0.1:{port}")])
-        .env("DATABASE_URL", &db.url)
         .env("SMTP_URL", smtp.url())
         .env("MAIL_FROM", "orders@shop.example.com")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let http = reqwest::Client::new();
@@ -762,12 +759,9 @@ async fn dead_letters_list_shows_resolved_ones_on_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_follow_prints_records_appended_later() {
     let db = TestDb::migrated().await;
-    let mut follower = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    let mut follower = binary(&db)
         .args(["tail", "order-created", "--follow", "--max", "3"])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let client = db.client().await;

@@ -288,7 +288,7 @@ async fn members_across_two_processes_share_partitions_evenly() {
     let db = TestDb::migrated().await;
     let mail_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("mail-{:x}", rand::random::<u32>()));
-    let mut other_process = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    let mut other_process = binary(&db)
         .args([
             "serve",
             "--roles",
@@ -297,10 +297,7 @@ async fn members_across_two_processes_share_partitions_evenly() {
             "--session-timeout-secs",
             "1.5",
         ])
-        .env("DATABASE_URL", &db.url)
         .env("SMTP_URL", format!("file://{}", mail_dir.display()))
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let recorder = Arc::new(Recorder::default());

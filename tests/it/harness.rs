@@ -277,3 +277,52 @@ pub async fn wait_until_group_caught_up(db: &TestDb, group: &str, topic: &str) {
     )
     .await;
 }
+
+/// A pipeline started in this test's process by the application builder
+/// (the one `serve` and `demo` use); its roles stop when it is dropped.
+pub struct InProcess {
+    /// The order API's address, with the api role.
+    pub api: Option<std::net::SocketAddr>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl InProcess {
+    pub async fn start(db: &TestDb, settings: outbox_relay::builder::Settings) -> InProcess {
+        let application = outbox_relay::builder::Application::start(settings, &db.url)
+            .await
+            .expect("the pipeline starts");
+        let api = application.api_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(application.run_until(async {
+            let _ = stopped.await;
+        }));
+        InProcess { api, _stop: stop }
+    }
+
+    /// The order API (with `/metrics`) alone, on a free port.
+    pub async fn api(db: &TestDb) -> InProcess {
+        let listener = outbox_relay::builder::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let settings = outbox_relay::builder::Settings {
+            api: Some(listener),
+            ..Default::default()
+        };
+        InProcess::start(db, settings).await
+    }
+
+    /// `http://<the API's address>`.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.api.expect("started with the api role"))
+    }
+}
+
+/// The binary with `db` as its database, for a test that needs a process
+/// of its own (a signal, kill -9, its output): `RUST_LOG=warn` unless the
+/// test says otherwise, killed when dropped.
+pub fn binary(db: &TestDb) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    command
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true);
+    command
+}

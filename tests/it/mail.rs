@@ -416,13 +416,8 @@ async fn dead_letters_can_be_retried_and_discarded() {
 async fn get_order_reports_the_confirmation_mail_state() {
     let db = TestDb::migrated().await;
     let smtp = SmtpServer::start(&["--reject", "bounce@example.com"]).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(outbox_relay::http::serve(
-        listener,
-        outbox_relay::http::router(db.pool(2), Default::default()),
-        shutdown::Shutdown::never(),
-    ));
+    let api = InProcess::api(&db).await;
+    let base = api.base();
     let ids = place_orders(&db, &["ok@example.com", "bounce@example.com"]).await;
     let http = reqwest::Client::new();
     let mail_of = |id: i64| {

@@ -107,13 +107,8 @@ async fn prometheus_scrapes_relay_api_and_lag_metrics() {
     outbox_relay::log::create_topic(&mut client, &topic, 1, Duration::from_secs(86_400))
         .await
         .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = listener.local_addr().unwrap();
-    tokio::spawn(outbox_relay::http::serve(
-        listener,
-        outbox_relay::http::router(db.pool(4), Default::default()),
-        outbox_relay::shutdown::Shutdown::never(),
-    ));
+    let pipeline = InProcess::api(&db).await;
+    let api = pipeline.api.unwrap();
     let answer = reqwest::Client::new()
         .post(format!("http://{api}/orders"))
         .header("content-type", "application/json")

@@ -141,15 +141,13 @@ struct Serve {
 impl Serve {
     async fn start(db: &TestDb, smtp: &SmtpServer) -> Serve {
         let port = free_port();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        let mut child = binary(&db)
             .args(["serve", "--http-addr", &format!("127.0.0.1:{port}")])
             .args(["--mail-max-attempts", "1"])
-            .env("DATABASE_URL", &db.url)
             .env("SMTP_URL", smtp.url())
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "outbox_relay=debug")
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
         let log_lines: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -502,12 +500,9 @@ async fn one_trace_links_an_order_to_its_mail_and_the_metrics_alerts_and_dashboa
 async fn a_relay_only_process_serves_metrics_on_its_metrics_address() {
     let db = TestDb::migrated().await;
     let port = free_port();
-    let _relay = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    let _relay = binary(&db)
         .args(["serve", "--roles", "relay"])
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");

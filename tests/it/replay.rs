@@ -269,13 +269,10 @@ fn slow_replay(
         &smtp.url(),
     ]
     .map(String::from);
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    let child = binary(&db)
         .args(&args)
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
         .stdout(output)
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     (args, child)
@@ -1044,14 +1041,11 @@ async fn a_killed_replay_leaves_in_doubt_at_most_the_exchanges_it_had_begun() {
     let db = TestDb::migrated().await;
     let all = sixty_days_of_orders(&db, 60).await;
     let smtp = SmtpServer::start(&["--delay-ms", "100"]).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    let mut child = binary(&db)
         .args(["replay", "--from", "2000-01-01", "--smtp-pool-size", "2"])
         .args(["--smtp-url", &smtp.url()])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     eventually("a few mails sent", Duration::from_secs(30), || async {

@@ -19,7 +19,9 @@
 //! as a dead letter and the partition moves on.
 
 mod ledger;
+mod metrics;
 mod render;
+mod role;
 pub mod smtp;
 mod transport;
 
@@ -45,6 +47,7 @@ use ledger::{
 pub use render::{
     message_id, render, render_replay, replay_message_id, Currency, Letterhead, OrderCreated,
 };
+pub use role::{role, MailConsumer};
 pub use smtp::Limits;
 use tracing::Instrument;
 pub use transport::{MailTransport, PlainSmtpPool, SendOutcome, SendSlot, SmtpTarget};
@@ -290,14 +293,14 @@ impl MailWorker {
             tokio::time::sleep(self.retry.backoff(db_backoff)).await;
             db_backoff += 1;
         };
-        let metrics = crate::metrics::metrics();
+        let metrics = metrics::mail_metrics();
         match &delivery {
             Delivery::Sent { attempts } => {
-                metrics.mail_sent.inc();
+                metrics.sent.inc();
                 tracing::debug!(attempts, "confirmation mail accepted");
             }
-            Delivery::Parked { .. } => metrics.mail_failed.with_label_values(&["parked"]).inc(),
-            Delivery::OutcomeUnknown => metrics.mail_failed.with_label_values(&["unknown"]).inc(),
+            Delivery::Parked { .. } => metrics.failed.with_label_values(&["parked"]).inc(),
+            Delivery::OutcomeUnknown => metrics.failed.with_label_values(&["unknown"]).inc(),
             Delivery::AlreadySent | Delivery::AlreadySettled | Delivery::Fenced => {}
         }
         delivery
@@ -360,9 +363,9 @@ impl MailWorker {
             // No transaction is open here: the SMTP exchange runs on its own.
             let started = std::time::Instant::now();
             let outcome = self.transport.send(message.clone(), &name).await;
-            let metrics = crate::metrics::metrics();
+            let metrics = metrics::mail_metrics();
             metrics
-                .mail_send_duration
+                .send_duration
                 .observe(started.elapsed().as_secs_f64());
             let (error, unknown) = match outcome {
                 SendOutcome::Sent => {
@@ -419,8 +422,8 @@ impl MailWorker {
                 SendOutcome::Transient(error) => (error, false),
                 SendOutcome::Unknown(error) => (error, true),
             };
-            crate::metrics::metrics()
-                .mail_failed
+            metrics::mail_metrics()
+                .failed
                 .with_label_values(&[if unknown {
                     "unknown_attempt"
                 } else {

@@ -2,6 +2,27 @@
 //! rows from the outbox into the log (payloads never leave Postgres), the
 //! sparse time index, and parking rows that cannot be placed.
 
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
+
+use super::batch::{AdvancedHead, BatchPlan, Records, Unplaceable};
+use crate::clip::clip;
+
+type Param<'a> = &'a (dyn ToSql + Sync);
+
+/// Sent before the append, in its round trip: for the rest of the batch's
+/// transaction, prepared statements run on their generic plans. The
+/// append's generic plan joins its records to the outbox's id range
+/// whatever the batch's size; left to choose, Postgres planned it anew for
+/// every small batch (a custom plan of one record looks cheaper than the
+/// generic plan, which expects a thousand), 0.3 ms of planning per batch.
+/// `LOCAL`, as the setting also governs unnamed statements: the batch's
+/// read, which comes before it, and the next transaction's must stay
+/// planned with their snapshots.
+pub(super) const FORCE_GENERIC_PLAN: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
+
 /// Appends a batch in one statement, then wakes its readers:
 ///
 /// - advances the heads it appends to (`$1`..`$5`: topic, partition, count,
@@ -92,6 +113,129 @@ pub(super) const PARK_ROWS: &str = "
       FROM unnest($1::int8[], $2::text[]) AS v(id, reason)
       JOIN outbox o ON o.id = v.id
     ON CONFLICT (outbox_id) DO NOTHING";
+
+/// Where the relay's cursor goes with a batch (`$17`..`$22` of
+/// [`APPEND_BATCH`]).
+pub(super) struct CursorUpdate<'a> {
+    pub relay: &'a str,
+    pub epoch: i64,
+    pub relayed: String,
+    pub draining: Option<String>,
+    pub cursor: Option<i64>,
+    pub lease_seconds: f64,
+}
+
+/// [`APPEND_BATCH`]'s parameters for a planned batch whose heads are set.
+pub(super) struct Append<'a> {
+    topics: Vec<&'a str>,
+    partitions: Vec<i32>,
+    counts: Vec<i64>,
+    max_created_at: Vec<DateTime<Utc>>,
+    base_offsets: Vec<i64>,
+    pub records: Records,
+    id_bounds: (i64, i64),
+    last_offsets: Vec<i64>,
+    running_max_created_at: Vec<DateTime<Utc>>,
+    notification: String,
+    cursor: CursorUpdate<'a>,
+}
+
+impl<'a> Append<'a> {
+    pub fn new(plan: &'a BatchPlan<'a>, cursor: CursorUpdate<'a>) -> Append<'a> {
+        let appends = &plan.per_partition;
+        let records = plan.records();
+        let id_bounds = (
+            records.ids.iter().copied().min().unwrap_or(0),
+            records.ids.iter().copied().max().unwrap_or(0),
+        );
+        Append {
+            topics: appends.keys().map(|k| k.0).collect(),
+            partitions: appends.keys().map(|k| k.1).collect(),
+            counts: appends.values().map(|v| v.count).collect(),
+            max_created_at: appends.values().map(|v| v.max_created_at).collect(),
+            base_offsets: appends.values().map(|v| v.base_offset).collect(),
+            records,
+            id_bounds,
+            // The time index: one entry per partition appended to.
+            last_offsets: appends
+                .values()
+                .map(|v| v.base_offset + v.count - 1)
+                .collect(),
+            running_max_created_at: appends.values().map(|v| v.running_max_created_at).collect(),
+            notification: crate::log::notify::payload(&plan.log_ends()),
+            cursor,
+        }
+    }
+
+    /// In [`APPEND_BATCH`]'s order.
+    pub fn params(&self) -> [Param<'_>; 22] {
+        [
+            &self.topics,
+            &self.partitions,
+            &self.counts,
+            &self.max_created_at,
+            &self.base_offsets,
+            &self.records.ids,
+            &self.records.partitions,
+            &self.records.offsets,
+            &crate::outbox::RESERVED_HEADER_PREFIX,
+            &crate::outbox::RETRY_OF_HEADER,
+            &self.id_bounds.0,
+            &self.id_bounds.1,
+            &self.last_offsets,
+            &self.running_max_created_at,
+            &crate::log::notify::APPENDED_CHANNEL,
+            &self.notification,
+            &self.cursor.relay,
+            &self.cursor.epoch,
+            &self.cursor.relayed,
+            &self.cursor.draining,
+            &self.cursor.cursor,
+            &self.cursor.lease_seconds,
+        ]
+    }
+}
+
+/// [`PARK_ROWS`]'s parameters: the rows a batch cannot place, and why.
+pub(super) struct Park {
+    pub ids: Vec<i64>,
+    pub reasons: Vec<String>,
+}
+
+impl Park {
+    /// `topics`: every topic with its partition count and the heads found.
+    pub fn new(plan: &BatchPlan<'_>, topics: &HashMap<String, (i32, Vec<AdvancedHead>)>) -> Park {
+        let reason =
+            |row: &super::batch::PendingRow, why: &Unplaceable| match (why, topics.get(&row.topic))
+            {
+                (Unplaceable::KeyTooLong, _) => format!(
+                    "key of {} bytes is over the outbox's limit of {}",
+                    row.key.as_ref().map_or(0, String::len),
+                    crate::outbox::limits::KEY_MAX_BYTES
+                ),
+                (Unplaceable::UnknownTopic, Some((partitions, heads))) => format!(
+                    "topic {:?} has {partitions} partitions but {} partition heads",
+                    clip(&row.topic),
+                    heads.len()
+                ),
+                (Unplaceable::UnknownTopic, None) => {
+                    format!("unknown topic {:?}", clip(&row.topic))
+                }
+            };
+        Park {
+            ids: plan.parked.iter().map(|(row, _)| row.id).collect(),
+            reasons: plan
+                .parked
+                .iter()
+                .map(|(row, why)| reason(row, why))
+                .collect(),
+        }
+    }
+
+    pub fn params(&self) -> [Param<'_>; 2] {
+        [&self.ids, &self.reasons]
+    }
+}
 
 /// This module's SQL by name: tests/it/sql.rs prepares each statement
 /// against the migrated schema.

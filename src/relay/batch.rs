@@ -147,6 +147,16 @@ impl BatchPlan<'_> {
         Ok(())
     }
 
+    /// Each partition appended to, with its new log end offset.
+    pub fn log_ends(&self) -> Vec<(&str, i32, i64)> {
+        self.per_partition
+            .iter()
+            .map(|((topic, partition), append)| {
+                (*topic, *partition, append.base_offset + append.count)
+            })
+            .collect()
+    }
+
     /// Every placed row's offset: consecutive from its partition's head, in
     /// batch order.
     pub fn records(&self) -> Records {

@@ -2,6 +2,10 @@
 //! `relayed_snapshot` (PgQ's two-snapshot difference), in outbox id order,
 //! and the cursor that records how far a drain got.
 
+use tokio_postgres::types::{ToSql, Type};
+
+use super::batch::PendingRow;
+
 /// One page of a drain: rows visible in the target snapshot ($2) and not in
 /// the relayed one ($1), after outbox id $3, in id (insert) order.
 ///
@@ -67,6 +71,39 @@ pub(super) const PEEK: &str = "
                     WHERE pg_visible_in_snapshot(x, cur.snap)
                       AND EXISTS (SELECT 1 FROM outbox o WHERE o.txid = x))
     FROM cur";
+
+/// [`SELECT_BATCH`]'s parameters with their types: it is sent unnamed
+/// (`query_typed`, one round trip), so each execution is planned with its
+/// snapshots, as [`PEEK`] is; a generic plan cannot see how narrow the
+/// transaction id range is and may scan the outbox.
+pub(super) fn select_batch_params<'a>(
+    relayed: &'a String,
+    target: &'a String,
+    cursor: &'a Option<i64>,
+    limit: &'a i64,
+    late_commits: &'a Vec<String>,
+) -> [(&'a (dyn ToSql + Sync), Type); 5] {
+    [
+        (relayed, Type::TEXT),
+        (target, Type::TEXT),
+        (cursor, Type::INT8),
+        (limit, Type::INT8),
+        (late_commits, Type::TEXT_ARRAY),
+    ]
+}
+
+/// The rows of [`SELECT_BATCH_NOW`]: the batch, and the snapshot it was
+/// cut at. Every row carries the snapshot; without rows to move, one row
+/// carries only it.
+pub(super) fn woken_batch(rows: &[tokio_postgres::Row]) -> (Vec<PendingRow>, Option<String>) {
+    let snapshot = rows.first().map(|row| row.get::<_, String>(5));
+    let batch = rows
+        .iter()
+        .filter(|row| row.get::<_, Option<i64>>(1).is_some())
+        .map(PendingRow::from_row)
+        .collect();
+    (batch, snapshot)
+}
 
 /// This module's SQL by name: tests/it/sql.rs prepares each statement
 /// against the migrated schema.

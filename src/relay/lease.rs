@@ -4,8 +4,12 @@
 //! can no longer append (docs/invariants.md, 5). All SQL on `relay_state`
 //! lives in the relay.
 
+use std::collections::HashMap;
+
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+
+use super::batch::AdvancedHead;
 
 /// The `relay_state` row a relay uses unless configured otherwise (the
 /// schema creates it).
@@ -93,6 +97,59 @@ pub(super) const LOCK_STATE_WITH_HEADS: &str = "
       LEFT JOIN (topics t LEFT JOIN partition_heads h ON h.topic = t.name) ON true
      WHERE r.relay = $1 AND r.epoch = $2
        FOR UPDATE OF r";
+
+/// What [`LOCK_STATE_WITH_HEADS`] returned: the relay's cursor as the
+/// database holds it, and every topic with its partition count and heads.
+pub(super) struct LockedState {
+    pub relayed: String,
+    pub draining: Option<String>,
+    pub cursor: Option<i64>,
+    /// Per topic: its partition count and the heads found.
+    pub topics: HashMap<String, (i32, Vec<AdvancedHead>)>,
+}
+
+impl LockedState {
+    /// None without a row: the lease is no longer ours at this epoch.
+    pub fn from_rows(rows: &[tokio_postgres::Row]) -> Option<LockedState> {
+        let first = rows.first()?;
+        let mut topics: HashMap<String, (i32, Vec<AdvancedHead>)> = HashMap::new();
+        for row in rows {
+            let Some(topic) = row.get::<_, Option<String>>(3) else {
+                continue; // no topic at all
+            };
+            let partitions: i32 = row.get(4);
+            let entry = topics
+                .entry(topic.clone())
+                .or_insert((partitions, Vec::new()));
+            if let Some(partition) = row.get::<_, Option<i32>>(5) {
+                entry.1.push(AdvancedHead {
+                    topic,
+                    partition,
+                    base_offset: row.get(6),
+                    running_max_created_at: row
+                        .get::<_, Option<DateTime<Utc>>>(7)
+                        .unwrap_or(DateTime::<Utc>::MIN_UTC),
+                });
+            }
+        }
+        Some(LockedState {
+            relayed: first.get(0),
+            draining: first.get(1),
+            cursor: first.get(2),
+            topics,
+        })
+    }
+
+    /// The topics whose heads match their partition count, with the count:
+    /// the only ones records are placed in (a wrong count would move keys).
+    pub fn partition_counts(&self) -> HashMap<String, i32> {
+        self.topics
+            .iter()
+            .filter(|(_, (count, heads))| heads.len() == *count as usize)
+            .map(|(topic, (count, _))| (topic.clone(), *count))
+            .collect()
+    }
+}
 
 /// The lease and the backlog of one relay (`outbox-relay relay status`).
 #[derive(Debug, Clone, serde::Serialize)]

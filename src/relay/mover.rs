@@ -1,0 +1,322 @@
+//! Moving one batch: the difference between `relayed_snapshot` and the
+//! drain's target, read (or read ahead), placed, appended with the cursor,
+//! and committed, in two pipelined round trips within one transaction.
+
+use anyhow::Context;
+use chrono::Utc;
+use tokio_postgres::types::ToSql;
+
+use super::append::{Append, CursorUpdate, Park, FORCE_GENERIC_PLAN};
+use super::batch::{self, AdvancedHead, PendingRow};
+use super::drain::{select_batch_params, woken_batch, SELECT_BATCH};
+use super::lease::LockedState;
+use super::{drain_from, metrics, Drain, Relay, Role, Snapshot, StepOutcome, Target};
+
+/// A drain batch read ahead, and the cursor state it was read for.
+pub(super) struct Prefetched {
+    relayed: String,
+    target: String,
+    cursor: i64,
+    limit: i64,
+    rows: Vec<PendingRow>,
+}
+
+impl Relay {
+    /// Moves one batch of the difference between `relayed_snapshot` and the
+    /// drain target (`target`: the drain in progress, a peeked snapshot, or
+    /// the snapshot of the batch's own read), in two pipelined round trips
+    /// within one transaction:
+    ///
+    /// 1. `BEGIN`, the batch, and the lease row locked at our epoch
+    ///    (fencing) with the partition heads;
+    /// 2. in one statement the heads advanced from what was read (it fails
+    ///    if any moved), the records appended (fails unless all were), the
+    ///    time index, the notification and the cursor; parked rows; `COMMIT`.
+    ///
+    /// A statement that fails aborts the transaction, so the `COMMIT` at the
+    /// end of the pipeline rolls back; every result is checked.
+    pub(super) async fn move_batch(
+        &mut self,
+        epoch: i64,
+        target: Target,
+    ) -> anyhow::Result<StepOutcome> {
+        let name = self.config.relay_name.clone();
+        let ttl = self.config.lease_ttl.as_secs_f64();
+        let limit = self.batch_size;
+        let (min_batch, max_batch) = (self.config.min_batch, self.config.max_batch);
+        let (relayed, drain) = match &self.role {
+            Role::Leader { relayed, drain, .. } => (relayed.clone(), drain.clone()),
+            Role::Standby => anyhow::bail!("not the leader"),
+        };
+        // The target, unless the batch's read takes its own snapshot.
+        let (known_target, cursor) = match (&drain, target) {
+            (Some(d), _) => (Some(d.target.clone()), Some(d.cursor)),
+            (None, Target::Peeked(t)) => (Some(t), None),
+            (None, Target::Now) => (None, None),
+            (None, Target::Drain) => anyhow::bail!("no drain is in progress"),
+        };
+        let known_text = known_target
+            .as_ref()
+            .map(|t| t.text.clone())
+            .unwrap_or_default();
+        // The late commits this drain looks up. A woken read's target is not
+        // known yet, but it runs only with none in progress (so none).
+        let late_commits = known_target
+            .as_ref()
+            .map(|t| relayed.completed_by(t))
+            .unwrap_or_default();
+        let read_ahead = self.prefetched.take().and_then(|p| {
+            let wanted = (&relayed.text, &known_text, cursor, limit);
+            (wanted == (&p.relayed, &p.target, Some(p.cursor), p.limit)).then_some(p.rows)
+        });
+        let mut reader = if drain.is_some() || read_ahead.is_some() {
+            self.take_reader().await
+        } else {
+            self.reader.take()
+        };
+        let (client, prepared) = self.client().await?;
+
+        // Round trip 1 (the batch's rows were read ahead mid-drain). The lock
+        // goes after the read: the topics it returns with the heads must
+        // include every topic the read's snapshot sees, or a woken read
+        // (whose snapshot is its own) could park a row of a topic created
+        // meanwhile as unknown.
+        let lock_params: [&(dyn ToSql + Sync); 2] = [&name, &epoch];
+        let select_params =
+            select_batch_params(&relayed.text, &known_text, &cursor, &limit, &late_commits);
+        let select_now_params: [&(dyn ToSql + Sync); 2] = [&relayed.text, &limit];
+        let (begun, rows, state_and_heads) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            async {
+                match (read_ahead, &known_target) {
+                    (Some(rows), _) => Ok((rows, None)),
+                    (None, Some(_)) => client
+                        .query_typed(SELECT_BATCH, &select_params)
+                        .await
+                        .map(|rows| (rows.iter().map(PendingRow::from_row).collect(), None)),
+                    (None, None) => client
+                        .query(&prepared.select_batch_now, &select_now_params)
+                        .await
+                        .map(|rows| woken_batch(&rows)),
+                }
+            },
+            client.query(&prepared.lock_state_with_heads, &lock_params),
+        );
+        begun?;
+        // A read that failed aborted the transaction, and the lock's
+        // statement with it: the read's error is the one to report.
+        let (batch, read_snapshot): (Vec<PendingRow>, Option<String>) =
+            rows.context("selecting the next outbox batch")?;
+        // Fencing: only the holder of the current epoch gets this row lock.
+        let Some(state) = LockedState::from_rows(&state_and_heads?) else {
+            client.batch_execute("ROLLBACK").await?;
+            return Ok(self.lose_leadership(epoch));
+        };
+        let saved = drain_from(state.draining.as_deref(), state.cursor)?;
+        anyhow::ensure!(
+            state.relayed == relayed.text && saved == drain,
+            "the relay's cursor in the database is not the one it holds"
+        );
+        let read_its_own_snapshot = known_target.is_none();
+        let target = match known_target {
+            Some(target) => target,
+            None => {
+                Snapshot::parse(&read_snapshot.context("the batch's read returned no snapshot")?)?
+            }
+        };
+        if batch.is_empty() && read_its_own_snapshot {
+            // Woken with nothing new (its rows went with the last batch):
+            // what a peek that found nothing records, and nothing to write.
+            client.batch_execute("ROLLBACK").await?;
+            self.reader = reader;
+            if let Role::Leader { empty_peek, .. } = &mut self.role {
+                *empty_peek = Some(target);
+            }
+            return Ok(StepOutcome::Idle);
+        }
+        let full = batch.len() as i64 == limit;
+        let next_limit = if full {
+            (limit * 2).min(max_batch)
+        } else {
+            (limit / 2).max(min_batch)
+        };
+
+        // Topics whose heads do not match their partition count are not
+        // placed (a wrong count would move keys): their rows are parked.
+        let mut plan = batch::plan(&batch, &state.partition_counts());
+        let touched: Vec<AdvancedHead> = state
+            .topics
+            .values()
+            .flat_map(|(_, heads)| heads)
+            .filter_map(|h| {
+                let append = plan.per_partition.get(&(h.topic.as_str(), h.partition))?;
+                Some(AdvancedHead {
+                    running_max_created_at: h.running_max_created_at.max(append.max_created_at),
+                    ..h.clone()
+                })
+            })
+            .collect();
+        plan.set_heads(&touched)?;
+
+        // Advance the cursor: either mid-drain, or the drain is complete.
+        let new_cursor = full.then(|| batch.last().expect("a full batch is not empty").id);
+        let (new_relayed, new_drain) = if full {
+            (relayed.text.clone(), Some(target.text.clone()))
+        } else {
+            (target.text.clone(), None)
+        };
+        let append = Append::new(
+            &plan,
+            CursorUpdate {
+                relay: &name,
+                epoch,
+                relayed: new_relayed,
+                draining: new_drain,
+                cursor: new_cursor,
+                lease_seconds: ttl,
+            },
+        );
+        let park = Park::new(&plan, &state.topics);
+
+        // Round trip 2.
+        let appending = !append.records.ids.is_empty();
+        let parking = !park.ids.is_empty();
+        let read_ahead_params = select_batch_params(
+            &relayed.text,
+            &target.text,
+            &new_cursor,
+            &next_limit,
+            &late_commits,
+        );
+        // Mid-drain, the next batch is read on the other connection while
+        // this one commits.
+        let read_ahead = async {
+            match (&reader, full) {
+                (Some(reader), true) => Some(
+                    reader
+                        .query_typed(SELECT_BATCH, &read_ahead_params)
+                        .await
+                        .map(|rows| rows.iter().map(PendingRow::from_row).collect::<Vec<_>>()),
+                ),
+                _ => None,
+            }
+        };
+        let append_params = append.params();
+        let park_params = park.params();
+        // The append runs for every batch, as it saves the cursor; with no
+        // records it appends nothing and sends no notification. It runs on
+        // its generic plan (see `FORCE_GENERIC_PLAN`).
+        let (read_ahead, (generic, appended, parked, committed)) =
+            tokio::join!(read_ahead, async {
+                tokio::join!(
+                    client.batch_execute(FORCE_GENERIC_PLAN),
+                    client.query_one(&prepared.append, &append_params),
+                    only_if(parking, client.execute(&prepared.park, &park_params)),
+                    client.batch_execute("COMMIT"),
+                )
+            });
+        generic.context("choosing the append's generic plan")?;
+        appended.context("appending the batch to the event log and saving the cursor")?;
+        parked.context("parking outbox rows")?;
+        committed.context("committing the relay batch")?;
+        if appending {
+            crate::log::notify::appended_here(self.db.url(), &plan.log_ends());
+        }
+        match read_ahead {
+            Some(Ok(rows)) => {
+                self.prefetched = Some(Prefetched {
+                    relayed: relayed.text.clone(),
+                    target: target.text.clone(),
+                    cursor: new_cursor.expect("read ahead only mid-drain"),
+                    limit: next_limit,
+                    rows,
+                });
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "reading ahead failed; the batch will be read in turn");
+                reader = None;
+            }
+            None => {}
+        }
+        self.reader = reader;
+        if parking {
+            tracing::warn!(
+                rows = park.ids.len(),
+                reason = %park.reasons[0],
+                "parked outbox rows that cannot be placed"
+            );
+        }
+        let (placed, parked) = (plan.placed.len(), plan.parked.len());
+        record_batch(&plan, batch.len());
+
+        self.batch_size = next_limit;
+        if let Role::Leader {
+            relayed,
+            drain,
+            empty_peek,
+            renewed_at,
+            ..
+        } = &mut self.role
+        {
+            *empty_peek = None;
+            *renewed_at = std::time::Instant::now();
+            match new_cursor {
+                Some(cursor) => *drain = Some(Drain { target, cursor }),
+                None => {
+                    *drain = None;
+                    *relayed = target;
+                }
+            }
+        }
+        Ok(StepOutcome::Moved {
+            appended: placed,
+            parked,
+            drain_continues: full,
+        })
+    }
+}
+
+/// A committed batch in the trace (its span's fields) and the metrics.
+fn record_batch(plan: &batch::BatchPlan<'_>, rows: usize) {
+    let (placed, parked) = (plan.placed.len(), plan.parked.len());
+    if placed + parked > 0 {
+        let partitions: Vec<String> = plan
+            .per_partition
+            .keys()
+            .map(|(topic, partition)| format!("{topic}:{partition}"))
+            .collect();
+        let span = tracing::Span::current();
+        span.record("appended", placed);
+        span.record("parked", parked);
+        span.record("partitions", partitions.join(",").as_str());
+    }
+    let metrics = metrics::relay_metrics();
+    metrics.batch_size.observe(rows as f64);
+    // Counted per partition, not per record: a drain's batch holds up to
+    // `max_batch` records, and each label lookup hashes and locks.
+    for ((topic, _), append) in &plan.per_partition {
+        metrics
+            .appended
+            .with_label_values(&[*topic])
+            .inc_by(append.count as u64);
+    }
+    let now = Utc::now();
+    for (row, _) in &plan.placed {
+        let age = (now - row.created_at).to_std().unwrap_or_default();
+        metrics.commit_to_log_seconds.observe(age.as_secs_f64());
+    }
+}
+
+/// One statement of a pipelined batch, sent only when `wanted`. Nothing is
+/// sent until the future is polled, so an unwanted one costs nothing and
+/// the wanted ones keep their order in the pipeline.
+async fn only_if<T>(
+    wanted: bool,
+    statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<(), tokio_postgres::Error> {
+    if wanted {
+        statement.await.map(drop)
+    } else {
+        Ok(())
+    }
+}

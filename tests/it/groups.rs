@@ -332,8 +332,29 @@ async fn a_member_stops_working_on_a_partition_it_lost() {
         )
         .await
         .unwrap();
-    // Let at least two heartbeats (100 ms apart) see it.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Two heartbeats of the member after the takeover: the first one's
+    // answer stopped the lost partition's worker before the second began.
+    let taken_over: chrono::DateTime<chrono::Utc> =
+        client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let mut seen = taken_over;
+    for _ in 0..2 {
+        seen = eventually("a heartbeat of the member", Duration::from_secs(10), || {
+            let client = &client;
+            async move {
+                let last: chrono::DateTime<chrono::Utc> = client
+                    .query_one(
+                        "SELECT max(heartbeat_at) FROM group_members
+                          WHERE group_id = 'g' AND member_id <> 'usurper'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (last > seen).then_some(last)
+            }
+        })
+        .await;
+    }
     let keys: Vec<String> = (0..200)
         .map(|n: i32| format!("k{n}"))
         .filter(|k| outbox_relay::log::partitioner::partition_for_key(k, 8) == 0)

@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox_relay::app::mail::{Limits, RetryPolicy, SmtpTarget};
+use outbox_relay::app::mail::{Limits, MailReplay, RetryPolicy, SmtpTarget};
 use outbox_relay::app::replay::{self, Progress, ReplaySettings};
 use outbox_relay::log::ranges::{Bound, Bounds, PartitionRange};
 
@@ -138,13 +138,15 @@ async fn bench(url: &str, smtp_url: &str, log_records: i64, replayed: i64) -> an
             log_end_offset: per_partition,
         })
         .collect();
-    let settings = ReplaySettings {
+    let mail = Arc::new(MailReplay {
         transport: SmtpTarget::parse(smtp_url)?
             .transport(32, Limits::new(Duration::from_secs(15)))?,
         letterhead: outbox_relay::app::mail::Letterhead {
             from: "shop@example.com".parse()?,
             currency: Default::default(),
         },
+    });
+    let settings = ReplaySettings {
         retry: RetryPolicy::default(),
         max_rate: None,
         resend_in_doubt: false,
@@ -162,6 +164,7 @@ async fn bench(url: &str, smtp_url: &str, log_records: i64, replayed: i64) -> an
     replay::run(
         url,
         run_id,
+        mail.clone(),
         settings.clone(),
         progress.clone(),
         outbox_relay::shutdown::Shutdown::never(),
@@ -193,10 +196,12 @@ async fn bench(url: &str, smtp_url: &str, log_records: i64, replayed: i64) -> an
     let progress = Arc::new(Progress::default());
     let owned_url = url.to_string();
     let (settings_for_kill, progress_for_kill) = (settings.clone(), progress.clone());
+    let mail_for_kill = mail.clone();
     let killed = tokio::spawn(async move {
         replay::run(
             &owned_url,
             run_id,
+            mail_for_kill,
             settings_for_kill,
             progress_for_kill,
             outbox_relay::shutdown::Shutdown::never(),
@@ -214,6 +219,7 @@ async fn bench(url: &str, smtp_url: &str, log_records: i64, replayed: i64) -> an
     replay::run(
         url,
         run_id,
+        mail,
         settings,
         resumed.clone(),
         outbox_relay::shutdown::Shutdown::never(),

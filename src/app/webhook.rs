@@ -22,6 +22,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use axum::body::Bytes;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -280,11 +281,85 @@ impl WebhookSink {
     }
 }
 
+/// One event as a signed request: what every attempt at it sends.
+pub struct Request {
+    id: String,
+    /// `Bytes`: each attempt sends the same body without a copy.
+    body: Bytes,
+    traceparent: Option<String>,
+    /// The replay run that sends it again, if any.
+    replay: Option<i64>,
+}
+
+impl Request {
+    fn new(id: String, record: &Record, replay: Option<i64>) -> Request {
+        Request {
+            id,
+            body: Bytes::from(body(record)),
+            traceparent: record
+                .headers
+                .get(crate::trace_context::TRACEPARENT)
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            replay,
+        }
+    }
+}
+
 impl Deliver for WebhookSink {
     async fn attempt(&self, record: &Record) -> Attempt {
         let _slot = self.slots.acquire().await.expect("never closed");
-        let id = webhook_id(record);
-        let body = body(record);
+        self.post(&Request::new(webhook_id(record), record, None))
+            .await
+    }
+}
+
+/// A replay sends each event again under an id of its own
+/// (`<webhook-id>_replay_<run>`, the same for the run's attempts), with
+/// the run's id in `outbox-relay-replay`: a receiver that drops repeats by
+/// `webhook-id` takes a replayed event once, and can tell it is one.
+impl crate::app::replay::ReplayTarget for WebhookSink {
+    type Ready = Request;
+    type Slot<'a> = tokio::sync::SemaphorePermit<'a>;
+
+    fn event_id(&self, run_id: i64, record: &Record) -> String {
+        format!("{}_replay_{run_id}", webhook_id(record))
+    }
+
+    fn prepare(&self, run_id: i64, record: &Record, event_id: &str) -> Result<Request, String> {
+        Ok(Request::new(event_id.to_string(), record, Some(run_id)))
+    }
+
+    async fn slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.slots.acquire().await.expect("never closed")
+    }
+
+    async fn attempt<'a>(
+        &'a self,
+        request: &'a Request,
+        slot: Option<tokio::sync::SemaphorePermit<'a>>,
+    ) -> crate::app::replay::Outcome {
+        use crate::app::replay::Outcome;
+        let _slot = match slot {
+            Some(slot) => slot,
+            None => self.slots.acquire().await.expect("never closed"),
+        };
+        match self.post(request).await {
+            Attempt::Delivered => Outcome::Sent,
+            // A timeout too: the receiver drops a repeat by its id.
+            Attempt::Retry { error, .. } => Outcome::Transient(error),
+            Attempt::Park { reason, error } => Outcome::Permanent {
+                reason,
+                error: error.unwrap_or_default(),
+            },
+        }
+    }
+}
+
+impl WebhookSink {
+    /// One request, and what its answer means.
+    async fn post(&self, event: &Request) -> Attempt {
+        let id = &event.id;
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -293,17 +368,19 @@ impl Deliver for WebhookSink {
             .client
             .post(self.url.clone())
             .header("content-type", "application/json")
-            .header("webhook-id", &id)
+            .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", self.secret.sign(&id, timestamp, &body));
-        if let Some(traceparent) = record
-            .headers
-            .get(crate::trace_context::TRACEPARENT)
-            .and_then(|v| v.as_str())
-        {
+            .header(
+                "webhook-signature",
+                self.secret.sign(id, timestamp, &event.body),
+            );
+        if let Some(traceparent) = &event.traceparent {
             request = request.header(crate::trace_context::TRACEPARENT, traceparent);
         }
-        let response = match request.body(body).send().await {
+        if let Some(run) = event.replay {
+            request = request.header("outbox-relay-replay", run.to_string());
+        }
+        let response = match request.body(event.body.clone()).send().await {
             Ok(response) => response,
             Err(e) if e.is_timeout() => {
                 self.count("timeout");

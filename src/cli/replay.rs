@@ -1,6 +1,6 @@
-//! `replay`: mail a range of `order-created` again, under a run of its own
-//! (plan first, progress, Ctrl-C to stop, `--resume` or the same command to
-//! go on); `replay list|describe`.
+//! `replay`: mail a range of `order-created` again (or send it to a webhook
+//! sink, `--sink`), under a run of its own (plan first, progress, Ctrl-C to
+//! stop, `--resume` or the same command to go on); `replay list|describe`.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::Ordering;
@@ -14,8 +14,9 @@ use serde_json::json;
 
 use super::output::{self, or_dash, Output, Table};
 use super::parse::{self, PartitionOffsetsArg};
-use crate::app::mail::{Limits, MailSettings, RetryPolicy};
+use crate::app::mail::{Limits, MailReplay, MailSettings, RetryPolicy};
 use crate::app::replay::{self, Finish, Progress, ReplaySettings};
+use crate::app::webhook::{SinkSettings, WebhookSink};
 use crate::log::ranges::{Bound, Bounds, PartitionRange};
 
 #[derive(Debug, clap::Args)]
@@ -85,6 +86,13 @@ pub struct ReplayArgs {
     /// (they may have gone out already).
     #[arg(long)]
     pub resend_in_doubt: bool,
+    /// Send the events to this webhook sink instead of mailing them: a
+    /// name configured as for `serve --roles webhook` (WEBHOOK_<NAME>_URL,
+    /// _SECRET, _TOPICS, _TIMEOUT_SECS); the sink must take the topic.
+    /// Each replayed request has a webhook-id of its own and the run's id
+    /// in outbox-relay-replay.
+    #[arg(long, value_name = "NAME")]
+    pub sink: Option<String>,
     /// Where mails go (as for serve); unset: .eml files in <data-dir>/mail.
     #[arg(long, env = "SMTP_URL", hide_env_values = true)]
     pub smtp_url: Option<String>,
@@ -132,9 +140,60 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 /// Checked before anything starts (the database included).
 pub fn check(cmd: &ReplayCommand, data_dir: &std::path::Path) -> anyhow::Result<()> {
     if cmd.list_or_describe.is_none() && !cmd.args.dry_run {
-        MailSettings::new(cmd.args.smtp_url.as_deref(), &cmd.args.mail_from, data_dir)?;
+        match &cmd.args.sink {
+            Some(name) => {
+                sink_settings(name)?;
+            }
+            None => {
+                MailSettings::new(cmd.args.smtp_url.as_deref(), &cmd.args.mail_from, data_dir)?;
+            }
+        }
     }
     Ok(())
+}
+
+/// The webhook sink `name`, from its WEBHOOK_<NAME>_… variables.
+fn sink_settings(name: &str) -> anyhow::Result<SinkSettings> {
+    let mut sinks = SinkSettings::from_env(name, |var| std::env::var(var).ok())?;
+    anyhow::ensure!(sinks.len() == 1, "--sink takes one sink name");
+    Ok(sinks.remove(0))
+}
+
+/// Where a run sends its events.
+enum Target {
+    Mail(MailReplay),
+    Webhook(WebhookSink),
+}
+
+impl Target {
+    fn new(
+        args: &ReplayArgs,
+        sink: Option<&str>,
+        topic: &str,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Target> {
+        if let Some(name) = sink {
+            let settings = sink_settings(name)?;
+            anyhow::ensure!(
+                settings.topics.iter().any(|t| t == topic),
+                "webhook sink {name} does not take topic {topic:?} (its topics: {})",
+                settings.topics.join(",")
+            );
+            return Ok(Target::Webhook(WebhookSink::new(&settings)?));
+        }
+        let mut mail = MailSettings::new(args.smtp_url.as_deref(), &args.mail_from, data_dir)?;
+        mail.letterhead.currency = args.mail_currency.clone();
+        Ok(Target::Mail(MailReplay {
+            transport: mail.target.transport(
+                args.smtp_pool_size,
+                Limits {
+                    command: args.smtp_timeout_secs,
+                    final_reply: args.smtp_final_reply_timeout_secs,
+                },
+            )?,
+            letterhead: mail.letterhead.clone(),
+        }))
+    }
 }
 
 pub async fn run(
@@ -238,9 +297,22 @@ pub async fn run(
     }
 
     let args = &cmd.args;
+    let mut topic = args.topic.clone();
+    let mut sink = args.sink.clone();
     let (run_id, ranges) = match args.resume {
         Some(id) => {
             let described = replay::describe_run(&client, id).await?;
+            // A run goes on where it went, and with its topic.
+            let run_sink = described.run.request["sink"].as_str().map(str::to_string);
+            if args.sink.is_some() && args.sink != run_sink {
+                bail!(
+                    "replay run {id} sends to {}, not to --sink {}",
+                    run_sink.map_or("mail".to_string(), |s| format!("webhook sink {s}")),
+                    args.sink.as_deref().unwrap_or_default()
+                );
+            }
+            sink = run_sink;
+            topic = described.run.topic.clone();
             if described.run.state == "done" && !args.resend_in_doubt {
                 bail!(
                     "replay run {id} is done: nothing to resume (--resend-in-doubt sends its {} events in doubt)",
@@ -289,6 +361,8 @@ pub async fn run(
         }
         return Ok(());
     }
+    // Where it sends, checked before a run is created.
+    let target = Target::new(args, sink.as_deref(), &topic, data_dir)?;
     let run_id = match run_id {
         Some(id) => {
             if args.resume.is_none() {
@@ -302,17 +376,7 @@ pub async fn run(
     };
     drop(client);
 
-    let mut mail = MailSettings::new(args.smtp_url.as_deref(), &args.mail_from, data_dir)?;
-    mail.letterhead.currency = args.mail_currency.clone();
     let settings = ReplaySettings {
-        transport: mail.target.transport(
-            args.smtp_pool_size,
-            Limits {
-                command: args.smtp_timeout_secs,
-                final_reply: args.smtp_final_reply_timeout_secs,
-            },
-        )?,
-        letterhead: mail.letterhead.clone(),
         retry: RetryPolicy {
             max_attempts: None,
             retry_for: args.retry_for,
@@ -326,7 +390,24 @@ pub async fn run(
     let (trigger, shutdown) = crate::shutdown::channel();
     let started = Instant::now();
     let display = spawn_progress(run_id, total.max(0) as u64, progress.clone());
-    let replaying = replay::run(url, run_id, settings, progress.clone(), shutdown);
+    let replaying: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match target {
+        Target::Mail(mail) => Box::pin(replay::run(
+            url,
+            run_id,
+            Arc::new(mail),
+            settings,
+            progress.clone(),
+            shutdown,
+        )),
+        Target::Webhook(sink) => Box::pin(replay::run(
+            url,
+            run_id,
+            Arc::new(sink),
+            settings,
+            progress.clone(),
+            shutdown,
+        )),
+    };
     tokio::pin!(replaying);
     let finish = tokio::select! {
         finish = &mut replaying => finish,
@@ -421,6 +502,7 @@ fn request(args: &ReplayArgs) -> serde_json::Value {
         "from_offset": offsets(&args.from_offset),
         "to_offset": offsets(&args.to_offset),
         "partitions": args.partitions.as_ref().map(|p| &p.0),
+        "sink": args.sink,
     })
 }
 

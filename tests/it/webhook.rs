@@ -24,6 +24,8 @@ struct Received {
     offset: Option<i64>,
     partition: Option<i32>,
     traceparent: Option<String>,
+    /// The replay run that sent it (`outbox-relay-replay`), if any.
+    replay: Option<String>,
 }
 
 struct Receiver {
@@ -397,4 +399,99 @@ async fn a_bad_sink_configuration_is_one_line_at_start() {
         crate::cli::assert_one_line_failure(&out, needle);
         assert!(!crate::cli::stderr(&out).contains("s3cret"));
     }
+}
+
+/// `replay --sink` sends a range to a sink again, through the same
+/// signing and delivery as the live sink: each event once more, under a
+/// `webhook-id` of its own with the run's id, in key order; a run cannot
+/// be resumed into another target, and a sink that does not take the
+/// topic is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_sends_a_range_to_a_sink_again_under_ids_of_its_own() {
+    let db = TestDb::migrated().await;
+    let secret = secret();
+    let receiver = Receiver::start(&secret, &[]).await;
+    events(&db, 300, 20).await;
+    let replay = |args: &[&str]| {
+        let mut command = binary(&db);
+        command
+            .arg("replay")
+            .args(args)
+            .env("WEBHOOK_TEST_URL", receiver.url())
+            .env("WEBHOOK_TEST_SECRET", &secret)
+            .env("WEBHOOK_OTHER_URL", receiver.url())
+            .env("WEBHOOK_OTHER_SECRET", &secret)
+            .env("WEBHOOK_OTHER_TOPICS", "payments");
+        command.output()
+    };
+    let done = replay(&["--from-offset", "0", "--sink", "test", "--output", "json"])
+        .await
+        .unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    let summary: serde_json::Value = serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<serde_json::Value>()
+        .last()
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary["sent"], 300, "{stdout}");
+    let run = summary["run_id"].as_i64().unwrap();
+
+    let received = receiver.received();
+    let accepted = receiver.accepted();
+    assert_eq!(accepted.len(), 300, "each event once");
+    assert!(accepted.values().all(|n| *n == 1));
+    assert!(
+        received.iter().all(|r| r.verified),
+        "every signature verified"
+    );
+    assert!(
+        received.iter().all(|r| {
+            r.replay.as_deref() == Some(run.to_string().as_str())
+                && r.id
+                    .as_deref()
+                    .unwrap()
+                    .ends_with(&format!("_replay_{run}"))
+        }),
+        "each request names the run and has an id of the run's own"
+    );
+    assert_key_order(&received);
+    assert_eq!(
+        count(
+            &db.client().await,
+            &format!(
+                "SELECT count(*) FROM replay_deliveries WHERE run_id = {run} AND status = 'sent'"
+            ),
+        )
+        .await,
+        300
+    );
+
+    let resumed_elsewhere = replay(&[
+        "--resume",
+        &run.to_string(),
+        "--resend-in-doubt",
+        "--sink",
+        "other",
+    ])
+    .await
+    .unwrap();
+    assert!(!resumed_elsewhere.status.success());
+    let error = String::from_utf8_lossy(&resumed_elsewhere.stderr);
+    assert!(
+        error.contains("sends to webhook sink test, not to --sink other"),
+        "{error}"
+    );
+
+    let wrong_topic = replay(&["--from-offset", "0", "--sink", "other", "--new"])
+        .await
+        .unwrap();
+    assert!(!wrong_topic.status.success());
+    let error = String::from_utf8_lossy(&wrong_topic.stderr);
+    assert!(error.contains("does not take topic"), "{error}");
+    assert_eq!(receiver.received().len(), 300, "nothing more was sent");
 }

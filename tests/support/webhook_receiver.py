@@ -2,7 +2,8 @@
 """A webhook receiver for the tests: every request's signature and timestamp
 are checked with the standardwebhooks package (PyPI), which nobody here
 wrote. Each request is logged as one JSON line on stdout:
-{"id", "verified", "status", "key", "partition", "offset", "traceparent"}.
+{"id", "verified", "status", "key", "partition", "offset", "traceparent",
+"replay"}.
 
 Behaviour, by option:
   --fail-seconds N     answer 503 (Retry-After: 1) for the first N seconds
@@ -62,7 +63,8 @@ def main():
                 state["requests"] += 1
                 number = state["requests"]
             entry = {"id": self.headers.get("webhook-id"),
-                     "traceparent": self.headers.get("traceparent")}
+                     "traceparent": self.headers.get("traceparent"),
+                     "replay": self.headers.get("outbox-relay-replay")}
             try:
                 webhook.verify(body, dict(self.headers.items()))
                 entry["verified"] = True

@@ -21,6 +21,7 @@
 mod ledger;
 mod metrics;
 mod render;
+mod replay;
 mod role;
 pub mod smtp;
 mod transport;
@@ -47,6 +48,7 @@ use ledger::{
 pub use render::{
     message_id, render, render_replay, replay_message_id, Currency, Letterhead, OrderCreated,
 };
+pub use replay::MailReplay;
 pub use role::{role, MailConsumer};
 pub use smtp::Limits;
 use tracing::Instrument;

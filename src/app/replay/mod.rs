@@ -1,6 +1,8 @@
-//! Replaying a topic's order mails (docs/invariants.md, 10): a time or
-//! offset range becomes a run with a cursor of its own, never touching the
-//! live `mail-service` group.
+//! Replaying a topic (docs/invariants.md, 10): a time or offset range
+//! becomes a run with a cursor of its own, never touching a live group,
+//! that sends each event again to a [`ReplayTarget`]: the order
+//! confirmation mail (`app::mail::MailReplay`) or a webhook sink
+//! (`app::webhook::WebhookSink`).
 //!
 //! * **Plan.** The bounds become per-partition offset ranges from one
 //!   reading of the partition heads ([`crate::log::ranges`]): a time is the
@@ -16,8 +18,10 @@
 //! * **Cursor.** Each partition's `next_offset` is the lowest offset not
 //!   settled, saved every fraction of a second; a resumed run re-reads from
 //!   there, which is at most the records in flight when it stopped.
-//! * **Marked.** A replayed mail carries `X-Outbox-Replay: <run id>` and a
-//!   Message-ID of its own, and goes out whatever the live ledger says.
+//! * **Marked.** A replayed event carries the run's id and an id of its own
+//!   (a mail's `X-Outbox-Replay` and Message-ID; a webhook's
+//!   `outbox-relay-replay` and `webhook-id`), and goes out whatever the live
+//!   group did with it.
 //! * **One process per run.** A run is claimed with a session advisory lock
 //!   on a dedicated connection: it is freed the moment its process dies,
 //!   so a killed run can be resumed at once, and two processes never work
@@ -26,22 +30,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::app::mail::Letterhead;
-use anyhow::Context;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
-use crate::app::mail::{
-    render_replay, replay_message_id, MailTransport, OrderCreated, RetryPolicy, SendOutcome,
-};
-use crate::group::records::PartitionState;
-
-use crate::log::Record;
+use crate::group::delivery::RetryPolicy;
 use crate::shutdown::Shutdown;
-use ledger::{RunLedger, Settle};
+use ledger::RunLedger;
+use partition::{replay_partition, PartitionJob, TimeRange};
 use rate::RateLimit;
 use runs::run_partitions;
 pub use runs::{
@@ -49,9 +47,14 @@ pub use runs::{
     RunPartition,
 };
 
+use send::SendContext;
+pub use send::{Outcome, ReplayTarget};
+
 mod ledger;
+mod partition;
 mod rate;
 mod runs;
+mod send;
 
 /// Advisory lock keys of runs: this plus the run id ("rply" in the high
 /// bits keeps them clear of the schema lock's key).
@@ -84,10 +87,8 @@ const SAVE_CURSORS: &str = "
 /// Settings of one replay process.
 #[derive(Clone)]
 pub struct ReplaySettings {
-    pub transport: MailTransport,
-    pub letterhead: Letterhead,
     pub retry: RetryPolicy,
-    /// At most this many mails per second (None: as fast as the SMTP pool goes).
+    /// At most this many events per second (None: as fast as the target goes).
     pub max_rate: Option<f64>,
     /// Send the events in doubt again (they may have gone out before).
     pub resend_in_doubt: bool,
@@ -137,10 +138,12 @@ pub enum Finish {
     Interrupted,
 }
 
-/// Runs (or resumes) run `run_id` until it is done or `shutdown` fires.
-pub async fn run(
+/// Runs (or resumes) run `run_id`, sending to `target`, until it is done
+/// or `shutdown` fires.
+pub async fn run<T: ReplayTarget>(
     database_url: &str,
     run_id: i64,
+    target: Arc<T>,
     settings: ReplaySettings,
     progress: Arc<Progress>,
     mut shutdown: Shutdown,
@@ -181,9 +184,10 @@ pub async fn run(
     let limiter = settings.max_rate.map(|rate| Arc::new(RateLimit::new(rate)));
     let settled = Arc::new(settled);
     let cursors: Arc<Mutex<BTreeMap<i32, i64>>> = Arc::default();
-    // What every mail of the run needs, shared by all its partitions.
+    // What every event of the run needs, shared by all its partitions.
     let send = Arc::new(SendContext {
         run_id,
+        target: target.clone(),
         time_range,
         settings: settings.clone(),
         ledger: ledger.clone(),
@@ -221,6 +225,7 @@ pub async fn run(
             .collect();
         // The same, for events in doubt wherever they were created.
         let context = Arc::new(SendContext {
+            target: target.clone(),
             time_range: TimeRange::default(),
             limiter: send.limiter.clone(),
             settled: send.settled.clone(),
@@ -308,279 +313,6 @@ async fn save_cursors(
             .await?;
     }
     Ok(())
-}
-
-struct PartitionJob {
-    pool: deadpool_postgres::Pool,
-    topic: String,
-    partition: RunPartition,
-    cursors: Arc<Mutex<BTreeMap<i32, i64>>>,
-    send: Arc<SendContext>,
-    shutdown: Shutdown,
-}
-
-/// The created-at range of a run bounded by time: `[from, to)`.
-///
-/// Its offsets start at the first record created at or after `from` (Kafka's
-/// offsetsForTimes) and end at the log end captured when it started; records
-/// in between that were created outside the range (CreateTime need not grow
-/// with the offset) are skipped, so the run mails exactly the range.
-#[derive(Debug, Clone, Copy, Default)]
-struct TimeRange {
-    from: Option<chrono::DateTime<chrono::Utc>>,
-    to: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-impl TimeRange {
-    fn of(request: &serde_json::Value) -> TimeRange {
-        let time = |field: &str| {
-            request[field]
-                .as_str()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| t.with_timezone(&chrono::Utc))
-        };
-        TimeRange {
-            from: time("from"),
-            to: time("to"),
-        }
-    }
-
-    fn contains(&self, created_at: chrono::DateTime<chrono::Utc>) -> bool {
-        self.from.is_none_or(|from| created_at >= from) && self.to.is_none_or(|to| created_at < to)
-    }
-}
-
-/// Reads one partition's range from its cursor and mails what is not
-/// settled, records of one key one after another, others concurrently.
-async fn replay_partition(mut job: PartitionJob) -> anyhow::Result<()> {
-    let p = job.partition.partition;
-    let end = job.partition.to_offset;
-    let mut next = job.partition.next_offset;
-    let mut state = PartitionState::default();
-    let mut tasks: JoinSet<(i64, Option<String>, bool)> = JoinSet::new();
-    let window = job.send.settings.window.max(1);
-    loop {
-        let stopping = job.shutdown.is_triggered();
-        if !stopping && next < end && state.in_flight.len() < window {
-            let room = (window - state.in_flight.len()).min(500) as i64;
-            let client = job.pool.get().await?;
-            let records = crate::log::read(&**client, &job.topic, p, next, room.min(end - next))
-                .await
-                .context("reading the partition")?;
-            drop(client);
-            if records.first().is_none_or(|first| first.offset >= end) {
-                // Past the range, or retention moved the log start past it:
-                // nothing left to read.
-                next = end;
-            }
-            for record in records.into_iter().filter(|r| r.offset < end) {
-                next = record.offset + 1;
-                state.enqueue(record);
-            }
-        }
-        if !stopping {
-            for record in state.take_ready() {
-                let send = job.send.clone();
-                tasks.spawn(async move {
-                    let (offset, key) = (record.offset, record.key.clone());
-                    let settled = send.replay_one(record).await;
-                    (offset, key, settled)
-                });
-            }
-        }
-        let cursor = state.committable(next);
-        job.cursors.lock().expect("cursor lock").insert(p, cursor);
-        if state.in_flight.is_empty() && (next >= end || stopping) {
-            return Ok(());
-        }
-        if stopping && tasks.is_empty() {
-            return Ok(());
-        }
-        let waiting_for_room = state.in_flight.len() >= window || next >= end || stopping;
-        if waiting_for_room || !tasks.is_empty() {
-            tokio::select! {
-                Some(done) = tasks.join_next() => {
-                    let (offset, key, settled) = done.context("a replayed mail's task failed")?;
-                    if settled {
-                        state.finish(offset, key);
-                    }
-                }
-                _ = job.shutdown.recv(), if !stopping => {}
-            }
-        }
-    }
-}
-
-/// What one mail's task needs: one per run, shared.
-struct SendContext {
-    run_id: i64,
-    time_range: TimeRange,
-    settings: ReplaySettings,
-    ledger: RunLedger,
-    limiter: Option<Arc<RateLimit>>,
-    settled: Arc<HashMap<(i32, i64), String>>,
-    progress: Arc<Progress>,
-    shutdown: Shutdown,
-}
-
-impl SendContext {
-    /// Settles one record of the run: skipped when the run's ledger says
-    /// it is done (or in doubt), else mailed and recorded. False when the
-    /// run stopped before its exchange began (nothing was done).
-    async fn replay_one(&self, record: Record) -> bool {
-        if !self.time_range.contains(record.created_at) {
-            self.progress.outside.fetch_add(1, Ordering::Relaxed);
-            return true;
-        }
-        let event = (record.partition, record.offset);
-        match self.settled.get(&event).map(String::as_str) {
-            Some("sending") if !self.settings.resend_in_doubt => {
-                self.progress.in_doubt.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-            Some("sent") | Some("failed") | Some("unknown") => {
-                self.progress.reread.fetch_add(1, Ordering::Relaxed);
-                self.progress.already.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-            _ => {}
-        }
-        let message_id = replay_message_id(self.run_id, &record);
-        let settle = |status: &'static str,
-                      attempts: i32,
-                      reason: Option<String>,
-                      error: Option<String>| Settle {
-            partition: record.partition,
-            offset: record.offset,
-            status,
-            message_id: message_id.clone(),
-            attempts,
-            reason,
-            last_error: error,
-        };
-        let (order, to) = match OrderCreated::decode(&record.payload) {
-            Ok(decoded) => decoded,
-            Err(reason) => {
-                self.ledger
-                    .settle(settle("failed", 0, Some(reason), None))
-                    .await;
-                self.progress.failed.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-        };
-        let message =
-            match render_replay(self.run_id, &record, &order, &to, &self.settings.letterhead) {
-                Ok(m) => m,
-                Err(e) => {
-                    let reason = format!("cannot render: {e:#}");
-                    self.ledger
-                        .settle(settle("failed", 0, Some(reason), None))
-                        .await;
-                    self.progress.failed.fetch_add(1, Ordering::Relaxed);
-                    return true;
-                }
-            };
-        if let Some(limiter) = &self.limiter {
-            let mut stop = self.shutdown.clone();
-            tokio::select! {
-                _ = limiter.wait() => {}
-                _ = stop.recv() => {}
-            }
-        }
-        // The exchange begins once the transport has a slot for it: only
-        // then is the event written `sending`, so what a crash leaves in
-        // doubt is at most the exchanges in flight (about the pool size),
-        // not every record read ahead.
-        let mut slot = Some(self.settings.transport.slot().await);
-        // A stopping run starts no new exchange: the record stays unsettled
-        // (below the cursor) for the resumed run.
-        if self.shutdown.is_triggered() {
-            return false;
-        }
-        // In the run's ledger before the exchange: after a crash it is in
-        // doubt. A row the ledger refuses is not sent: it is settled failed.
-        match self
-            .ledger
-            .sending(record.partition, record.offset, &message_id)
-            .await
-        {
-            Ok(()) => {}
-            Err(crate::db::batch::ItemError::Refused(error)) => {
-                let reason = Some("the run's ledger refused its row".into());
-                self.ledger
-                    .settle(settle("failed", 0, reason, Some(error)))
-                    .await;
-                self.count_unsettled("failed");
-                return true;
-            }
-            Err(crate::db::batch::ItemError::Stopped(_)) => return false,
-        }
-        let name = format!(
-            "order-{}.replay-{}.{}.{}.{}",
-            order.order_id, self.run_id, record.topic, record.partition, record.offset
-        );
-        let started = Instant::now();
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let outcome = match slot.take() {
-                Some(slot) => slot.send(message.clone(), &name).await,
-                None => self.settings.transport.send(message.clone(), &name).await,
-            };
-            let error = match outcome {
-                SendOutcome::Sent => {
-                    self.ledger
-                        .settle(settle("sent", attempts, None, None))
-                        .await;
-                    self.progress.sent.fetch_add(1, Ordering::Relaxed);
-                    return true;
-                }
-                SendOutcome::Permanent(error) => {
-                    let reason = Some("permanent SMTP failure".into());
-                    self.ledger
-                        .settle(settle("failed", attempts, reason, Some(error)))
-                        .await;
-                    self.count_unsettled("failed");
-                    return true;
-                }
-                // The message reached the server and no final answer came:
-                // it may have gone out. Like an event in doubt, it is not
-                // sent again by this run (never twice).
-                SendOutcome::Unknown(error) => {
-                    let reason =
-                        Some("no final answer to the message: it may have gone out".into());
-                    self.ledger
-                        .settle(settle("unknown", attempts, reason, Some(error)))
-                        .await;
-                    self.count_unsettled("unknown");
-                    return true;
-                }
-                SendOutcome::Transient(error) => error,
-            };
-            if self.settings.retry.spent(attempts, started.elapsed()) {
-                self.ledger
-                    .settle(settle(
-                        "failed",
-                        attempts,
-                        Some("retry budget spent".into()),
-                        Some(error),
-                    ))
-                    .await;
-                self.count_unsettled("failed");
-                return true;
-            }
-            tokio::time::sleep(self.settings.retry.backoff(attempts - 1)).await;
-        }
-    }
-
-    fn count_unsettled(&self, status: &str) {
-        let counter = if status == "unknown" {
-            &self.progress.unknown
-        } else {
-            &self.progress.failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// This module's SQL by name: tests/it/sql.rs prepares each statement.

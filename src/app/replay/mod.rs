@@ -39,7 +39,7 @@ use tokio_postgres::Client;
 use crate::group::delivery::RetryPolicy;
 use crate::shutdown::Shutdown;
 use ledger::RunLedger;
-use partition::{replay_partition, PartitionJob, TimeRange};
+use partition::{replay_partition, PartitionJob};
 use rate::RateLimit;
 use runs::run_partitions;
 pub use runs::{
@@ -47,8 +47,8 @@ pub use runs::{
     RunPartition,
 };
 
-use send::SendContext;
 pub use send::{Outcome, ReplayTarget};
+use send::{SendContext, TimeRange};
 
 mod ledger;
 mod partition;

@@ -22,37 +22,6 @@ pub(super) struct PartitionJob<T: ReplayTarget> {
     pub shutdown: Shutdown,
 }
 
-/// The created-at range of a run bounded by time: `[from, to)`.
-///
-/// Its offsets start at the first record created at or after `from` (Kafka's
-/// offsetsForTimes) and end at the log end captured when it started; records
-/// in between that were created outside the range (CreateTime need not grow
-/// with the offset) are skipped, so the run mails exactly the range.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct TimeRange {
-    from: Option<chrono::DateTime<chrono::Utc>>,
-    to: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-impl TimeRange {
-    pub fn of(request: &serde_json::Value) -> TimeRange {
-        let time = |field: &str| {
-            request[field]
-                .as_str()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| t.with_timezone(&chrono::Utc))
-        };
-        TimeRange {
-            from: time("from"),
-            to: time("to"),
-        }
-    }
-
-    pub fn contains(&self, created_at: chrono::DateTime<chrono::Utc>) -> bool {
-        self.from.is_none_or(|from| created_at >= from) && self.to.is_none_or(|to| created_at < to)
-    }
-}
-
 /// Reads one partition's range from its cursor and sends what is not
 /// settled, records of one key one after another, others concurrently.
 pub(super) async fn replay_partition<T: ReplayTarget>(

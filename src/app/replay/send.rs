@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::ledger::{RunLedger, Settle};
-use super::partition::TimeRange;
 use super::rate::RateLimit;
 use super::{Progress, ReplaySettings};
 use crate::log::Record;
@@ -61,6 +60,37 @@ pub trait ReplayTarget: Send + Sync + 'static {
         ready: &'a Self::Ready,
         slot: Option<Self::Slot<'a>>,
     ) -> impl Future<Output = Outcome> + Send + 'a;
+}
+
+/// The created-at range of a run bounded by time: `[from, to)`.
+///
+/// Its offsets start at the first record created at or after `from` (Kafka's
+/// offsetsForTimes) and end at the log end captured when it started; records
+/// in between that were created outside the range (CreateTime need not grow
+/// with the offset) are skipped, so the run mails exactly the range.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct TimeRange {
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    to: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl TimeRange {
+    pub fn of(request: &serde_json::Value) -> TimeRange {
+        let time = |field: &str| {
+            request[field]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc))
+        };
+        TimeRange {
+            from: time("from"),
+            to: time("to"),
+        }
+    }
+
+    pub fn contains(&self, created_at: chrono::DateTime<chrono::Utc>) -> bool {
+        self.from.is_none_or(|from| created_at >= from) && self.to.is_none_or(|to| created_at < to)
+    }
 }
 
 /// What every event of a run needs: one per run, shared by its partitions.

@@ -8,8 +8,9 @@
 #   examples/webhook_bench.sh
 #
 # EVENTS (default 50000), PG_ADMIN_URL (default
-# postgres://postgres@127.0.0.1:5432/postgres). Needs wrk (apt-get install
-# wrk) and node.
+# postgres://postgres@127.0.0.1:5432/postgres), BIN (default: this tree's
+# release build, built first; another tree's binary to compare). Needs wrk
+# (apt-get install wrk) and node.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -24,8 +25,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-bin=./target/release/outbox-relay
-cargo build --release --quiet --bin outbox-relay
+bin=${BIN:-./target/release/outbox-relay}
+[ -n "${BIN:-}" ] || cargo build --release --quiet --bin outbox-relay
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 secret="whsec_$(head -c 24 /dev/urandom | base64)"
 node examples/webhook_bench_receiver.mjs "$port" >/dev/null &

@@ -19,6 +19,7 @@
 //!   Any other answer (4xx, a redirect, which is not followed): parked as a
 //!   dead letter with the status and the first bytes of the body.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -233,7 +234,6 @@ const BODY_KEPT: usize = 256;
 
 /// One sink: a [`Deliver`] for [`crate::group::delivery::Delivering`].
 pub struct WebhookSink {
-    name: String,
     url: url::Url,
     secret: SigningSecret,
     timeout: Duration,
@@ -241,7 +241,13 @@ pub struct WebhookSink {
     /// At most the sink's concurrency in flight: a backlog is not a
     /// thousand requests at once.
     slots: tokio::sync::Semaphore,
+    /// `outbox_relay_webhook_responses_total` of this sink, by answer
+    /// (looked up once, not per request).
+    responses: HashMap<&'static str, prometheus::IntCounter>,
 }
+
+/// The answers `outbox_relay_webhook_responses_total` counts.
+const ANSWER_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "error"];
 
 impl WebhookSink {
     pub fn new(settings: &SinkSettings) -> anyhow::Result<WebhookSink> {
@@ -255,30 +261,38 @@ impl WebhookSink {
             .build()
             .context("building the webhook HTTP client")?;
         Ok(WebhookSink {
-            name: settings.name.clone(),
             url: settings.url.clone(),
             secret: settings.secret.clone(),
             timeout: settings.timeout,
             client,
             slots: tokio::sync::Semaphore::new(settings.concurrency),
+            responses: ANSWER_CLASSES
+                .iter()
+                .map(|class| {
+                    let counter = responses().with_label_values(&[settings.name.as_str(), class]);
+                    (*class, counter)
+                })
+                .collect(),
         })
     }
 
     fn count(&self, class: &str) {
-        static RESPONSES: std::sync::OnceLock<prometheus::IntCounterVec> =
-            std::sync::OnceLock::new();
-        RESPONSES
-            .get_or_init(|| {
-                crate::metrics::counter_vec(
-                    "outbox_relay_webhook_responses_total",
-                    "Webhook requests by sink and answer: 2xx, 3xx, 4xx, 5xx, \
-                     or timeout and error (no answer)",
-                    &["sink", "class"],
-                )
-            })
-            .with_label_values(&[&self.name, class])
-            .inc();
+        if let Some(counter) = self.responses.get(class) {
+            counter.inc();
+        }
     }
+}
+
+fn responses() -> &'static prometheus::IntCounterVec {
+    static RESPONSES: std::sync::OnceLock<prometheus::IntCounterVec> = std::sync::OnceLock::new();
+    RESPONSES.get_or_init(|| {
+        crate::metrics::counter_vec(
+            "outbox_relay_webhook_responses_total",
+            "Webhook requests by sink and answer: 2xx, 3xx, 4xx, 5xx, \
+             or timeout and error (no answer)",
+            &["sink", "class"],
+        )
+    })
 }
 
 /// One event as a signed request: what every attempt at it sends.
@@ -401,7 +415,13 @@ impl WebhookSink {
             }
         };
         let status = response.status();
-        self.count(&format!("{}xx", status.as_u16() / 100));
+        self.count(match status.as_u16() / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        });
         if status.is_success() {
             return Attempt::Delivered;
         }

@@ -139,6 +139,30 @@ pub struct Delivering<D> {
     pool: deadpool_postgres::Pool,
     retry: RetryPolicy,
     in_flight: InFlight,
+    /// The group's series, looked up on the first record (a member
+    /// delivers for one group) rather than per attempt.
+    series: std::sync::OnceLock<Series>,
+}
+
+/// One group's delivery metrics.
+struct Series {
+    delivered: prometheus::IntCounter,
+    retried: prometheus::IntCounter,
+    parked: prometheus::IntCounter,
+    duration: prometheus::Histogram,
+}
+
+impl Series {
+    fn of(group: &str) -> Series {
+        let metrics = super::metrics::group_metrics();
+        let outcome = |outcome: &str| metrics.deliveries.with_label_values(&[group, outcome]);
+        Series {
+            delivered: outcome("delivered"),
+            retried: outcome("retried"),
+            parked: outcome("parked"),
+            duration: metrics.delivery_duration.with_label_values(&[group]),
+        }
+    }
 }
 
 impl<D: Deliver> Delivering<D> {
@@ -149,7 +173,12 @@ impl<D: Deliver> Delivering<D> {
             pool,
             retry,
             in_flight: InFlight::default(),
+            series: std::sync::OnceLock::new(),
         }
+    }
+
+    fn series(&self, lease: &Lease) -> &Series {
+        self.series.get_or_init(|| Series::of(&lease.group_id))
     }
 
     /// Attempts `record` until it is delivered or parked (or the partition
@@ -159,25 +188,24 @@ impl<D: Deliver> Delivering<D> {
             .in_flight
             .enter((record.topic.clone(), record.partition, record.offset))
             .await;
-        let metrics = super::metrics::group_metrics();
+        let series = self.series(lease);
         let started = Instant::now();
         let mut attempts = 0;
         loop {
             let attempt_started = Instant::now();
             let outcome = self.deliver.attempt(record).await;
-            metrics
-                .delivery_duration
-                .with_label_values(&[&lease.group_id])
+            series
+                .duration
                 .observe(attempt_started.elapsed().as_secs_f64());
             attempts += 1;
             let (reason, error) = match outcome {
                 Attempt::Delivered => {
-                    count(lease, "delivered");
+                    series.delivered.inc();
                     return Settled::Delivered { attempts };
                 }
                 Attempt::Park { reason, error } => (reason, error),
                 Attempt::Retry { error, after } => {
-                    count(lease, "retried");
+                    series.retried.inc();
                     if !self.retry.spent(attempts, started.elapsed()) {
                         // A delay the receiver asked for, if longer than
                         // the backoff (`Retry-After: 0` is no reason to
@@ -214,7 +242,7 @@ impl<D: Deliver> Delivering<D> {
         loop {
             match park(&self.pool, lease, record, reason, attempts, error, None).await {
                 Ok(Parked::Parked) => {
-                    count(lease, "parked");
+                    self.series(lease).parked.inc();
                     return Settled::Parked {
                         reason: reason.to_string(),
                     };
@@ -230,13 +258,6 @@ impl<D: Deliver> Delivering<D> {
             }
         }
     }
-}
-
-fn count(lease: &Lease, outcome: &str) {
-    super::metrics::group_metrics()
-        .deliveries
-        .with_label_values(&[&lease.group_id, outcome])
-        .inc();
 }
 
 /// How a record delivered by [`Delivering`] ended.

@@ -1,12 +1,16 @@
 //! outbox-relay: a transactional outbox relay on Postgres.
 //!
 //! The platform follows the data's path: a writer's [`outbox`] row →
-//! the [`relay`] → the event [`log`] → consumer [`group`]s. The [`app`] is
-//! the reference application built on it: the order API (a writer) and the
-//! mail worker (a consumer). Around them: roles as [`service`]s under one
-//! supervisor, [`db`] connections, [`migrate`], the [`embedded`] default
-//! cluster, [`http`], [`metrics`] and the [`cli`]. The [`kafka`] mirror
-//! copies the log into a Kafka cluster.
+//! the [`relay`] → the event [`log`] → consumer [`group`]s, whose
+//! [`group::delivery`] policy every consumer with side effects shares. The
+//! [`app`] is what is built on it: the order API (a writer), the mail
+//! worker and the webhook sink (consumers), and replay. The [`builder`]
+//! builds a process's roles from checked settings (`serve`, `demo` and the
+//! tests start pipelines there). Around them: roles as [`service`]s under
+//! one supervisor, [`db`] connections, [`migrate`], the [`embedded`]
+//! default cluster, [`http`], [`metrics`] and the [`cli`]. The [`kafka`]
+//! mirror copies the log into a Kafka cluster. `docs/architecture.md` draws
+//! the layers.
 //!
 //! The guarantees the code keeps are numbered in `docs/invariants.md`;
 //! comments and tests cite them by number.
@@ -14,12 +18,12 @@
 pub mod app;
 pub mod builder;
 pub mod cli;
-pub mod clip;
+pub(crate) mod clip;
 pub mod db;
 pub mod embedded;
 pub mod group;
 pub mod http;
-pub mod json;
+pub(crate) mod json;
 pub mod kafka;
 pub mod log;
 pub mod metrics;

@@ -32,8 +32,8 @@ pub enum Stop {
 }
 
 /// What a member does with each partition it owns, from the moment it owns
-/// it until [`OwnedPartition::stop`] says otherwise. [`Records`] (a
-/// [`RecordHandler`] per record) is the usual one; the Kafka mirror moves
+/// it until [`OwnedPartition::stop`] says otherwise. [`Records`](super::records::Records) (a
+/// [`RecordHandler`](super::records::RecordHandler) per record) is the usual one; the Kafka mirror moves
 /// whole batches in offset order.
 pub trait PartitionWork: Send + Sync + 'static {
     /// Works on `partition` until told to stop, or fenced. A returned
@@ -44,7 +44,7 @@ pub trait PartitionWork: Send + Sync + 'static {
         partition: OwnedPartition,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
-    /// Called once the member has stopped (see [`RecordHandler::stopped`]).
+    /// Called once the member has stopped (see [`RecordHandler::stopped`](super::records::RecordHandler::stopped)).
     fn stopped(&self) -> impl Future<Output = ()> + Send {
         async {}
     }

@@ -314,7 +314,7 @@ impl Relay {
         tracing::Instrument::instrument(self.move_batch(epoch, target), span).await
     }
 
-    /// Runs steps until shutdown, paced by [`pacing`]: back to back while
+    /// Runs steps until shutdown, paced by `pacing`: back to back while
     /// there is work; idle, it waits for a wake-up (a writer in this
     /// process, or `NOTIFY outbox_written`) or polls.
     pub async fn run(mut self, mut shutdown: Shutdown) {

@@ -25,6 +25,7 @@ pub mod group;
 pub mod http;
 pub(crate) mod json;
 pub mod kafka;
+pub mod kafka_api;
 pub mod log;
 pub mod metrics;
 pub mod migrate;

@@ -39,6 +39,9 @@ pub enum Role {
     /// Webhook sinks (WEBHOOK_SINKS): each event POSTed to a URL, signed
     /// (Standard Webhooks), each sink a consumer group. Off unless named.
     Webhook,
+    /// The Kafka protocol on the log (--kafka-listen): Kafka consumers read
+    /// the log's topics directly. Off unless named.
+    KafkaApi,
 }
 
 /// Enough for every role in one process (api 16, relay 4, mail 27, kafka
@@ -65,6 +68,8 @@ pub struct Settings {
     pub kafka: Option<PreparedMirror>,
     /// The webhook role's sinks (none: no webhook role).
     pub webhooks: Vec<SinkSettings>,
+    /// The kafka-api role: its bound listener and advertised address.
+    pub kafka_api: Option<(std::net::TcpListener, crate::kafka_api::Advertised)>,
     /// Apply migrations on start (else the schema must be current).
     pub migrate: bool,
     pub max_db_connections: u32,
@@ -80,6 +85,7 @@ impl Default for Settings {
             mail: None,
             kafka: None,
             webhooks: Vec::new(),
+            kafka_api: None,
             migrate: true,
             max_db_connections: DEFAULT_MAX_DB_CONNECTIONS,
         }
@@ -109,9 +115,12 @@ pub struct Application {
     api_addr: Option<SocketAddr>,
 }
 
+/// Starts one built role under the supervisor.
+type Start = Box<dyn FnOnce(&mut Supervisor) + Send>;
+
 /// Roles built and waiting to start, whatever their type.
 #[derive(Default)]
-struct Built(Vec<Box<dyn FnOnce(&mut Supervisor) + Send>>);
+struct Built(Vec<Start>);
 
 impl Built {
     fn add<S: Service>(&mut self, service: S) {
@@ -138,6 +147,13 @@ impl Application {
         };
         let relay = match settings.relay {
             Some(lease_ttl) => Some(crate::relay::role(&db, lease_ttl)?),
+            None => None,
+        };
+        let kafka_api_pool = match &settings.kafka_api {
+            Some(_) => {
+                db.reserve("kafka-api wake-ups (LISTEN log appends)", 1)?;
+                Some(db.pool("kafka-api", crate::kafka_api::POOL_SIZE)?)
+            }
             None => None,
         };
         let webhooks: usize = settings.webhooks.iter().map(|s| s.connections()).sum();
@@ -181,6 +197,10 @@ impl Application {
             let topics = prepared.topics(&client).await?;
             drop(client);
             built.add(prepared.build(&db, topics)?);
+        }
+        if let (Some((listener, advertised)), Some(pool)) = (settings.kafka_api, kafka_api_pool) {
+            let appends = crate::log::notify::listen(url)?;
+            built.add(crate::kafka_api::role(pool, listener, advertised, appends)?);
         }
         if api_pool.is_some() || metrics_pool.is_some() {
             DatabaseGauges::register();

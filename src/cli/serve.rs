@@ -52,6 +52,59 @@ pub struct ServeArgs {
     /// (default order-created) and _TIMEOUT_SECS (default 10).
     #[arg(long, env = "WEBHOOK_SINKS")]
     pub webhook_sinks: Option<String>,
+    #[command(flatten)]
+    pub kafka_api: KafkaApiArgs,
+}
+
+/// Settings of the kafka-api role.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaApiArgs {
+    /// Address the Kafka protocol is served on (kafka-api role).
+    #[arg(long, env = "KAFKA_LISTEN", default_value = "127.0.0.1:9092")]
+    pub kafka_listen: SocketAddr,
+    /// Host clients are told to connect to (default: the listen address;
+    /// required when listening on all interfaces, e.g. behind NAT or in
+    /// docker compose).
+    #[arg(long, env = "KAFKA_ADVERTISED_HOST")]
+    pub kafka_advertised_host: Option<String>,
+    /// Port clients are told to connect to (default: the listen port).
+    #[arg(long, env = "KAFKA_ADVERTISED_PORT")]
+    pub kafka_advertised_port: Option<u16>,
+    /// Serve the Kafka protocol off loopback without authentication (there
+    /// is none yet: only do this on a network you trust).
+    #[arg(long)]
+    pub kafka_api_insecure: bool,
+}
+
+impl KafkaApiArgs {
+    /// The bound listener and what clients are told, checked.
+    pub fn settings(
+        &self,
+    ) -> anyhow::Result<(std::net::TcpListener, crate::kafka_api::Advertised)> {
+        let ip = self.kafka_listen.ip();
+        if !ip.is_loopback() && !self.kafka_api_insecure {
+            anyhow::bail!(
+                "--kafka-listen {}: the Kafka API has no authentication yet, so it listens on loopback \
+                 only unless --kafka-api-insecure is given",
+                self.kafka_listen
+            );
+        }
+        let host = match (&self.kafka_advertised_host, ip.is_unspecified()) {
+            (Some(host), _) => host.clone(),
+            (None, false) => ip.to_string(),
+            (None, true) => anyhow::bail!(
+                "--kafka-listen {} listens on every interface: say what clients connect to with \
+                 --kafka-advertised-host (KAFKA_ADVERTISED_HOST)",
+                self.kafka_listen
+            ),
+        };
+        let listener = bind(self.kafka_listen)?;
+        let port = match self.kafka_advertised_port {
+            Some(port) => port,
+            None => listener.local_addr()?.port(),
+        };
+        Ok((listener, crate::kafka_api::Advertised { host, port }))
+    }
 }
 
 /// Settings of the kafka role.
@@ -213,6 +266,9 @@ pub fn settings(args: &ServeArgs, data_dir: &Path) -> anyhow::Result<Settings> {
             })?,
             false => Vec::new(),
         },
+        kafka_api: has(Role::KafkaApi)
+            .then(|| args.kafka_api.settings())
+            .transpose()?,
         metrics: args.metrics_addr.map(bind).transpose()?,
         migrate: !args.no_migrate,
         max_db_connections: args.max_db_connections,

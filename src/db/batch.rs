@@ -189,7 +189,7 @@ async fn run_retrying<S: BatchStatement>(
             Err(e) if !super::is_transient(&e) => return Err(crate::clip::clip_error(&e)),
             Err(e) => e,
         };
-        if failures % 20 == 0 {
+        if failures.is_multiple_of(20) {
             tracing::warn!(
                 items = items.len(),
                 error = %crate::clip::clip_error(&error),

@@ -9,6 +9,7 @@ mod first_hour;
 mod groups;
 mod harness;
 mod kafka;
+mod kafka_api;
 mod log;
 mod mail;
 mod metrics;

@@ -141,7 +141,7 @@ struct Serve {
 impl Serve {
     async fn start(db: &TestDb, smtp: &SmtpServer) -> Serve {
         let port = free_port();
-        let mut child = binary(&db)
+        let mut child = binary(db)
             .args(["serve", "--http-addr", &format!("127.0.0.1:{port}")])
             .args(["--mail-max-attempts", "1"])
             .env("SMTP_URL", smtp.url())

@@ -269,7 +269,7 @@ fn slow_replay(
         &smtp.url(),
     ]
     .map(String::from);
-    let child = binary(&db)
+    let child = binary(db)
         .args(&args)
         .stdout(output)
         .stderr(std::process::Stdio::null())

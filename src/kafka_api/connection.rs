@@ -1,0 +1,270 @@
+//! One client connection: length-prefixed frames in, one answer per
+//! request in order (as a Kafka broker, one request at a time per
+//! connection: a long-polling Fetch holds the next request back).
+//!
+//! Bounds: a frame over [`MAX_REQUEST_BYTES`], a frame that does not
+//! decode, an API or version outside the table (`versions`), or a
+//! connection idle for [`IDLE_TIMEOUT`] closes this connection only, with
+//! a log line naming the client; nothing a client sends can panic the
+//! process (decoding runs under `catch_unwind`, and a property test feeds
+//! the decoder arbitrary bytes).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
+use kafka_protocol::protocol::{decode_request_header_from_buffer, Encodable};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{versions, Front, UNSUPPORTED_VERSION};
+use crate::shutdown::Shutdown;
+
+/// Largest request frame accepted (Kafka's `socket.request.max.bytes` is
+/// 100 MiB; a consumer's requests are a few kilobytes).
+pub(super) const MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+
+/// A connection with no request for this long is closed (Kafka's
+/// `connections.max.idle.ms` is 9 minutes).
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(540);
+
+/// The rest of a frame must arrive within this once its size has.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A request, decoded.
+#[derive(Debug)]
+pub(super) struct Request {
+    pub header: RequestHeader,
+    pub key: ApiKey,
+    pub body: RequestKind,
+}
+
+/// Why a frame is not answered (the connection is closed).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// An ApiVersions request at a version we do not serve: answered in v0
+    /// form with UNSUPPORTED_VERSION and our ranges (what clients rely on
+    /// to pick a version), not refused.
+    ApiVersionsFallback { correlation_id: i32 },
+    /// Anything else outside the table, or a frame that does not decode.
+    Close(String),
+}
+
+/// Decodes one frame (without its size prefix). Never panics.
+pub(super) fn decode(frame: Bytes) -> Result<Request, Refusal> {
+    if frame.len() < 8 {
+        return Err(Refusal::Close(format!(
+            "a request frame of {} bytes is too short for a header",
+            frame.len()
+        )));
+    }
+    let raw_key = (&frame[0..2]).get_i16();
+    let version = (&frame[2..4]).get_i16();
+    let correlation_id = (&frame[4..8]).get_i32();
+    let Ok(key) = ApiKey::try_from(raw_key) else {
+        return Err(Refusal::Close(format!(
+            "API key {raw_key} is not a Kafka API"
+        )));
+    };
+    if !versions::supported(key, version) {
+        if key == ApiKey::ApiVersions {
+            return Err(Refusal::ApiVersionsFallback { correlation_id });
+        }
+        return Err(Refusal::Close(match versions::range(key) {
+            Some((min, max)) => format!("{key:?} v{version} is not served (v{min} to v{max} are)"),
+            None => format!("{key:?} is not served by outbox-relay's Kafka front end"),
+        }));
+    }
+    let decoded = std::panic::catch_unwind(move || {
+        let mut frame = frame;
+        let header = decode_request_header_from_buffer(&mut frame)?;
+        let body = RequestKind::decode(key, &mut frame, version)?;
+        anyhow::Ok((header, body))
+    });
+    match decoded {
+        Ok(Ok((header, body))) => Ok(Request { header, key, body }),
+        Ok(Err(e)) => Err(Refusal::Close(format!(
+            "{key:?} v{version} does not decode: {e:#}"
+        ))),
+        Err(_) => Err(Refusal::Close(format!(
+            "{key:?} v{version} does not decode (the decoder gave up)"
+        ))),
+    }
+}
+
+/// Encodes `response` to `request` as a frame: size, header, body.
+pub(super) fn encode(
+    key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    response: &ResponseKind,
+) -> anyhow::Result<Bytes> {
+    let mut body = BytesMut::new();
+    let mut header = ResponseHeader::default();
+    header.correlation_id = correlation_id;
+    // ApiVersions answers with header v0 whatever its version (KIP-511).
+    let header_version = if key == ApiKey::ApiVersions {
+        0
+    } else {
+        key.response_header_version(version)
+    };
+    header.encode(&mut body, header_version)?;
+    response.encode(&mut body, version)?;
+    let mut frame = BytesMut::with_capacity(4 + body.len());
+    frame.put_i32(i32::try_from(body.len())?);
+    frame.extend_from_slice(&body);
+    Ok(frame.freeze())
+}
+
+/// Serves one connection until the client closes it, it is refused, or
+/// the process stops.
+pub(super) async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    front: Arc<Front>,
+    mut shutdown: Shutdown,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut client = String::from("-");
+    loop {
+        let size = tokio::select! {
+            read = tokio::time::timeout(IDLE_TIMEOUT, stream.read_i32()) => match read {
+                Ok(Ok(size)) => size,
+                Ok(Err(_)) => return, // closed by the client
+                Err(_) => {
+                    tracing::debug!(%peer, client = %client, "closing an idle Kafka connection");
+                    return;
+                }
+            },
+            _ = shutdown.recv() => return,
+        };
+        let Ok(size) = usize::try_from(size) else {
+            tracing::warn!(%peer, client = %client, size, "closing a Kafka connection: a negative frame size");
+            return;
+        };
+        if size > MAX_REQUEST_BYTES {
+            tracing::warn!(%peer, client = %client, size, limit = MAX_REQUEST_BYTES,
+                "closing a Kafka connection: a request over the size limit");
+            return;
+        }
+        let mut frame = vec![0u8; size];
+        match tokio::time::timeout(FRAME_TIMEOUT, stream.read_exact(&mut frame)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let request = match decode(Bytes::from(frame)) {
+            Ok(request) => request,
+            Err(Refusal::ApiVersionsFallback { correlation_id }) => {
+                let answer = ResponseKind::ApiVersions(versions::api_versions(UNSUPPORTED_VERSION));
+                match encode(ApiKey::ApiVersions, 0, correlation_id, &answer) {
+                    Ok(frame) if stream.write_all(&frame).await.is_ok() => continue,
+                    _ => return,
+                }
+            }
+            Err(Refusal::Close(why)) => {
+                tracing::warn!(%peer, client = %client, "closing a Kafka connection: {why}");
+                return;
+            }
+        };
+        if let Some(id) = &request.header.client_id {
+            if client != id.as_str() {
+                client = crate::clip::clip(id.as_str()).into_owned();
+            }
+        }
+        let (key, version) = (request.key, request.header.request_api_version);
+        let correlation_id = request.header.correlation_id;
+        let answer = tokio::select! {
+            answer = front.answer(request) => answer,
+            _ = shutdown.recv() => return,
+        };
+        let answer = match answer {
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => {
+                tracing::info!(%peer, client = %client, api = ?key,
+                    "closing a Kafka connection: an unanswered request (produce with acks=0) is refused");
+                return;
+            }
+            Err(e) => Err(e),
+        };
+        let encoded = answer.and_then(|answer| encode(key, version, correlation_id, &answer));
+        let frame: Bytes = match encoded {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::warn!(%peer, client = %client, api = ?key, version,
+                    error = %crate::clip::clip_error(&e), "closing a Kafka connection: a request failed");
+                return;
+            }
+        };
+        if stream.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::{ApiVersionsRequest, MetadataRequest};
+    use kafka_protocol::protocol::encode_request_header_into_buffer;
+    use proptest::prelude::*;
+
+    fn frame(key: ApiKey, version: i16, body: impl Encodable) -> Bytes {
+        let mut header = RequestHeader::default();
+        header.request_api_key = key as i16;
+        header.request_api_version = version;
+        header.correlation_id = 7;
+        let mut buf = BytesMut::new();
+        encode_request_header_into_buffer(&mut buf, &header).unwrap();
+        body.encode(&mut buf, version).unwrap();
+        buf.freeze()
+    }
+
+    #[test]
+    fn a_served_request_decodes_and_others_are_refused_with_a_reason() {
+        let request = decode(frame(ApiKey::Metadata, 12, MetadataRequest::default())).unwrap();
+        assert_eq!(request.key, ApiKey::Metadata);
+        assert_eq!(request.header.correlation_id, 7);
+        assert!(matches!(request.body, RequestKind::Metadata(_)));
+
+        let too_new = frame(ApiKey::Metadata, 13, MetadataRequest::default());
+        assert!(matches!(decode(too_new), Err(Refusal::Close(why)) if why.contains("v1 to v12")));
+        let create_topics = Bytes::from_static(&[0, 19, 0, 3, 0, 0, 0, 1, 0, 0]);
+        assert!(
+            matches!(decode(create_topics), Err(Refusal::Close(why)) if why.contains("CreateTopics"))
+        );
+        assert!(matches!(
+            decode(Bytes::from_static(&[0, 3])),
+            Err(Refusal::Close(_))
+        ));
+    }
+
+    #[test]
+    fn api_versions_at_an_unknown_version_falls_back_to_v0_with_the_error() {
+        let newer = frame(ApiKey::ApiVersions, 3, ApiVersionsRequest::default());
+        let mut bytes = BytesMut::from(&newer[..]);
+        bytes[3] = 9; // version 9
+        assert!(matches!(
+            decode(bytes.freeze()),
+            Err(Refusal::ApiVersionsFallback { correlation_id: 7 })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// No bytes make the decoder panic: it answers or refuses.
+        #[test]
+        fn any_bytes_decode_or_are_refused(
+            key in prop_oneof![Just(1i16), Just(2), Just(3), Just(18), any::<i16>()],
+            version in 0i16..14,
+            rest in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let mut bytes = BytesMut::new();
+            bytes.put_i16(key);
+            bytes.put_i16(version);
+            bytes.extend_from_slice(&rest);
+            let _ = decode(bytes.freeze());
+        }
+    }
+}

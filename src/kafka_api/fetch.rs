@@ -1,0 +1,226 @@
+//! Fetch: each asked partition's records from the fetch offset, as one
+//! record batch (magic v2, CRC-32C, uncompressed) with the record's key,
+//! its payload's JSON as the value, its headers and its CreateTime.
+//!
+//! * Only what the relay committed is in the log, with gapless offsets, so
+//!   the high watermark and the last stable offset are the log end offset.
+//! * A batch starts at the fetch offset, so a fetch never lands inside
+//!   one; the first batch of an answer is returned whole even past
+//!   `max_bytes` (as Kafka does, so a large record cannot stall a client).
+//! * Too little to answer (`min_bytes`): a long poll until `max_wait_ms`,
+//!   woken by the relay's append notification, never a sleeping loop.
+//! * An offset below the log start or past the log end:
+//!   OFFSET_OUT_OF_RANGE (the client resets by its `auto.offset.reset`).
+//! * Fetch sessions (KIP-227) are declined (session id 0): every request
+//!   names its partitions.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::indexmap::IndexMap;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::{
+    Compression, Record as KafkaRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+
+use super::{Front, NONE, OFFSET_OUT_OF_RANGE, UNKNOWN_TOPIC_OR_PARTITION};
+use crate::log::{LogError, PartitionOffsets, Record};
+
+/// The longest long poll, whatever a client asks.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Records read from a partition per fetch, at most.
+const MAX_RECORDS_PER_PARTITION: i64 = 5_000;
+
+/// What a record adds to a batch besides its key, value and headers
+/// (lengths, deltas, attributes), for the size budget.
+const RECORD_OVERHEAD: usize = 24;
+
+impl Front {
+    pub(super) async fn fetch(
+        &self,
+        request: FetchRequest,
+        _version: i16,
+    ) -> anyhow::Result<FetchResponse> {
+        let wait =
+            Duration::from_millis(u64::try_from(request.max_wait_ms).unwrap_or(0)).min(MAX_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
+        // Subscribed before the first read, so an append between the read
+        // and the wait still wakes it.
+        let mut appended = self.appends.subscribe_all();
+        loop {
+            let (response, bytes, settled) = self.read_fetch(&request).await?;
+            if bytes >= min_bytes.max(1) || settled || tokio::time::Instant::now() >= deadline {
+                return Ok(response);
+            }
+            tokio::select! {
+                changed = appended.changed() => {
+                    if changed.is_err() {
+                        // No notifications (the listener is gone): answer.
+                        return Ok(response);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(self.read_fetch(&request).await?.0);
+            }
+        }
+    }
+
+    /// One pass over the asked partitions: the answer, its record bytes,
+    /// and whether an error answers it now (an unknown partition, an
+    /// offset out of range: waiting would not change it).
+    async fn read_fetch(
+        &self,
+        request: &FetchRequest,
+    ) -> anyhow::Result<(FetchResponse, usize, bool)> {
+        let client = self.pool.get().await?;
+        let mut budget = usize::try_from(request.max_bytes).unwrap_or(0);
+        let mut total = 0usize;
+        let mut settled = false;
+        let mut topics = Vec::with_capacity(request.topics.len());
+        for topic in &request.topics {
+            let name = topic.topic.0.as_str();
+            let heads: HashMap<i32, PartitionOffsets> =
+                match crate::log::topics::partition_offsets(&**client, name).await {
+                    Ok(all) => all.into_iter().map(|p| (p.partition, p)).collect(),
+                    Err(LogError::UnknownTopic(_)) => HashMap::new(),
+                    Err(e) => return Err(e.into()),
+                };
+            let mut partitions = Vec::with_capacity(topic.partitions.len());
+            for asked in &topic.partitions {
+                let mut data = PartitionData::default();
+                data.partition_index = asked.partition;
+                data.preferred_read_replica = BrokerId(-1);
+                let Some(offsets) = heads.get(&asked.partition) else {
+                    data.error_code = UNKNOWN_TOPIC_OR_PARTITION;
+                    data.high_watermark = -1;
+                    data.last_stable_offset = -1;
+                    data.log_start_offset = -1;
+                    settled = true;
+                    partitions.push(data);
+                    continue;
+                };
+                data.high_watermark = offsets.log_end_offset;
+                data.last_stable_offset = offsets.log_end_offset;
+                data.log_start_offset = offsets.log_start_offset;
+                let from = asked.fetch_offset;
+                if from < offsets.log_start_offset || from > offsets.log_end_offset {
+                    data.error_code = OFFSET_OUT_OF_RANGE;
+                    settled = true;
+                    partitions.push(data);
+                    continue;
+                }
+                data.error_code = NONE;
+                let partition_budget = usize::try_from(asked.partition_max_bytes).unwrap_or(0);
+                if from < offsets.log_end_offset && (budget > 0 || total == 0) {
+                    let wanted =
+                        (partition_budget / 100).clamp(1, MAX_RECORDS_PER_PARTITION as usize);
+                    let records =
+                        crate::log::read(&**client, name, asked.partition, from, wanted as i64)
+                            .await?;
+                    // The first record of the answer goes whatever its size.
+                    let limit = if total == 0 {
+                        partition_budget.min(budget).max(1)
+                    } else {
+                        partition_budget.min(budget)
+                    };
+                    let batch = encode_batch(&records, limit)?;
+                    total += batch.len();
+                    budget = budget.saturating_sub(batch.len());
+                    if !batch.is_empty() {
+                        data.records = Some(batch);
+                    }
+                }
+                partitions.push(data);
+            }
+            let mut answered = FetchableTopicResponse::default();
+            answered.topic = topic.topic.clone();
+            answered.partitions = partitions;
+            topics.push(answered);
+        }
+        let mut response = FetchResponse::default();
+        response.error_code = NONE;
+        response.session_id = 0;
+        response.responses = topics;
+        Ok((response, total, settled))
+    }
+}
+
+/// `records` (consecutive, from the fetch offset) as one batch, cut to
+/// about `limit` bytes but never below one record; empty for none.
+pub(super) fn encode_batch(records: &[Record], limit: usize) -> anyhow::Result<Bytes> {
+    let mut kafka_records = Vec::with_capacity(records.len());
+    let mut size = 0usize;
+    for record in records {
+        let converted = convert(record);
+        let record_size = RECORD_OVERHEAD
+            + converted.key.as_ref().map_or(0, Bytes::len)
+            + converted.value.as_ref().map_or(0, Bytes::len)
+            + converted
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len) + 4)
+                .sum::<usize>();
+        if !kafka_records.is_empty() && size + record_size > limit {
+            break;
+        }
+        size += record_size;
+        kafka_records.push(converted);
+    }
+    if kafka_records.is_empty() {
+        return Ok(Bytes::new());
+    }
+    let mut buf = BytesMut::with_capacity(size + 64);
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &kafka_records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )?;
+    Ok(buf.freeze())
+}
+
+/// A log record as a Kafka record: the key, the payload's JSON, the
+/// headers (text values as their bytes, other JSON values as their JSON
+/// text, null as a null value), CreateTime.
+fn convert(record: &Record) -> KafkaRecord {
+    let mut headers = IndexMap::new();
+    if let Some(object) = record.headers.as_object() {
+        for (name, value) in object {
+            let value = match value {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(text) => Some(Bytes::copy_from_slice(text.as_bytes())),
+                other => Some(Bytes::from(other.to_string())),
+            };
+            headers.insert(StrBytes::from_string(name.clone()), value);
+        }
+    }
+    KafkaRecord {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset: record.offset,
+        sequence: -1,
+        timestamp: record.created_at.timestamp_millis(),
+        key: record
+            .key
+            .as_ref()
+            .map(|k| Bytes::copy_from_slice(k.as_bytes())),
+        value: Some(Bytes::from(
+            serde_json::to_vec(&record.payload).expect("JSON values serialise"),
+        )),
+        headers,
+    }
+}

@@ -1,0 +1,146 @@
+//! The Kafka protocol on the log (the `kafka-api` role): an unmodified
+//! Kafka consumer (librdkafka, the Java client, kafka-python, …) points
+//! `bootstrap.servers` at this process and reads the log's topics with
+//! their partitions, offsets, keys, headers and CreateTime. Writers do not
+//! change: they still write the outbox in their own transaction; this
+//! front end is for reading.
+//!
+//! The process is the one broker of every partition (node 0, at its
+//! advertised address). What it serves is one table (`versions`):
+//! ApiVersions, Metadata, ListOffsets and Fetch so far, and Produce,
+//! refused (`produce`); any other API closes the connection with a log
+//! line. Codecs are the `kafka-protocol`
+//! crate's.
+
+mod connection;
+mod fetch;
+mod metadata;
+mod offsets;
+mod produce;
+mod versions;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kafka_protocol::messages::{RequestKind, ResponseKind};
+use tokio::task::JoinSet;
+
+use crate::log::notify::Appends;
+use crate::shutdown::Shutdown;
+
+/// Kafka's error codes this front end answers with.
+pub(crate) const NONE: i16 = 0;
+pub(crate) const OFFSET_OUT_OF_RANGE: i16 = 1;
+pub(crate) const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+pub(crate) const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
+pub(crate) const UNSUPPORTED_VERSION: i16 = 35;
+
+/// The node id of this process in every answer.
+const NODE_ID: i32 = 0;
+
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Database connections of the role (reads of records and offsets).
+pub const POOL_SIZE: usize = 8;
+
+/// Where clients reach this process (what Metadata tells them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advertised {
+    pub host: String,
+    pub port: u16,
+}
+
+/// What every connection's answers need.
+pub(crate) struct Front {
+    pool: deadpool_postgres::Pool,
+    appends: Appends,
+    advertised: Advertised,
+}
+
+impl Front {
+    /// The answer to one request of the table (`versions`); None for a
+    /// request Kafka does not answer (a produce with `acks=0`).
+    async fn answer(&self, request: connection::Request) -> anyhow::Result<Option<ResponseKind>> {
+        let version = request.header.request_api_version;
+        Ok(Some(match request.body {
+            RequestKind::Produce(r) => match produce::refuse(r) {
+                Some(refused) => ResponseKind::Produce(refused),
+                None => return Ok(None),
+            },
+            RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(versions::api_versions(NONE)),
+            RequestKind::Metadata(r) => ResponseKind::Metadata(self.metadata(r, version).await?),
+            RequestKind::ListOffsets(r) => {
+                ResponseKind::ListOffsets(self.list_offsets(r, version).await?)
+            }
+            RequestKind::Fetch(r) => ResponseKind::Fetch(self.fetch(r, version).await?),
+            _ => anyhow::bail!(
+                "{:?} is in the table of served APIs but has no handler",
+                request.key
+            ),
+        }))
+    }
+}
+
+/// The `kafka-api` role: the listener and its connections.
+pub struct KafkaApi {
+    listener: tokio::net::TcpListener,
+    front: Arc<Front>,
+}
+
+/// The role on `listener`, reading with `pool` (of [`POOL_SIZE`]);
+/// `appends` wakes long-polling fetches when the relay appends.
+pub fn role(
+    pool: deadpool_postgres::Pool,
+    listener: std::net::TcpListener,
+    advertised: Advertised,
+    appends: Appends,
+) -> anyhow::Result<KafkaApi> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tracing::info!(addr = %listener.local_addr()?, advertised = %format!("{}:{}", advertised.host, advertised.port),
+        "Kafka API listening");
+    Ok(KafkaApi {
+        listener,
+        front: Arc::new(Front {
+            pool,
+            appends,
+            advertised,
+        }),
+    })
+}
+
+impl crate::service::Service for KafkaApi {
+    fn name(&self) -> &'static str {
+        "kafka-api"
+    }
+
+    async fn run(self, mut shutdown: Shutdown) -> anyhow::Result<()> {
+        let mut connections = JoinSet::new();
+        loop {
+            let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a Kafka connection failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.recv() => break,
+            };
+            while connections.try_join_next().is_some() {}
+            if connections.len() >= MAX_CONNECTIONS {
+                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "closing a Kafka connection: at the connection limit");
+                continue;
+            }
+            connections.spawn(connection::serve(
+                stream,
+                peer,
+                self.front.clone(),
+                shutdown.clone(),
+            ));
+        }
+        connections.shutdown().await;
+        Ok(())
+    }
+}

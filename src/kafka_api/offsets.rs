@@ -1,0 +1,91 @@
+//! ListOffsets: earliest (the log start offset), latest (the log end
+//! offset), and by timestamp: the first offset created at or after it,
+//! from the log's time index — `replay --from`'s and `groups reset-offsets
+//! --to-datetime`'s answer (`log::read::offset_for_time`). No record at or
+//! after the time: offset and timestamp -1, as Kafka answers.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
+
+use super::{Front, NONE, UNKNOWN_TOPIC_OR_PARTITION};
+use crate::log::{LogError, PartitionOffsets};
+
+/// Kafka's special timestamps.
+const LATEST: i64 = -1;
+const EARLIEST: i64 = -2;
+
+impl Front {
+    pub(super) async fn list_offsets(
+        &self,
+        request: ListOffsetsRequest,
+        _version: i16,
+    ) -> anyhow::Result<ListOffsetsResponse> {
+        let client = self.pool.get().await?;
+        let mut topics = Vec::with_capacity(request.topics.len());
+        for topic in request.topics {
+            let name = topic.name.0.to_string();
+            let heads: HashMap<i32, PartitionOffsets> =
+                match crate::log::topics::partition_offsets(&**client, &name).await {
+                    Ok(all) => all.into_iter().map(|p| (p.partition, p)).collect(),
+                    Err(LogError::UnknownTopic(_)) => HashMap::new(),
+                    Err(e) => return Err(e.into()),
+                };
+            let mut partitions = Vec::with_capacity(topic.partitions.len());
+            for asked in topic.partitions {
+                let mut answer = ListOffsetsPartitionResponse::default();
+                answer.partition_index = asked.partition_index;
+                answer.leader_epoch = -1;
+                let Some(offsets) = heads.get(&asked.partition_index) else {
+                    answer.error_code = UNKNOWN_TOPIC_OR_PARTITION;
+                    partitions.push(answer);
+                    continue;
+                };
+                answer.error_code = NONE;
+                let (offset, timestamp) = match asked.timestamp {
+                    EARLIEST => (offsets.log_start_offset, -1),
+                    LATEST => (offsets.log_end_offset, -1),
+                    time if time >= 0 => {
+                        let at = DateTime::<Utc>::from_timestamp_millis(time)
+                            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                        let offset =
+                            crate::log::read::offset_for_time_within(&**client, &name, offsets, at)
+                                .await?;
+                        if offset >= offsets.log_end_offset {
+                            (-1, -1)
+                        } else {
+                            let record = crate::log::read(
+                                &**client,
+                                &name,
+                                asked.partition_index,
+                                offset,
+                                1,
+                            )
+                            .await?;
+                            let created = record
+                                .first()
+                                .map_or(-1, |r| r.created_at.timestamp_millis());
+                            (offset, created)
+                        }
+                    }
+                    // -3 (the largest timestamp) and anything else: not kept.
+                    _ => (-1, -1),
+                };
+                answer.offset = offset;
+                answer.timestamp = timestamp;
+                partitions.push(answer);
+            }
+            let mut answered = ListOffsetsTopicResponse::default();
+            answered.name = topic.name;
+            answered.partitions = partitions;
+            topics.push(answered);
+        }
+        let mut response = ListOffsetsResponse::default();
+        response.topics = topics;
+        Ok(response)
+    }
+}

@@ -19,6 +19,7 @@ use kafka_protocol::protocol::{decode_request_header_from_buffer, Encodable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::metrics::kafka_api_metrics;
 use super::{versions, Front, UNSUPPORTED_VERSION};
 use crate::shutdown::Shutdown;
 
@@ -127,6 +128,16 @@ pub(super) async fn serve(
     mut shutdown: Shutdown,
 ) {
     let _ = stream.set_nodelay(true);
+    let metrics = kafka_api_metrics();
+    metrics.connections.inc();
+    // Counted down however the connection ends.
+    struct Open;
+    impl Drop for Open {
+        fn drop(&mut self) {
+            kafka_api_metrics().connections.dec();
+        }
+    }
+    let _open = Open;
     let mut client = String::from("-");
     loop {
         let size = tokio::select! {
@@ -175,10 +186,24 @@ pub(super) async fn serve(
         }
         let (key, version) = (request.key, request.header.request_api_version);
         let correlation_id = request.header.correlation_id;
+        let started = std::time::Instant::now();
+        let api = api_label(key);
         let answer = tokio::select! {
             answer = front.answer(request) => answer,
             _ = shutdown.recv() => return,
         };
+        metrics
+            .duration
+            .with_label_values(&[api])
+            .observe(started.elapsed().as_secs_f64());
+        let error = match &answer {
+            Ok(Some(answer)) => first_error(answer).to_string(),
+            _ => "closed".to_string(),
+        };
+        metrics.requests.with_label_values(&[api, &error]).inc();
+        if let Ok(Some(ResponseKind::Fetch(fetched))) = &answer {
+            metrics.fetched_bytes.inc_by(record_bytes(fetched));
+        }
         let answer = match answer {
             Ok(Some(answer)) => Ok(answer),
             Ok(None) => {
@@ -201,6 +226,60 @@ pub(super) async fn serve(
             return;
         }
     }
+}
+
+/// The API as a metric label: the served ones by name (a bounded set).
+fn api_label(key: ApiKey) -> &'static str {
+    match key {
+        ApiKey::ApiVersions => "ApiVersions",
+        ApiKey::Metadata => "Metadata",
+        ApiKey::ListOffsets => "ListOffsets",
+        ApiKey::Fetch => "Fetch",
+        ApiKey::Produce => "Produce",
+        _ => "other",
+    }
+}
+
+/// An answer's error code: its own, or its first partition's (0: none).
+fn first_error(answer: &ResponseKind) -> i16 {
+    fn first(mut codes: impl Iterator<Item = i16>) -> i16 {
+        codes.find(|c| *c != 0).unwrap_or(0)
+    }
+    match answer {
+        ResponseKind::ApiVersions(a) => a.error_code,
+        ResponseKind::Metadata(m) => first(m.topics.iter().map(|t| t.error_code)),
+        ResponseKind::ListOffsets(l) => first(
+            &mut l
+                .topics
+                .iter()
+                .flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
+        ),
+        ResponseKind::Fetch(f) => first(
+            &mut std::iter::once(f.error_code).chain(
+                f.responses
+                    .iter()
+                    .flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
+            ),
+        ),
+        ResponseKind::Produce(p) => first(
+            &mut p
+                .responses
+                .iter()
+                .flat_map(|t| t.partition_responses.iter().map(|p| p.error_code)),
+        ),
+        _ => 0,
+    }
+}
+
+/// Record batch bytes of a Fetch answer.
+fn record_bytes(fetched: &kafka_protocol::messages::FetchResponse) -> u64 {
+    fetched
+        .responses
+        .iter()
+        .flat_map(|t| t.partitions.iter())
+        .filter_map(|p| p.records.as_ref())
+        .map(|r| r.len() as u64)
+        .sum()
 }
 
 #[cfg(test)]

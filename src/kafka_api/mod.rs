@@ -15,6 +15,7 @@
 mod connection;
 mod fetch;
 mod metadata;
+mod metrics;
 mod offsets;
 mod produce;
 mod versions;

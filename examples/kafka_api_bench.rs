@@ -1,0 +1,148 @@
+//! The Kafka front end read from the start: one librdkafka consumer reads
+//! every record of `order-created` through the `kafka-api` role, next to a
+//! same-run ceiling: the same rows read with one streaming `COPY … TO
+//! STDOUT (FORMAT binary)` of the log table into memory.
+//!
+//! ```sh
+//! cargo run --release --example kafka_api_bench -- postgres://postgres@127.0.0.1:5432/postgres [records]
+//! ```
+//!
+//! The URL is an admin URL (the benchmark creates and drops its own
+//! database). The role listens on a free loopback port in this process.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{pin_mut, TryStreamExt};
+use outbox_relay::builder::{bind, Application, Settings};
+use outbox_relay::relay::{Relay, RelayConfig, StepOutcome};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::ClientConfig;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: kafka_api_bench <admin postgres url> [records]";
+    let admin = args.get(1).ok_or_else(|| anyhow::anyhow!(usage))?.clone();
+    let records: i64 = args
+        .get(2)
+        .map(|r| r.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+    let name = format!("kafka_api_bench_{:08x}", rand::random::<u32>());
+    let base = admin
+        .rsplit_once('/')
+        .map(|(b, _)| b.to_string())
+        .unwrap_or(admin.clone());
+    let admin_client = outbox_relay::db::connect(&admin).await?;
+    admin_client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    let url = format!("{base}/{name}");
+    let result = run(&url, records).await;
+    admin_client
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await?;
+    result
+}
+
+async fn run(url: &str, records: i64) -> anyhow::Result<()> {
+    outbox_relay::migrate::apply_all(url).await?;
+    let client = outbox_relay::db::connect(url).await?;
+    let mut n = 0;
+    while n < records {
+        let end = (n + 50_000).min(records);
+        client
+            .execute(
+                "INSERT INTO outbox (topic, key, payload, headers)
+                 SELECT 'order-created', n::text,
+                        jsonb_build_object('order_id', n, 'user_id', n % 1000 + 1, 'amount', 1000 + n % 5000,
+                                           'email', 'customer' || n || '@example.com'),
+                        jsonb_build_object('traceparent', '00-' || lpad(to_hex(n), 32, '0') || '-00f067aa0ba902b7-01')
+                   FROM generate_series($1::int8, $2::int8) n",
+                &[&(n + 1), &end],
+            )
+            .await?;
+        n = end;
+    }
+    let mut relay = Relay::new(url, RelayConfig::default());
+    while !matches!(relay.step().await?, StepOutcome::Idle) {}
+    relay.release().await?;
+    client.batch_execute("VACUUM ANALYZE event_log").await?;
+    println!("log: {records} records in order-created (8 partitions)");
+
+    // The ceiling: every record's columns streamed out of Postgres.
+    let started = Instant::now();
+    let copy = client
+        .copy_out(
+            "COPY (SELECT partition, \"offset\", key, created_at, headers, payload FROM event_log
+                    WHERE topic = 'order-created' ORDER BY partition, \"offset\")
+             TO STDOUT (FORMAT binary)",
+        )
+        .await?;
+    pin_mut!(copy);
+    let mut bytes = 0usize;
+    while let Some(chunk) = copy.try_next().await? {
+        bytes += chunk.len();
+    }
+    let ceiling = started.elapsed();
+
+    // The consumer, through the kafka-api role.
+    let listener = bind("127.0.0.1:0".parse()?)?;
+    let port = listener.local_addr()?.port();
+    let settings = Settings {
+        kafka_api: Some((
+            listener,
+            outbox_relay::kafka_api::Advertised {
+                host: "127.0.0.1".into(),
+                port,
+            },
+        )),
+        migrate: false,
+        ..Settings::default()
+    };
+    let application = Application::start(settings, url).await?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", format!("127.0.0.1:{port}"))
+        .set("group.id", "kafka-api-bench")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..8 {
+        list.add_partition_offset("order-created", p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&list)?;
+    let (read, elapsed) = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut read = 0i64;
+        let mut payload_bytes = 0usize;
+        while read < records && started.elapsed() < Duration::from_secs(600) {
+            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+                let message = message.expect("a record");
+                payload_bytes += message.payload().map_or(0, <[u8]>::len);
+                read += 1;
+            }
+        }
+        assert!(payload_bytes > 0);
+        (read, started.elapsed())
+    })
+    .await?;
+    application.stop().await?;
+    anyhow::ensure!(read == records, "read {read} of {records} records");
+
+    let ceiling_rate = records as f64 / ceiling.as_secs_f64();
+    let rate = records as f64 / elapsed.as_secs_f64();
+    println!(
+        "ceiling (COPY … TO STDOUT binary, {} MiB): {:.2} s = {:.0} records/s",
+        bytes / (1 << 20),
+        ceiling.as_secs_f64(),
+        ceiling_rate
+    );
+    println!(
+        "librdkafka through kafka-api: {:.2} s = {:.0} records/s = {:.2} of the ceiling",
+        elapsed.as_secs_f64(),
+        rate,
+        rate / ceiling_rate
+    );
+    Ok(())
+}

@@ -55,6 +55,7 @@ pub fn sql_statements() -> Vec<(&'static str, String)> {
         app::mail::statements(),
         app::replay::statements(),
         kafka::status::statements(),
+        kafka_api::statements(),
     ]
     .concat()
 }

@@ -14,6 +14,7 @@
 
 mod connection;
 mod fetch;
+pub(crate) use fetch::statements;
 mod metadata;
 mod metrics;
 mod offsets;

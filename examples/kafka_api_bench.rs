@@ -1,7 +1,10 @@
 //! The Kafka front end read from the start: one librdkafka consumer reads
 //! every record of `order-created` through the `kafka-api` role, next to a
 //! same-run ceiling: the same rows read with one streaming `COPY … TO
-//! STDOUT (FORMAT binary)` of the log table into memory.
+//! STDOUT (FORMAT binary)` of the log table into memory. Then live: orders
+//! written at 200/s (each its own transaction, then `NOTIFY
+//! outbox_written`, as a writer elsewhere does), relayed, and read by a
+//! consumer waiting at the log end: order commit → `poll()` returns it.
 //!
 //! ```sh
 //! cargo run --release --example kafka_api_bench -- postgres://postgres@127.0.0.1:5432/postgres [records]
@@ -129,6 +132,7 @@ async fn run(url: &str, records: i64) -> anyhow::Result<()> {
     .await?;
     application.stop().await?;
     anyhow::ensure!(read == records, "read {read} of {records} records");
+    let (p50, p99, max) = live_latency(url, 2_000, 200.0).await?;
 
     let ceiling_rate = records as f64 / ceiling.as_secs_f64();
     let rate = records as f64 / elapsed.as_secs_f64();
@@ -144,5 +148,93 @@ async fn run(url: &str, records: i64) -> anyhow::Result<()> {
         rate,
         rate / ceiling_rate
     );
+    println!(
+        "live, 2,000 orders at 200/s, order commit -> poll(): p50 {p50:.2} ms  p99 {p99:.2} ms  max {max:.2} ms"
+    );
     Ok(())
+}
+
+/// Orders written at `rate` per second while a consumer waits at the log
+/// end; the latency of each from its commit (its `created_at`, the
+/// writer's transaction time, read back after the commit) to `poll()`.
+async fn live_latency(url: &str, orders: usize, rate: f64) -> anyhow::Result<(f64, f64, f64)> {
+    let listener = bind("127.0.0.1:0".parse()?)?;
+    let port = listener.local_addr()?.port();
+    let settings = Settings {
+        relay: Some(Duration::from_secs(3)),
+        kafka_api: Some((
+            listener,
+            outbox_relay::kafka_api::Advertised {
+                host: "127.0.0.1".into(),
+                port,
+            },
+        )),
+        migrate: false,
+        ..Settings::default()
+    };
+    let application = Application::start(settings, url).await?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", format!("127.0.0.1:{port}"))
+        .set("group.id", "kafka-api-latency")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "500")
+        .create()?;
+    let client = outbox_relay::db::connect(url).await?;
+    let mut list = rdkafka::TopicPartitionList::new();
+    for head in outbox_relay::log::topics::partition_offsets(&client, "order-created").await? {
+        list.add_partition_offset(
+            "order-created",
+            head.partition,
+            rdkafka::Offset::Offset(head.log_end_offset),
+        )?;
+    }
+    consumer.assign(&list)?;
+    // Each record's arrival time, by key.
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut arrived = std::collections::HashMap::new();
+        let started = Instant::now();
+        while arrived.len() < orders && started.elapsed() < Duration::from_secs(120) {
+            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+                let message = message.expect("a record");
+                let key = String::from_utf8_lossy(message.key().unwrap_or_default()).to_string();
+                arrived.insert(key, chrono::Utc::now());
+            }
+        }
+        arrived
+    });
+    // Let the consumer's first fetches reach the log end.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut committed = std::collections::HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    for n in 0..orders {
+        tick.tick().await;
+        let key = format!("live-{n}");
+        let row = client
+            .query_one(
+                "INSERT INTO outbox (topic, key, payload) VALUES ('order-created', $1,
+                   jsonb_build_object('order_id', $2::int8, 'email', 'live@example.com'))
+                 RETURNING created_at",
+                &[&key, &(n as i64)],
+            )
+            .await?;
+        let created: chrono::DateTime<chrono::Utc> = row.get(0);
+        client.batch_execute("NOTIFY outbox_written").await?;
+        committed.insert(key, created);
+    }
+    let arrived = reader.await?;
+    application.stop().await?;
+    anyhow::ensure!(
+        arrived.len() == orders,
+        "read {} of {orders} live orders",
+        arrived.len()
+    );
+    let mut latencies: Vec<f64> = committed
+        .iter()
+        .map(|(key, created)| {
+            (arrived[key] - *created).num_microseconds().unwrap_or(0) as f64 / 1000.0
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Ok((at(0.5), at(0.99), latencies[latencies.len() - 1]))
 }

@@ -94,67 +94,84 @@ impl Front {
 
     /// One pass over the asked partitions: the answer, its record bytes,
     /// and whether an error answers it now (an unknown partition, an
-    /// offset out of range: waiting would not change it).
+    /// offset out of range: waiting would not change it). The partitions
+    /// with records to read are read side by side, each on a connection
+    /// of the pool; the answer then takes them in the asked order within
+    /// `max_bytes`.
     async fn read_fetch(
         &self,
         request: &FetchRequest,
     ) -> anyhow::Result<(FetchResponse, usize, bool)> {
-        let client = self.pool.get().await?;
+        let mut settled = false;
+        // Per asked partition: its answer so far, and what to read for it.
+        let mut answers: Vec<(usize, PartitionData, Option<(usize, i64)>)> = Vec::new();
+        {
+            let client = self.pool.get().await?;
+            for (t, topic) in request.topics.iter().enumerate() {
+                let name = topic.topic.0.as_str();
+                let heads: HashMap<i32, PartitionOffsets> =
+                    match crate::log::topics::partition_offsets(&**client, name).await {
+                        Ok(all) => all.into_iter().map(|p| (p.partition, p)).collect(),
+                        Err(LogError::UnknownTopic(_)) => HashMap::new(),
+                        Err(e) => return Err(e.into()),
+                    };
+                for asked in &topic.partitions {
+                    let mut data = PartitionData::default();
+                    data.partition_index = asked.partition;
+                    data.preferred_read_replica = BrokerId(-1);
+                    let Some(offsets) = heads.get(&asked.partition) else {
+                        data.error_code = UNKNOWN_TOPIC_OR_PARTITION;
+                        data.high_watermark = -1;
+                        data.last_stable_offset = -1;
+                        data.log_start_offset = -1;
+                        settled = true;
+                        answers.push((t, data, None));
+                        continue;
+                    };
+                    data.high_watermark = offsets.log_end_offset;
+                    data.last_stable_offset = offsets.log_end_offset;
+                    data.log_start_offset = offsets.log_start_offset;
+                    let from = asked.fetch_offset;
+                    if from < offsets.log_start_offset || from > offsets.log_end_offset {
+                        data.error_code = OFFSET_OUT_OF_RANGE;
+                        settled = true;
+                        answers.push((t, data, None));
+                        continue;
+                    }
+                    data.error_code = NONE;
+                    let budget = usize::try_from(asked.partition_max_bytes).unwrap_or(0);
+                    let read = (from < offsets.log_end_offset).then_some((budget, from));
+                    answers.push((t, data, read));
+                }
+            }
+        }
+        let reads = answers.iter().map(|(t, data, read)| async move {
+            match read {
+                None => anyhow::Ok(Vec::new()),
+                Some((budget, from)) => {
+                    let topic = request.topics[*t].topic.0.as_str();
+                    let wanted = (budget / 100).clamp(1, MAX_RECORDS_PER_PARTITION as usize);
+                    self.read_records(topic, data.partition_index, *from, wanted as i64)
+                        .await
+                }
+            }
+        });
+        let records = futures_util::future::try_join_all(reads).await?;
+
         let mut budget = usize::try_from(request.max_bytes).unwrap_or(0);
         let mut total = 0usize;
-        let mut settled = false;
-        let mut topics = Vec::with_capacity(request.topics.len());
-        for topic in &request.topics {
-            let name = topic.topic.0.as_str();
-            let heads: HashMap<i32, PartitionOffsets> =
-                match crate::log::topics::partition_offsets(&**client, name).await {
-                    Ok(all) => all.into_iter().map(|p| (p.partition, p)).collect(),
-                    Err(LogError::UnknownTopic(_)) => HashMap::new(),
-                    Err(e) => return Err(e.into()),
-                };
-            let mut partitions = Vec::with_capacity(topic.partitions.len());
-            for asked in &topic.partitions {
-                let mut data = PartitionData::default();
-                data.partition_index = asked.partition;
-                data.preferred_read_replica = BrokerId(-1);
-                let Some(offsets) = heads.get(&asked.partition) else {
-                    data.error_code = UNKNOWN_TOPIC_OR_PARTITION;
-                    data.high_watermark = -1;
-                    data.last_stable_offset = -1;
-                    data.log_start_offset = -1;
-                    settled = true;
-                    partitions.push(data);
-                    continue;
-                };
-                data.high_watermark = offsets.log_end_offset;
-                data.last_stable_offset = offsets.log_end_offset;
-                data.log_start_offset = offsets.log_start_offset;
-                let from = asked.fetch_offset;
-                if from < offsets.log_start_offset || from > offsets.log_end_offset {
-                    data.error_code = OFFSET_OUT_OF_RANGE;
-                    settled = true;
-                    partitions.push(data);
-                    continue;
-                }
-                data.error_code = NONE;
-                let partition_budget = usize::try_from(asked.partition_max_bytes).unwrap_or(0);
-                if from < offsets.log_end_offset && (budget > 0 || total == 0) {
-                    let wanted =
-                        (partition_budget / 100).clamp(1, MAX_RECORDS_PER_PARTITION as usize);
-                    // Prepared once per pooled connection.
-                    let read = client.prepare_cached(READ_FOR_FETCH).await?;
-                    let records: Vec<FetchedRecord> = client
-                        .query(&read, &[&name, &asked.partition, &from, &(wanted as i64)])
-                        .await?
-                        .into_iter()
-                        .map(|row| FetchedRecord {
-                            offset: row.get(0),
-                            key: row.get(1),
-                            created_at: row.get(2),
-                            headers: row.get(3),
-                            payload: row.get(4),
-                        })
-                        .collect();
+        let mut topics: Vec<FetchableTopicResponse> = request
+            .topics
+            .iter()
+            .map(|topic| {
+                let mut answered = FetchableTopicResponse::default();
+                answered.topic = topic.topic.clone();
+                answered
+            })
+            .collect();
+        for ((t, mut data, read), records) in answers.into_iter().zip(records) {
+            if let Some((partition_budget, _)) = read {
+                if budget > 0 || total == 0 {
                     // The first record of the answer goes whatever its size.
                     let limit = if total == 0 {
                         partition_budget.min(budget).max(1)
@@ -168,18 +185,39 @@ impl Front {
                         data.records = Some(batch);
                     }
                 }
-                partitions.push(data);
             }
-            let mut answered = FetchableTopicResponse::default();
-            answered.topic = topic.topic.clone();
-            answered.partitions = partitions;
-            topics.push(answered);
+            topics[t].partitions.push(data);
         }
         let mut response = FetchResponse::default();
         response.error_code = NONE;
         response.session_id = 0;
         response.responses = topics;
         Ok((response, total, settled))
+    }
+
+    /// Up to `max` records of a partition from `from`, on a connection of
+    /// the pool (the statement prepared once per connection).
+    async fn read_records(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        max: i64,
+    ) -> anyhow::Result<Vec<FetchedRecord>> {
+        let client = self.pool.get().await?;
+        let read = client.prepare_cached(READ_FOR_FETCH).await?;
+        Ok(client
+            .query(&read, &[&topic, &partition, &from, &max])
+            .await?
+            .into_iter()
+            .map(|row| FetchedRecord {
+                offset: row.get(0),
+                key: row.get(1),
+                created_at: row.get(2),
+                headers: row.get(3),
+                payload: row.get(4),
+            })
+            .collect())
     }
 }
 

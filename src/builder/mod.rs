@@ -44,8 +44,10 @@ pub enum Role {
     KafkaApi,
 }
 
-/// Enough for every role in one process (api 16, relay 4, mail 27, kafka
-/// 11, and 2 for `--metrics-addr`).
+/// Enough for the default roles with room to spare (api 16, relay 4, mail
+/// 27); with every role (kafka 11, kafka-api 9, webhook sinks 7 each,
+/// `--metrics-addr` 2) the mail worker's shared pools shrink to what is
+/// left, or give `--max-db-connections` more.
 pub const DEFAULT_MAX_DB_CONNECTIONS: u32 = 64;
 
 /// The order API's pool.

@@ -31,8 +31,23 @@ pub(super) const MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
 /// `connections.max.idle.ms` is 9 minutes).
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(540);
 
-/// The rest of a frame must arrive within this once its size has.
+/// The rest of a frame must arrive within this once its size has, and an
+/// answer must be taken by the client within it.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Writes `frame`, or gives up (with a log line) on a client that does not
+/// read its answers: it would hold the answer and a connection slot.
+async fn write(stream: &mut TcpStream, frame: &[u8], peer: SocketAddr, client: &str) -> bool {
+    match tokio::time::timeout(FRAME_TIMEOUT, stream.write_all(frame)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::warn!(%peer, client = %client,
+                "closing a Kafka connection: the client did not take its answer within 30 s");
+            false
+        }
+    }
+}
 
 /// A request, decoded.
 #[derive(Debug)]
@@ -163,18 +178,27 @@ pub(super) async fn serve(
         let mut frame = vec![0u8; size];
         match tokio::time::timeout(FRAME_TIMEOUT, stream.read_exact(&mut frame)).await {
             Ok(Ok(_)) => {}
-            _ => return,
+            Ok(Err(_)) => return, // closed by the client mid-frame
+            Err(_) => {
+                tracing::warn!(%peer, client = %client, size,
+                    "closing a Kafka connection: a request frame did not arrive within 30 s");
+                return;
+            }
         }
         let request = match decode(Bytes::from(frame)) {
             Ok(request) => request,
             Err(Refusal::ApiVersionsFallback { correlation_id }) => {
                 let answer = ResponseKind::ApiVersions(versions::api_versions(UNSUPPORTED_VERSION));
                 match encode(ApiKey::ApiVersions, 0, correlation_id, &answer) {
-                    Ok(frame) if stream.write_all(&frame).await.is_ok() => continue,
+                    Ok(frame) if write(&mut stream, &frame, peer, &client).await => continue,
                     _ => return,
                 }
             }
             Err(Refusal::Close(why)) => {
+                metrics
+                    .requests
+                    .with_label_values(&["refused", "closed"])
+                    .inc();
                 tracing::warn!(%peer, client = %client, "closing a Kafka connection: {why}");
                 return;
             }
@@ -222,7 +246,7 @@ pub(super) async fn serve(
                 return;
             }
         };
-        if stream.write_all(&frame).await.is_err() {
+        if !write(&mut stream, &frame, peer, &client).await {
             return;
         }
     }

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use kafka_protocol::indexmap::IndexMap;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse};
@@ -29,13 +30,15 @@ use kafka_protocol::records::{
 use super::{Front, NONE, OFFSET_OUT_OF_RANGE, UNKNOWN_TOPIC_OR_PARTITION};
 use crate::log::{LogError, PartitionOffsets};
 
-/// A partition's records from `$3` on, at most `$4`, as the wire wants
+/// A partition's records from `$3` up to (not including) `$5`, the log
+/// end the answer reports as its high watermark (a batch the relay commits
+/// meanwhile waits for the next fetch), at most `$4`, as the wire wants
 /// them: the payload as its JSON text, rendered by Postgres (parsing it
 /// here only to serialise it again cost half the read).
 const READ_FOR_FETCH: &str = "
     SELECT e.\"offset\", e.key, e.created_at, e.headers, e.payload::text
       FROM event_log e
-     WHERE e.topic = $1 AND e.partition = $2 AND e.\"offset\" >= $3
+     WHERE e.topic = $1 AND e.partition = $2 AND e.\"offset\" >= $3 AND e.\"offset\" < $5
      ORDER BY e.\"offset\"
      LIMIT $4";
 
@@ -54,6 +57,13 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// Records read from a partition per fetch, at most.
 const MAX_RECORDS_PER_PARTITION: i64 = 5_000;
+
+/// The most record bytes one answer carries, whatever a client asks
+/// (Kafka's broker-side `fetch.max.bytes` is 55 MiB).
+const MAX_FETCH_BYTES: usize = 55 * 1024 * 1024;
+
+/// Partitions read side by side for one fetch (the role's pool size).
+const READS_AT_ONCE: usize = super::POOL_SIZE;
 
 /// What a record adds to a batch besides its key, value and headers
 /// (lengths, deltas, attributes), for the size budget.
@@ -74,7 +84,8 @@ impl Front {
         let mut appended = self.appends.subscribe_all();
         loop {
             let (response, bytes, settled) = self.read_fetch(&request).await?;
-            if bytes >= min_bytes.max(1) || settled || tokio::time::Instant::now() >= deadline {
+            // `min_bytes` 0: answer at once, as Kafka does.
+            if bytes >= min_bytes || settled || tokio::time::Instant::now() >= deadline {
                 return Ok(response);
             }
             tokio::select! {
@@ -103,8 +114,11 @@ impl Front {
         request: &FetchRequest,
     ) -> anyhow::Result<(FetchResponse, usize, bool)> {
         let mut settled = false;
-        // Per asked partition: its answer so far, and what to read for it.
-        let mut answers: Vec<(usize, PartitionData, Option<(usize, i64)>)> = Vec::new();
+        // Per asked partition: its answer so far, and what to read for it
+        // (its byte budget, from, up to). A partition asked twice is read
+        // once.
+        let mut answers: Vec<(usize, PartitionData, Option<(usize, i64, i64)>)> = Vec::new();
+        let mut asked_before = std::collections::HashSet::new();
         {
             let client = self.pool.get().await?;
             for (t, topic) in request.topics.iter().enumerate() {
@@ -139,26 +153,41 @@ impl Front {
                         continue;
                     }
                     data.error_code = NONE;
-                    let budget = usize::try_from(asked.partition_max_bytes).unwrap_or(0);
-                    let read = (from < offsets.log_end_offset).then_some((budget, from));
+                    let budget = usize::try_from(asked.partition_max_bytes)
+                        .unwrap_or(0)
+                        .min(MAX_FETCH_BYTES);
+                    let first_time = asked_before.insert((t, asked.partition));
+                    let read = (from < offsets.log_end_offset && first_time).then_some((
+                        budget,
+                        from,
+                        offsets.log_end_offset,
+                    ));
                     answers.push((t, data, read));
                 }
             }
         }
-        let reads = answers.iter().map(|(t, data, read)| async move {
-            match read {
-                None => anyhow::Ok(Vec::new()),
-                Some((budget, from)) => {
-                    let topic = request.topics[*t].topic.0.as_str();
-                    let wanted = (budget / 100).clamp(1, MAX_RECORDS_PER_PARTITION as usize);
-                    self.read_records(topic, data.partition_index, *from, wanted as i64)
-                        .await
+        // Read a few partitions ahead of the one being encoded, in order;
+        // once the budget is spent no further read starts.
+        let mut budget = usize::try_from(request.max_bytes)
+            .unwrap_or(0)
+            .min(MAX_FETCH_BYTES);
+        let reads: Vec<_> = answers
+            .iter()
+            .map(|(t, data, read)| (*t, data.partition_index, *read))
+            .collect();
+        let mut reads =
+            futures_util::stream::iter(reads.into_iter().map(|(t, partition, read)| async move {
+                match read {
+                    None => anyhow::Ok(Vec::new()),
+                    Some((budget, from, end)) => {
+                        let topic = request.topics[t].topic.0.as_str();
+                        let wanted = (budget / 100).clamp(1, MAX_RECORDS_PER_PARTITION as usize);
+                        self.read_records(topic, partition, from, end, wanted as i64)
+                            .await
+                    }
                 }
-            }
-        });
-        let records = futures_util::future::try_join_all(reads).await?;
-
-        let mut budget = usize::try_from(request.max_bytes).unwrap_or(0);
+            }))
+            .buffered(READS_AT_ONCE);
         let mut total = 0usize;
         let mut topics: Vec<FetchableTopicResponse> = request
             .topics
@@ -169,9 +198,17 @@ impl Front {
                 answered
             })
             .collect();
-        for ((t, mut data, read), records) in answers.into_iter().zip(records) {
-            if let Some((partition_budget, _)) = read {
-                if budget > 0 || total == 0 {
+        // The reads come back in the answers' order (one per answer, empty
+        // where there is nothing to read); once the budget is spent the
+        // rest is not waited for.
+        let mut spent = false;
+        for (t, mut data, read) in answers {
+            if !spent {
+                let records = match reads.next().await {
+                    Some(records) => records?,
+                    None => Vec::new(),
+                };
+                if let Some((partition_budget, _, _)) = read {
                     // The first record of the answer goes whatever its size.
                     let limit = if total == 0 {
                         partition_budget.min(budget).max(1)
@@ -185,6 +222,7 @@ impl Front {
                         data.records = Some(batch);
                     }
                 }
+                spent = budget == 0 && total > 0;
             }
             topics[t].partitions.push(data);
         }
@@ -195,19 +233,20 @@ impl Front {
         Ok((response, total, settled))
     }
 
-    /// Up to `max` records of a partition from `from`, on a connection of
-    /// the pool (the statement prepared once per connection).
+    /// Up to `max` records of a partition from `from` up to `end`, on a
+    /// connection of the pool (the statement prepared once per connection).
     async fn read_records(
         &self,
         topic: &str,
         partition: i32,
         from: i64,
+        end: i64,
         max: i64,
     ) -> anyhow::Result<Vec<FetchedRecord>> {
         let client = self.pool.get().await?;
         let read = client.prepare_cached(READ_FOR_FETCH).await?;
         Ok(client
-            .query(&read, &[&topic, &partition, &from, &max])
+            .query(&read, &[&topic, &partition, &from, &max, &end])
             .await?
             .into_iter()
             .map(|row| FetchedRecord {

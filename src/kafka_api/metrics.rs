@@ -20,9 +20,10 @@ pub(super) fn kafka_api_metrics() -> &'static KafkaApiMetrics {
     METRICS.get_or_init(|| KafkaApiMetrics {
         requests: metrics::counter_vec(
             "outbox_relay_kafka_api_requests_total",
-            "Kafka protocol requests answered, by API and error code \
-             (the first partition error of an answer, 0 when none; \
-             \"closed\" when the connection was closed instead)",
+            "Kafka protocol requests, by API and error code (the first \
+             partition error of an answer, 0 when none; \"closed\" when the \
+             connection was closed instead; API \"refused\" for a request \
+             outside the table or one that does not decode)",
             &["api", "error"],
         ),
         duration: metrics::histogram_vec(

@@ -72,7 +72,7 @@ impl Front {
                             (offset, created)
                         }
                     }
-                    // -3 (the largest timestamp) and anything else: not kept.
+                    // Anything else (v7's -3 is not served): none.
                     _ => (-1, -1),
                 };
                 answer.offset = offset;

@@ -42,16 +42,23 @@ impl Front {
                 })
                 .collect(),
         };
-        let mut broker = MetadataResponseBroker::default();
-        broker.node_id = BrokerId(NODE_ID);
-        broker.host = StrBytes::from_string(self.advertised.host.clone());
-        broker.port = i32::from(self.advertised.port);
         let mut response = MetadataResponse::default();
-        response.brokers = vec![broker];
+        response.brokers = vec![self.broker()];
         response.cluster_id = Some(StrBytes::from_static_str(CLUSTER_ID));
         response.controller_id = BrokerId(NODE_ID);
         response.topics = topics;
         Ok(response)
+    }
+}
+
+impl Front {
+    /// This process as the cluster's one broker.
+    pub(super) fn broker(&self) -> MetadataResponseBroker {
+        let mut broker = MetadataResponseBroker::default();
+        broker.node_id = BrokerId(NODE_ID);
+        broker.host = StrBytes::from_string(self.advertised.host.clone());
+        broker.port = i32::from(self.advertised.port);
+        broker
     }
 }
 

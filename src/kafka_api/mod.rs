@@ -31,6 +31,7 @@ use crate::log::notify::Appends;
 use crate::shutdown::Shutdown;
 
 /// Kafka's error codes this front end answers with.
+pub(crate) const UNKNOWN_SERVER_ERROR: i16 = -1;
 pub(crate) const NONE: i16 = 0;
 pub(crate) const OFFSET_OUT_OF_RANGE: i16 = 1;
 pub(crate) const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
@@ -81,6 +82,92 @@ impl Front {
                 request.key
             ),
         }))
+    }
+}
+
+impl Front {
+    /// The answer to `request` when its handler failed (the database is
+    /// unreachable, say): every asked topic or partition with
+    /// UNKNOWN_SERVER_ERROR, which clients retry after a backoff. None
+    /// for the requests whose handlers cannot fail.
+    fn failed(&self, request: &RequestKind) -> Option<ResponseKind> {
+        use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+        use kafka_protocol::messages::list_offsets_response::{
+            ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+        };
+        use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
+        use kafka_protocol::messages::{FetchResponse, ListOffsetsResponse, MetadataResponse};
+        Some(match request {
+            RequestKind::Metadata(r) => {
+                let mut response = MetadataResponse::default();
+                response.brokers = vec![self.broker()];
+                response.controller_id = kafka_protocol::messages::BrokerId(NODE_ID);
+                response.topics = r
+                    .topics
+                    .iter()
+                    .flatten()
+                    .map(|asked| {
+                        let mut topic = MetadataResponseTopic::default();
+                        topic.name = asked.name.clone();
+                        topic.error_code = UNKNOWN_SERVER_ERROR;
+                        topic
+                    })
+                    .collect();
+                ResponseKind::Metadata(response)
+            }
+            RequestKind::ListOffsets(r) => {
+                let mut response = ListOffsetsResponse::default();
+                response.topics = r
+                    .topics
+                    .iter()
+                    .map(|asked| {
+                        let mut topic = ListOffsetsTopicResponse::default();
+                        topic.name = asked.name.clone();
+                        topic.partitions = asked
+                            .partitions
+                            .iter()
+                            .map(|p| {
+                                let mut partition = ListOffsetsPartitionResponse::default();
+                                partition.partition_index = p.partition_index;
+                                partition.error_code = UNKNOWN_SERVER_ERROR;
+                                partition.offset = -1;
+                                partition.timestamp = -1;
+                                partition
+                            })
+                            .collect();
+                        topic
+                    })
+                    .collect();
+                ResponseKind::ListOffsets(response)
+            }
+            RequestKind::Fetch(r) => {
+                let mut response = FetchResponse::default();
+                response.responses = r
+                    .topics
+                    .iter()
+                    .map(|asked| {
+                        let mut topic = FetchableTopicResponse::default();
+                        topic.topic = asked.topic.clone();
+                        topic.partitions = asked
+                            .partitions
+                            .iter()
+                            .map(|p| {
+                                let mut partition = PartitionData::default();
+                                partition.partition_index = p.partition;
+                                partition.error_code = UNKNOWN_SERVER_ERROR;
+                                partition.high_watermark = -1;
+                                partition.last_stable_offset = -1;
+                                partition.log_start_offset = -1;
+                                partition
+                            })
+                            .collect();
+                        topic
+                    })
+                    .collect();
+                ResponseKind::Fetch(response)
+            }
+            _ => return None,
+        })
     }
 }
 

@@ -363,3 +363,79 @@ async fn an_api_that_is_not_served_closes_the_connection() {
         .unwrap();
     assert_eq!(read, 0, "no answer, the connection closed");
 }
+
+/// One request over a raw connection: the answer's bytes after its size,
+/// or None when the connection closed.
+async fn exchange(
+    stream: &mut tokio::net::TcpStream,
+    key: kafka_protocol::messages::ApiKey,
+    version: i16,
+    body: impl kafka_protocol::protocol::Encodable,
+) -> Option<bytes::Bytes> {
+    use kafka_protocol::protocol::Encodable;
+    let mut header = kafka_protocol::messages::RequestHeader::default();
+    header.request_api_key = key as i16;
+    header.request_api_version = version;
+    header.correlation_id = 42;
+    let mut frame = bytes::BytesMut::new();
+    kafka_protocol::protocol::encode_request_header_into_buffer(&mut frame, &header).unwrap();
+    body.encode(&mut frame, version).unwrap();
+    stream.write_i32(frame.len() as i32).await.unwrap();
+    stream.write_all(&frame).await.unwrap();
+    let size = tokio::time::timeout(Duration::from_secs(10), stream.read_i32())
+        .await
+        .expect("an answer or a close, not a hang")
+        .ok()?;
+    let mut answer = vec![0u8; size as usize];
+    stream.read_exact(&mut answer).await.ok()?;
+    Some(bytes::Bytes::from(answer))
+}
+
+/// A request whose handler fails (here: the log's catalogue is gone) is
+/// answered with UNKNOWN_SERVER_ERROR for what it asked, and the
+/// connection stays open for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_request_is_answered_with_an_error_code_not_dropped() {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::{
+        ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse,
+        ResponseHeader, TopicName,
+    };
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    let db = TestDb::migrated().await;
+    let (_pipeline, bootstrap) = kafka_api(&db).await;
+    db.client()
+        .await
+        .batch_execute("ALTER TABLE topics RENAME TO topics_elsewhere")
+        .await
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(&bootstrap).await.unwrap();
+    let mut asked = MetadataRequestTopic::default();
+    asked.name = Some(TopicName(StrBytes::from_static_str(TOPIC)));
+    let mut request = MetadataRequest::default();
+    request.topics = Some(vec![asked]);
+    let mut answer = exchange(&mut stream, ApiKey::Metadata, 12, request)
+        .await
+        .expect("answered, not closed");
+    let header = ResponseHeader::decode(&mut answer, 1).unwrap();
+    assert_eq!(header.correlation_id, 42);
+    let metadata = MetadataResponse::decode(&mut answer, 12).unwrap();
+    assert_eq!(metadata.topics.len(), 1);
+    assert_eq!(metadata.topics[0].error_code, -1, "UNKNOWN_SERVER_ERROR");
+
+    let mut answer = exchange(
+        &mut stream,
+        ApiKey::ApiVersions,
+        3,
+        ApiVersionsRequest::default(),
+    )
+    .await
+    .expect("the connection is still open");
+    ResponseHeader::decode(&mut answer, 0).unwrap();
+    let versions = ApiVersionsResponse::decode(&mut answer, 3).unwrap();
+    assert_eq!(versions.error_code, 0);
+    assert!(versions
+        .api_keys
+        .iter()
+        .any(|k| k.api_key == ApiKey::Fetch as i16));
+}

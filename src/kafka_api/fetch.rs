@@ -69,6 +69,9 @@ const READS_AT_ONCE: usize = super::POOL_SIZE;
 /// (lengths, deltas, attributes), for the size budget.
 const RECORD_OVERHEAD: usize = 24;
 
+/// What to read of one asked partition: its byte budget, from, up to.
+type PartitionRead = (usize, i64, i64);
+
 impl Front {
     pub(super) async fn fetch(
         &self,
@@ -117,7 +120,7 @@ impl Front {
         // Per asked partition: its answer so far, and what to read for it
         // (its byte budget, from, up to). A partition asked twice is read
         // once.
-        let mut answers: Vec<(usize, PartitionData, Option<(usize, i64, i64)>)> = Vec::new();
+        let mut answers: Vec<(usize, PartitionData, Option<PartitionRead>)> = Vec::new();
         let mut asked_before = std::collections::HashSet::new();
         {
             let client = self.pool.get().await?;

@@ -372,7 +372,6 @@ async fn exchange(
     version: i16,
     body: impl kafka_protocol::protocol::Encodable,
 ) -> Option<bytes::Bytes> {
-    use kafka_protocol::protocol::Encodable;
     let mut header = kafka_protocol::messages::RequestHeader::default();
     header.request_api_key = key as i16;
     header.request_api_version = version;

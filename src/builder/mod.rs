@@ -151,6 +151,16 @@ impl Application {
             Some(lease_ttl) => Some(crate::relay::role(&db, lease_ttl)?),
             None => None,
         };
+        // Orders placed here wake the relay directly when it runs here too,
+        // else through `NOTIFY outbox_written` on a connection of its own.
+        let outbox_written = match (&relay, &api_pool) {
+            (_, None) => OutboxWritten::default(),
+            (Some((relay, _)), Some(_)) => OutboxWritten::Relay(relay.wakeup()),
+            (None, Some(_)) => {
+                db.reserve("API's NOTIFY outbox_written", 1)?;
+                OutboxWritten::Notify(crate::log::notify::OutboxNotifier::start(url)?)
+            }
+        };
         let kafka_api_pool = match &settings.kafka_api {
             Some(_) => {
                 db.reserve("kafka-api wake-ups (LISTEN log appends)", 1)?;
@@ -170,16 +180,6 @@ impl Application {
                 .map_or(0, |_| crate::kafka::mirror::CONNECTIONS);
             built.add(crate::app::mail::role(&db, mail, later)?);
         }
-        // Orders placed here wake the relay directly when it runs here too,
-        // else through `NOTIFY outbox_written` on a connection of its own.
-        let outbox_written = match (&relay, &api_pool) {
-            (_, None) => OutboxWritten::default(),
-            (Some((relay, _)), Some(_)) => OutboxWritten::Relay(relay.wakeup()),
-            (None, Some(_)) => {
-                db.reserve("API's NOTIFY outbox_written", 1)?;
-                OutboxWritten::Notify(crate::log::notify::OutboxNotifier::start(url)?)
-            }
-        };
         tracing::debug!(connections = db.reserved_total(), reserved = ?db.reservations(),
             webhooks, "database connection budget");
 

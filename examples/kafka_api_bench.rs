@@ -91,20 +91,7 @@ async fn run(url: &str, records: i64) -> anyhow::Result<()> {
     let ceiling = started.elapsed();
 
     // The consumer, through the kafka-api role.
-    let listener = bind("127.0.0.1:0".parse()?)?;
-    let port = listener.local_addr()?.port();
-    let settings = Settings {
-        kafka_api: Some((
-            listener,
-            outbox_relay::kafka_api::Advertised {
-                host: "127.0.0.1".into(),
-                port,
-            },
-        )),
-        migrate: false,
-        ..Settings::default()
-    };
-    let application = Application::start(settings, url).await?;
+    let (application, port) = start(url, None).await?;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", format!("127.0.0.1:{port}"))
         .set("group.id", "kafka-api-bench")
@@ -158,21 +145,7 @@ async fn run(url: &str, records: i64) -> anyhow::Result<()> {
 /// end; the latency of each from its commit (its `created_at`, the
 /// writer's transaction time, read back after the commit) to `poll()`.
 async fn live_latency(url: &str, orders: usize, rate: f64) -> anyhow::Result<(f64, f64, f64)> {
-    let listener = bind("127.0.0.1:0".parse()?)?;
-    let port = listener.local_addr()?.port();
-    let settings = Settings {
-        relay: Some(Duration::from_secs(3)),
-        kafka_api: Some((
-            listener,
-            outbox_relay::kafka_api::Advertised {
-                host: "127.0.0.1".into(),
-                port,
-            },
-        )),
-        migrate: false,
-        ..Settings::default()
-    };
-    let application = Application::start(settings, url).await?;
+    let (application, port) = start(url, Some(Duration::from_secs(3))).await?;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", format!("127.0.0.1:{port}"))
         .set("group.id", "kafka-api-latency")
@@ -237,4 +210,25 @@ async fn live_latency(url: &str, orders: usize, rate: f64) -> anyhow::Result<(f6
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     Ok((at(0.5), at(0.99), latencies[latencies.len() - 1]))
+}
+
+/// The kafka-api role on a free loopback port (and the relay role, given
+/// its lease), started by the application builder: the application and
+/// the port.
+async fn start(url: &str, relay: Option<Duration>) -> anyhow::Result<(Application, u16)> {
+    let listener = bind("127.0.0.1:0".parse()?)?;
+    let port = listener.local_addr()?.port();
+    let settings = Settings {
+        relay,
+        kafka_api: Some((
+            listener,
+            outbox_relay::kafka_api::Advertised {
+                host: "127.0.0.1".into(),
+                port,
+            },
+        )),
+        migrate: false,
+        ..Settings::default()
+    };
+    Ok((Application::start(settings, url).await?, port))
 }

@@ -28,6 +28,7 @@ use kafka_protocol::records::{
 };
 
 use super::{Front, NONE, OFFSET_OUT_OF_RANGE, UNKNOWN_TOPIC_OR_PARTITION};
+use crate::log::notify::PartitionAppends;
 use crate::log::{LogError, PartitionOffsets};
 
 /// A partition's records from `$3` up to (not including) `$5`, the log
@@ -82,26 +83,42 @@ impl Front {
             Duration::from_millis(u64::try_from(request.max_wait_ms).unwrap_or(0)).min(MAX_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
-        // Subscribed before the first read, so an append between the read
-        // and the wait still wakes it.
-        let mut appended = self.appends.subscribe_all();
+        let (response, bytes, settled) = self.read_fetch(&request).await?;
+        // `min_bytes` 0: answer at once, as Kafka does.
+        if bytes >= min_bytes || settled || wait.is_zero() {
+            return Ok(response);
+        }
+        // A long poll: woken when one of the asked partitions gets records
+        // past its fetch offset (appends elsewhere do not wake it). Only
+        // partitions that exist are watched (a client cannot grow the
+        // table of watched partitions), and the read is repeated once
+        // watched, so an append between the first read and the watch is
+        // not missed.
+        let mut watched: Vec<(PartitionAppends, i64)> = request
+            .topics
+            .iter()
+            .zip(&response.responses)
+            .flat_map(|(asked, answered)| {
+                asked
+                    .partitions
+                    .iter()
+                    .zip(&answered.partitions)
+                    .filter(|(_, data)| data.error_code == NONE)
+                    .map(|(p, _)| {
+                        let appends = self.appends.subscribe(asked.topic.0.as_str(), p.partition);
+                        (appends, p.fetch_offset)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         loop {
             let (response, bytes, settled) = self.read_fetch(&request).await?;
-            // `min_bytes` 0: answer at once, as Kafka does.
             if bytes >= min_bytes || settled || tokio::time::Instant::now() >= deadline {
                 return Ok(response);
             }
             tokio::select! {
-                changed = appended.changed() => {
-                    if changed.is_err() {
-                        // No notifications (the listener is gone): answer.
-                        return Ok(response);
-                    }
-                }
+                _ = any_past(&mut watched) => {}
                 _ = tokio::time::sleep_until(deadline) => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(self.read_fetch(&request).await?.0);
             }
         }
     }
@@ -261,6 +278,18 @@ impl Front {
             })
             .collect())
     }
+}
+
+/// Returns once one of `watched` has records past its offset (never, for
+/// none).
+async fn any_past(watched: &mut [(PartitionAppends, i64)]) {
+    if watched.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = watched
+        .iter_mut()
+        .map(|(appends, next)| Box::pin(appends.past(*next)));
+    futures_util::future::select_all(waits).await;
 }
 
 /// `records` (consecutive, from the fetch offset) as one batch, cut to

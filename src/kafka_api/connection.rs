@@ -225,16 +225,14 @@ pub(super) async fn serve(
         let correlation_id = request.header.correlation_id;
         let started = std::time::Instant::now();
         let api = api_label(key);
-        // Kept for an error answer, should the handler fail.
-        let asked = request.body.clone();
         let answer = tokio::select! {
-            answer = front.answer(request) => answer,
+            answer = front.answer(&request) => answer,
             _ = shutdown.recv() => return,
         };
         // No request goes unanswered: a failed handler's request gets its
         // error codes (the connection stays).
         let answer = match answer {
-            Err(e) => match front.failed(&asked) {
+            Err(e) => match front.failed(&request.body) {
                 Some(failed) => {
                     tracing::warn!(%peer, client = %client, api = ?key, error = %crate::clip::clip_error(&e),
                         "a Kafka request failed; answered with UNKNOWN_SERVER_ERROR");

@@ -14,7 +14,6 @@
 //! * Fetch sessions (KIP-227) are declined (session id 0): every request
 //!   names its partitions.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -29,7 +28,6 @@ use kafka_protocol::records::{
 
 use super::{Front, NONE, OFFSET_OUT_OF_RANGE, UNKNOWN_TOPIC_OR_PARTITION};
 use crate::log::notify::PartitionAppends;
-use crate::log::{LogError, PartitionOffsets};
 
 /// A partition's records from `$3` up to (not including) `$5`, the log
 /// end the answer reports as its high watermark (a batch the relay commits
@@ -76,7 +74,7 @@ type PartitionRead = (usize, i64, i64);
 impl Front {
     pub(super) async fn fetch(
         &self,
-        request: FetchRequest,
+        request: &FetchRequest,
         _version: i16,
     ) -> anyhow::Result<FetchResponse> {
         let wait =
@@ -143,12 +141,7 @@ impl Front {
             let client = self.pool.get().await?;
             for (t, topic) in request.topics.iter().enumerate() {
                 let name = topic.topic.0.as_str();
-                let heads: HashMap<i32, PartitionOffsets> =
-                    match crate::log::topics::partition_offsets(&**client, name).await {
-                        Ok(all) => all.into_iter().map(|p| (p.partition, p)).collect(),
-                        Err(LogError::UnknownTopic(_)) => HashMap::new(),
-                        Err(e) => return Err(e.into()),
-                    };
+                let heads = super::heads(&client, name).await?;
                 for asked in &topic.partitions {
                     let mut data = PartitionData::default();
                     data.partition_index = asked.partition;

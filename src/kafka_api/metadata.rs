@@ -17,15 +17,15 @@ const CLUSTER_ID: &str = "outbox-relay";
 impl Front {
     pub(super) async fn metadata(
         &self,
-        request: MetadataRequest,
+        request: &MetadataRequest,
         _version: i16,
     ) -> anyhow::Result<MetadataResponse> {
         let client = self.pool.get().await?;
         let known = crate::log::topics::list_topics(&**client).await?;
-        let wanted: Option<Vec<String>> = request.topics.map(|topics| {
+        let wanted: Option<Vec<String>> = request.topics.as_ref().map(|topics| {
             topics
-                .into_iter()
-                .filter_map(|t| t.name.map(|n| n.0.to_string()))
+                .iter()
+                .filter_map(|t| t.name.as_ref().map(|n| n.0.to_string()))
                 .collect()
         });
         let topics = match wanted {

@@ -64,9 +64,9 @@ pub(crate) struct Front {
 impl Front {
     /// The answer to one request of the table (`versions`); None for a
     /// request Kafka does not answer (a produce with `acks=0`).
-    async fn answer(&self, request: connection::Request) -> anyhow::Result<Option<ResponseKind>> {
+    async fn answer(&self, request: &connection::Request) -> anyhow::Result<Option<ResponseKind>> {
         let version = request.header.request_api_version;
-        Ok(Some(match request.body {
+        Ok(Some(match &request.body {
             RequestKind::Produce(r) => match produce::refuse(r) {
                 Some(refused) => ResponseKind::Produce(refused),
                 None => return Ok(None),
@@ -168,6 +168,20 @@ impl Front {
             }
             _ => return None,
         })
+    }
+}
+
+/// The log start and end offsets of `topic`'s partitions, by partition;
+/// none for a topic the log does not have (its partitions are then
+/// answered UNKNOWN_TOPIC_OR_PARTITION).
+async fn heads(
+    client: &tokio_postgres::Client,
+    topic: &str,
+) -> anyhow::Result<std::collections::HashMap<i32, crate::log::PartitionOffsets>> {
+    match crate::log::topics::partition_offsets(client, topic).await {
+        Ok(all) => Ok(all.into_iter().map(|p| (p.partition, p)).collect()),
+        Err(crate::log::LogError::UnknownTopic(_)) => Ok(Default::default()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -4,8 +4,6 @@
 //! --to-datetime`'s answer (`log::read::offset_for_time`). No record at or
 //! after the time: offset and timestamp -1, as Kafka answers.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use kafka_protocol::messages::list_offsets_response::{
     ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
@@ -13,7 +11,6 @@ use kafka_protocol::messages::list_offsets_response::{
 use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
 
 use super::{Front, NONE, UNKNOWN_TOPIC_OR_PARTITION};
-use crate::log::{LogError, PartitionOffsets};
 
 /// Kafka's special timestamps.
 const LATEST: i64 = -1;
@@ -22,21 +19,16 @@ const EARLIEST: i64 = -2;
 impl Front {
     pub(super) async fn list_offsets(
         &self,
-        request: ListOffsetsRequest,
+        request: &ListOffsetsRequest,
         _version: i16,
     ) -> anyhow::Result<ListOffsetsResponse> {
         let client = self.pool.get().await?;
         let mut topics = Vec::with_capacity(request.topics.len());
-        for topic in request.topics {
+        for topic in &request.topics {
             let name = topic.name.0.to_string();
-            let heads: HashMap<i32, PartitionOffsets> =
-                match crate::log::topics::partition_offsets(&**client, &name).await {
-                    Ok(all) => all.into_iter().map(|p| (p.partition, p)).collect(),
-                    Err(LogError::UnknownTopic(_)) => HashMap::new(),
-                    Err(e) => return Err(e.into()),
-                };
+            let heads = super::heads(&client, &name).await?;
             let mut partitions = Vec::with_capacity(topic.partitions.len());
-            for asked in topic.partitions {
+            for asked in &topic.partitions {
                 let mut answer = ListOffsetsPartitionResponse::default();
                 answer.partition_index = asked.partition_index;
                 answer.leader_epoch = -1;
@@ -80,7 +72,7 @@ impl Front {
                 partitions.push(answer);
             }
             let mut answered = ListOffsetsTopicResponse::default();
-            answered.name = topic.name;
+            answered.name = topic.name.clone();
             answered.partitions = partitions;
             topics.push(answered);
         }

@@ -19,17 +19,17 @@ const REFUSED: &str =
 
 /// The answer to `request`: every partition refused. None for `acks=0`,
 /// which Kafka never answers (the connection is closed instead).
-pub(super) fn refuse(request: ProduceRequest) -> Option<ProduceResponse> {
+pub(super) fn refuse(request: &ProduceRequest) -> Option<ProduceResponse> {
     if request.acks == 0 {
         return None;
     }
     let mut response = ProduceResponse::default();
     response.responses = request
         .topic_data
-        .into_iter()
+        .iter()
         .map(|topic| {
             let mut answered = TopicProduceResponse::default();
-            answered.name = topic.name;
+            answered.name = topic.name.clone();
             answered.partition_responses = topic
                 .partition_data
                 .iter()

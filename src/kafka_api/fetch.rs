@@ -81,7 +81,7 @@ impl Front {
             Duration::from_millis(u64::try_from(request.max_wait_ms).unwrap_or(0)).min(MAX_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
-        let (response, bytes, settled) = self.read_fetch(&request).await?;
+        let (response, bytes, settled) = self.read_fetch(request).await?;
         // `min_bytes` 0: answer at once, as Kafka does.
         if bytes >= min_bytes || settled || wait.is_zero() {
             return Ok(response);
@@ -110,7 +110,7 @@ impl Front {
             })
             .collect();
         loop {
-            let (response, bytes, settled) = self.read_fetch(&request).await?;
+            let (response, bytes, settled) = self.read_fetch(request).await?;
             if bytes >= min_bytes || settled || tokio::time::Instant::now() >= deadline {
                 return Ok(response);
             }

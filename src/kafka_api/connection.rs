@@ -5,14 +5,11 @@
 //! Bounds: a frame over [`MAX_REQUEST_BYTES`], a frame that does not
 //! decode, an API or version outside the table (`versions`), or a
 //! connection idle for [`IDLE_TIMEOUT`] closes this connection only, with
-//! a log line naming the client. Decoding runs under `catch_unwind`, so a
-//! codec that panics refuses one connection. **Known hole**: the
-//! `kafka-protocol` 0.18 codecs allocate an array's declared length before
-//! reading it, so a crafted frame declaring a huge array makes the
-//! allocation fail, which aborts the process (not a panic: `catch_unwind`
-//! cannot stop it). The property test below finds it and is ignored until
-//! arrays are checked against the frame before decoding; the role listens
-//! on loopback only unless `--kafka-api-insecure`.
+//! a log line naming the client. Before the codecs see a body, its
+//! declared lengths are checked against the frame (`shape`: the codecs
+//! reserve an array's declared length first, and a failed allocation
+//! aborts); decoding then runs under `catch_unwind`, so a codec that
+//! panics refuses one connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::metrics::kafka_api_metrics;
-use super::{versions, Front, UNSUPPORTED_VERSION};
+use super::{shape, versions, Front, UNSUPPORTED_VERSION};
 use crate::shutdown::Shutdown;
 
 /// Largest request frame accepted (Kafka's `socket.request.max.bytes` is
@@ -119,6 +116,7 @@ fn decode_served(
     version: i16,
 ) -> anyhow::Result<(RequestHeader, RequestKind)> {
     let header = decode_request_header_from_buffer(&mut frame)?;
+    shape::check(key, version, &frame).map_err(anyhow::Error::msg)?;
     let body = RequestKind::decode(key, &mut frame, version)?;
     Ok((header, body))
 }
@@ -386,7 +384,6 @@ mod tests {
         /// codecs themselves, without the `catch_unwind` that guards them
         /// in `decode`, so a panic fails this test): they decode or refuse.
         #[test]
-        #[ignore = "kafka-protocol 0.18 allocates an array's declared length first: a crafted Fetch aborts (issue 28)"]
         fn the_codecs_of_every_served_api_decode_or_refuse_any_bytes(
             served in 0..versions::SUPPORTED.len(),
             version_pick in any::<u16>(),

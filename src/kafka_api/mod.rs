@@ -19,6 +19,7 @@ mod metadata;
 mod metrics;
 mod offsets;
 mod produce;
+mod shape;
 mod versions;
 
 use std::net::SocketAddr;

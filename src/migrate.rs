@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "row_limits",
         sql: include_str!("../sql/0009_row_limits.sql"),
     },
+    Migration {
+        version: 10,
+        name: "kafka_groups",
+        sql: include_str!("../sql/0010_kafka_groups.sql"),
+    },
 ];
 
 /// The version a fully migrated database reports.

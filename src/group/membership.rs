@@ -12,10 +12,12 @@ const HEARTBEAT: &str = "
     UPDATE group_members SET heartbeat_at = now()
      WHERE group_id = $1 AND member_id = $2 AND incarnation = $3";
 
-/// Registers (or re-registers) the member as incarnation `$6`.
+/// Registers (or re-registers) the member as incarnation `$6`; nothing in
+/// a group of Kafka clients (a group is native or Kafka-protocol).
 const JOIN: &str = "
     INSERT INTO group_members (group_id, member_id, host, client_id, session_timeout, incarnation)
-    VALUES ($1, $2, $3, $4, make_interval(secs => $5), $6)
+    SELECT $1, $2, $3, $4, make_interval(secs => $5), $6
+     WHERE NOT EXISTS (SELECT 1 FROM kafka_groups WHERE group_id = $1)
     ON CONFLICT (group_id, member_id) DO UPDATE
        SET heartbeat_at = now(), host = $3, client_id = $4,
            session_timeout = make_interval(secs => $5), incarnation = $6";
@@ -327,7 +329,7 @@ async fn register_in(
     client: &impl tokio_postgres::GenericClient,
     c: &GroupConfig,
 ) -> anyhow::Result<()> {
-    client
+    let joined = client
         .execute(
             JOIN,
             &[
@@ -341,6 +343,14 @@ async fn register_in(
         )
         .await
         .context("joining the consumer group")?;
+    if joined == 0 {
+        tracing::warn!(group = %c.group_id, member = %c.member_id,
+            "refused to join: the group is a group of Kafka clients (kafka-api), not a native group");
+        anyhow::bail!(
+            "group {} is a group of Kafka clients (kafka-api); a native member cannot join it: use another group id",
+            c.group_id
+        );
+    }
     let reclaimed = client
         .execute(RECLAIM, &[&c.group_id, &c.member_id])
         .await?;

@@ -224,7 +224,7 @@ pub(super) async fn serve(
         let started = std::time::Instant::now();
         let api = api_label(key);
         let answer = tokio::select! {
-            answer = front.answer(&request) => answer,
+            answer = front.answer(&request, &client, peer) => answer,
             _ = shutdown.recv() => return,
         };
         // No request goes unanswered: a failed handler's request gets its
@@ -284,6 +284,15 @@ fn api_label(key: ApiKey) -> &'static str {
         ApiKey::ListOffsets => "ListOffsets",
         ApiKey::Fetch => "Fetch",
         ApiKey::Produce => "Produce",
+        ApiKey::FindCoordinator => "FindCoordinator",
+        ApiKey::JoinGroup => "JoinGroup",
+        ApiKey::SyncGroup => "SyncGroup",
+        ApiKey::Heartbeat => "Heartbeat",
+        ApiKey::LeaveGroup => "LeaveGroup",
+        ApiKey::OffsetCommit => "OffsetCommit",
+        ApiKey::OffsetFetch => "OffsetFetch",
+        ApiKey::DescribeGroups => "DescribeGroups",
+        ApiKey::ListGroups => "ListGroups",
         _ => "other",
     }
 }
@@ -315,6 +324,23 @@ fn first_error(answer: &ResponseKind) -> i16 {
                 .iter()
                 .flat_map(|t| t.partition_responses.iter().map(|p| p.error_code)),
         ),
+        ResponseKind::FindCoordinator(f) => {
+            first(std::iter::once(f.error_code).chain(f.coordinators.iter().map(|c| c.error_code)))
+        }
+        ResponseKind::JoinGroup(j) => j.error_code,
+        ResponseKind::SyncGroup(s) => s.error_code,
+        ResponseKind::Heartbeat(h) => h.error_code,
+        ResponseKind::LeaveGroup(l) => {
+            first(std::iter::once(l.error_code).chain(l.members.iter().map(|m| m.error_code)))
+        }
+        ResponseKind::OffsetCommit(o) => first(
+            o.topics
+                .iter()
+                .flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
+        ),
+        ResponseKind::OffsetFetch(o) => o.error_code,
+        ResponseKind::DescribeGroups(d) => first(d.groups.iter().map(|g| g.error_code)),
+        ResponseKind::ListGroups(l) => l.error_code,
         _ => 0,
     }
 }

@@ -5,16 +5,21 @@
 //! change: they still write the outbox in their own transaction; this
 //! front end is for reading.
 //!
-//! The process is the one broker of every partition (node 0, at its
-//! advertised address). What it serves is one table (`versions`):
-//! ApiVersions, Metadata, ListOffsets and Fetch so far, and Produce,
-//! refused (`produce`); any other API closes the connection with a log
-//! line. Codecs are the `kafka-protocol`
-//! crate's.
+//! The process is the one broker of every partition and the coordinator
+//! of every group (node 0, at its advertised address). What it serves is
+//! one table (`versions`): ApiVersions, Metadata, ListOffsets, Fetch, the
+//! group APIs (`groups`, `commits`; the groups' state is in Postgres, so
+//! several processes serve one group), and Produce, refused (`produce`);
+//! any other API closes the connection with a log line. Codecs are the
+//! `kafka-protocol` crate's, behind a check of every request's declared
+//! lengths (`shape`).
 
+mod commits;
 mod connection;
+mod coordinator;
 mod fetch;
-pub(crate) use fetch::statements;
+mod group_store;
+mod groups;
 mod metadata;
 mod metrics;
 mod offsets;
@@ -65,7 +70,12 @@ pub(crate) struct Front {
 impl Front {
     /// The answer to one request of the table (`versions`); None for a
     /// request Kafka does not answer (a produce with `acks=0`).
-    async fn answer(&self, request: &connection::Request) -> anyhow::Result<Option<ResponseKind>> {
+    async fn answer(
+        &self,
+        request: &connection::Request,
+        client_id: &str,
+        peer: SocketAddr,
+    ) -> anyhow::Result<Option<ResponseKind>> {
         let version = request.header.request_api_version;
         Ok(Some(match &request.body {
             RequestKind::Produce(r) => match produce::refuse(r) {
@@ -78,6 +88,25 @@ impl Front {
                 ResponseKind::ListOffsets(self.list_offsets(r, version).await?)
             }
             RequestKind::Fetch(r) => ResponseKind::Fetch(self.fetch(r, version).await?),
+            RequestKind::FindCoordinator(r) => {
+                ResponseKind::FindCoordinator(self.find_coordinator(r, version))
+            }
+            RequestKind::JoinGroup(r) => {
+                ResponseKind::JoinGroup(self.join_group(r, version, client_id, peer).await?)
+            }
+            RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(self.sync_group(r).await?),
+            RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(self.heartbeat(r).await?),
+            RequestKind::LeaveGroup(r) => {
+                ResponseKind::LeaveGroup(self.leave_group(r, version).await?)
+            }
+            RequestKind::OffsetCommit(r) => {
+                ResponseKind::OffsetCommit(self.offset_commit(r).await?)
+            }
+            RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(self.offset_fetch(r).await?),
+            RequestKind::DescribeGroups(r) => {
+                ResponseKind::DescribeGroups(self.describe_groups(r).await?)
+            }
+            RequestKind::ListGroups(r) => ResponseKind::ListGroups(self.list_groups(r).await?),
             _ => anyhow::bail!(
                 "{:?} is in the table of served APIs but has no handler",
                 request.key
@@ -167,7 +196,7 @@ impl Front {
                     .collect();
                 ResponseKind::Fetch(response)
             }
-            _ => return None,
+            other => return groups::failed(other),
         })
     }
 }
@@ -184,6 +213,34 @@ async fn heads(
         Err(crate::log::LogError::UnknownTopic(_)) => Ok(Default::default()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Once a second: ends Kafka group members' sessions that ran out and
+/// completes rebalances that are due (`Front::sweep_groups`).
+async fn sweep_groups(front: Arc<Front>, mut shutdown: Shutdown) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.recv() => return,
+        }
+        if let Err(e) = front.sweep_groups().await {
+            tracing::warn!(error = %crate::clip::clip_error(&e), "sweeping Kafka groups failed; next in a second");
+        }
+    }
+}
+
+/// This module's SQL by name: tests/it/sql.rs prepares each statement
+/// against the migrated schema.
+pub(crate) fn statements() -> Vec<(&'static str, String)> {
+    [
+        fetch::statements(),
+        group_store::statements(),
+        groups::statements(),
+        commits::statements(),
+    ]
+    .concat()
 }
 
 /// The `kafka-api` role: the listener and its connections.
@@ -220,6 +277,7 @@ impl crate::service::Service for KafkaApi {
 
     async fn run(self, mut shutdown: Shutdown) -> anyhow::Result<()> {
         let mut connections = JoinSet::new();
+        connections.spawn(sweep_groups(self.front.clone(), shutdown.clone()));
         loop {
             let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {

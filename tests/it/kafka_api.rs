@@ -14,14 +14,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
 
-const TOPIC: &str = "order-created";
+pub(crate) const TOPIC: &str = "order-created";
 
 /// The log as the database holds it, by (partition, offset).
-type Expected = HashMap<(i32, i64), outbox_relay::log::Record>;
+pub(crate) type Expected = HashMap<(i32, i64), outbox_relay::log::Record>;
 
 /// `count` events over 37 keys, created one second apart ending now, with
 /// a text header, a numeric one and a null one; relayed into the log.
-async fn events(db: &TestDb, relay: &mut outbox_relay::relay::Relay, count: i64) -> Expected {
+pub(crate) async fn events(
+    db: &TestDb,
+    relay: &mut outbox_relay::relay::Relay,
+    count: i64,
+) -> Expected {
     let client = db.client().await;
     client
         .execute(
@@ -52,7 +56,7 @@ async fn events(db: &TestDb, relay: &mut outbox_relay::relay::Relay, count: i64)
 }
 
 /// The pipeline's kafka-api role alone, on a free port.
-async fn kafka_api(db: &TestDb) -> (InProcess, String) {
+pub(crate) async fn kafka_api(db: &TestDb) -> (InProcess, String) {
     let listener = outbox_relay::builder::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let port = listener.local_addr().unwrap().port();
     let settings = outbox_relay::builder::Settings {
@@ -72,7 +76,7 @@ async fn kafka_api(db: &TestDb) -> (InProcess, String) {
 }
 
 /// What a header of `expected` becomes on the wire.
-fn header_text(value: &Value) -> Option<String> {
+pub(crate) fn header_text(value: &Value) -> Option<String> {
     match value {
         Value::Null => None,
         Value::String(text) => Some(text.clone()),

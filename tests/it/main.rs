@@ -10,6 +10,7 @@ mod groups;
 mod harness;
 mod kafka;
 mod kafka_api;
+mod kafka_groups;
 mod log;
 mod mail;
 mod metrics;

@@ -1,0 +1,665 @@
+//! Kafka's classic group protocol as a state machine over one group's
+//! state: what JoinGroup, SyncGroup, Heartbeat, LeaveGroup and an offset
+//! commit do to a group, and what each answers. No I/O: `group_store`
+//! loads a group under a row lock, one of these runs, the store writes
+//! back what changed; a request that must wait (a join for the others, a
+//! follower's sync for the leader) runs its poll again until it is done.
+//!
+//! The coordinator only runs the join/sync barrier: members and their
+//! subscriptions go to the leader, the leader's assignments (opaque bytes)
+//! to each member. Generations fence: a member of an older generation
+//! cannot sync, heartbeat or commit (ILLEGAL_GENERATION), a removed one is
+//! unknown (UNKNOWN_MEMBER_ID), an older process of a static member
+//! (`group.instance.id`) is fenced (FENCED_INSTANCE_ID).
+
+use bytes::Bytes;
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::NONE;
+
+pub(super) const ILLEGAL_GENERATION: i16 = 22;
+pub(super) const INCONSISTENT_GROUP_PROTOCOL: i16 = 23;
+pub(super) const UNKNOWN_MEMBER_ID: i16 = 25;
+pub(super) const INVALID_SESSION_TIMEOUT: i16 = 26;
+pub(super) const REBALANCE_IN_PROGRESS: i16 = 27;
+pub(super) const MEMBER_ID_REQUIRED: i16 = 79;
+pub(super) const FENCED_INSTANCE_ID: i16 = 82;
+
+/// A group that was empty waits this long after its first join for others
+/// to join the same generation (Kafka's `group.initial.rebalance.delay.ms`
+/// is 3 s).
+pub(super) const INITIAL_REBALANCE_DELAY: TimeDelta = TimeDelta::milliseconds(1000);
+
+/// The session timeouts a member may ask for (Kafka's
+/// `group.min.session.timeout.ms` and `group.max.session.timeout.ms`).
+pub(super) const SESSION_TIMEOUT_MS: std::ops::RangeInclusive<i32> = 6_000..=1_800_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    Empty,
+    PreparingRebalance,
+    CompletingRebalance,
+    Stable,
+}
+
+impl State {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            State::Empty => "Empty",
+            State::PreparingRebalance => "PreparingRebalance",
+            State::CompletingRebalance => "CompletingRebalance",
+            State::Stable => "Stable",
+        }
+    }
+
+    pub(super) fn parse(s: &str) -> State {
+        match s {
+            "PreparingRebalance" => State::PreparingRebalance,
+            "CompletingRebalance" => State::CompletingRebalance,
+            "Stable" => State::Stable,
+            _ => State::Empty,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Member {
+    pub id: String,
+    pub instance_id: Option<String>,
+    pub client_id: String,
+    pub host: String,
+    pub session_timeout_ms: i32,
+    pub rebalance_timeout_ms: i32,
+    /// Assignor names with their subscriptions, in the member's order of
+    /// preference.
+    pub protocols: Vec<(String, Bytes)>,
+    pub joined_generation: i32,
+    pub assignment: Option<Bytes>,
+    pub heartbeat_at: DateTime<Utc>,
+}
+
+impl Member {
+    fn expired(&self, now: DateTime<Utc>) -> bool {
+        self.heartbeat_at + TimeDelta::milliseconds(self.session_timeout_ms.into()) < now
+    }
+}
+
+/// The group's own row.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Head {
+    pub state: State,
+    pub generation: i32,
+    pub protocol_type: Option<String>,
+    pub protocol_name: Option<String>,
+    pub leader: Option<String>,
+    pub rebalance_deadline: Option<DateTime<Utc>>,
+    pub initial_rebalance: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Group {
+    pub id: String,
+    pub head: Head,
+    /// In the order they first joined.
+    pub members: Vec<Member>,
+}
+
+/// A JoinGroup, as the coordinator needs it.
+#[derive(Debug, Clone)]
+pub(super) struct Join {
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub client_id: String,
+    pub host: String,
+    pub session_timeout_ms: i32,
+    pub rebalance_timeout_ms: i32,
+    pub protocol_type: String,
+    pub protocols: Vec<(String, Bytes)>,
+    /// v4+: a new dynamic member is given its id first (MEMBER_ID_REQUIRED)
+    /// and joins again with it.
+    pub require_known_member_id: bool,
+    /// A fresh id, used if the member gets one.
+    pub new_member_id: String,
+}
+
+/// What a JoinGroup is answered.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Joined {
+    pub generation: i32,
+    pub protocol_type: Option<String>,
+    pub protocol_name: Option<String>,
+    pub leader: String,
+    pub member_id: String,
+    /// The leader's answer lists every member with its subscription to the
+    /// chosen assignor; the others' is empty.
+    pub members: Vec<(String, Option<String>, Bytes)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum JoinOutcome {
+    Answer(Joined),
+    /// Poll [`Group::poll_join`] for `member_id` until the rebalance to
+    /// `generation` completes.
+    Wait {
+        member_id: String,
+        generation: i32,
+    },
+    Error {
+        code: i16,
+        member_id: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum SyncOutcome {
+    Answer(Bytes),
+    /// A follower waits for the leader's assignments.
+    Wait,
+    Error(i16),
+}
+
+impl Group {
+    #[cfg(test)]
+    pub(super) fn new(id: &str) -> Group {
+        Group {
+            id: id.to_string(),
+            head: Head {
+                state: State::Empty,
+                generation: 0,
+                protocol_type: None,
+                protocol_name: None,
+                leader: None,
+                rebalance_deadline: None,
+                initial_rebalance: false,
+            },
+            members: Vec::new(),
+        }
+    }
+
+    fn index(&self, member_id: &str) -> Option<usize> {
+        self.members.iter().position(|m| m.id == member_id)
+    }
+
+    /// The member a request speaks for: by its instance id when it gives one
+    /// (another member id under that instance is a newer process: this one
+    /// is fenced), else by member id.
+    fn validate(&self, member_id: &str, instance_id: Option<&str>) -> Result<usize, i16> {
+        if let Some(instance) = instance_id {
+            if let Some(i) = self
+                .members
+                .iter()
+                .position(|m| m.instance_id.as_deref() == Some(instance))
+            {
+                return if self.members[i].id == member_id {
+                    Ok(i)
+                } else {
+                    Err(FENCED_INSTANCE_ID)
+                };
+            }
+        }
+        self.index(member_id).ok_or(UNKNOWN_MEMBER_ID)
+    }
+
+    /// Removes members whose session ran out; a group that loses a member
+    /// rebalances (an emptied one is Empty).
+    pub(super) fn expire(&mut self, now: DateTime<Utc>) -> Vec<String> {
+        let expired: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.expired(now))
+            .map(|m| m.id.clone())
+            .collect();
+        if !expired.is_empty() {
+            self.members.retain(|m| !m.expired(now));
+            self.after_removal(now);
+        }
+        expired
+    }
+
+    fn after_removal(&mut self, now: DateTime<Utc>) {
+        if self.members.is_empty() {
+            self.become_empty();
+        } else if self.head.state != State::PreparingRebalance {
+            self.prepare_rebalance(now, 0);
+        }
+    }
+
+    fn become_empty(&mut self) {
+        let head = &mut self.head;
+        if head.state != State::Empty {
+            head.generation += 1;
+        }
+        head.state = State::Empty;
+        head.protocol_type = None;
+        head.protocol_name = None;
+        head.leader = None;
+        head.rebalance_deadline = None;
+        head.initial_rebalance = false;
+    }
+
+    /// Starts a rebalance: members must join the next generation by the
+    /// deadline (the longest rebalance timeout, or for a group that was
+    /// empty the initial delay).
+    fn prepare_rebalance(&mut self, now: DateTime<Utc>, joining_timeout_ms: i32) {
+        if self.head.state == State::PreparingRebalance {
+            return;
+        }
+        let initial = self.head.state == State::Empty;
+        let wait = if initial {
+            INITIAL_REBALANCE_DELAY
+        } else {
+            let longest = self
+                .members
+                .iter()
+                .map(|m| m.rebalance_timeout_ms)
+                .chain(std::iter::once(joining_timeout_ms))
+                .max()
+                .unwrap_or(0);
+            TimeDelta::milliseconds(longest.into())
+        };
+        self.head.state = State::PreparingRebalance;
+        self.head.rebalance_deadline = Some(now + wait);
+        self.head.initial_rebalance = initial;
+    }
+
+    /// Completes the rebalance once every member has joined (or, from
+    /// Empty, once the initial delay is over), or at the deadline without
+    /// those that have not.
+    pub(super) fn try_complete(&mut self, now: DateTime<Utc>) {
+        if self.head.state != State::PreparingRebalance {
+            return;
+        }
+        let next = self.head.generation + 1;
+        let due = self.head.rebalance_deadline.is_none_or(|d| now >= d);
+        let all_joined = self.members.iter().all(|m| m.joined_generation == next);
+        if !(due || (all_joined && !self.head.initial_rebalance)) {
+            return;
+        }
+        self.members.retain(|m| m.joined_generation == next);
+        if self.members.is_empty() {
+            self.become_empty();
+            return;
+        }
+        let head = &mut self.head;
+        head.generation = next;
+        head.protocol_name = choose_protocol(&self.members);
+        if !head
+            .leader
+            .as_ref()
+            .is_some_and(|l| self.members.iter().any(|m| &m.id == l))
+        {
+            head.leader = Some(self.members[0].id.clone());
+        }
+        head.state = State::CompletingRebalance;
+        head.rebalance_deadline = None;
+        head.initial_rebalance = false;
+        for member in &mut self.members {
+            member.assignment = None;
+        }
+    }
+
+    /// The answer to a member whose join completed: the leader gets every
+    /// member's subscription to the chosen assignor.
+    fn joined(&self, member_id: &str) -> Joined {
+        let head = &self.head;
+        let leader = head.leader.clone().unwrap_or_default();
+        let members = if leader == member_id {
+            let chosen = head.protocol_name.as_deref().unwrap_or_default();
+            self.members
+                .iter()
+                .map(|m| {
+                    let metadata = m
+                        .protocols
+                        .iter()
+                        .find(|(name, _)| name == chosen)
+                        .map(|(_, metadata)| metadata.clone())
+                        .unwrap_or_default();
+                    (m.id.clone(), m.instance_id.clone(), metadata)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Joined {
+            generation: head.generation,
+            protocol_type: head.protocol_type.clone(),
+            protocol_name: head.protocol_name.clone(),
+            leader,
+            member_id: member_id.to_string(),
+            members,
+        }
+    }
+
+    pub(super) fn join(&mut self, join: Join, now: DateTime<Utc>) -> JoinOutcome {
+        let error = |code: i16| JoinOutcome::Error {
+            code,
+            member_id: join.member_id.clone(),
+        };
+        if !SESSION_TIMEOUT_MS.contains(&join.session_timeout_ms) {
+            return error(INVALID_SESSION_TIMEOUT);
+        }
+        if join.protocols.is_empty()
+            || join.protocol_type.is_empty()
+            || !self.members.is_empty()
+                && (self.head.protocol_type.as_deref() != Some(join.protocol_type.as_str())
+                    || !self.supports_a_common_protocol(&join.protocols))
+        {
+            return error(INCONSISTENT_GROUP_PROTOCOL);
+        }
+        self.expire(now);
+        let static_index = join.instance_id.as_deref().and_then(|instance| {
+            self.members
+                .iter()
+                .position(|m| m.instance_id.as_deref() == Some(instance))
+        });
+        let index = match (join.member_id.is_empty(), static_index) {
+            // A static member's new process: it takes the old one's place
+            // under a new id (the old one is fenced from now on).
+            (true, Some(i)) => {
+                let was_leader = self.head.leader.as_deref() == Some(self.members[i].id.as_str());
+                self.members[i].id = join.new_member_id.clone();
+                if was_leader {
+                    self.head.leader = Some(join.new_member_id.clone());
+                }
+                self.update(i, &join, now);
+                // Its subscription may differ (a new process owns nothing
+                // yet); what matters is that the chosen assignor stays.
+                let unchanged = choose_protocol(&self.members) == self.head.protocol_name;
+                let state = self.head.state;
+                if state == State::CompletingRebalance
+                    || (state == State::Stable && unchanged && !was_leader)
+                {
+                    return JoinOutcome::Answer(self.joined(&join.new_member_id));
+                }
+                i
+            }
+            (true, None) if join.require_known_member_id && join.instance_id.is_none() => {
+                // Known from now on; it counts once it joins with the id.
+                self.add(&join, now);
+                if self.head.state != State::PreparingRebalance {
+                    self.prepare_rebalance(now, join.rebalance_timeout_ms);
+                }
+                return JoinOutcome::Error {
+                    code: MEMBER_ID_REQUIRED,
+                    member_id: join.new_member_id,
+                };
+            }
+            (true, None) => self.add(&join, now),
+            (false, _) => match self.validate(&join.member_id, join.instance_id.as_deref()) {
+                Err(code) => return error(code),
+                Ok(i) => {
+                    let unchanged = self.members[i].protocols == join.protocols;
+                    let is_leader =
+                        self.head.leader.as_deref() == Some(self.members[i].id.as_str());
+                    self.update(i, &join, now);
+                    match self.head.state {
+                        // It lost its answer: the same generation again.
+                        State::CompletingRebalance if unchanged => {
+                            return JoinOutcome::Answer(self.joined(&join.member_id))
+                        }
+                        State::Stable if unchanged && !is_leader => {
+                            return JoinOutcome::Answer(self.joined(&join.member_id))
+                        }
+                        _ => i,
+                    }
+                }
+            },
+        };
+        self.prepare_rebalance(now, join.rebalance_timeout_ms);
+        let next = self.head.generation + 1;
+        self.members[index].joined_generation = next;
+        let member_id = self.members[index].id.clone();
+        self.poll_join(&member_id, next, now)
+    }
+
+    fn supports_a_common_protocol(&self, protocols: &[(String, Bytes)]) -> bool {
+        protocols.iter().any(|(name, _)| {
+            self.members
+                .iter()
+                .all(|m| m.protocols.iter().any(|(n, _)| n == name))
+        })
+    }
+
+    fn add(&mut self, join: &Join, now: DateTime<Utc>) -> usize {
+        if self.members.is_empty() {
+            self.head.protocol_type = Some(join.protocol_type.clone());
+        }
+        self.members.push(Member {
+            id: join.new_member_id.clone(),
+            instance_id: join.instance_id.clone(),
+            client_id: join.client_id.clone(),
+            host: join.host.clone(),
+            session_timeout_ms: join.session_timeout_ms,
+            rebalance_timeout_ms: join.rebalance_timeout_ms,
+            protocols: join.protocols.clone(),
+            joined_generation: self.head.generation,
+            assignment: None,
+            heartbeat_at: now,
+        });
+        self.members.len() - 1
+    }
+
+    fn update(&mut self, i: usize, join: &Join, now: DateTime<Utc>) {
+        let member = &mut self.members[i];
+        member.client_id = join.client_id.clone();
+        member.host = join.host.clone();
+        member.session_timeout_ms = join.session_timeout_ms;
+        member.rebalance_timeout_ms = join.rebalance_timeout_ms;
+        member.protocols = join.protocols.clone();
+        member.heartbeat_at = now;
+    }
+
+    /// A waiting join, again: answered once its generation is complete.
+    pub(super) fn poll_join(
+        &mut self,
+        member_id: &str,
+        generation: i32,
+        now: DateTime<Utc>,
+    ) -> JoinOutcome {
+        // Waiting is not a lost session.
+        if let Some(i) = self.index(member_id) {
+            self.members[i].heartbeat_at = now;
+        }
+        self.expire(now);
+        self.try_complete(now);
+        match self.index(member_id) {
+            None => JoinOutcome::Error {
+                code: UNKNOWN_MEMBER_ID,
+                member_id: member_id.to_string(),
+            },
+            Some(_)
+                if self.head.state != State::PreparingRebalance
+                    && self.head.generation >= generation =>
+            {
+                JoinOutcome::Answer(self.joined(member_id))
+            }
+            Some(_) => JoinOutcome::Wait {
+                member_id: member_id.to_string(),
+                generation,
+            },
+        }
+    }
+
+    /// The checks every request of a member makes: it is the member it
+    /// says, of this generation; then its session is renewed.
+    fn member_of_generation(
+        &mut self,
+        member_id: &str,
+        instance_id: Option<&str>,
+        generation: i32,
+        now: DateTime<Utc>,
+    ) -> Result<usize, i16> {
+        self.expire(now);
+        let i = self.validate(member_id, instance_id)?;
+        if generation != self.head.generation {
+            return Err(ILLEGAL_GENERATION);
+        }
+        self.members[i].heartbeat_at = now;
+        Ok(i)
+    }
+
+    pub(super) fn sync(
+        &mut self,
+        member_id: &str,
+        instance_id: Option<&str>,
+        generation: i32,
+        protocol: (Option<&str>, Option<&str>),
+        assignments: Vec<(String, Bytes)>,
+        now: DateTime<Utc>,
+    ) -> SyncOutcome {
+        let i = match self.member_of_generation(member_id, instance_id, generation, now) {
+            Ok(i) => i,
+            Err(code) => return SyncOutcome::Error(code),
+        };
+        let (protocol_type, protocol_name) = protocol;
+        if protocol_type.is_some_and(|t| self.head.protocol_type.as_deref() != Some(t))
+            || protocol_name.is_some_and(|n| self.head.protocol_name.as_deref() != Some(n))
+        {
+            return SyncOutcome::Error(INCONSISTENT_GROUP_PROTOCOL);
+        }
+        if self.head.state == State::CompletingRebalance
+            && self.head.leader.as_deref() == Some(member_id)
+        {
+            for member in &mut self.members {
+                member.assignment = Some(
+                    assignments
+                        .iter()
+                        .find(|(id, _)| *id == member.id)
+                        .map(|(_, a)| a.clone())
+                        .unwrap_or_default(),
+                );
+            }
+            self.head.state = State::Stable;
+            return SyncOutcome::Answer(self.members[i].assignment.clone().unwrap_or_default());
+        }
+        self.poll_sync(member_id, generation, now)
+    }
+
+    /// A follower's waiting sync, again.
+    pub(super) fn poll_sync(
+        &mut self,
+        member_id: &str,
+        generation: i32,
+        now: DateTime<Utc>,
+    ) -> SyncOutcome {
+        if let Some(i) = self.index(member_id) {
+            self.members[i].heartbeat_at = now;
+        }
+        self.expire(now);
+        let Some(i) = self.index(member_id) else {
+            return SyncOutcome::Error(UNKNOWN_MEMBER_ID);
+        };
+        if self.head.generation != generation || self.head.state == State::PreparingRebalance {
+            return SyncOutcome::Error(REBALANCE_IN_PROGRESS);
+        }
+        match self.head.state {
+            State::Stable => {
+                SyncOutcome::Answer(self.members[i].assignment.clone().unwrap_or_default())
+            }
+            _ => SyncOutcome::Wait,
+        }
+    }
+
+    pub(super) fn heartbeat(
+        &mut self,
+        member_id: &str,
+        instance_id: Option<&str>,
+        generation: i32,
+        now: DateTime<Utc>,
+    ) -> i16 {
+        match self.member_of_generation(member_id, instance_id, generation, now) {
+            Err(code) => code,
+            Ok(_) if self.head.state == State::PreparingRebalance => REBALANCE_IN_PROGRESS,
+            Ok(_) => NONE,
+        }
+    }
+
+    /// Members leave (v3+ may name a static member by its instance id
+    /// alone); the error code of each.
+    pub(super) fn leave(
+        &mut self,
+        leaving: &[(String, Option<String>)],
+        now: DateTime<Utc>,
+    ) -> Vec<i16> {
+        let codes = leaving
+            .iter()
+            .map(|(member_id, instance_id)| {
+                let found = match (member_id.is_empty(), instance_id) {
+                    (true, Some(instance)) => self
+                        .members
+                        .iter()
+                        .position(|m| m.instance_id.as_ref() == Some(instance))
+                        .ok_or(UNKNOWN_MEMBER_ID),
+                    _ => self.validate(member_id, instance_id.as_deref()),
+                };
+                match found {
+                    Ok(i) => {
+                        self.members.remove(i);
+                        NONE
+                    }
+                    Err(code) => code,
+                }
+            })
+            .collect::<Vec<_>>();
+        if codes.contains(&NONE) {
+            self.after_removal(now);
+        }
+        codes
+    }
+
+    /// Whether a member may commit offsets: a member of this generation,
+    /// not while the leader's assignment is awaited; a commit outside any
+    /// generation (`-1`, no member: a consumer that assigns itself) only
+    /// to a group without members.
+    pub(super) fn may_commit(
+        &mut self,
+        member_id: &str,
+        instance_id: Option<&str>,
+        generation: i32,
+        now: DateTime<Utc>,
+    ) -> i16 {
+        self.expire(now);
+        if generation < 0 && member_id.is_empty() && instance_id.is_none() {
+            return if self.members.is_empty() {
+                NONE
+            } else {
+                UNKNOWN_MEMBER_ID
+            };
+        }
+        match self.member_of_generation(member_id, instance_id, generation, now) {
+            Err(code) => code,
+            Ok(_) if self.head.state == State::CompletingRebalance => REBALANCE_IN_PROGRESS,
+            Ok(_) => NONE,
+        }
+    }
+}
+
+/// The assignor every member offers that most members prefer (each votes
+/// for the first of its own list that all offer); ties go to the earlier
+/// member's preference.
+fn choose_protocol(members: &[Member]) -> Option<String> {
+    let common = |name: &str| {
+        members
+            .iter()
+            .all(|m| m.protocols.iter().any(|(n, _)| n == name))
+    };
+    let mut votes: Vec<(String, usize)> = Vec::new();
+    for member in members {
+        let Some((vote, _)) = member.protocols.iter().find(|(n, _)| common(n)) else {
+            continue;
+        };
+        match votes.iter_mut().find(|(n, _)| n == vote) {
+            Some((_, count)) => *count += 1,
+            None => votes.push((vote.clone(), 1)),
+        }
+    }
+    let most = votes.iter().map(|(_, count)| *count).max()?;
+    votes
+        .into_iter()
+        .find(|(_, count)| *count == most)
+        .map(|(name, _)| name)
+}
+
+#[cfg(test)]
+#[path = "coordinator_tests.rs"]
+mod tests;

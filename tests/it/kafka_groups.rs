@@ -398,3 +398,172 @@ async fn native_and_kafka_groups_do_not_mix() {
     assert!(refused.contains("Kafka"), "{refused}");
     member.close().await;
 }
+
+/// A kafka-python member in a process of its own, its lines collected.
+struct PythonMember {
+    child: tokio::process::Child,
+    lines: Arc<Mutex<Vec<Value>>>,
+}
+
+impl PythonMember {
+    fn start(bootstrap: &str, group: &str) -> PythonMember {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/kafka_python_member.py"
+            ))
+            .args(["--bootstrap", bootstrap, "--topic", TOPIC, "--group", group])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 tests/support/kafka_python_member.py (pip install kafka-python)");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let collected = lines.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                collected
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).unwrap());
+            }
+        });
+        PythonMember { child, lines }
+    }
+
+    fn reads(&self) -> Vec<(i32, i64)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.get("offset").is_some())
+            .map(|l| {
+                (
+                    l["partition"].as_i64().unwrap() as i32,
+                    l["offset"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn assignment(&self) -> Vec<i32> {
+        let lines = self.lines.lock().unwrap();
+        let last = lines.iter().rev().find_map(|l| l.get("assigned"));
+        last.and_then(Value::as_array)
+            .map(|a| a.iter().map(|p| p.as_i64().unwrap() as i32).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A member killed (SIGKILL: no leave, no last commit) loses its
+/// partitions to the other member once its session runs out, and nothing
+/// is skipped: the survivor reads on from the dead member's last commit.
+/// The two members are different clients (kafka-python and librdkafka)
+/// in one group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_member_s_partitions_go_to_the_other_within_the_session_timeout() {
+    let db = TestDb::migrated().await;
+    let mut relay = db.relay();
+    let first = events(&db, &mut relay, 2000).await;
+    let (_pipeline, bootstrap) = kafka_api(&db).await;
+    let mut python = PythonMember::start(&bootstrap, "mail-service");
+    let reads = Arc::new(Mutex::new(Vec::new()));
+    let rust = Member::start("librdkafka", &bootstrap, "mail-service", &[], reads.clone());
+    eventually(
+        "the group to read every record",
+        Duration::from_secs(90),
+        || async {
+            (python.reads().len() + reads.lock().unwrap().len() >= first.len()).then_some(())
+        },
+    )
+    .await;
+    let (python_had, rust_had) = (python.assignment(), rust.assignment());
+    assert!(
+        !python_had.is_empty() && !rust_had.is_empty(),
+        "{python_had:?} {rust_had:?}"
+    );
+    assert_eq!(python_had.len() + rust_had.len(), 8);
+
+    python.child.start_kill().unwrap();
+    python.child.wait().await.unwrap();
+    let killed = tokio::time::Instant::now();
+    let all = events(&db, &mut relay, 300).await;
+    eventually(
+        "librdkafka to own every partition",
+        Duration::from_secs(30),
+        || async { (rust.assignment().len() == 8).then_some(()) },
+    )
+    .await;
+    // Session 6 s, then a rebalance the survivor joins on its next
+    // heartbeat (0.5 s), and the sweep that notices (every second).
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(6 + 4),
+        "took over after {took:?}"
+    );
+    eventually("every record read", Duration::from_secs(60), || async {
+        let mut seen: std::collections::HashSet<(i32, i64)> = python.reads().into_iter().collect();
+        seen.extend(
+            reads
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|r| (r.partition, r.offset)),
+        );
+        all.keys().all(|at| seen.contains(at)).then_some(())
+    })
+    .await;
+    // Read twice only what the dead member read and may not have committed.
+    let python_read: std::collections::HashSet<(i32, i64)> = python.reads().into_iter().collect();
+    let mut by_rust = std::collections::HashSet::new();
+    for r in reads.lock().unwrap().iter() {
+        let at = (r.partition, r.offset);
+        assert!(by_rust.insert(at), "{at:?} read twice by librdkafka");
+        assert!(
+            !python_read.contains(&at) || python_had.contains(&r.partition),
+            "{at:?}"
+        );
+    }
+    rust.close().await;
+}
+
+/// Two `kafka-api` processes on one database (this test's and the
+/// binary's): members connected to different ones are one group (its
+/// state is in Postgres), and each record is read once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_connected_to_two_kafka_api_processes_are_one_group() {
+    let db = TestDb::migrated().await;
+    let mut relay = db.relay();
+    let expected = events(&db, &mut relay, 3000).await;
+    let (_one, first) = kafka_api(&db).await;
+    let second = format!("127.0.0.1:{}", free_port());
+    let _two = binary(&db)
+        .args(["serve", "--roles", "kafka-api", "--kafka-listen", &second])
+        .spawn()
+        .unwrap();
+    eventually(
+        "the second process to listen",
+        Duration::from_secs(30),
+        || async {
+            tokio::net::TcpStream::connect(&second)
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    let reads = Arc::new(Mutex::new(Vec::new()));
+    let a = Member::start("a", &first, "mail-service", &[], reads.clone());
+    let b = Member::start("b", &second, "mail-service", &[], reads.clone());
+    wait_for_reads(&reads, expected.len()).await;
+    let (assigned_a, assigned_b) = (a.assignment(), b.assignment());
+    assert!(
+        !assigned_a.is_empty() && !assigned_b.is_empty(),
+        "{assigned_a:?} {assigned_b:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.close().await;
+    b.close().await;
+    assert_read_once(&reads.lock().unwrap(), &expected);
+}

@@ -399,25 +399,52 @@ async fn native_and_kafka_groups_do_not_mix() {
     member.close().await;
 }
 
-/// A kafka-python member in a process of its own, its lines collected.
-struct PythonMember {
-    child: tokio::process::Child,
-    lines: Arc<Mutex<Vec<Value>>>,
+/// A member written in another language, in a process of its own
+/// (kafka-python, KafkaJS), printing a JSON line per record and per
+/// assignment; the lines are collected.
+pub(crate) struct ScriptMember {
+    pub child: tokio::process::Child,
+    pub lines: Arc<Mutex<Vec<Value>>>,
 }
 
-impl PythonMember {
-    fn start(bootstrap: &str, group: &str) -> PythonMember {
-        use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new("python3")
+impl ScriptMember {
+    /// tests/support/kafka_python_member.py in `group`.
+    fn python(bootstrap: &str, group: &str) -> ScriptMember {
+        let mut command = tokio::process::Command::new("python3");
+        command
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/tests/support/kafka_python_member.py"
             ))
-            .args(["--bootstrap", bootstrap, "--topic", TOPIC, "--group", group])
+            .args(["--bootstrap", bootstrap, "--topic", TOPIC, "--group", group]);
+        ScriptMember::start(
+            command,
+            "python3 tests/support/kafka_python_member.py (pip install kafka-python)",
+        )
+    }
+
+    /// tests/support/kafkajs/member.js with these arguments.
+    pub(crate) fn kafkajs(args: &[&str]) -> ScriptMember {
+        let mut command = tokio::process::Command::new("node");
+        command
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/kafkajs/member.js"
+            ))
+            .args(args);
+        ScriptMember::start(
+            command,
+            "node tests/support/kafkajs/member.js (npm ci in tests/support/kafkajs)",
+        )
+    }
+
+    fn start(mut command: tokio::process::Command, what: &str) -> ScriptMember {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = command
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .expect("python3 tests/support/kafka_python_member.py (pip install kafka-python)");
+            .expect(what);
         let lines = Arc::new(Mutex::new(Vec::new()));
         let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
         let collected = lines.clone();
@@ -429,10 +456,24 @@ impl PythonMember {
                     .push(serde_json::from_str(&line).unwrap());
             }
         });
-        PythonMember { child, lines }
+        ScriptMember { child, lines }
     }
 
-    fn reads(&self) -> Vec<(i32, i64)> {
+    /// Asks the member to stop (SIGTERM: a last commit and a leave).
+    pub(crate) async fn stop(mut self) {
+        let pid = self.child.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the member to stop on SIGTERM")
+            .unwrap();
+    }
+
+    pub(crate) fn reads(&self) -> Vec<(i32, i64)> {
         self.lines
             .lock()
             .unwrap()
@@ -447,7 +488,7 @@ impl PythonMember {
             .collect()
     }
 
-    fn assignment(&self) -> Vec<i32> {
+    pub(crate) fn assignment(&self) -> Vec<i32> {
         let lines = self.lines.lock().unwrap();
         let last = lines.iter().rev().find_map(|l| l.get("assigned"));
         last.and_then(Value::as_array)
@@ -467,7 +508,7 @@ async fn a_killed_member_s_partitions_go_to_the_other_within_the_session_timeout
     let mut relay = db.relay();
     let first = events(&db, &mut relay, 2000).await;
     let (_pipeline, bootstrap) = kafka_api(&db).await;
-    let mut python = PythonMember::start(&bootstrap, "mail-service");
+    let mut python = ScriptMember::python(&bootstrap, "mail-service");
     let reads = Arc::new(Mutex::new(Vec::new()));
     let rust = Member::start("librdkafka", &bootstrap, "mail-service", &[], reads.clone());
     eventually(

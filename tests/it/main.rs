@@ -11,6 +11,7 @@ mod harness;
 mod kafka;
 mod kafka_api;
 mod kafka_groups;
+mod kafka_js;
 mod log;
 mod mail;
 mod metrics;

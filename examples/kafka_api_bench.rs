@@ -220,13 +220,14 @@ async fn start(url: &str, relay: Option<Duration>) -> anyhow::Result<(Applicatio
     let port = listener.local_addr()?.port();
     let settings = Settings {
         relay,
-        kafka_api: Some((
+        kafka_api: Some(outbox_relay::kafka_api::Listen {
             listener,
-            outbox_relay::kafka_api::Advertised {
+            advertised: outbox_relay::kafka_api::Advertised {
                 host: "127.0.0.1".into(),
                 port,
             },
-        )),
+            security: Default::default(),
+        }),
         migrate: false,
         ..Settings::default()
     };

@@ -71,7 +71,7 @@ pub struct Settings {
     /// The webhook role's sinks (none: no webhook role).
     pub webhooks: Vec<SinkSettings>,
     /// The kafka-api role: its bound listener and advertised address.
-    pub kafka_api: Option<(std::net::TcpListener, crate::kafka_api::Advertised)>,
+    pub kafka_api: Option<crate::kafka_api::Listen>,
     /// Apply migrations on start (else the schema must be current).
     pub migrate: bool,
     pub max_db_connections: u32,
@@ -200,9 +200,9 @@ impl Application {
             drop(client);
             built.add(prepared.build(&db, topics)?);
         }
-        if let (Some((listener, advertised)), Some(pool)) = (settings.kafka_api, kafka_api_pool) {
+        if let (Some(listen), Some(pool)) = (settings.kafka_api, kafka_api_pool) {
             let appends = crate::log::notify::listen(url)?;
-            built.add(crate::kafka_api::role(pool, listener, advertised, appends)?);
+            built.add(crate::kafka_api::role(pool, listen, appends)?);
         }
         if api_pool.is_some() || metrics_pool.is_some() {
             DatabaseGauges::register();

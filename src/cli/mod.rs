@@ -65,7 +65,7 @@ pub enum Command {
     /// Apply pending schema migrations.
     Migrate,
     /// Run the service roles (order API, relay, mail worker) until Ctrl-C / SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the pipeline, place sample orders, show where they went, then keep
     /// serving until Ctrl-C (or exit with --no-wait).
     Demo(demo::DemoArgs),

@@ -70,22 +70,51 @@ pub struct KafkaApiArgs {
     /// Port clients are told to connect to (default: the listen port).
     #[arg(long, env = "KAFKA_ADVERTISED_PORT")]
     pub kafka_advertised_port: Option<u16>,
-    /// Serve the Kafka protocol off loopback without authentication (there
-    /// is none yet: only do this on a network you trust).
+    /// Serve the Kafka protocol off loopback without TLS and SASL (only on
+    /// a network you trust).
     #[arg(long)]
     pub kafka_api_insecure: bool,
+    /// PEM certificate chain: the Kafka protocol over TLS (with
+    /// --kafka-tls-key).
+    #[arg(long, env = "KAFKA_TLS_CERT", requires = "kafka_tls_key")]
+    pub kafka_tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --kafka-tls-cert.
+    #[arg(long, env = "KAFKA_TLS_KEY", requires = "kafka_tls_cert")]
+    pub kafka_tls_key: Option<std::path::PathBuf>,
+    /// SASL/PLAIN users, required of every client when given:
+    /// name:password-hash[:topics=prefix,…][:groups=prefix,…], separated by
+    /// spaces or lines, or @path to a file of them. Hashes come from
+    /// `outbox-relay kafka-api hash-password`. Never logged.
+    #[arg(long, env = "KAFKA_API_USERS", hide_env_values = true)]
+    pub kafka_api_users: Option<String>,
 }
 
 impl KafkaApiArgs {
-    /// The bound listener and what clients are told, checked.
-    pub fn settings(
-        &self,
-    ) -> anyhow::Result<(std::net::TcpListener, crate::kafka_api::Advertised)> {
+    /// The bound listener, what clients are told, and its security,
+    /// checked: off loopback, TLS and SASL both (or --kafka-api-insecure).
+    pub fn settings(&self) -> anyhow::Result<crate::kafka_api::Listen> {
+        use crate::kafka_api::security::{tls_acceptor, Security, Users};
         let ip = self.kafka_listen.ip();
-        if !ip.is_loopback() && !self.kafka_api_insecure {
+        let users = match &self.kafka_api_users {
+            None => None,
+            Some(given) => {
+                let text = match given.strip_prefix('@') {
+                    Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                        anyhow::anyhow!("reading the Kafka API users from {path}: {e}")
+                    })?,
+                    None => given.clone(),
+                };
+                Some(std::sync::Arc::new(Users::parse(&text)?))
+            }
+        };
+        let tls = match (&self.kafka_tls_cert, &self.kafka_tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        if !ip.is_loopback() && !self.kafka_api_insecure && (users.is_none() || tls.is_none()) {
             anyhow::bail!(
-                "--kafka-listen {}: the Kafka API has no authentication yet, so it listens on loopback \
-                 only unless --kafka-api-insecure is given",
+                "--kafka-listen {}: off loopback the Kafka API needs TLS (--kafka-tls-cert/--kafka-tls-key) \
+                 and SASL users (--kafka-api-users), or --kafka-api-insecure on a network you trust",
                 self.kafka_listen
             );
         }
@@ -103,7 +132,11 @@ impl KafkaApiArgs {
             Some(port) => port,
             None => listener.local_addr()?.port(),
         };
-        Ok((listener, crate::kafka_api::Advertised { host, port }))
+        Ok(crate::kafka_api::Listen {
+            listener,
+            advertised: crate::kafka_api::Advertised { host, port },
+            security: Security { tls, users },
+        })
     }
 }
 

@@ -18,11 +18,11 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
 use kafka_protocol::protocol::{decode_request_header_from_buffer, Encodable};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::metrics::kafka_api_metrics;
-use super::{shape, versions, Front, UNSUPPORTED_VERSION};
+use super::{sasl, shape, versions, Front, UNSUPPORTED_VERSION};
 use crate::shutdown::Shutdown;
 
 /// Largest request frame accepted (Kafka's `socket.request.max.bytes` is
@@ -33,14 +33,27 @@ pub(super) const MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
 /// `connections.max.idle.ms` is 9 minutes).
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(540);
 
+/// How long a connection that failed authentication stays open after its
+/// answer (Kafka's `connection.failed.authentication.delay.ms` is 100).
+const FAILED_AUTHENTICATION_DELAY: Duration = Duration::from_millis(100);
+
 /// The rest of a frame must arrive within this once its size has, and an
 /// answer must be taken by the client within it.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Writes `frame`, or gives up (with a log line) on a client that does not
 /// read its answers: it would hold the answer and a connection slot.
-async fn write(stream: &mut TcpStream, frame: &[u8], peer: SocketAddr, client: &str) -> bool {
-    match tokio::time::timeout(FRAME_TIMEOUT, stream.write_all(frame)).await {
+async fn write<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    frame: &[u8],
+    peer: SocketAddr,
+    client: &str,
+) -> bool {
+    let written = async {
+        stream.write_all(frame).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(FRAME_TIMEOUT, written).await {
         Ok(Ok(())) => true,
         Ok(Err(_)) => false,
         Err(_) => {
@@ -148,14 +161,13 @@ pub(super) fn encode(
 /// Serves one connection until the client closes it, it is refused, or
 /// the process stops.
 pub(super) async fn serve(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     front: Arc<Front>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     let _ = stream.set_nodelay(true);
-    let metrics = kafka_api_metrics();
-    metrics.connections.inc();
+    kafka_api_metrics().connections.inc();
     // Counted down however the connection ends.
     struct Open;
     impl Drop for Open {
@@ -164,6 +176,33 @@ pub(super) async fn serve(
         }
     }
     let _open = Open;
+    let Some(acceptor) = front.security.tls.clone() else {
+        return serve_stream(stream, peer, front, shutdown).await;
+    };
+    match tokio::time::timeout(FRAME_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => serve_stream(tls, peer, front, shutdown).await,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "closing a Kafka connection: the TLS handshake failed")
+        }
+        Err(_) => tracing::warn!(%peer, "closing a Kafka connection: no TLS handshake within 30 s"),
+    }
+}
+
+/// Serves one connection's requests: until SASL/PLAIN succeeds (when the
+/// listener has users) only ApiVersions, SaslHandshake and
+/// SaslAuthenticate; then the table, as the user's access allows.
+async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    peer: SocketAddr,
+    front: Arc<Front>,
+    mut shutdown: Shutdown,
+) {
+    let metrics = kafka_api_metrics();
+    let users = front.security.users.clone();
+    let mut access = match users {
+        Some(_) => None,
+        None => Some(super::security::Access::default()),
+    };
     let mut client = String::from("-");
     loop {
         let size = tokio::select! {
@@ -223,9 +262,29 @@ pub(super) async fn serve(
         let correlation_id = request.header.correlation_id;
         let started = std::time::Instant::now();
         let api = api_label(key);
-        let answer = tokio::select! {
-            answer = front.answer(&request, &client, peer) => answer,
-            _ = shutdown.recv() => return,
+        let mut refused = false;
+        let answer = match (&access, &request.body) {
+            (_, RequestKind::SaslHandshake(r)) => Ok(Some(ResponseKind::SaslHandshake(
+                sasl::handshake(r, users.as_deref()),
+            ))),
+            (_, RequestKind::SaslAuthenticate(r)) => {
+                let (answer, granted) = sasl::authenticate(r, users.as_ref(), peer, &client).await;
+                refused = granted.is_none();
+                access = access.or(granted);
+                Ok(Some(ResponseKind::SaslAuthenticate(answer)))
+            }
+            (None, RequestKind::ApiVersions(_)) => Ok(Some(ResponseKind::ApiVersions(
+                versions::api_versions(super::NONE),
+            ))),
+            (None, _) => {
+                tracing::warn!(%peer, client = %client, api = ?key,
+                    "closing a Kafka connection: a request before SASL authentication");
+                return;
+            }
+            (Some(granted), _) => tokio::select! {
+                answer = front.answer(&request, &client, peer, granted) => answer,
+                _ = shutdown.recv() => return,
+            },
         };
         // No request goes unanswered: a failed handler's request gets its
         // error codes (the connection stays).
@@ -273,6 +332,14 @@ pub(super) async fn serve(
         if !write(&mut stream, &frame, peer, &client).await {
             return;
         }
+        if refused {
+            // As Kafka (connection.failed.authentication.delay.ms): the
+            // close waits a moment, so the client reads the refusal before
+            // it sees the connection end, and guessing is slowed down.
+            tokio::time::sleep(FAILED_AUTHENTICATION_DELAY).await;
+            let _ = tokio::time::timeout(FRAME_TIMEOUT, stream.shutdown()).await;
+            return;
+        }
     }
 }
 
@@ -293,6 +360,8 @@ fn api_label(key: ApiKey) -> &'static str {
         ApiKey::OffsetFetch => "OffsetFetch",
         ApiKey::DescribeGroups => "DescribeGroups",
         ApiKey::ListGroups => "ListGroups",
+        ApiKey::SaslHandshake => "SaslHandshake",
+        ApiKey::SaslAuthenticate => "SaslAuthenticate",
         _ => "other",
     }
 }
@@ -341,6 +410,8 @@ fn first_error(answer: &ResponseKind) -> i16 {
         ResponseKind::OffsetFetch(o) => o.error_code,
         ResponseKind::DescribeGroups(d) => first(d.groups.iter().map(|g| g.error_code)),
         ResponseKind::ListGroups(l) => l.error_code,
+        ResponseKind::SaslHandshake(h) => h.error_code,
+        ResponseKind::SaslAuthenticate(a) => a.error_code,
         _ => 0,
     }
 }

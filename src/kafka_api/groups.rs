@@ -436,31 +436,36 @@ impl Front {
 /// unreachable, say): COORDINATOR_NOT_AVAILABLE, on which clients look the
 /// coordinator up again and retry.
 pub(super) fn failed(request: &RequestKind) -> Option<ResponseKind> {
+    refused(request, COORDINATOR_NOT_AVAILABLE)
+}
+
+/// A group request answered with `code` and nothing done (None for a
+/// request that is not a group request).
+pub(super) fn refused(request: &RequestKind, code: i16) -> Option<ResponseKind> {
     use kafka_protocol::messages::offset_commit_response::{
         OffsetCommitResponsePartition, OffsetCommitResponseTopic,
     };
-    const CODE: i16 = COORDINATOR_NOT_AVAILABLE;
     Some(match request {
         RequestKind::JoinGroup(r) => {
             let mut response = JoinGroupResponse::default();
-            response.error_code = CODE;
+            response.error_code = code;
             response.generation_id = -1;
             response.member_id = r.member_id.clone();
             ResponseKind::JoinGroup(response)
         }
         RequestKind::SyncGroup(_) => {
             let mut response = SyncGroupResponse::default();
-            response.error_code = CODE;
+            response.error_code = code;
             ResponseKind::SyncGroup(response)
         }
         RequestKind::Heartbeat(_) => {
             let mut response = HeartbeatResponse::default();
-            response.error_code = CODE;
+            response.error_code = code;
             ResponseKind::Heartbeat(response)
         }
         RequestKind::LeaveGroup(r) => {
             let mut response = LeaveGroupResponse::default();
-            response.error_code = CODE;
+            response.error_code = code;
             response.members = r
                 .members
                 .iter()
@@ -468,7 +473,7 @@ pub(super) fn failed(request: &RequestKind) -> Option<ResponseKind> {
                     let mut member = MemberResponse::default();
                     member.member_id = m.member_id.clone();
                     member.group_instance_id = m.group_instance_id.clone();
-                    member.error_code = CODE;
+                    member.error_code = code;
                     member
                 })
                 .collect();
@@ -488,7 +493,7 @@ pub(super) fn failed(request: &RequestKind) -> Option<ResponseKind> {
                         .map(|p| {
                             let mut partition = OffsetCommitResponsePartition::default();
                             partition.partition_index = p.partition_index;
-                            partition.error_code = CODE;
+                            partition.error_code = code;
                             partition
                         })
                         .collect();
@@ -499,7 +504,7 @@ pub(super) fn failed(request: &RequestKind) -> Option<ResponseKind> {
         }
         RequestKind::OffsetFetch(_) => {
             let mut response = OffsetFetchResponse::default();
-            response.error_code = CODE;
+            response.error_code = code;
             ResponseKind::OffsetFetch(response)
         }
         RequestKind::DescribeGroups(r) => {
@@ -510,7 +515,7 @@ pub(super) fn failed(request: &RequestKind) -> Option<ResponseKind> {
                 .map(|g| {
                     let mut described = DescribedGroup::default();
                     described.group_id = g.clone();
-                    described.error_code = CODE;
+                    described.error_code = code;
                     described
                 })
                 .collect();
@@ -518,7 +523,7 @@ pub(super) fn failed(request: &RequestKind) -> Option<ResponseKind> {
         }
         RequestKind::ListGroups(_) => {
             let mut response = ListGroupsResponse::default();
-            response.error_code = CODE;
+            response.error_code = code;
             ResponseKind::ListGroups(response)
         }
         _ => return None,

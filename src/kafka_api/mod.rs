@@ -14,6 +14,7 @@
 //! `kafka-protocol` crate's, behind a check of every request's declared
 //! lengths (`shape`).
 
+mod acl;
 mod commits;
 mod connection;
 mod coordinator;
@@ -24,6 +25,8 @@ mod metadata;
 mod metrics;
 mod offsets;
 mod produce;
+mod sasl;
+pub mod security;
 mod shape;
 mod versions;
 
@@ -65,19 +68,48 @@ pub(crate) struct Front {
     pool: deadpool_postgres::Pool,
     appends: Appends,
     advertised: Advertised,
+    security: security::Security,
 }
 
 impl Front {
-    /// The answer to one request of the table (`versions`); None for a
-    /// request Kafka does not answer (a produce with `acks=0`).
+    /// The answer to one request of the table (`versions`) on a connection
+    /// with `access`; None for a request Kafka does not answer (a produce
+    /// with `acks=0`).
     async fn answer(
         &self,
         request: &connection::Request,
         client_id: &str,
         peer: SocketAddr,
+        access: &security::Access,
     ) -> anyhow::Result<Option<ResponseKind>> {
+        if let Some(group) = acl::group_of(&request.body) {
+            if !access.group(group) {
+                return Ok(groups::refused(
+                    &request.body,
+                    acl::GROUP_AUTHORIZATION_FAILED,
+                ));
+            }
+        }
         let version = request.header.request_api_version;
-        Ok(Some(match &request.body {
+        if !access.limited() {
+            return self.dispatch(&request.body, version, client_id, peer).await;
+        }
+        let (body, denied) = acl::restrict(&request.body, access);
+        let mut answer = self.dispatch(&body, version, client_id, peer).await?;
+        if let Some(answer) = &mut answer {
+            acl::complete(answer, &request.body, denied, access);
+        }
+        Ok(answer)
+    }
+
+    async fn dispatch(
+        &self,
+        body: &RequestKind,
+        version: i16,
+        client_id: &str,
+        peer: SocketAddr,
+    ) -> anyhow::Result<Option<ResponseKind>> {
+        Ok(Some(match body {
             RequestKind::Produce(r) => match produce::refuse(r) {
                 Some(refused) => ResponseKind::Produce(refused),
                 None => return Ok(None),
@@ -107,10 +139,8 @@ impl Front {
                 ResponseKind::DescribeGroups(self.describe_groups(r).await?)
             }
             RequestKind::ListGroups(r) => ResponseKind::ListGroups(self.list_groups(r).await?),
-            _ => anyhow::bail!(
-                "{:?} is in the table of served APIs but has no handler",
-                request.key
-            ),
+            // SaslHandshake and SaslAuthenticate are the connection's.
+            _ => anyhow::bail!("a request in the table of served APIs has no handler"),
         }))
     }
 }
@@ -253,21 +283,34 @@ pub struct KafkaApi {
 /// `appends` wakes long-polling fetches when the relay appends.
 pub fn role(
     pool: deadpool_postgres::Pool,
-    listener: std::net::TcpListener,
-    advertised: Advertised,
+    listen: Listen,
     appends: Appends,
 ) -> anyhow::Result<KafkaApi> {
+    let Listen {
+        listener,
+        advertised,
+        security,
+    } = listen;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     tracing::info!(addr = %listener.local_addr()?, advertised = %format!("{}:{}", advertised.host, advertised.port),
-        "Kafka API listening");
+        tls = security.tls.is_some(), sasl = security.users.is_some(), "Kafka API listening");
     Ok(KafkaApi {
         listener,
         front: Arc::new(Front {
             pool,
             appends,
             advertised,
+            security,
         }),
     })
+}
+
+/// Where and how the role listens.
+#[derive(Debug)]
+pub struct Listen {
+    pub listener: std::net::TcpListener,
+    pub advertised: Advertised,
+    pub security: security::Security,
 }
 
 impl crate::service::Service for KafkaApi {

@@ -244,6 +244,8 @@ fn shape(key: ApiKey) -> Option<Shape> {
             ],
         ),
         ApiKey::DescribeGroups => (5, &[always!(Texts), since!(3, BOOL)]),
+        ApiKey::SaslHandshake => (i16::MAX, &[always!(Text)]),
+        ApiKey::SaslAuthenticate => (2, &[always!(Data)]),
         ApiKey::ListGroups => (3, &[since!(4, Texts), since!(5, Texts)]),
         _ => return None,
     };

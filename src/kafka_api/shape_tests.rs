@@ -31,6 +31,8 @@ const SHAPED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetFetch, 1, 7),
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::ListGroups, 0, 4),
+    (ApiKey::SaslHandshake, 1, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
 ];
 
 fn text(s: &'static str) -> StrBytes {
@@ -175,6 +177,13 @@ fn populated(key: ApiKey, version: i16) -> RequestKind {
         } else {
             ListGroupsRequest::default()
         }),
+        ApiKey::SaslHandshake => RequestKind::SaslHandshake(
+            SaslHandshakeRequest::default().with_mechanism(text("PLAIN")),
+        ),
+        ApiKey::SaslAuthenticate => RequestKind::SaslAuthenticate(
+            SaslAuthenticateRequest::default()
+                .with_auth_bytes(bytes::Bytes::from_static(b"\0user\0password")),
+        ),
         other => panic!("no sample of {other:?}"),
     }
 }

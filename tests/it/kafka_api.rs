@@ -57,16 +57,25 @@ pub(crate) async fn events(
 
 /// The pipeline's kafka-api role alone, on a free port.
 pub(crate) async fn kafka_api(db: &TestDb) -> (InProcess, String) {
+    kafka_api_secured(db, Default::default()).await
+}
+
+/// The kafka-api role alone, on a free port, secured as given.
+pub(crate) async fn kafka_api_secured(
+    db: &TestDb,
+    security: outbox_relay::kafka_api::security::Security,
+) -> (InProcess, String) {
     let listener = outbox_relay::builder::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let port = listener.local_addr().unwrap().port();
     let settings = outbox_relay::builder::Settings {
-        kafka_api: Some((
+        kafka_api: Some(outbox_relay::kafka_api::Listen {
             listener,
-            outbox_relay::kafka_api::Advertised {
+            advertised: outbox_relay::kafka_api::Advertised {
                 host: "127.0.0.1".into(),
                 port,
             },
-        )),
+            security,
+        }),
         ..Default::default()
     };
     (

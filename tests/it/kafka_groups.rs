@@ -417,7 +417,7 @@ impl ScriptMember {
                 "/tests/support/kafka_python_member.py"
             ))
             .args(["--bootstrap", bootstrap, "--topic", TOPIC, "--group", group]);
-        ScriptMember::start(
+        ScriptMember::command(
             command,
             "python3 tests/support/kafka_python_member.py (pip install kafka-python)",
         )
@@ -432,13 +432,13 @@ impl ScriptMember {
                 "/tests/support/kafkajs/member.js"
             ))
             .args(args);
-        ScriptMember::start(
+        ScriptMember::command(
             command,
             "node tests/support/kafkajs/member.js (npm ci in tests/support/kafkajs)",
         )
     }
 
-    fn start(mut command: tokio::process::Command, what: &str) -> ScriptMember {
+    pub(crate) fn command(mut command: tokio::process::Command, what: &str) -> ScriptMember {
         use tokio::io::AsyncBufReadExt;
         let mut child = command
             .stdout(std::process::Stdio::piped())

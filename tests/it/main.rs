@@ -12,6 +12,7 @@ mod kafka;
 mod kafka_api;
 mod kafka_groups;
 mod kafka_js;
+mod kafka_security;
 mod log;
 mod mail;
 mod metrics;

@@ -77,8 +77,10 @@ async fn the_outbox_refuses_a_row_over_each_limit_by_the_limits_name() {
     let topic_at = "t".repeat(limits::TOPIC_MAX_CHARS);
     let topic_over = "t".repeat(limits::TOPIC_MAX_CHARS + 1);
     let issues_key = the_issues_key();
+    // (what, topic, key, payload, headers, the constraint that refuses it)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Value, Value, Option<&'a str>);
     #[rustfmt::skip]
-    let cases: Vec<(&str, &str, Option<&str>, Value, Value, Option<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         ("key at the limit", t, Some(&key_at), small.clone(), empty.clone(), None),
         ("key one byte over", t, Some(&key_over), small.clone(), empty.clone(), Some("outbox_key_at_most_1024_bytes")),
         ("the issue's 6,400-character key", t, Some(&issues_key), order(900_000_100, "hugekey@example.com"), empty.clone(), Some("outbox_key_at_most_1024_bytes")),

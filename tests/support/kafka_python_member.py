@@ -2,10 +2,14 @@
 """A consumer group member with kafka-python (PyPI), which nobody here
 wrote: subscribes to --topic in --group, commits after every poll, and
 prints one JSON line per record read ({"partition", "offset", "key"}) and
-one per assignment ({"assigned": [partitions]}), until killed.
+one per assignment ({"assigned": [partitions]}), until killed. With
+--sasl user:password and --ca cert.pem it connects over SASL_SSL (PLAIN); an
+error it cannot go on from is printed as {"error": ...}, exit status 1;
+the client's own error log lines as {"log": ...}.
 """
 import argparse
 import json
+import logging
 import sys
 
 from kafka import KafkaConsumer, ConsumerRebalanceListener
@@ -26,14 +30,32 @@ class Tell(ConsumerRebalanceListener):
         say({"assigned": sorted(tp.partition for tp in self.consumer.assignment())})
 
 
+class LogLines(logging.Handler):
+    def emit(self, record):
+        say({"log": record.getMessage()})
+
+
 def main():
+    logging.getLogger("kafka").addHandler(LogLines(level=logging.ERROR))
     parser = argparse.ArgumentParser()
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--topic", required=True)
     parser.add_argument("--group", required=True)
     parser.add_argument("--session-ms", type=int, default=6000)
+    parser.add_argument("--sasl")
+    parser.add_argument("--ca")
     args = parser.parse_args()
 
+    secured = {}
+    if args.sasl:
+        user, password = args.sasl.split(":", 1)
+        secured = dict(
+            security_protocol="SASL_SSL",
+            sasl_mechanism="PLAIN",
+            sasl_plain_username=user,
+            sasl_plain_password=password,
+            ssl_cafile=args.ca,
+        )
     consumer = KafkaConsumer(
         bootstrap_servers=args.bootstrap,
         group_id=args.group,
@@ -42,6 +64,7 @@ def main():
         auto_offset_reset="earliest",
         session_timeout_ms=args.session_ms,
         heartbeat_interval_ms=500,
+        **secured,
     )
     tell = Tell()
     tell.consumer = consumer
@@ -61,4 +84,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as e:  # what the client raised, for the test to read
+        say({"error": f"{type(e).__name__}: {e}"})
+        sys.exit(1)

@@ -4,8 +4,10 @@
 // reads, and prints one JSON line per record ({partition, offset, key,
 // value, headers, timestamp}) and one per assignment ({assigned: [...]}).
 // SIGTERM disconnects (last commit, leave) and exits; --time T prints
-// {"for_time": {partition: offset}} for T (ms) first.
+// {"for_time": {partition: offset}} for T (ms) first. With --sasl
+// user:password and --ca cert.pem it connects over TLS with SASL/PLAIN.
 'use strict';
+const fs = require('fs');
 const { Kafka, logLevel } = require('kafkajs');
 
 function arg(name, fallback) {
@@ -16,11 +18,19 @@ const say = (line) => process.stdout.write(JSON.stringify(line) + '\n');
 
 async function main() {
   const topic = arg('topic');
+  const secured = {};
+  const sasl = arg('sasl');
+  if (sasl !== undefined) {
+    const [username, ...rest] = sasl.split(':');
+    secured.ssl = { ca: [fs.readFileSync(arg('ca'))] };
+    secured.sasl = { mechanism: 'plain', username, password: rest.join(':') };
+  }
   const kafka = new Kafka({
     clientId: 'kafkajs-member',
     brokers: [arg('bootstrap')],
     logLevel: logLevel.ERROR,
     retry: { retries: 3 },
+    ...secured,
   });
   const time = arg('time');
   if (time !== undefined) {
@@ -70,6 +80,6 @@ async function main() {
 }
 
 main().catch((e) => {
-  say({ error: String(e && e.type || e) });
+  say({ error: `${e && e.name}: ${e && e.message}` });
   process.exit(1);
 });

@@ -43,3 +43,18 @@ CREATE TABLE kafka_group_members (
     UNIQUE (group_id, group_instance_id)
 );
 
+
+-- Each running kafka-api process: where it listens and who is connected
+-- (client id, software name and version from ApiVersions v3, user),
+-- written every few seconds (`outbox-relay kafka-api status` reads it;
+-- rows not seen for a while are processes gone).
+CREATE TABLE kafka_api_listeners (
+    id         text        PRIMARY KEY,
+    listen     text        NOT NULL,
+    advertised text        NOT NULL,
+    tls        boolean     NOT NULL,
+    sasl       boolean     NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    seen_at    timestamptz NOT NULL DEFAULT now(),
+    clients    jsonb       NOT NULL DEFAULT '[]'
+);

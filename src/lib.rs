@@ -35,6 +35,16 @@ pub mod service;
 pub mod shutdown;
 pub mod trace_context;
 
+/// This machine's name (`/etc/hostname`), or `localhost`: what a process
+/// calls itself in its ids.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// Every SQL statement of the modules that own the tables, by name
 /// (`module::CONSTANT`): tests/it/sql.rs prepares each against a migrated
 /// database, so a renamed column fails the tests rather than production.

@@ -19,6 +19,7 @@ mod dead_letters;
 mod demo;
 mod groups;
 mod kafka;
+mod kafka_api;
 mod output;
 mod parked;
 mod parse;
@@ -92,6 +93,10 @@ pub enum Command {
     /// The Kafka mirror (serve --roles …,kafka): its progress per partition.
     #[command(subcommand)]
     Kafka(kafka::KafkaCommand),
+    /// The Kafka protocol on the log (serve --roles …,kafka-api): listeners,
+    /// clients and groups; password hashes for its users.
+    #[command(subcommand, name = "kafka-api")]
+    KafkaApi(kafka_api::KafkaApiCommand),
 }
 
 impl Cli {
@@ -137,6 +142,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Runs the parsed command, writing its output to `out`.
 pub async fn run_with_output(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    // Needs no database: answered before one is opened (or started).
+    if let Command::KafkaApi(cmd @ kafka_api::KafkaApiCommand::HashPassword) = &cli.command {
+        return kafka_api::run("", cmd, out).await;
+    }
     // Settings are checked before anything starts (no database, no port).
     let data_dir = cli.data_dir();
     let settings = match &cli.command {
@@ -171,6 +180,7 @@ pub async fn run_with_output(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::
             Command::Replay(cmd) => replay::run(&db.url, cmd, &data_dir, out).await,
             Command::Parked(cmd) => parked::run(&db.url, cmd, out).await,
             Command::Kafka(cmd) => kafka::run(&db.url, cmd, out).await,
+            Command::KafkaApi(cmd) => kafka_api::run(&db.url, cmd, out).await,
         }
     }
     .await;

@@ -35,9 +35,11 @@ pub struct GroupDescription {
     pub partitions: Vec<PartitionInfo>,
 }
 
-/// A group exists while it has partition rows or members.
-const LIST_GROUPS: &str =
-    "SELECT group_id FROM group_partitions UNION SELECT group_id FROM group_members ORDER BY 1";
+/// A group exists while it has partition rows or members (or, for a group
+/// of Kafka clients, its coordinator's row).
+const LIST_GROUPS: &str = "
+    SELECT group_id FROM group_partitions UNION SELECT group_id FROM group_members
+     UNION SELECT group_id FROM kafka_groups ORDER BY 1";
 
 pub async fn list_groups(
     client: &impl tokio_postgres::GenericClient,
@@ -306,6 +308,11 @@ pub async fn plan_reset(
 const LOCK_GROUP_PARTITIONS: &str = "
     SELECT 1 FROM group_partitions WHERE group_id = $1 FOR UPDATE";
 
+/// And a Kafka group's coordinator row: a Kafka client's join waits for
+/// the reset (or delete), or the reset sees its member.
+const LOCK_KAFKA_GROUP: &str = "
+    SELECT 1 FROM kafka_groups WHERE group_id = $1 FOR UPDATE";
+
 const ENSURE_RESET_PARTITIONS: &str = "
     INSERT INTO group_partitions (group_id, topic, partition)
     SELECT $1, v.topic, v.partition FROM unnest($2::text[], $3::int4[]) AS v(topic, partition)
@@ -327,6 +334,7 @@ pub async fn execute_reset(
 ) -> Result<(), AdminError> {
     let tx = client.transaction().await?;
     tx.execute(LOCK_GROUP_PARTITIONS, &[&group]).await?;
+    tx.execute(LOCK_KAFKA_GROUP, &[&group]).await?;
     let members: i64 = tx.query_one(LIVE_MEMBER_COUNT, &[&group]).await?.get(0);
     if members > 0 {
         return Err(AdminError::ActiveOnReset {
@@ -371,6 +379,7 @@ pub async fn has_live_members(
 
 const DELETE_GROUP_PARTITIONS: &str = "DELETE FROM group_partitions WHERE group_id = $1";
 const DELETE_GROUP_MEMBERS: &str = "DELETE FROM group_members WHERE group_id = $1";
+const DELETE_KAFKA_GROUP: &str = "DELETE FROM kafka_groups WHERE group_id = $1";
 
 /// Removes an inactive group's offsets and memberships (its delivery ledger
 /// and dead letters stay). Returns the partitions it had.
@@ -380,6 +389,7 @@ pub async fn delete_group(
 ) -> Result<u64, AdminError> {
     let tx = client.transaction().await?;
     tx.execute(LOCK_GROUP_PARTITIONS, &[&group]).await?;
+    tx.execute(LOCK_KAFKA_GROUP, &[&group]).await?;
     let members: i64 = tx.query_one(LIVE_MEMBER_COUNT, &[&group]).await?.get(0);
     if members > 0 {
         return Err(AdminError::ActiveOnDelete {
@@ -389,7 +399,8 @@ pub async fn delete_group(
     }
     let partitions = tx.execute(DELETE_GROUP_PARTITIONS, &[&group]).await?;
     let member_rows = tx.execute(DELETE_GROUP_MEMBERS, &[&group]).await?;
-    if partitions == 0 && member_rows == 0 {
+    let kafka_group = tx.execute(DELETE_KAFKA_GROUP, &[&group]).await?;
+    if partitions == 0 && member_rows == 0 && kafka_group == 0 {
         return Err(AdminError::UnknownGroup(group.to_string()));
     }
     tx.commit().await?;
@@ -416,12 +427,20 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
         ),
         ("group::admin::APPLY_RESET", APPLY_RESET.to_string()),
         (
+            "group::admin::LOCK_KAFKA_GROUP",
+            LOCK_KAFKA_GROUP.to_string(),
+        ),
+        (
             "group::admin::DELETE_GROUP_PARTITIONS",
             DELETE_GROUP_PARTITIONS.to_string(),
         ),
         (
             "group::admin::DELETE_GROUP_MEMBERS",
             DELETE_GROUP_MEMBERS.to_string(),
+        ),
+        (
+            "group::admin::DELETE_KAFKA_GROUP",
+            DELETE_KAFKA_GROUP.to_string(),
         ),
         ("group::admin::LIST_GROUPS", LIST_GROUPS.to_string()),
         ("group::admin::LIVE_MEMBERS", LIVE_MEMBERS.to_string()),

@@ -60,9 +60,7 @@ pub struct GroupConfig {
 
 impl GroupConfig {
     pub fn new(group_id: &str, topics: &[&str]) -> GroupConfig {
-        let host = std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into());
+        let host = crate::host_name();
         GroupConfig {
             group_id: group_id.to_string(),
             topics: topics.iter().map(|t| t.to_string()).collect(),

@@ -168,19 +168,21 @@ pub(super) async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     kafka_api_metrics().connections.inc();
-    // Counted down however the connection ends.
-    struct Open;
+    // Counted down and forgotten however the connection ends.
+    struct Open(Arc<Front>, u64);
     impl Drop for Open {
         fn drop(&mut self) {
             kafka_api_metrics().connections.dec();
+            self.0.connections.close(self.1);
         }
     }
-    let _open = Open;
+    let open = Open(front.clone(), front.connections.open(peer));
+    let connection = open.1;
     let Some(acceptor) = front.security.tls.clone() else {
-        return serve_stream(stream, peer, front, shutdown).await;
+        return serve_stream(stream, peer, connection, front, shutdown).await;
     };
     match tokio::time::timeout(FRAME_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => serve_stream(tls, peer, front, shutdown).await,
+        Ok(Ok(tls)) => serve_stream(tls, peer, connection, front, shutdown).await,
         Ok(Err(e)) => {
             tracing::warn!(%peer, error = %e, "closing a Kafka connection: the TLS handshake failed")
         }
@@ -194,6 +196,7 @@ pub(super) async fn serve(
 async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     peer: SocketAddr,
+    connection: u64,
     front: Arc<Front>,
     mut shutdown: Shutdown,
 ) {
@@ -256,6 +259,18 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some(id) = &request.header.client_id {
             if client != id.as_str() {
                 client = crate::clip::clip(id.as_str()).into_owned();
+                front
+                    .connections
+                    .update(connection, |c| c.client_id = client.clone());
+            }
+        }
+        if let RequestKind::ApiVersions(v) = &request.body {
+            if !v.client_software_name.is_empty() {
+                front.connections.update(connection, |c| {
+                    c.software_name = Some(crate::clip::clip(&v.client_software_name).into_owned());
+                    c.software_version =
+                        Some(crate::clip::clip(&v.client_software_version).into_owned());
+                });
             }
         }
         let (key, version) = (request.key, request.header.request_api_version);
@@ -270,6 +285,11 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
             (_, RequestKind::SaslAuthenticate(r)) => {
                 let (answer, granted) = sasl::authenticate(r, users.as_ref(), peer, &client).await;
                 refused = granted.is_none();
+                if let Some(user) = granted.as_ref().and_then(|g| g.user.clone()) {
+                    front
+                        .connections
+                        .update(connection, |c| c.user = Some(user));
+                }
                 access = access.or(granted);
                 Ok(Some(ResponseKind::SaslAuthenticate(answer)))
             }

@@ -28,6 +28,7 @@ mod produce;
 mod sasl;
 pub mod security;
 mod shape;
+pub mod status;
 mod versions;
 
 use std::net::SocketAddr;
@@ -69,6 +70,7 @@ pub(crate) struct Front {
     appends: Appends,
     advertised: Advertised,
     security: security::Security,
+    connections: status::Connections,
 }
 
 impl Front {
@@ -261,10 +263,30 @@ async fn sweep_groups(front: Arc<Front>, mut shutdown: Shutdown) {
     }
 }
 
+/// Writes this process's listener and clients for `kafka-api status`
+/// every few seconds; removes them when the process stops.
+async fn report(report: status::Report, front: Arc<Front>, mut shutdown: Shutdown) {
+    let mut every = tokio::time::interval(status::REPORT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.recv() => break,
+        }
+        if let Err(e) = report.write(&front.pool, &front.connections).await {
+            tracing::debug!(error = %crate::clip::clip_error(&e), "writing the Kafka API's status failed");
+        }
+    }
+    if let Err(e) = report.remove(&front.pool).await {
+        tracing::debug!(error = %crate::clip::clip_error(&e), "removing the Kafka API's status failed");
+    }
+}
+
 /// This module's SQL by name: tests/it/sql.rs prepares each statement
 /// against the migrated schema.
 pub(crate) fn statements() -> Vec<(&'static str, String)> {
     [
+        status::statements(),
         fetch::statements(),
         group_store::statements(),
         groups::statements(),
@@ -276,6 +298,7 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
 /// The `kafka-api` role: the listener and its connections.
 pub struct KafkaApi {
     listener: tokio::net::TcpListener,
+    report: status::Report,
     front: Arc<Front>,
 }
 
@@ -292,15 +315,30 @@ pub fn role(
         security,
     } = listen;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    tracing::info!(addr = %listener.local_addr()?, advertised = %format!("{}:{}", advertised.host, advertised.port),
-        tls = security.tls.is_some(), sasl = security.users.is_some(), "Kafka API listening");
+    let addr = listener.local_addr()?;
+    let report = status::Report {
+        id: format!(
+            "{}:{}:{:08x}",
+            crate::host_name(),
+            std::process::id(),
+            rand::random::<u32>()
+        ),
+        listen: addr.to_string(),
+        advertised: format!("{}:{}", advertised.host, advertised.port),
+        tls: security.tls.is_some(),
+        sasl: security.users.is_some(),
+    };
+    tracing::info!(%addr, advertised = %report.advertised, tls = report.tls, sasl = report.sasl,
+        "Kafka API listening");
     Ok(KafkaApi {
         listener,
+        report,
         front: Arc::new(Front {
             pool,
             appends,
             advertised,
             security,
+            connections: Default::default(),
         }),
     })
 }
@@ -321,6 +359,7 @@ impl crate::service::Service for KafkaApi {
     async fn run(self, mut shutdown: Shutdown) -> anyhow::Result<()> {
         let mut connections = JoinSet::new();
         connections.spawn(sweep_groups(self.front.clone(), shutdown.clone()));
+        let reporting = tokio::spawn(report(self.report, self.front.clone(), shutdown.clone()));
         loop {
             let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -346,6 +385,7 @@ impl crate::service::Service for KafkaApi {
             ));
         }
         connections.shutdown().await;
+        let _ = reporting.await;
         Ok(())
     }
 }

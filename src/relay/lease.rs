@@ -17,9 +17,7 @@ pub const DEFAULT_RELAY_NAME: &str = "default";
 
 /// `host-pid-random`: unique per process, readable in `relay_state`.
 pub fn instance_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into());
+    let host = crate::host_name();
     format!(
         "{host}-{}-{:04x}",
         std::process::id(),

@@ -19,7 +19,7 @@ use crate::kafka_api::{events, header_text, kafka_api, Expected, TOPIC};
 
 /// A record as a member read it.
 #[derive(Debug, Clone)]
-struct Read {
+pub(crate) struct Read {
     member: String,
     partition: i32,
     offset: i64,
@@ -30,7 +30,7 @@ struct Read {
 }
 
 /// A librdkafka group member polling in a thread of its own, until stopped.
-struct Member {
+pub(crate) struct Member {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Its partitions of `TOPIC` as of its last poll.
@@ -39,7 +39,7 @@ struct Member {
 }
 
 impl Member {
-    fn start(
+    pub(crate) fn start(
         name: &str,
         bootstrap: &str,
         group: &str,
@@ -102,7 +102,7 @@ impl Member {
     }
 
     /// Stops polling and closes the consumer (commit, leave).
-    async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let thread = self.thread.take().unwrap();
         tokio::task::spawn_blocking(move || thread.join().unwrap())

@@ -13,6 +13,7 @@ mod kafka_api;
 mod kafka_groups;
 mod kafka_js;
 mod kafka_security;
+mod kafka_status;
 mod log;
 mod mail;
 mod metrics;

@@ -78,7 +78,14 @@ async fn the_outbox_refuses_a_row_over_each_limit_by_the_limits_name() {
     let topic_over = "t".repeat(limits::TOPIC_MAX_CHARS + 1);
     let issues_key = the_issues_key();
     // (what, topic, key, payload, headers, the constraint that refuses it)
-    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Value, Value, Option<&'a str>);
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Value,
+        Value,
+        Option<&'a str>,
+    );
     #[rustfmt::skip]
     let cases: Vec<Case> = vec![
         ("key at the limit", t, Some(&key_at), small.clone(), empty.clone(), None),

@@ -451,3 +451,74 @@ async fn a_failing_request_is_answered_with_an_error_code_not_dropped() {
         .iter()
         .any(|k| k.api_key == ApiKey::Fetch as i16));
 }
+
+/// Asking for an API the front end does not serve (here: creating a
+/// topic, which is `outbox-relay topics create`'s) is a clean error for
+/// each client, at once: none hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_that_is_not_served_is_a_clean_error_for_every_client() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let db = TestDb::migrated().await;
+    let (_pipeline, bootstrap) = kafka_api(&db).await;
+
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    let topic = NewTopic::new("made-by-a-client", 1, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let created = tokio::time::timeout(
+        Duration::from_secs(30),
+        admin.create_topics([&topic], &options),
+    )
+    .await
+    .expect("librdkafka is answered, not left waiting");
+    let error = match created {
+        Err(e) => e.to_string(),
+        Ok(results) => format!("{:?}", results[0].as_ref().expect_err("not created")),
+    };
+    assert!(
+        error.contains("nsupported") || error.contains("not support"),
+        "librdkafka: {error}"
+    );
+
+    for (name, mut command) in [
+        ("kafka-python", {
+            let mut c = tokio::process::Command::new("python3");
+            c.arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/kafka_python_member.py"
+            ));
+            c
+        }),
+        ("KafkaJS", {
+            let mut c = tokio::process::Command::new("node");
+            c.arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/kafkajs/member.js"
+            ));
+            c
+        }),
+    ] {
+        command.args(["--bootstrap", &bootstrap, "--topic", TOPIC, "--group", "g"]);
+        command
+            .args(["--create-topic", "made-by-a-client"])
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+            .await
+            .unwrap_or_else(|_| panic!("{name} is answered, not left waiting"))
+            .unwrap();
+        assert!(!output.status.success(), "{name}");
+        let said = String::from_utf8_lossy(&output.stdout);
+        assert!(said.contains("not support"), "{name}: {said}");
+    }
+    let client = db.client().await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM topics WHERE name = 'made-by-a-client'"
+        )
+        .await,
+        0
+    );
+}

@@ -5,7 +5,9 @@ prints one JSON line per record read ({"partition", "offset", "key"}) and
 one per assignment ({"assigned": [partitions]}), until killed. With
 --sasl user:password and --ca cert.pem it connects over SASL_SSL (PLAIN); an
 error it cannot go on from is printed as {"error": ...}, exit status 1;
-the client's own error log lines as {"log": ...}.
+the client's own error log lines as {"log": ...}. --create-topic NAME asks
+to create a topic instead (an API outbox-relay does not serve), printing
+{"created": NAME} or the error.
 """
 import argparse
 import json
@@ -13,6 +15,7 @@ import logging
 import sys
 
 from kafka import KafkaConsumer, ConsumerRebalanceListener
+from kafka.admin import KafkaAdminClient, NewTopic
 
 
 def say(line):
@@ -44,7 +47,14 @@ def main():
     parser.add_argument("--session-ms", type=int, default=6000)
     parser.add_argument("--sasl")
     parser.add_argument("--ca")
+    parser.add_argument("--create-topic")
     args = parser.parse_args()
+
+    if args.create_topic:
+        admin = KafkaAdminClient(bootstrap_servers=args.bootstrap, client_id="kafka-python-admin")
+        admin.create_topics([NewTopic(args.create_topic, 1, 1)])
+        say({"created": args.create_topic})
+        return
 
     secured = {}
     if args.sasl:

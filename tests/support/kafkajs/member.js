@@ -6,6 +6,8 @@
 // SIGTERM disconnects (last commit, leave) and exits; --time T prints
 // {"for_time": {partition: offset}} for T (ms) first. With --sasl
 // user:password and --ca cert.pem it connects over TLS with SASL/PLAIN.
+// --create-topic NAME asks to create a topic instead (an API outbox-relay
+// does not serve), printing {"created": NAME} or the error.
 'use strict';
 const fs = require('fs');
 const { Kafka, logLevel } = require('kafkajs');
@@ -32,6 +34,15 @@ async function main() {
     retry: { retries: 3 },
     ...secured,
   });
+  const create = arg('create-topic');
+  if (create !== undefined) {
+    const admin = kafka.admin();
+    await admin.connect();
+    await admin.createTopics({ topics: [{ topic: create, numPartitions: 1 }] });
+    say({ created: create });
+    await admin.disconnect();
+    return;
+  }
   const time = arg('time');
   if (time !== undefined) {
     const admin = kafka.admin();

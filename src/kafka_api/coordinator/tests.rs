@@ -1,4 +1,5 @@
 use super::*;
+use crate::kafka_api::NONE;
 
 fn at(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap()

@@ -441,7 +441,7 @@ async fn orders_reach_kafka_in_the_logs_partitions_and_order_and_a_group_of_two_
     // No produce errors here, so no error series.
     crate::observability::dashboard_panels_answer(
         &prometheus,
-        |panel| panel.starts_with("Kafka"),
+        |panel| panel.starts_with("Kafka:"),
         "produce_errors",
     )
     .await;

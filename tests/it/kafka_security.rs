@@ -193,10 +193,23 @@ async fn a_bad_password_is_a_clean_error_for_every_client() {
         .set("group.id", "mail-service")
         .create_with_context(Errors(errors.clone()))
         .unwrap();
+    let told = errors.clone();
     let failed = tokio::task::spawn_blocking(move || {
-        consumer
+        let failed = consumer
             .fetch_metadata(Some(TOPIC), Duration::from_secs(20))
-            .is_err()
+            .is_err();
+        // The error callback is served by polls.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline
+            && !told
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| e.contains("Authentication failed"))
+        {
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+        failed
     })
     .await
     .unwrap();

@@ -102,3 +102,43 @@ async fn hash_password_makes_a_hash_the_users_setting_takes_and_needs_no_databas
     assert!(users.authenticate("mail", "s3cret pass").is_some());
     assert!(users.authenticate("mail", "s3cret pass\n").is_none());
 }
+
+/// The dashboard's Kafka clients row answers, with data, from a real
+/// Prometheus scraping a kafka-api process a consumer reads from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboards_kafka_clients_row_answers_from_prometheus() {
+    let db = TestDb::migrated().await;
+    let mut relay = db.relay();
+    events(&db, &mut relay, 50).await;
+    let (kafka, metrics_addr) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let _serve = binary(&db)
+        .args(["serve", "--roles", "kafka-api", "--kafka-listen", &kafka])
+        .args(["--metrics-addr", &metrics_addr])
+        .spawn()
+        .unwrap();
+    eventually("the Kafka listener", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(&kafka)
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let reads = Arc::new(Mutex::new(Vec::new()));
+    let member =
+        crate::kafka_groups::Member::start("dashboard", &kafka, "mail-service", &[], reads.clone());
+    eventually("the records read", Duration::from_secs(60), || async {
+        (reads.lock().unwrap().len() >= 50).then_some(())
+    })
+    .await;
+    let prometheus = crate::metrics::Prometheus::start(&metrics_addr).await;
+    crate::observability::dashboard_panels_answer(
+        &prometheus,
+        |panel| panel.starts_with("Kafka clients"),
+        "no query of this row may be empty",
+    )
+    .await;
+    member.close().await;
+}

@@ -4,7 +4,8 @@
 //! STDOUT (FORMAT binary)` of the log table into memory. Then live: orders
 //! written at 200/s (each its own transaction, then `NOTIFY
 //! outbox_written`, as a writer elsewhere does), relayed, and read by a
-//! consumer waiting at the log end: order commit → `poll()` returns it.
+//! consumer group member waiting at the log end: order commit → `poll()`
+//! returns it.
 //!
 //! ```sh
 //! cargo run --release --example kafka_api_bench -- postgres://postgres@127.0.0.1:5432/postgres [records]
@@ -146,22 +147,16 @@ async fn run(url: &str, records: i64) -> anyhow::Result<()> {
 /// writer's transaction time, read back after the commit) to `poll()`.
 async fn live_latency(url: &str, orders: usize, rate: f64) -> anyhow::Result<(f64, f64, f64)> {
     let (application, port) = start(url, Some(Duration::from_secs(3))).await?;
+    // A member of a consumer group, as services read, starting at the log
+    // end (a new group, auto.offset.reset=latest).
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", format!("127.0.0.1:{port}"))
         .set("group.id", "kafka-api-latency")
-        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "latest")
         .set("fetch.wait.max.ms", "500")
         .create()?;
     let client = outbox_relay::db::connect(url).await?;
-    let mut list = rdkafka::TopicPartitionList::new();
-    for head in outbox_relay::log::topics::partition_offsets(&client, "order-created").await? {
-        list.add_partition_offset(
-            "order-created",
-            head.partition,
-            rdkafka::Offset::Offset(head.log_end_offset),
-        )?;
-    }
-    consumer.assign(&list)?;
+    consumer.subscribe(&["order-created"])?;
     // Each record's arrival time, by key.
     let reader = tokio::task::spawn_blocking(move || {
         let mut arrived = std::collections::HashMap::new();
@@ -175,8 +170,9 @@ async fn live_latency(url: &str, orders: usize, rate: f64) -> anyhow::Result<(f6
         }
         arrived
     });
-    // Let the consumer's first fetches reach the log end.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let the consumer join its group and its first fetches reach the
+    // log end.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let mut committed = std::collections::HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     for n in 0..orders {

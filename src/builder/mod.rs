@@ -164,7 +164,11 @@ impl Application {
         let kafka_api_pool = match &settings.kafka_api {
             Some(_) => {
                 db.reserve("kafka-api wake-ups (LISTEN log appends)", 1)?;
-                Some(db.pool("kafka-api", crate::kafka_api::POOL_SIZE)?)
+                Some(db.bounded_pool(
+                    "kafka-api",
+                    crate::kafka_api::POOL_SIZE,
+                    crate::kafka_api::SESSION_BOUNDS,
+                )?)
             }
             None => None,
         };

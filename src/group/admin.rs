@@ -333,8 +333,9 @@ pub async fn execute_reset(
     planned: &[PlannedReset],
 ) -> Result<(), AdminError> {
     let tx = client.transaction().await?;
-    tx.execute(LOCK_GROUP_PARTITIONS, &[&group]).await?;
+    // The Kafka group's row first, as the Kafka coordinator takes them.
     tx.execute(LOCK_KAFKA_GROUP, &[&group]).await?;
+    tx.execute(LOCK_GROUP_PARTITIONS, &[&group]).await?;
     let members: i64 = tx.query_one(LIVE_MEMBER_COUNT, &[&group]).await?.get(0);
     if members > 0 {
         return Err(AdminError::ActiveOnReset {
@@ -388,8 +389,9 @@ pub async fn delete_group(
     group: &str,
 ) -> Result<u64, AdminError> {
     let tx = client.transaction().await?;
-    tx.execute(LOCK_GROUP_PARTITIONS, &[&group]).await?;
+    // The Kafka group's row first, as the Kafka coordinator takes them.
     tx.execute(LOCK_KAFKA_GROUP, &[&group]).await?;
+    tx.execute(LOCK_GROUP_PARTITIONS, &[&group]).await?;
     let members: i64 = tx.query_one(LIVE_MEMBER_COUNT, &[&group]).await?.get(0);
     if members > 0 {
         return Err(AdminError::ActiveOnDelete {

@@ -39,9 +39,21 @@ impl Front {
         let (mut topics, mut partitions, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
         for topic in &request.topics {
             for p in &topic.partitions {
-                topics.push(topic.name.0.as_str());
-                partitions.push(p.partition_index);
-                offsets.push(p.committed_offset);
+                let name = topic.name.0.as_str();
+                // A partition named twice: the last offset given (one
+                // statement may not update a row twice).
+                match topics
+                    .iter()
+                    .zip(&partitions)
+                    .position(|(t, n)| *t == name && *n == p.partition_index)
+                {
+                    Some(at) => offsets[at] = p.committed_offset,
+                    None => {
+                        topics.push(name);
+                        partitions.push(p.partition_index);
+                        offsets.push(p.committed_offset);
+                    }
+                }
             }
         }
         let mut client = self.pool.get().await?;

@@ -26,8 +26,13 @@ use super::{sasl, shape, versions, Front, UNSUPPORTED_VERSION};
 use crate::shutdown::Shutdown;
 
 /// Largest request frame accepted (Kafka's `socket.request.max.bytes` is
-/// 100 MiB; a consumer's requests are a few kilobytes).
-pub(super) const MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+/// 100 MiB for producers' batches; a consumer's requests are kilobytes: a
+/// Fetch of 10,000 partitions is about 300 KiB). It also bounds what the
+/// codecs reserve for a request's arrays (`shape`).
+pub(super) const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// A connection of a listener with users must authenticate within this.
+const AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection with no request for this long is closed (Kafka's
 /// `connections.max.idle.ms` is 9 minutes).
@@ -207,11 +212,23 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         None => Some(super::security::Access::default()),
     };
     let mut client = String::from("-");
+    let authenticate_by = tokio::time::Instant::now() + AUTHENTICATION_TIMEOUT;
     loop {
+        // Until authenticated, a connection has a deadline, not an idle
+        // timer that each ApiVersions would reset.
+        let wait = match access {
+            Some(_) => IDLE_TIMEOUT,
+            None => authenticate_by.saturating_duration_since(tokio::time::Instant::now()),
+        };
         let size = tokio::select! {
-            read = tokio::time::timeout(IDLE_TIMEOUT, stream.read_i32()) => match read {
+            read = tokio::time::timeout(wait, stream.read_i32()) => match read {
                 Ok(Ok(size)) => size,
                 Ok(Err(_)) => return, // closed by the client
+                Err(_) if access.is_none() => {
+                    tracing::warn!(%peer, client = %client,
+                        "closing a Kafka connection: not authenticated within 30 s");
+                    return;
+                }
                 Err(_) => {
                     tracing::debug!(%peer, client = %client, "closing an idle Kafka connection");
                     return;

@@ -10,11 +10,12 @@ use tokio_postgres::Transaction;
 
 use super::coordinator::{Group, Head, Member, State};
 
-/// The group row, locked for the transaction, with the transaction's time
-/// (every session and deadline is on the database's clock).
+/// The group row, locked for the transaction, with the database's time
+/// once the lock is held (every session and deadline is on that clock; the
+/// transaction's start could be a lock wait earlier).
 const LOCK_GROUP: &str = "
     SELECT state, generation, protocol_type, protocol_name, leader, rebalance_deadline,
-           initial_rebalance, now()
+           initial_rebalance, clock_timestamp()
       FROM kafka_groups WHERE group_id = $1 FOR UPDATE";
 
 const CREATE_GROUP: &str = "
@@ -38,6 +39,11 @@ const SAVE_GROUP: &str = "
        SET state = $2, generation = $3, protocol_type = $4, protocol_name = $5, leader = $6,
            rebalance_deadline = $7, initial_rebalance = $8
      WHERE group_id = $1";
+
+/// A member whose only change is its session's renewal (a heartbeat, a
+/// poll of a waiting join): one small update of a HOT column.
+const RENEW_SESSION: &str = "
+    UPDATE group_members SET heartbeat_at = $3 WHERE group_id = $1 AND member_id = $2";
 
 /// Their Kafka rows go with them (ON DELETE CASCADE).
 const REMOVE_MEMBERS: &str = "
@@ -198,6 +204,17 @@ impl Locked {
             if previous == Some(member) {
                 continue;
             }
+            if let Some(previous) = previous {
+                let renewed_only = Member {
+                    heartbeat_at: member.heartbeat_at,
+                    ..previous.clone()
+                } == *member;
+                if renewed_only {
+                    tx.execute(RENEW_SESSION, &[&id, &member.id, &member.heartbeat_at])
+                        .await?;
+                    continue;
+                }
+            }
             assigned |= member.assignment.is_some()
                 && previous.is_none_or(|p| p.assignment != member.assignment);
             save_member(tx, id, member).await?;
@@ -252,9 +269,17 @@ async fn save_owners(tx: &Transaction<'_>, group: &Group) -> anyhow::Result<()> 
     for member in &group.members {
         let assigned = member.assignment.as_deref().and_then(assigned_partitions);
         for (topic, partition) in assigned.unwrap_or_default() {
-            topics.push(topic);
-            partitions.push(partition);
-            owners.push(member.id.as_str());
+            // A partition twice (one statement may not update a row twice):
+            // the first member named keeps it.
+            if !topics
+                .iter()
+                .zip(&partitions)
+                .any(|(t, p)| *t == topic && *p == partition)
+            {
+                topics.push(topic);
+                partitions.push(partition);
+                owners.push(member.id.as_str());
+            }
         }
     }
     tx.execute(CLEAR_OWNERS, &[&group.id]).await?;
@@ -299,6 +324,7 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
         ("kafka_api::group_store::MEMBERS", MEMBERS),
         ("kafka_api::group_store::SAVE_GROUP", SAVE_GROUP),
         ("kafka_api::group_store::REMOVE_MEMBERS", REMOVE_MEMBERS),
+        ("kafka_api::group_store::RENEW_SESSION", RENEW_SESSION),
         ("kafka_api::group_store::SAVE_MEMBER", SAVE_MEMBER),
         (
             "kafka_api::group_store::SAVE_KAFKA_MEMBER",

@@ -118,9 +118,10 @@ impl Front {
         if group_id.is_empty() {
             return Ok(error(INVALID_GROUP_ID, &request.member_id));
         }
+        let instance_id = request.group_instance_id.as_ref().map(|i| i.to_string());
         let join = Join {
             member_id: request.member_id.to_string(),
-            instance_id: request.group_instance_id.as_ref().map(|i| i.to_string()),
+            instance_id: instance_id.clone(),
             client_id: client_id.to_string(),
             host: format!("/{}", peer.ip()),
             session_timeout_ms: request.session_timeout_ms,
@@ -186,7 +187,7 @@ impl Front {
                     tokio::time::sleep(POLL).await;
                     outcome = match self
                         .with_group(group_id, false, |g, now| {
-                            g.poll_join(&member_id, generation, now)
+                            g.poll_join(&member_id, instance_id.as_deref(), generation, now)
                         })
                         .await?
                     {
@@ -252,7 +253,12 @@ impl Front {
                     tokio::time::sleep(POLL).await;
                     outcome = self
                         .with_group(group_id, false, |g, now| {
-                            g.poll_sync(member_id, generation, now)
+                            g.poll_sync(
+                                member_id,
+                                request.group_instance_id.as_deref(),
+                                generation,
+                                now,
+                            )
                         })
                         .await?
                         .unwrap_or(SyncOutcome::Error(super::coordinator::UNKNOWN_MEMBER_ID));
@@ -416,17 +422,23 @@ impl Front {
                 .map(|r| r.get(0))
                 .collect()
         };
+        // One group's failure (its row locked by a frozen process, say)
+        // does not hold back the others.
         for group_id in groups {
-            self.with_group(&group_id, false, |g, now| {
-                let expired = g.expire(now);
-                if !expired.is_empty() {
-                    tracing::info!(group = %g.id, members = ?expired,
-                        "Kafka group members' sessions ran out; the group rebalances without them");
-                }
-                g.try_complete(now);
-            })
-            .await?
-            .ok();
+            let swept = self
+                .with_group(&group_id, false, |g, now| {
+                    let expired = g.expire(now);
+                    if !expired.is_empty() {
+                        tracing::info!(group = %g.id, members = ?expired,
+                            "Kafka group members' sessions ran out; the group rebalances without them");
+                    }
+                    g.try_complete(now);
+                })
+                .await;
+            if let Err(e) = swept {
+                tracing::warn!(group = %group_id, error = %crate::clip::clip_error(&e),
+                    "sweeping a Kafka group failed; next in a second");
+            }
         }
         Ok(())
     }

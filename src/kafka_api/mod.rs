@@ -54,8 +54,17 @@ const NODE_ID: i32 = 0;
 /// Connections served at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 1024;
 
-/// Database connections of the role (reads of records and offsets).
+/// Database connections of the role (reads of records and offsets, the
+/// groups' transactions).
 pub const POOL_SIZE: usize = 8;
+
+/// A group's transactions hold its row lock for a few statements: a
+/// process frozen inside one (SIGSTOP, a paused VM) must not hold every
+/// other process's requests for that group, nor the sweep of all groups.
+pub const SESSION_BOUNDS: crate::db::SessionBounds = crate::db::SessionBounds {
+    idle_in_transaction: std::time::Duration::from_secs(5),
+    lock_wait: std::time::Duration::from_secs(5),
+};
 
 /// Where clients reach this process (what Metadata tells them).
 #[derive(Debug, Clone, PartialEq, Eq)]

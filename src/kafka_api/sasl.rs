@@ -59,11 +59,16 @@ pub(super) async fn authenticate(
     let user = String::from_utf8_lossy(user).into_owned();
     let password = String::from_utf8_lossy(password).into_owned();
     let (users, name) = (users.clone(), user.clone());
-    // PBKDF2 takes a while: not on the async threads.
-    let access = tokio::task::spawn_blocking(move || users.authenticate(&name, &password))
-        .await
-        .ok()
-        .flatten();
+    // PBKDF2 takes a while: not on the async threads, and two at a time
+    // at most, so that clients that cannot log in cannot take every core.
+    static VERIFYING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let access = match VERIFYING.acquire().await {
+        Ok(_permit) => tokio::task::spawn_blocking(move || users.authenticate(&name, &password))
+            .await
+            .ok()
+            .flatten(),
+        Err(_) => None,
+    };
     match &access {
         Some(_) => {
             tracing::debug!(%peer, client = %client, user = %crate::clip::clip(&user), "Kafka client authenticated")

@@ -51,17 +51,25 @@ fn allowed(prefixes: &Option<Vec<String>>, name: &str) -> bool {
         .is_none_or(|prefixes| prefixes.iter().any(|p| name.starts_with(p.as_str())))
 }
 
-#[derive(Clone)]
 struct User {
     hash: PasswordHash,
     access: Access,
 }
 
 /// The SASL/PLAIN users.
-#[derive(Clone, Default)]
 pub struct Users {
     by_name: HashMap<String, User>,
+    /// What an unknown name is checked against, so that it takes as long
+    /// as a known one (the time must not tell which names exist).
+    decoy: PasswordHash,
+    /// Credentials verified since the start, as HMAC(secret, name NUL
+    /// password): a client's reconnects skip the slow hash. Bounded.
+    verified: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    secret: [u8; 32],
 }
+
+/// Verified credentials remembered at most (then forgotten all at once).
+const VERIFIED_KEPT: usize = 10_000;
 
 impl std::fmt::Debug for Users {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,19 +130,50 @@ impl Users {
         if by_name.is_empty() {
             anyhow::bail!("no Kafka API users given");
         }
-        Ok(Users { by_name })
+        let iterations = by_name
+            .values()
+            .map(|u| u.hash.iterations)
+            .max()
+            .unwrap_or(HASH_ITERATIONS);
+        Ok(Users {
+            by_name,
+            decoy: PasswordHash::new("", iterations),
+            verified: Default::default(),
+            secret: rand::random(),
+        })
     }
 
     /// The user's access if `password` is theirs. Slow by design (PBKDF2):
     /// run it off the async threads.
     pub fn authenticate(&self, name: &str, password: &str) -> Option<Access> {
-        let user = self.by_name.get(name)?;
-        user.hash.verify(password).then(|| user.access.clone())
+        let Some(user) = self.by_name.get(name) else {
+            self.decoy.verify(password);
+            return None;
+        };
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes a key of any length");
+        mac.update(name.as_bytes());
+        mac.update(&[0]);
+        mac.update(password.as_bytes());
+        let remembered: [u8; 32] = mac.finalize().into_bytes().into();
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.contains(&remembered) {
+            return Some(user.access.clone());
+        }
+        drop(verified);
+        if !user.hash.verify(password) {
+            return None;
+        }
+        verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= VERIFIED_KEPT {
+            verified.clear();
+        }
+        verified.insert(remembered);
+        Some(user.access.clone())
     }
 }
 
 /// A PBKDF2-HMAC-SHA256 password hash.
-#[derive(Clone)]
 pub struct PasswordHash {
     iterations: u32,
     salt: Vec<u8>,
@@ -304,6 +343,21 @@ mod tests {
         assert!(
             !format!("{users:?}").contains("pbkdf2"),
             "no hash in debug output"
+        );
+    }
+
+    #[test]
+    fn a_verified_password_is_remembered_and_others_are_still_refused() {
+        let users = Users::parse(&format!("mail:{}", PasswordHash::new("pw", 1_000))).unwrap();
+        assert!(users.authenticate("mail", "pw").is_some());
+        assert_eq!(users.verified.lock().unwrap().len(), 1);
+        assert!(users.authenticate("mail", "pw").is_some());
+        assert!(users.authenticate("mail", "pw2").is_none());
+        assert!(users.authenticate("other", "pw").is_none());
+        assert_eq!(
+            users.verified.lock().unwrap().len(),
+            1,
+            "only what verified is kept"
         );
     }
 

@@ -20,7 +20,9 @@ pub(super) const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Heartbeat, 0, 4),
     (ApiKey::LeaveGroup, 0, 5),
     (ApiKey::OffsetCommit, 2, 8),
-    (ApiKey::OffsetFetch, 1, 7),
+    // v2+: v1 has no error code of its own, so a refused or failed
+    // request would read as "no committed offsets".
+    (ApiKey::OffsetFetch, 2, 7),
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::ListGroups, 0, 4),
     // v0 would send the SASL token without Kafka framing.

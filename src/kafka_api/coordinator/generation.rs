@@ -53,7 +53,7 @@ impl Group {
         if self.head.state == State::CompletingRebalance
             && self.head.leader.as_deref() == Some(member_id)
         {
-            for member in &mut self.members {
+            for member in self.members.iter_mut().filter(|m| !m.pending()) {
                 member.assignment = Some(
                     assignments
                         .iter()
@@ -65,13 +65,14 @@ impl Group {
             self.head.state = State::Stable;
             return SyncOutcome::Answer(self.members[i].assignment.clone().unwrap_or_default());
         }
-        self.poll_sync(member_id, generation, now)
+        self.poll_sync(member_id, instance_id, generation, now)
     }
 
     /// A follower's waiting sync, again.
     pub(in crate::kafka_api) fn poll_sync(
         &mut self,
         member_id: &str,
+        instance_id: Option<&str>,
         generation: i32,
         now: DateTime<Utc>,
     ) -> SyncOutcome {
@@ -80,7 +81,7 @@ impl Group {
         }
         self.expire(now);
         let Some(i) = self.index(member_id) else {
-            return SyncOutcome::Error(UNKNOWN_MEMBER_ID);
+            return SyncOutcome::Error(self.gone(instance_id));
         };
         if self.head.generation != generation || self.head.state == State::PreparingRebalance {
             return SyncOutcome::Error(REBALANCE_IN_PROGRESS);
@@ -153,7 +154,7 @@ impl Group {
     ) -> i16 {
         self.expire(now);
         if generation < 0 && member_id.is_empty() && instance_id.is_none() {
-            return if self.members.is_empty() {
+            return if self.joined_members().next().is_none() {
                 NONE
             } else {
                 UNKNOWN_MEMBER_ID

@@ -78,7 +78,17 @@ pub(super) struct Member {
     pub heartbeat_at: DateTime<Utc>,
 }
 
+/// The `joined_generation` of a member that has its id (v4+
+/// MEMBER_ID_REQUIRED) but has not joined with it yet: it neither starts
+/// a rebalance nor counts in one, and its session ends it if it never
+/// comes back (Kafka's pending members).
+const PENDING: i32 = -1;
+
 impl Member {
+    fn pending(&self) -> bool {
+        self.joined_generation == PENDING
+    }
+
     fn expired(&self, now: DateTime<Utc>) -> bool {
         self.heartbeat_at + TimeDelta::milliseconds(self.session_timeout_ms.into()) < now
     }
@@ -209,15 +219,21 @@ impl Group {
             .filter(|m| m.expired(now))
             .map(|m| m.id.clone())
             .collect();
-        if !expired.is_empty() {
-            self.members.retain(|m| !m.expired(now));
+        let joined_expired = self.members.iter().any(|m| m.expired(now) && !m.pending());
+        self.members.retain(|m| !m.expired(now));
+        if joined_expired {
             self.after_removal(now);
         }
         expired
     }
 
+    /// The members that have joined (not pending).
+    fn joined_members(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().filter(|m| !m.pending())
+    }
+
     fn after_removal(&mut self, now: DateTime<Utc>) {
-        if self.members.is_empty() {
+        if self.joined_members().next().is_none() {
             self.become_empty();
         } else if self.head.state != State::PreparingRebalance {
             self.prepare_rebalance(now, 0);
@@ -271,24 +287,26 @@ impl Group {
         }
         let next = self.head.generation + 1;
         let due = self.head.rebalance_deadline.is_none_or(|d| now >= d);
-        let all_joined = self.members.iter().all(|m| m.joined_generation == next);
+        let all_joined = self.joined_members().all(|m| m.joined_generation == next);
         if !(due || (all_joined && !self.head.initial_rebalance)) {
             return;
         }
-        self.members.retain(|m| m.joined_generation == next);
-        if self.members.is_empty() {
+        self.members
+            .retain(|m| m.joined_generation == next || m.pending());
+        let joined: Vec<Member> = self.joined_members().cloned().collect();
+        if joined.is_empty() {
             self.become_empty();
             return;
         }
         let head = &mut self.head;
         head.generation = next;
-        head.protocol_name = choose_protocol(&self.members);
+        head.protocol_name = choose_protocol(&joined);
         if !head
             .leader
             .as_ref()
-            .is_some_and(|l| self.members.iter().any(|m| &m.id == l))
+            .is_some_and(|l| joined.iter().any(|m| &m.id == l))
         {
-            head.leader = Some(self.members[0].id.clone());
+            head.leader = Some(joined[0].id.clone());
         }
         head.state = State::CompletingRebalance;
         head.rebalance_deadline = None;
@@ -305,8 +323,7 @@ impl Group {
         let leader = head.leader.clone().unwrap_or_default();
         let members = if leader == member_id {
             let chosen = head.protocol_name.as_deref().unwrap_or_default();
-            self.members
-                .iter()
+            self.joined_members()
                 .map(|m| {
                     let metadata = m
                         .protocols
@@ -327,6 +344,21 @@ impl Group {
             leader,
             member_id: member_id.to_string(),
             members,
+        }
+    }
+
+    /// Why a waiting member is no longer in the group: a newer process of
+    /// the same static instance took its place, or it was removed.
+    fn gone(&self, instance_id: Option<&str>) -> i16 {
+        let replaced = instance_id.is_some_and(|instance| {
+            self.members
+                .iter()
+                .any(|m| m.instance_id.as_deref() == Some(instance))
+        });
+        if replaced {
+            FENCED_INSTANCE_ID
+        } else {
+            UNKNOWN_MEMBER_ID
         }
     }
 
@@ -365,34 +397,33 @@ impl Group {
                 // Its subscription may differ (a new process owns nothing
                 // yet); what matters is that the chosen assignor stays.
                 let unchanged = choose_protocol(&self.members) == self.head.protocol_name;
-                let state = self.head.state;
-                if state == State::CompletingRebalance
-                    || (state == State::Stable && unchanged && !was_leader)
-                {
+                // In CompletingRebalance the leader's assignment names the
+                // old id: a rebalance, as Kafka does.
+                if self.head.state == State::Stable && unchanged && !was_leader {
                     return JoinOutcome::Answer(self.joined(&join.new_member_id));
                 }
                 i
             }
             (true, None) if join.require_known_member_id && join.instance_id.is_none() => {
-                // Known from now on; it counts once it joins with the id.
-                self.add(&join, now);
-                if self.head.state != State::PreparingRebalance {
-                    self.prepare_rebalance(now, join.rebalance_timeout_ms);
-                }
+                // Pending: it counts once it joins with the id.
+                self.add(&join, now, PENDING);
                 return JoinOutcome::Error {
                     code: MEMBER_ID_REQUIRED,
                     member_id: join.new_member_id,
                 };
             }
-            (true, None) => self.add(&join, now),
+            (true, None) => self.add(&join, now, self.head.generation),
             (false, _) => match self.validate(&join.member_id, join.instance_id.as_deref()) {
                 Err(code) => return error(code),
                 Ok(i) => {
                     let unchanged = self.members[i].protocols == join.protocols;
                     let is_leader =
                         self.head.leader.as_deref() == Some(self.members[i].id.as_str());
+                    let pending = self.members[i].pending();
                     self.update(i, &join, now);
                     match self.head.state {
+                        // A pending member joining with its id is new.
+                        _ if pending => i,
                         // It lost its answer: the same generation again.
                         State::CompletingRebalance if unchanged => {
                             return JoinOutcome::Answer(self.joined(&join.member_id))
@@ -409,18 +440,18 @@ impl Group {
         let next = self.head.generation + 1;
         self.members[index].joined_generation = next;
         let member_id = self.members[index].id.clone();
-        self.poll_join(&member_id, next, now)
+        let instance_id = join.instance_id.clone();
+        self.poll_join(&member_id, instance_id.as_deref(), next, now)
     }
 
     fn supports_a_common_protocol(&self, protocols: &[(String, Bytes)]) -> bool {
         protocols.iter().any(|(name, _)| {
-            self.members
-                .iter()
+            self.joined_members()
                 .all(|m| m.protocols.iter().any(|(n, _)| n == name))
         })
     }
 
-    fn add(&mut self, join: &Join, now: DateTime<Utc>) -> usize {
+    fn add(&mut self, join: &Join, now: DateTime<Utc>, joined_generation: i32) -> usize {
         if self.members.is_empty() {
             self.head.protocol_type = Some(join.protocol_type.clone());
         }
@@ -432,7 +463,7 @@ impl Group {
             session_timeout_ms: join.session_timeout_ms,
             rebalance_timeout_ms: join.rebalance_timeout_ms,
             protocols: join.protocols.clone(),
-            joined_generation: self.head.generation,
+            joined_generation,
             assignment: None,
             heartbeat_at: now,
         });
@@ -453,6 +484,7 @@ impl Group {
     pub(super) fn poll_join(
         &mut self,
         member_id: &str,
+        instance_id: Option<&str>,
         generation: i32,
         now: DateTime<Utc>,
     ) -> JoinOutcome {
@@ -464,13 +496,13 @@ impl Group {
         self.try_complete(now);
         match self.index(member_id) {
             None => JoinOutcome::Error {
-                code: UNKNOWN_MEMBER_ID,
+                code: self.gone(instance_id),
                 member_id: member_id.to_string(),
             },
-            Some(_)
-                if self.head.state != State::PreparingRebalance
-                    && self.head.generation >= generation =>
-            {
+            // Its generation is complete: answered even if another
+            // rebalance has begun since (its SyncGroup is then told so and
+            // it joins again), so no waiter misses its generation.
+            Some(_) if self.head.generation >= generation => {
                 JoinOutcome::Answer(self.joined(member_id))
             }
             Some(_) => JoinOutcome::Wait {

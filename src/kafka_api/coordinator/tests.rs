@@ -56,11 +56,11 @@ fn stable_pair() -> Group {
     ));
     // The initial delay holds the first generation for both.
     assert!(matches!(
-        group.poll_join("a", 1, at(500)),
+        group.poll_join("a", None, 1, at(500)),
         JoinOutcome::Wait { .. }
     ));
-    let leader = answered(group.poll_join("a", 1, at(1_000)));
-    let follower = answered(group.poll_join("b", 1, at(1_000)));
+    let leader = answered(group.poll_join("a", None, 1, at(1_000)));
+    let follower = answered(group.poll_join("b", None, 1, at(1_000)));
     assert_eq!((leader.generation, leader.leader.as_str()), (1, "a"));
     assert_eq!(leader.protocol_name.as_deref(), Some("cooperative-sticky"));
     assert_eq!(leader.members.len(), 2);
@@ -86,7 +86,7 @@ fn stable_pair() -> Group {
         SyncOutcome::Answer(Bytes::from_static(b"p0"))
     );
     assert_eq!(
-        group.poll_sync("b", 1, at(1_150)),
+        group.poll_sync("b", None, 1, at(1_150)),
         SyncOutcome::Answer(Bytes::from_static(b"p1"))
     );
     assert_eq!(group.head.state, State::Stable);
@@ -116,7 +116,7 @@ fn a_new_member_makes_the_others_rejoin_and_a_stale_generation_is_fenced() {
         JoinOutcome::Wait { .. }
     ));
     assert!(matches!(
-        group.poll_join("c", 2, at(2_200)),
+        group.poll_join("c", None, 2, at(2_200)),
         JoinOutcome::Wait { .. }
     ));
     // The last to rejoin completes the generation.
@@ -124,7 +124,7 @@ fn a_new_member_makes_the_others_rejoin_and_a_stale_generation_is_fenced() {
         group.join(join("b", "-", None), at(2_300)),
         JoinOutcome::Answer(_)
     ));
-    let c = answered(group.poll_join("c", 2, at(2_300)));
+    let c = answered(group.poll_join("c", None, 2, at(2_300)));
     assert_eq!((c.generation, c.leader.as_str()), (2, "a"));
     assert_eq!(group.heartbeat("a", None, 1, at(2_400)), ILLEGAL_GENERATION);
     assert_eq!(
@@ -152,7 +152,7 @@ fn a_member_whose_session_runs_out_is_removed_and_the_group_rebalances_without_i
         group.join(join("b", "-", None), at(12_100)),
         JoinOutcome::Answer(_)
     ));
-    let b = answered(group.poll_join("b", 2, at(12_100)));
+    let b = answered(group.poll_join("b", None, 2, at(12_100)));
     assert_eq!(
         (b.generation, b.leader.as_str(), b.members.len()),
         (2, "b", 1)
@@ -177,12 +177,12 @@ fn a_rebalance_completes_at_its_deadline_without_members_that_did_not_rejoin() {
     for t in (5_000..32_000).step_by(5_000) {
         assert_eq!(group2.heartbeat("a", None, 1, at(t)), REBALANCE_IN_PROGRESS);
         assert!(matches!(
-            group2.poll_join("c", 2, at(t)),
+            group2.poll_join("c", None, 2, at(t)),
             JoinOutcome::Wait { .. }
         ));
     }
     // ... until its rebalance timeout (30 s), then goes on without it.
-    let c = answered(group2.poll_join("c", 2, at(32_001)));
+    let c = answered(group2.poll_join("c", None, 2, at(32_001)));
     assert_eq!((c.leader.as_str(), c.members.len()), ("c", 1));
     assert_eq!(
         group2.heartbeat("a", None, 1, at(32_002)),
@@ -202,9 +202,9 @@ fn a_static_member_restarting_keeps_its_assignment_without_a_rebalance_and_fence
         group.join(join("", "b1", Some("b")), at(0)),
         JoinOutcome::Wait { .. }
     ));
-    let a = answered(group.poll_join("a1", 1, at(1_000)));
+    let a = answered(group.poll_join("a1", None, 1, at(1_000)));
     assert_eq!(a.members[1].1.as_deref(), Some("b"));
-    answered(group.poll_join("b1", 1, at(1_000)));
+    answered(group.poll_join("b1", None, 1, at(1_000)));
     let assignments = vec![
         ("a1".into(), Bytes::from_static(b"p0")),
         ("b1".into(), Bytes::from_static(b"p1")),
@@ -290,4 +290,100 @@ fn the_assignor_most_members_prefer_is_chosen() {
         member(&["roundrobin"]),
     ];
     assert_eq!(choose_protocol(&members).as_deref(), Some("roundrobin"));
+}
+
+#[test]
+fn a_waiter_is_answered_its_generation_even_if_another_rebalance_begins_first() {
+    let mut group = stable_pair();
+    // c joins; a and b rejoin; b's join completes generation 2 ...
+    assert!(matches!(
+        join_twice(&mut group, "c", at(2_000)),
+        JoinOutcome::Wait { .. }
+    ));
+    assert!(matches!(
+        group.join(join("a", "-", None), at(2_100)),
+        JoinOutcome::Wait { .. }
+    ));
+    assert!(matches!(
+        group.join(join("b", "-", None), at(2_200)),
+        JoinOutcome::Answer(_)
+    ));
+    // ... and a member leaves before the other waiters looked again.
+    group.leave(&[("b".into(), None)], at(2_250));
+    assert_eq!(group.head.state, State::PreparingRebalance);
+    let a = answered(group.poll_join("a", None, 2, at(2_300)));
+    assert_eq!(a.generation, 2);
+    // Its sync is told the group moved on; it joins again.
+    assert_eq!(
+        group.sync("a", None, 2, (None, None), vec![], at(2_350)),
+        SyncOutcome::Error(REBALANCE_IN_PROGRESS)
+    );
+}
+
+#[test]
+fn a_member_given_its_id_does_not_rebalance_the_group_until_it_joins_with_it() {
+    let mut group = stable_pair();
+    let first = group.join(join("", "late", None), at(2_000));
+    assert!(matches!(
+        first,
+        JoinOutcome::Error {
+            code: MEMBER_ID_REQUIRED,
+            ..
+        }
+    ));
+    assert_eq!(group.head.state, State::Stable);
+    assert_eq!(group.heartbeat("a", None, 1, at(2_100)), NONE);
+    // It never comes back: its session ends, still without a rebalance.
+    assert_eq!(group.heartbeat("a", None, 1, at(9_000)), NONE);
+    assert_eq!(group.heartbeat("b", None, 1, at(9_000)), NONE);
+    assert_eq!(group.heartbeat("a", None, 1, at(12_500)), NONE);
+    assert!(group.members.iter().all(|m| m.id != "late"));
+    // One that does come back makes the group rebalance.
+    let again = group.join(join("", "later", None), at(13_000));
+    assert!(matches!(
+        again,
+        JoinOutcome::Error {
+            code: MEMBER_ID_REQUIRED,
+            ..
+        }
+    ));
+    assert!(matches!(
+        group.join(join("later", "-", None), at(13_100)),
+        JoinOutcome::Wait { .. }
+    ));
+    assert_eq!(
+        group.heartbeat("a", None, 1, at(13_200)),
+        REBALANCE_IN_PROGRESS
+    );
+}
+
+#[test]
+fn a_static_member_restarting_while_the_leader_assigns_makes_the_group_rebalance() {
+    let mut group = Group::new("g");
+    assert!(matches!(
+        group.join(join("", "a1", Some("a")), at(0)),
+        JoinOutcome::Wait { .. }
+    ));
+    assert!(matches!(
+        group.join(join("", "b1", Some("b")), at(0)),
+        JoinOutcome::Wait { .. }
+    ));
+    answered(group.poll_join("a1", Some("a"), 1, at(1_000)));
+    assert_eq!(group.head.state, State::CompletingRebalance);
+    // b restarts before the leader's SyncGroup: the leader's answer names
+    // b1, so b2 would get nothing; the group rebalances instead.
+    let restarted = group.join(join("", "b2", Some("b")), at(1_100));
+    assert!(
+        matches!(restarted, JoinOutcome::Wait { .. }),
+        "{restarted:?}"
+    );
+    assert_eq!(group.head.state, State::PreparingRebalance);
+    // The old process, still waiting, is fenced.
+    assert_eq!(
+        group.poll_join("b1", Some("b"), 1, at(1_200)),
+        JoinOutcome::Error {
+            code: FENCED_INSTANCE_ID,
+            member_id: "b1".into()
+        }
+    );
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::harness::*;
 use crate::kafka_api::{events, header_text, kafka_api, TOPIC};
-use crate::kafka_groups::ScriptMember;
+use crate::kafka_clients::ScriptMember;
 
 /// Two KafkaJS members of `mail-service` read 10,000 records once each,
 /// as the log holds them (partition, offset, key, value, headers,

@@ -12,7 +12,7 @@ use rdkafka::ClientConfig;
 
 use crate::harness::*;
 use crate::kafka_api::{events, kafka_api_secured, TOPIC};
-use crate::kafka_groups::ScriptMember;
+use crate::kafka_clients::ScriptMember;
 
 /// A self-signed certificate for 127.0.0.1 and its key, as PEM files in a
 /// folder of this test's own: (certificate path, folder).

@@ -2,7 +2,8 @@
 """A consumer group member with kafka-python (PyPI), which nobody here
 wrote: subscribes to --topic in --group, commits after every poll, and
 prints one JSON line per record read ({"partition", "offset", "key"}) and
-one per assignment ({"assigned": [partitions]}), until killed. With
+one per assignment ({"assigned": [partitions]}), until killed (SIGKILL:
+nothing more) or stopped (SIGTERM: it leaves the group and exits). With
 --sasl user:password and --ca cert.pem it connects over SASL_SSL (PLAIN); an
 error it cannot go on from is printed as {"error": ...}, exit status 1;
 the client's own error log lines as {"log": ...}. --create-topic NAME asks
@@ -12,6 +13,7 @@ to create a topic instead (an API outbox-relay does not serve), printing
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from kafka import KafkaConsumer, ConsumerRebalanceListener
@@ -79,7 +81,9 @@ def main():
     tell = Tell()
     tell.consumer = consumer
     consumer.subscribe([args.topic], listener=tell)
-    while True:
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    while not stopping:
         batches = consumer.poll(timeout_ms=200)
         for records in batches.values():
             for r in records:
@@ -91,6 +95,7 @@ def main():
         if batches:
             consumer.commit()
         sys.stdout.flush()
+    consumer.close()  # everything read is committed: leave the group
 
 
 if __name__ == "__main__":

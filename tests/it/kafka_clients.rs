@@ -1,0 +1,108 @@
+//! Kafka clients written in other languages, each in a process of its
+//! own, for the kafka-api tests: kafka-python (tests/support/
+//! kafka_python_member.py) and KafkaJS (tests/support/kafkajs/member.js).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::kafka_api::TOPIC;
+
+/// A member written in another language, in a process of its own
+/// (kafka-python, KafkaJS), printing a JSON line per record and per
+/// assignment; the lines are collected.
+pub(crate) struct ScriptMember {
+    pub child: tokio::process::Child,
+    pub lines: Arc<Mutex<Vec<Value>>>,
+}
+
+impl ScriptMember {
+    /// tests/support/kafka_python_member.py in `group`.
+    pub(crate) fn python(bootstrap: &str, group: &str) -> ScriptMember {
+        let mut command = tokio::process::Command::new("python3");
+        command
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/kafka_python_member.py"
+            ))
+            .args(["--bootstrap", bootstrap, "--topic", TOPIC, "--group", group]);
+        ScriptMember::command(
+            command,
+            "python3 tests/support/kafka_python_member.py (pip install kafka-python)",
+        )
+    }
+
+    /// tests/support/kafkajs/member.js with these arguments.
+    pub(crate) fn kafkajs(args: &[&str]) -> ScriptMember {
+        let mut command = tokio::process::Command::new("node");
+        command
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/kafkajs/member.js"
+            ))
+            .args(args);
+        ScriptMember::command(
+            command,
+            "node tests/support/kafkajs/member.js (npm ci in tests/support/kafkajs)",
+        )
+    }
+
+    pub(crate) fn command(mut command: tokio::process::Command, what: &str) -> ScriptMember {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect(what);
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let collected = lines.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                collected
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).unwrap());
+            }
+        });
+        ScriptMember { child, lines }
+    }
+
+    /// Asks the member to stop (SIGTERM: a last commit and a leave).
+    pub(crate) async fn stop(mut self) {
+        let pid = self.child.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the member to stop on SIGTERM")
+            .unwrap();
+    }
+
+    pub(crate) fn reads(&self) -> Vec<(i32, i64)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.get("offset").is_some())
+            .map(|l| {
+                (
+                    l["partition"].as_i64().unwrap() as i32,
+                    l["offset"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    pub(crate) fn assignment(&self) -> Vec<i32> {
+        let lines = self.lines.lock().unwrap();
+        let last = lines.iter().rev().find_map(|l| l.get("assigned"));
+        last.and_then(Value::as_array)
+            .map(|a| a.iter().map(|p| p.as_i64().unwrap() as i32).collect())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,83 @@
+//! Issue 28, kafka-python (PyPI, pure Python) as a consumer group: two
+//! members read 10,000 records once each, at the log's partitions and
+//! offsets with their keys, and both restarted resume from their commits.
+//! (Its reads with assigned partitions, offsets for times, a killed
+//! member, a bad password and an unsupported API are in kafka_api.rs,
+//! kafka_groups.rs and kafka_security.rs.)
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::kafka_api::{events, kafka_api, TOPIC};
+use crate::kafka_clients::ScriptMember;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_kafka_python_members_read_each_record_once_and_resume_from_their_commits() {
+    let db = TestDb::migrated().await;
+    let mut relay = db.relay();
+    let expected = events(&db, &mut relay, 10_000).await;
+    let (_pipeline, bootstrap) = kafka_api(&db).await;
+    let a = ScriptMember::python(&bootstrap, "mail-service");
+    let b = ScriptMember::python(&bootstrap, "mail-service");
+    eventually(
+        "the group to read every record",
+        Duration::from_secs(120),
+        || async { (a.reads().len() + b.reads().len() >= expected.len()).then_some(()) },
+    )
+    .await;
+    let (had_a, had_b) = (a.assignment(), b.assignment());
+    assert!(
+        !had_a.is_empty() && !had_b.is_empty(),
+        "{had_a:?} {had_b:?}"
+    );
+    assert!(
+        had_a.iter().all(|p| !had_b.contains(p)),
+        "one owner per partition"
+    );
+    let keys = |m: &ScriptMember| -> Vec<((i32, i64), Option<String>)> {
+        m.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.get("offset").is_some())
+            .map(|l| {
+                let at = (
+                    l["partition"].as_i64().unwrap() as i32,
+                    l["offset"].as_i64().unwrap(),
+                );
+                (at, l["key"].as_str().map(String::from))
+            })
+            .collect()
+    };
+    let mut seen = HashSet::new();
+    for (at, key) in keys(&a).into_iter().chain(keys(&b)) {
+        assert!(seen.insert(at), "{at:?} read twice");
+        assert_eq!(key, expected[&at].key, "{at:?}");
+    }
+    assert_eq!(seen.len(), expected.len());
+    a.stop().await;
+    b.stop().await;
+    wait_until_group_caught_up(&db, "mail-service", TOPIC).await;
+
+    // Restarted, they read only what came since.
+    let all = events(&db, &mut relay, 100).await;
+    let a = ScriptMember::python(&bootstrap, "mail-service");
+    let b = ScriptMember::python(&bootstrap, "mail-service");
+    eventually("the 100 new records", Duration::from_secs(60), || async {
+        (a.reads().len() + b.reads().len() >= 100).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut again = HashSet::new();
+    for at in a.reads().into_iter().chain(b.reads()) {
+        assert!(
+            !expected.contains_key(&at),
+            "{at:?} was read before the restart"
+        );
+        assert!(all.contains_key(&at) && again.insert(at), "{at:?}");
+    }
+    assert_eq!(again.len(), 100);
+    a.stop().await;
+    b.stop().await;
+}

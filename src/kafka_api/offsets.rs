@@ -15,6 +15,8 @@ use super::{Front, NONE, UNKNOWN_TOPIC_OR_PARTITION};
 /// Kafka's special timestamps.
 const LATEST: i64 = -1;
 const EARLIEST: i64 = -2;
+/// v7 (KIP-734): the record with the largest timestamp.
+const MAX_TIMESTAMP: i64 = -3;
 
 impl Front {
     pub(super) async fn list_offsets(
@@ -64,7 +66,10 @@ impl Front {
                             (offset, created)
                         }
                     }
-                    // Anything else (v7's -3 is not served): none.
+                    MAX_TIMESTAMP => crate::log::read::largest_time(&**client, &name, offsets)
+                        .await?
+                        .map_or((-1, -1), |(offset, at)| (offset, at.timestamp_millis())),
+                    // Anything else (-4, -5: tiered storage): none.
                     _ => (-1, -1),
                 };
                 answer.offset = offset;

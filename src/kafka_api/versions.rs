@@ -10,8 +10,7 @@ pub(super) const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     // Refused, but advertised: see `produce`.
     (ApiKey::Produce, 3, 9),
     (ApiKey::Fetch, 4, 12),
-    // v7 adds only the largest-timestamp query (KIP-734), not kept.
-    (ApiKey::ListOffsets, 1, 6),
+    (ApiKey::ListOffsets, 1, 7),
     (ApiKey::Metadata, 1, 12),
     (ApiKey::ApiVersions, 0, 3),
     (ApiKey::FindCoordinator, 0, 4),

@@ -103,6 +103,34 @@ pub async fn offset_for_time_within(
     Ok(found.map_or(offsets.log_end_offset, |r| r.get(0)))
 }
 
+/// The largest `created_at` of a partition's records from `$3` on: the
+/// time index keeps a running maximum, so its last entry holds it.
+const LARGEST_TIME: &str = "
+    SELECT max_created_at FROM event_log_time_index
+     WHERE topic = $1 AND partition = $2 AND last_offset >= $3
+     ORDER BY base_offset DESC LIMIT 1";
+
+/// The offset and time of the partition's record with the largest
+/// `created_at` (the first such: Kafka's ListOffsets MAX_TIMESTAMP); none
+/// for an empty partition, or when that record is past retention.
+pub async fn largest_time(
+    client: &impl GenericClient,
+    topic: &str,
+    offsets: &super::PartitionOffsets,
+) -> Result<Option<(i64, DateTime<Utc>)>, LogError> {
+    let row = client
+        .query_opt(
+            LARGEST_TIME,
+            &[&topic, &offsets.partition, &offsets.log_start_offset],
+        )
+        .await?;
+    let Some(largest) = row.map(|r| r.get::<_, DateTime<Utc>>(0)) else {
+        return Ok(None);
+    };
+    let offset = offset_for_time_within(client, topic, offsets, largest).await?;
+    Ok((offset < offsets.log_end_offset).then_some((offset, largest)))
+}
+
 /// This module's SQL by name: tests/it/sql.rs prepares each statement
 /// against the migrated schema.
 /// `$1` topic, records whose key is one of `$2`, in key then offset order
@@ -136,5 +164,6 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
         ),
         ("log::read::TIME_INDEX_ENTRY", TIME_INDEX_ENTRY.to_string()),
         ("log::read::FIRST_OFFSET_AT", FIRST_OFFSET_AT.to_string()),
+        ("log::read::LARGEST_TIME", LARGEST_TIME.to_string()),
     ]
 }

@@ -522,3 +522,52 @@ async fn an_api_that_is_not_served_is_a_clean_error_for_every_client() {
         0
     );
 }
+
+/// ListOffsets v7's MAX_TIMESTAMP (-3): the record with the largest
+/// CreateTime of each partition, as the log holds it; an empty partition
+/// has none (-1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_offsets_v7_finds_each_partitions_record_with_the_largest_time() {
+    use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+    use kafka_protocol::messages::{
+        ApiKey, ListOffsetsRequest, ListOffsetsResponse, ResponseHeader, TopicName,
+    };
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    let db = TestDb::migrated().await;
+    let mut relay = db.relay();
+    let expected = events(&db, &mut relay, 300).await;
+    let (_pipeline, bootstrap) = kafka_api(&db).await;
+    let mut topic = ListOffsetsTopic::default();
+    topic.name = TopicName(StrBytes::from_static_str(TOPIC));
+    topic.partitions = (0..8)
+        .map(|p| {
+            let mut partition = ListOffsetsPartition::default();
+            partition.partition_index = p;
+            partition.timestamp = -3;
+            partition
+        })
+        .collect();
+    let mut request = ListOffsetsRequest::default();
+    request.replica_id = kafka_protocol::messages::BrokerId(-1);
+    request.topics = vec![topic];
+    let mut stream = tokio::net::TcpStream::connect(&bootstrap).await.unwrap();
+    let mut answer = exchange(&mut stream, ApiKey::ListOffsets, 7, request)
+        .await
+        .expect("answered");
+    ResponseHeader::decode(&mut answer, ApiKey::ListOffsets.response_header_version(7)).unwrap();
+    let answer = ListOffsetsResponse::decode(&mut answer, 7).unwrap();
+    for p in &answer.topics[0].partitions {
+        let latest = expected
+            .values()
+            .filter(|r| r.partition == p.partition_index)
+            .max_by_key(|r| (r.created_at, std::cmp::Reverse(r.offset)));
+        let want = latest.map_or((-1, -1), |r| (r.offset, r.created_at.timestamp_millis()));
+        assert_eq!(
+            (p.offset, p.timestamp),
+            want,
+            "partition {}",
+            p.partition_index
+        );
+        assert_eq!(p.error_code, 0);
+    }
+}

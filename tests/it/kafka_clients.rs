@@ -106,3 +106,45 @@ impl ScriptMember {
             .unwrap_or_default()
     }
 }
+
+/// A reset of the stopped `group` to `time`, made with the functions of
+/// `groups reset-offsets --to-datetime`, is where the member `start`
+/// makes reads next: each partition from its planned offset to the log
+/// end (`all` holds every record), each record once.
+pub(crate) async fn assert_reads_from_a_reset(
+    db: &crate::harness::TestDb,
+    group: &str,
+    time: chrono::DateTime<chrono::Utc>,
+    all: &crate::kafka_api::Expected,
+    start: impl FnOnce() -> ScriptMember,
+) {
+    use outbox_relay::group::admin::{execute_reset, plan_reset, ResetTo};
+    let mut client = db.client().await;
+    let planned = plan_reset(&client, group, TOPIC, None, &ResetTo::Datetime(time))
+        .await
+        .unwrap();
+    execute_reset(&mut client, group, &planned).await.unwrap();
+    let from: std::collections::HashMap<i32, i64> = planned
+        .iter()
+        .map(|p| (p.partition, p.new_offset))
+        .collect();
+    let want: std::collections::HashSet<(i32, i64)> = all
+        .keys()
+        .filter(|(partition, offset)| from.get(partition).is_some_and(|f| offset >= f))
+        .copied()
+        .collect();
+    assert!(!want.is_empty());
+    let member = start();
+    crate::harness::eventually(
+        "the records from the reset on",
+        Duration::from_secs(90),
+        || async { (member.reads().len() >= want.len()).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let read = member.reads();
+    let unique: std::collections::HashSet<(i32, i64)> = read.iter().copied().collect();
+    assert_eq!(read.len(), unique.len(), "each record once");
+    assert_eq!(unique, want, "from the planned offsets to the log end");
+    member.stop().await;
+}

@@ -13,11 +13,14 @@ use crate::kafka_clients::ScriptMember;
 
 /// Two KafkaJS members of `mail-service` read 10,000 records once each,
 /// as the log holds them (partition, offset, key, value, headers,
-/// CreateTime); when one leaves, the other takes its partitions; both
-/// restarted, they resume from their commits. Its offsets for a time are
-/// the log's (what `replay --from` plans with).
+/// CreateTime); when one is killed, the other takes its partitions once
+/// its session runs out, nothing skipped; both restarted, they resume from
+/// their commits; a reset made with `groups reset-offsets` is what they
+/// read next. Its offsets for a time are the log's (what `replay --from`
+/// plans with).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafkajs_members_read_each_record_once_take_over_and_resume_from_their_commits() {
+async fn kafkajs_members_read_each_record_once_take_over_from_a_killed_one_resume_and_read_from_a_reset(
+) {
     let db = TestDb::migrated().await;
     let mut relay = db.relay();
     let expected = events(&db, &mut relay, 10_000).await;
@@ -110,8 +113,11 @@ async fn kafkajs_members_read_each_record_once_take_over_and_resume_from_their_c
         );
     }
 
-    // b leaves: a takes every partition.
-    b.stop().await;
+    // b is killed (no leave, no last commit): a takes every partition once
+    // b's 6 s session has run out, and reads on from b's last commit.
+    let mut b = b;
+    b.child.start_kill().unwrap();
+    b.child.wait().await.unwrap();
     eventually(
         "the other member to own every partition",
         Duration::from_secs(30),
@@ -145,6 +151,17 @@ async fn kafkajs_members_read_each_record_once_take_over_and_resume_from_their_c
     assert_eq!(again.len(), 100);
     a.stop().await;
     b.stop().await;
+
+    // A reset made with `groups reset-offsets` is what it reads next.
+    let time = all[&(4, 30)].created_at;
+    crate::kafka_clients::assert_reads_from_a_reset(
+        &db,
+        "mail-service",
+        time,
+        &all,
+        || member(&[]),
+    )
+    .await;
 }
 
 /// An unknown topic is a clean error for KafkaJS (its words for

@@ -1,6 +1,7 @@
 //! Issue 28, kafka-python (PyPI, pure Python) as a consumer group: two
 //! members read 10,000 records once each, at the log's partitions and
-//! offsets with their keys, and both restarted resume from their commits.
+//! offsets with their keys, both restarted resume from their commits, and
+//! a reset made with `groups reset-offsets` is what they read next.
 //! (Its reads with assigned partitions, offsets for times, a killed
 //! member, a bad password and an unsupported API are in kafka_api.rs,
 //! kafka_groups.rs and kafka_security.rs.)
@@ -13,7 +14,8 @@ use crate::kafka_api::{events, kafka_api, TOPIC};
 use crate::kafka_clients::ScriptMember;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_kafka_python_members_read_each_record_once_and_resume_from_their_commits() {
+async fn two_kafka_python_members_read_each_record_once_resume_from_their_commits_and_from_a_reset()
+{
     let db = TestDb::migrated().await;
     let mut relay = db.relay();
     let expected = events(&db, &mut relay, 10_000).await;
@@ -80,4 +82,11 @@ async fn two_kafka_python_members_read_each_record_once_and_resume_from_their_co
     assert_eq!(again.len(), 100);
     a.stop().await;
     b.stop().await;
+
+    // A reset made with `groups reset-offsets` is what it reads next.
+    let time = all[&(4, 30)].created_at;
+    crate::kafka_clients::assert_reads_from_a_reset(&db, "mail-service", time, &all, || {
+        ScriptMember::python(&bootstrap, "mail-service")
+    })
+    .await;
 }

@@ -20,13 +20,19 @@ pub(crate) struct ScriptMember {
 impl ScriptMember {
     /// tests/support/kafka_python_member.py in `group`.
     pub(crate) fn python(bootstrap: &str, group: &str) -> ScriptMember {
+        ScriptMember::python_with(bootstrap, group, &[])
+    }
+
+    /// The same, with more of its arguments (`--instance ID`: static).
+    pub(crate) fn python_with(bootstrap: &str, group: &str, extra: &[&str]) -> ScriptMember {
         let mut command = tokio::process::Command::new("python3");
         command
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/tests/support/kafka_python_member.py"
             ))
-            .args(["--bootstrap", bootstrap, "--topic", TOPIC, "--group", group]);
+            .args(["--bootstrap", bootstrap, "--topic", TOPIC, "--group", group])
+            .args(extra);
         ScriptMember::command(
             command,
             "python3 tests/support/kafka_python_member.py (pip install kafka-python)",

@@ -90,3 +90,50 @@ async fn two_kafka_python_members_read_each_record_once_resume_from_their_commit
     })
     .await;
 }
+
+/// A static kafka-python member (`group_instance_id`) restarting within its
+/// session gets its partitions back without a rebalance: the generation
+/// stays. (The follower restarts; a restarting leader rebalances.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_kafka_python_member_restarting_keeps_its_partitions_without_a_rebalance() {
+    let db = TestDb::migrated().await;
+    let mut relay = db.relay();
+    events(&db, &mut relay, 80).await;
+    let (_pipeline, bootstrap) = kafka_api(&db).await;
+    let start =
+        |instance: &str| ScriptMember::python_with(&bootstrap, "static", &["--instance", instance]);
+    let mut members = std::collections::HashMap::new();
+    members.insert("a", start("a"));
+    members.insert("b", start("b"));
+    eventually(
+        "both members to own partitions",
+        Duration::from_secs(60),
+        || async {
+            let owned: usize = members.values().map(|m| m.assignment().len()).sum();
+            let reads: usize = members.values().map(|m| m.reads().len()).sum();
+            (owned == 8 && members.values().all(|m| !m.assignment().is_empty()) && reads >= 80)
+                .then_some(())
+        },
+    )
+    .await;
+    let client = db.client().await;
+    let state = "SELECT g.generation, k.group_instance_id FROM kafka_groups g
+                   JOIN kafka_group_members k ON k.group_id = g.group_id AND k.member_id = g.leader
+                  WHERE g.group_id = 'static'";
+    let row = client.query_one(state, &[]).await.unwrap();
+    let (before, leader): (i32, String) = (row.get(0), row.get(1));
+    let follower = if leader == "a" { "b" } else { "a" };
+    let had = members[follower].assignment();
+    members.remove(follower).unwrap().stop().await;
+    let restarted = start(follower);
+    eventually(
+        "the restarted member to get its partitions",
+        Duration::from_secs(30),
+        || async { (restarted.assignment() == had).then_some(()) },
+    )
+    .await;
+    let after: i32 = client.query_one(state, &[]).await.unwrap().get(0);
+    assert_eq!(after, before, "no rebalance");
+    restarted.stop().await;
+    members.remove(leader.as_str()).unwrap().stop().await;
+}

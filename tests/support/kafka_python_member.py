@@ -50,6 +50,7 @@ def main():
     parser.add_argument("--sasl")
     parser.add_argument("--ca")
     parser.add_argument("--create-topic")
+    parser.add_argument("--instance", help="group.instance.id: a static member")
     args = parser.parse_args()
 
     if args.create_topic:
@@ -76,6 +77,7 @@ def main():
         auto_offset_reset="earliest",
         session_timeout_ms=args.session_ms,
         heartbeat_interval_ms=500,
+        group_instance_id=args.instance,
         **secured,
     )
     tell = Tell()

@@ -7,18 +7,15 @@
 
 use std::borrow::Cow;
 
-use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use kafka_protocol::messages::list_offsets_response::{
-    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
-};
-use kafka_protocol::messages::offset_commit_response::{
-    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
-};
-use kafka_protocol::messages::{RequestKind, ResponseKind};
+use kafka_protocol::messages::{RequestKind, ResponseKind, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
 use super::security::Access;
-use super::TOPIC_AUTHORIZATION_FAILED;
+use super::{refusals, TOPIC_AUTHORIZATION_FAILED};
+
+fn topic_name(name: String) -> TopicName {
+    TopicName(StrBytes::from_string(name))
+}
 
 pub(super) const GROUP_AUTHORIZATION_FAILED: i16 = 30;
 
@@ -97,57 +94,31 @@ pub(super) fn complete(
         ResponseKind::Fetch(f) => {
             f.responses
                 .extend(denied.into_iter().map(|(name, partitions)| {
-                    let mut topic = FetchableTopicResponse::default();
-                    topic.topic = StrBytes::from_string(name).into();
-                    topic.partitions = partitions
-                        .into_iter()
-                        .map(|index| {
-                            let mut partition = PartitionData::default();
-                            partition.partition_index = index;
-                            partition.error_code = TOPIC_AUTHORIZATION_FAILED;
-                            partition.high_watermark = -1;
-                            partition.last_stable_offset = -1;
-                            partition.log_start_offset = -1;
-                            partition
-                        })
-                        .collect();
-                    topic
+                    refusals::fetch(
+                        topic_name(name),
+                        partitions.into_iter(),
+                        TOPIC_AUTHORIZATION_FAILED,
+                    )
                 }))
         }
         ResponseKind::ListOffsets(l) => {
             l.topics
                 .extend(denied.into_iter().map(|(name, partitions)| {
-                    let mut topic = ListOffsetsTopicResponse::default();
-                    topic.name = StrBytes::from_string(name).into();
-                    topic.partitions = partitions
-                        .into_iter()
-                        .map(|index| {
-                            let mut partition = ListOffsetsPartitionResponse::default();
-                            partition.partition_index = index;
-                            partition.error_code = TOPIC_AUTHORIZATION_FAILED;
-                            partition.offset = -1;
-                            partition.timestamp = -1;
-                            partition
-                        })
-                        .collect();
-                    topic
+                    refusals::list_offsets(
+                        topic_name(name),
+                        partitions.into_iter(),
+                        TOPIC_AUTHORIZATION_FAILED,
+                    )
                 }))
         }
         ResponseKind::OffsetCommit(o) => {
             o.topics
                 .extend(denied.into_iter().map(|(name, partitions)| {
-                    let mut topic = OffsetCommitResponseTopic::default();
-                    topic.name = StrBytes::from_string(name).into();
-                    topic.partitions = partitions
-                        .into_iter()
-                        .map(|index| {
-                            let mut partition = OffsetCommitResponsePartition::default();
-                            partition.partition_index = index;
-                            partition.error_code = TOPIC_AUTHORIZATION_FAILED;
-                            partition
-                        })
-                        .collect();
-                    topic
+                    refusals::offset_commit(
+                        topic_name(name),
+                        partitions.into_iter(),
+                        TOPIC_AUTHORIZATION_FAILED,
+                    )
                 }))
         }
         // Asked for all: all it may see; asked by name: refused by name.

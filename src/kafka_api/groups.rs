@@ -454,9 +454,6 @@ pub(super) fn failed(request: &RequestKind) -> Option<ResponseKind> {
 /// A group request answered with `code` and nothing done (None for a
 /// request that is not a group request).
 pub(super) fn refused(request: &RequestKind, code: i16) -> Option<ResponseKind> {
-    use kafka_protocol::messages::offset_commit_response::{
-        OffsetCommitResponsePartition, OffsetCommitResponseTopic,
-    };
     Some(match request {
         RequestKind::JoinGroup(r) => {
             let mut response = JoinGroupResponse::default();
@@ -497,19 +494,8 @@ pub(super) fn refused(request: &RequestKind, code: i16) -> Option<ResponseKind> 
                 .topics
                 .iter()
                 .map(|t| {
-                    let mut topic = OffsetCommitResponseTopic::default();
-                    topic.name = t.name.clone();
-                    topic.partitions = t
-                        .partitions
-                        .iter()
-                        .map(|p| {
-                            let mut partition = OffsetCommitResponsePartition::default();
-                            partition.partition_index = p.partition_index;
-                            partition.error_code = code;
-                            partition
-                        })
-                        .collect();
-                    topic
+                    let partitions = t.partitions.iter().map(|p| p.partition_index);
+                    super::refusals::offset_commit(t.name.clone(), partitions, code)
                 })
                 .collect();
             ResponseKind::OffsetCommit(response)

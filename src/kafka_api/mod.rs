@@ -25,6 +25,7 @@ mod metadata;
 mod metrics;
 mod offsets;
 mod produce;
+mod refusals;
 mod sasl;
 pub mod security;
 mod shape;
@@ -162,10 +163,6 @@ impl Front {
     /// UNKNOWN_SERVER_ERROR, which clients retry after a backoff. None
     /// for the requests whose handlers cannot fail.
     fn failed(&self, request: &RequestKind) -> Option<ResponseKind> {
-        use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-        use kafka_protocol::messages::list_offsets_response::{
-            ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
-        };
         use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
         use kafka_protocol::messages::{FetchResponse, ListOffsetsResponse, MetadataResponse};
         Some(match request {
@@ -192,21 +189,8 @@ impl Front {
                     .topics
                     .iter()
                     .map(|asked| {
-                        let mut topic = ListOffsetsTopicResponse::default();
-                        topic.name = asked.name.clone();
-                        topic.partitions = asked
-                            .partitions
-                            .iter()
-                            .map(|p| {
-                                let mut partition = ListOffsetsPartitionResponse::default();
-                                partition.partition_index = p.partition_index;
-                                partition.error_code = UNKNOWN_SERVER_ERROR;
-                                partition.offset = -1;
-                                partition.timestamp = -1;
-                                partition
-                            })
-                            .collect();
-                        topic
+                        let partitions = asked.partitions.iter().map(|p| p.partition_index);
+                        refusals::list_offsets(asked.name.clone(), partitions, UNKNOWN_SERVER_ERROR)
                     })
                     .collect();
                 ResponseKind::ListOffsets(response)
@@ -217,22 +201,8 @@ impl Front {
                     .topics
                     .iter()
                     .map(|asked| {
-                        let mut topic = FetchableTopicResponse::default();
-                        topic.topic = asked.topic.clone();
-                        topic.partitions = asked
-                            .partitions
-                            .iter()
-                            .map(|p| {
-                                let mut partition = PartitionData::default();
-                                partition.partition_index = p.partition;
-                                partition.error_code = UNKNOWN_SERVER_ERROR;
-                                partition.high_watermark = -1;
-                                partition.last_stable_offset = -1;
-                                partition.log_start_offset = -1;
-                                partition
-                            })
-                            .collect();
-                        topic
+                        let partitions = asked.partitions.iter().map(|p| p.partition);
+                        refusals::fetch(asked.topic.clone(), partitions, UNKNOWN_SERVER_ERROR)
                     })
                     .collect();
                 ResponseKind::Fetch(response)

@@ -84,6 +84,24 @@ pub(crate) async fn kafka_api_secured(
     )
 }
 
+/// A message's headers as librdkafka gives them, values as text (None
+/// for a null value).
+pub(crate) fn message_headers(
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) -> HashMap<String, Option<String>> {
+    message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    let value = h.value.map(|v| String::from_utf8(v.to_vec()).unwrap());
+                    (h.key.to_string(), value)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// What a header of `expected` becomes on the wire.
 pub(crate) fn header_text(value: &Value) -> Option<String> {
     match value {
@@ -125,19 +143,7 @@ async fn librdkafka_reads_the_log_with_its_partitions_offsets_keys_headers_and_t
                 continue;
             };
             let message = message.unwrap();
-            let headers: HashMap<String, Option<String>> = message
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_string(),
-                                h.value.map(|v| String::from_utf8(v.to_vec()).unwrap()),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let headers = message_headers(&message);
             let previous = read.insert(
                 (message.partition(), message.offset()),
                 (

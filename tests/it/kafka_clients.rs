@@ -154,3 +154,40 @@ pub(crate) async fn assert_reads_from_a_reset(
     assert_eq!(unique, want, "from the planned offsets to the log end");
     member.stop().await;
 }
+
+/// Members started again once everything in `before` was read and
+/// committed read only what came since (`all` holds every record), each
+/// record once; then they stop.
+pub(crate) async fn assert_resumed_from_commits(
+    members: Vec<ScriptMember>,
+    before: &crate::kafka_api::Expected,
+    all: &crate::kafka_api::Expected,
+) {
+    let new = all.len() - before.len();
+    let read = || {
+        members
+            .iter()
+            .flat_map(ScriptMember::reads)
+            .collect::<Vec<_>>()
+    };
+    crate::harness::eventually(
+        "the records that came since",
+        Duration::from_secs(60),
+        || async { (read().len() >= new).then_some(()) },
+    )
+    .await;
+    // A moment for a record read twice to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut again = std::collections::HashSet::new();
+    for at in read() {
+        assert!(
+            !before.contains_key(&at),
+            "{at:?} was read before the restart"
+        );
+        assert!(all.contains_key(&at) && again.insert(at), "{at:?}");
+    }
+    assert_eq!(again.len(), new);
+    for member in members {
+        member.stop().await;
+    }
+}

@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::ClientConfig;
 use serde_json::Value;
 
 use crate::harness::*;
-use crate::kafka_api::{events, header_text, kafka_api, Expected, TOPIC};
+use crate::kafka_api::{events, header_text, kafka_api, message_headers, Expected, TOPIC};
 use crate::kafka_clients::ScriptMember;
 
 /// A record as a member read it.
@@ -119,19 +119,7 @@ impl Drop for Member {
 }
 
 fn read(member: &str, m: &rdkafka::message::BorrowedMessage<'_>) -> Read {
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (
-                        h.key.to_string(),
-                        h.value.map(|v| String::from_utf8(v.to_vec()).unwrap()),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let headers = message_headers(m);
     Read {
         member: member.to_string(),
         partition: m.partition(),

@@ -22,6 +22,12 @@ const JOIN: &str = "
        SET heartbeat_at = now(), host = $3, client_id = $4,
            session_timeout = make_interval(secs => $5), incarnation = $6";
 
+/// Held while a group's kind is decided, by a native member's join and by
+/// a Kafka group's creation (`kafka_api`): two first joins under one id,
+/// one of each kind, cannot both succeed.
+pub(crate) const GROUP_KIND_LOCK: &str = "
+    SELECT pg_advisory_xact_lock(hashtextextended('outbox-relay group kind ' || $1, 0))";
+
 /// A static member's new incarnation takes over what its previous one owned,
 /// at new epochs: the previous one (dead, or still running) is fenced.
 const RECLAIM: &str = "
@@ -329,6 +335,7 @@ async fn register_in(
     client: &impl tokio_postgres::GenericClient,
     c: &GroupConfig,
 ) -> anyhow::Result<()> {
+    client.execute(GROUP_KIND_LOCK, &[&c.group_id]).await?;
     let joined = client
         .execute(
             JOIN,
@@ -378,6 +385,10 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
         ),
         ("group::membership::HEARTBEAT", HEARTBEAT.to_string()),
         ("group::membership::JOIN", JOIN.to_string()),
+        (
+            "group::membership::GROUP_KIND_LOCK",
+            GROUP_KIND_LOCK.to_string(),
+        ),
         (
             "group::membership::ENSURE_PARTITIONS",
             ENSURE_PARTITIONS.to_string(),

@@ -100,6 +100,13 @@ pub(super) async fn lock(
     create: bool,
 ) -> anyhow::Result<Result<Locked, NotKafka>> {
     let mut row = tx.query_opt(LOCK_GROUP, &[&group_id]).await?;
+    if row.is_none() && create {
+        // Deciding the group's kind: not at the same time as a native
+        // member's first join (which takes the same lock).
+        tx.execute(crate::group::membership::GROUP_KIND_LOCK, &[&group_id])
+            .await?;
+        row = tx.query_opt(LOCK_GROUP, &[&group_id]).await?;
+    }
     if row.is_none() {
         if tx
             .query_one(IS_NATIVE, &[&group_id])

@@ -76,7 +76,7 @@ impl Front {
                     request.generation_id_or_member_epoch,
                     now,
                 );
-                locked.save(&tx).await?;
+                let changed = locked.save(&tx).await?;
                 let written: Vec<(String, i32)> = if code == NONE {
                     tx.query(COMMIT, &[&group_id, &topics, &partitions, &offsets])
                         .await?
@@ -87,6 +87,9 @@ impl Front {
                     Vec::new()
                 };
                 tx.commit().await?;
+                if changed {
+                    self.group_changed.notify_waiters();
+                }
                 (code, written)
             }
         };

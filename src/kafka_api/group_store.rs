@@ -173,13 +173,16 @@ pub(super) async fn lock(
 impl Locked {
     /// Writes back what changed: the group row, members gone, members new
     /// or changed, and who owns which partition after a new assignment.
-    pub(super) async fn save(self, tx: &Transaction<'_>) -> anyhow::Result<()> {
+    /// True if more than sessions were renewed (what a waiting request
+    /// could be waiting for).
+    pub(super) async fn save(self, tx: &Transaction<'_>) -> anyhow::Result<bool> {
         let Locked {
             group,
             loaded: (head, before),
             ..
         } = self;
         let id = group.id.as_str();
+        let mut changed = group.head != head;
         if group.head != head {
             let h = &group.head;
             tx.execute(
@@ -203,6 +206,7 @@ impl Locked {
             .map(|m| m.id.as_str())
             .collect();
         if !gone.is_empty() {
+            changed = true;
             tx.execute(REMOVE_MEMBERS, &[&id, &gone]).await?;
         }
         let mut assigned = false;
@@ -222,6 +226,7 @@ impl Locked {
                     continue;
                 }
             }
+            changed = true;
             assigned |= member.assignment.is_some()
                 && previous.is_none_or(|p| p.assignment != member.assignment);
             save_member(tx, id, member).await?;
@@ -229,7 +234,7 @@ impl Locked {
         if assigned {
             save_owners(tx, &group).await?;
         }
-        Ok(())
+        Ok(changed)
     }
 }
 

@@ -4,8 +4,9 @@
 //! LeaveGroup, DescribeGroups and ListGroups. Each runs the coordinator
 //! (`coordinator`) on the group loaded under its row lock (`group_store`);
 //! a join waiting for the others and a follower's sync waiting for the
-//! leader poll the group every [`POLL`], for at most the member's
-//! rebalance timeout.
+//! leader look at the group again when a request in this process changed
+//! a group, or every [`POLL`] (for a change made by another process), for
+//! at most the member's rebalance timeout.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,8 +26,9 @@ use super::coordinator::{
 use super::group_store::{self, NotKafka};
 use super::{Front, NODE_ID, NONE};
 
-/// How often a waiting join or sync looks at its group again.
-const POLL: Duration = Duration::from_millis(50);
+/// How often a waiting join or sync looks at its group again without a
+/// change in this process (one made by another `kafka-api` process).
+const POLL: Duration = Duration::from_millis(200);
 
 pub(super) const COORDINATOR_NOT_AVAILABLE: i16 = 15;
 pub(super) const INVALID_GROUP_ID: i16 = 24;
@@ -60,9 +62,20 @@ impl Front {
             Err(not_kafka) => return Ok(Err(not_kafka)),
         };
         let out = change(&mut locked.group, locked.now);
-        locked.save(&tx).await?;
+        let changed = locked.save(&tx).await?;
         tx.commit().await?;
+        if changed {
+            self.group_changed.notify_waiters();
+        }
         Ok(Ok(out))
+    }
+
+    /// Until a request of this process changes a group, or [`POLL`].
+    async fn group_change_or_poll(&self) {
+        tokio::select! {
+            _ = self.group_changed.notified() => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
     }
 
     pub(super) fn find_coordinator(
@@ -184,7 +197,7 @@ impl Front {
                     if started.elapsed() > wait_at_most {
                         return Ok(error(REBALANCE_IN_PROGRESS, &member_id));
                     }
-                    tokio::time::sleep(POLL).await;
+                    self.group_change_or_poll().await;
                     outcome = match self
                         .with_group(group_id, false, |g, now| {
                             g.poll_join(&member_id, instance_id.as_deref(), generation, now)
@@ -250,7 +263,7 @@ impl Front {
                     if waited > 1_200 {
                         return Ok(response(REBALANCE_IN_PROGRESS, Bytes::new()));
                     }
-                    tokio::time::sleep(POLL).await;
+                    self.group_change_or_poll().await;
                     outcome = self
                         .with_group(group_id, false, |g, now| {
                             g.poll_sync(

@@ -81,6 +81,9 @@ pub(crate) struct Front {
     advertised: Advertised,
     security: security::Security,
     connections: status::Connections,
+    /// Notified when a request of this process changed a group: waiting
+    /// joins and syncs look again at once.
+    group_changed: tokio::sync::Notify,
 }
 
 impl Front {
@@ -318,6 +321,7 @@ pub fn role(
             advertised,
             security,
             connections: Default::default(),
+            group_changed: tokio::sync::Notify::new(),
         }),
     })
 }

@@ -17,11 +17,13 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{pin_mut, TryStreamExt};
-use outbox_relay::builder::{bind, Application, Settings};
 use outbox_relay::relay::{Relay, RelayConfig, StepOutcome};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::ClientConfig;
+
+#[path = "support/kafka_api.rs"]
+mod support;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -33,21 +35,10 @@ async fn main() -> anyhow::Result<()> {
         .map(|r| r.parse())
         .transpose()?
         .unwrap_or(1_000_000);
-    let name = format!("kafka_api_bench_{:08x}", rand::random::<u32>());
-    let base = admin
-        .rsplit_once('/')
-        .map(|(b, _)| b.to_string())
-        .unwrap_or(admin.clone());
-    let admin_client = outbox_relay::db::connect(&admin).await?;
-    admin_client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let url = format!("{base}/{name}");
-    let result = run(&url, records).await;
-    admin_client
-        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .await?;
-    result
+    support::in_scratch_database(&admin, "kafka_api_bench", |url| async move {
+        run(&url, records).await
+    })
+    .await
 }
 
 async fn run(url: &str, records: i64) -> anyhow::Result<()> {
@@ -98,34 +89,9 @@ async fn run(url: &str, records: i64) -> anyhow::Result<()> {
     let ceiling = started.elapsed();
 
     // The consumer, through the kafka-api role.
-    let (application, port) = start(url, None).await?;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", format!("127.0.0.1:{port}"))
-        .set("group.id", "kafka-api-bench")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut list = rdkafka::TopicPartitionList::new();
-    for p in 0..8 {
-        list.add_partition_offset("order-created", p, rdkafka::Offset::Beginning)?;
-    }
-    consumer.assign(&list)?;
-    let (read, elapsed) = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let mut read = 0i64;
-        let mut payload_bytes = 0usize;
-        while read < records && started.elapsed() < Duration::from_secs(600) {
-            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-                let message = message.expect("a record");
-                payload_bytes += message.payload().map_or(0, <[u8]>::len);
-                read += 1;
-            }
-        }
-        assert!(payload_bytes > 0);
-        (read, started.elapsed())
-    })
-    .await?;
+    let (application, bootstrap) = support::start(url, None).await?;
+    let elapsed = support::read_all(&bootstrap, records).await?;
     application.stop().await?;
-    anyhow::ensure!(read == records, "read {read} of {records} records");
     let (p50, p99, max) = live_latency(url, 2_000, 200.0).await?;
 
     let ceiling_rate = records as f64 / ceiling.as_secs_f64();
@@ -152,11 +118,11 @@ async fn run(url: &str, records: i64) -> anyhow::Result<()> {
 /// end; the latency of each from its commit (its `created_at`, the
 /// writer's transaction time, read back after the commit) to `poll()`.
 async fn live_latency(url: &str, orders: usize, rate: f64) -> anyhow::Result<(f64, f64, f64)> {
-    let (application, port) = start(url, Some(Duration::from_secs(3))).await?;
+    let (application, bootstrap) = support::start(url, Some(Duration::from_secs(3))).await?;
     // A member of a consumer group, as services read, starting at the log
     // end (a new group, auto.offset.reset=latest).
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", format!("127.0.0.1:{port}"))
+        .set("bootstrap.servers", &bootstrap)
         .set("group.id", "kafka-api-latency")
         .set("auto.offset.reset", "latest")
         .set("fetch.wait.max.ms", "500")
@@ -212,26 +178,4 @@ async fn live_latency(url: &str, orders: usize, rate: f64) -> anyhow::Result<(f6
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     Ok((at(0.5), at(0.99), latencies[latencies.len() - 1]))
-}
-
-/// The kafka-api role on a free loopback port (and the relay role, given
-/// its lease), started by the application builder: the application and
-/// the port.
-async fn start(url: &str, relay: Option<Duration>) -> anyhow::Result<(Application, u16)> {
-    let listener = bind("127.0.0.1:0".parse()?)?;
-    let port = listener.local_addr()?.port();
-    let settings = Settings {
-        relay,
-        kafka_api: Some(outbox_relay::kafka_api::Listen {
-            listener,
-            advertised: outbox_relay::kafka_api::Advertised {
-                host: "127.0.0.1".into(),
-                port,
-            },
-            security: Default::default(),
-        }),
-        migrate: false,
-        ..Settings::default()
-    };
-    Ok((Application::start(settings, url).await?, port))
 }

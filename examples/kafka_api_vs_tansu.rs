@@ -17,14 +17,16 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use outbox_relay::builder::{bind, Application, Settings};
+use outbox_relay::builder::bind;
 use outbox_relay::relay::{Relay, RelayConfig, StepOutcome};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+
+#[path = "support/kafka_api.rs"]
+mod support;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -48,20 +50,10 @@ async fn main() -> anyhow::Result<()> {
         "no tansu at {} (tests/run builds it; or TANSU_BIN)",
         tansu.display()
     );
-    let name = format!("kafka_api_vs_tansu_{:08x}", rand::random::<u32>());
-    let base = admin
-        .rsplit_once('/')
-        .map(|(b, _)| b.to_string())
-        .unwrap_or(admin.clone());
-    let admin_client = outbox_relay::db::connect(&admin).await?;
-    admin_client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let result = run(&format!("{base}/{name}"), &tansu, records, rounds).await;
-    admin_client
-        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .await?;
-    result
+    support::in_scratch_database(&admin, "kafka_api_vs_tansu", |url| async move {
+        run(&url, &tansu, records, rounds).await
+    })
+    .await
 }
 
 async fn run(
@@ -180,11 +172,11 @@ async fn run(
         loading.elapsed().as_secs_f64()
     );
 
-    let (application, ours) = start(url).await?;
+    let (application, ours) = support::start(url, None).await?;
     let (mut from_us, mut from_tansu) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        from_us.push(read_all(&ours, records).await?);
-        from_tansu.push(read_all(&bootstrap, records).await?);
+        from_us.push(support::read_all(&ours, records).await?.as_secs_f64());
+        from_tansu.push(support::read_all(&bootstrap, records).await?.as_secs_f64());
     }
     application.stop().await?;
     broker.kill().await?;
@@ -204,57 +196,4 @@ async fn run(
         them / us
     );
     Ok(())
-}
-
-/// Seconds for a fresh librdkafka consumer to read every record of
-/// `order-created` from the start.
-async fn read_all(bootstrap: &str, records: i64) -> anyhow::Result<f64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "versus")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut list = rdkafka::TopicPartitionList::new();
-    for p in 0..8 {
-        list.add_partition_offset("order-created", p, rdkafka::Offset::Beginning)?;
-    }
-    consumer.assign(&list)?;
-    let (read, elapsed) = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let mut read = 0i64;
-        while read < records && started.elapsed() < Duration::from_secs(300) {
-            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-                message.expect("a record");
-                read += 1;
-            }
-        }
-        (read, started.elapsed())
-    })
-    .await?;
-    anyhow::ensure!(
-        read == records,
-        "read {read} of {records} records from {bootstrap}"
-    );
-    Ok(elapsed.as_secs_f64())
-}
-
-async fn start(url: &str) -> anyhow::Result<(Application, String)> {
-    let listener = bind("127.0.0.1:0".parse()?)?;
-    let port = listener.local_addr()?.port();
-    let settings = Settings {
-        kafka_api: Some(outbox_relay::kafka_api::Listen {
-            listener,
-            advertised: outbox_relay::kafka_api::Advertised {
-                host: "127.0.0.1".into(),
-                port,
-            },
-            security: Default::default(),
-        }),
-        migrate: false,
-        ..Settings::default()
-    };
-    Ok((
-        Application::start(settings, url).await?,
-        format!("127.0.0.1:{port}"),
-    ))
 }

@@ -102,6 +102,17 @@ pub(crate) fn message_headers(
         .unwrap_or_default()
 }
 
+/// A record's headers as they go on the wire (see [`header_text`]).
+pub(crate) fn wire_headers(record: &outbox_relay::log::Record) -> HashMap<String, Option<String>> {
+    record
+        .headers
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), header_text(v)))
+        .collect()
+}
+
 /// What a header of `expected` becomes on the wire.
 pub(crate) fn header_text(value: &Value) -> Option<String> {
     match value {
@@ -171,14 +182,7 @@ async fn librdkafka_reads_the_log_with_its_partitions_offsets_keys_headers_and_t
             timestamp,
             &rdkafka::Timestamp::CreateTime(record.created_at.timestamp_millis())
         );
-        let want: HashMap<String, Option<String>> = record
-            .headers
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), header_text(v)))
-            .collect();
-        assert_eq!(headers, &want, "{at:?}");
+        assert_eq!(headers, &wire_headers(record), "{at:?}");
     }
 
     // Watermarks and offsets for times: the log's own answers.

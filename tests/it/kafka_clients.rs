@@ -191,3 +191,16 @@ pub(crate) async fn assert_resumed_from_commits(
         member.stop().await;
     }
 }
+
+/// Both members own partitions, and none owns one the other does.
+pub(crate) fn assert_partitions_shared(a: &ScriptMember, b: &ScriptMember) {
+    let (had_a, had_b) = (a.assignment(), b.assignment());
+    assert!(
+        !had_a.is_empty() && !had_b.is_empty(),
+        "{had_a:?} {had_b:?}"
+    );
+    assert!(
+        had_a.iter().all(|p| !had_b.contains(p)),
+        "one owner per partition"
+    );
+}

@@ -15,7 +15,7 @@ use rdkafka::ClientConfig;
 use serde_json::Value;
 
 use crate::harness::*;
-use crate::kafka_api::{events, header_text, kafka_api, message_headers, Expected, TOPIC};
+use crate::kafka_api::{events, kafka_api, message_headers, wire_headers, Expected, TOPIC};
 use crate::kafka_clients::ScriptMember;
 
 /// A record as a member read it.
@@ -148,14 +148,7 @@ fn assert_read_once(reads: &[Read], expected: &Expected) {
             r.timestamp,
             rdkafka::Timestamp::CreateTime(record.created_at.timestamp_millis())
         );
-        let headers: HashMap<String, Option<String>> = record
-            .headers
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), header_text(v)))
-            .collect();
-        assert_eq!(r.headers, headers, "{at:?}");
+        assert_eq!(r.headers, wire_headers(record), "{at:?}");
     }
     assert_eq!(seen.len(), expected.len(), "every record read");
 }

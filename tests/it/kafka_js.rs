@@ -56,15 +56,7 @@ async fn kafkajs_members_read_each_record_once_take_over_from_a_killed_one_resum
         || async { (records(&a).len() + records(&b).len() >= expected.len()).then_some(()) },
     )
     .await;
-    let (had_a, had_b) = (a.assignment(), b.assignment());
-    assert!(
-        !had_a.is_empty() && !had_b.is_empty(),
-        "{had_a:?} {had_b:?}"
-    );
-    assert!(
-        had_a.iter().all(|p| !had_b.contains(p)),
-        "one owner per partition"
-    );
+    crate::kafka_clients::assert_partitions_shared(&a, &b);
 
     let mut seen = HashSet::new();
     for r in records(&a).iter().chain(records(&b).iter()) {

@@ -28,15 +28,7 @@ async fn two_kafka_python_members_read_each_record_once_resume_from_their_commit
         || async { (a.reads().len() + b.reads().len() >= expected.len()).then_some(()) },
     )
     .await;
-    let (had_a, had_b) = (a.assignment(), b.assignment());
-    assert!(
-        !had_a.is_empty() && !had_b.is_empty(),
-        "{had_a:?} {had_b:?}"
-    );
-    assert!(
-        had_a.iter().all(|p| !had_b.contains(p)),
-        "one owner per partition"
-    );
+    crate::kafka_clients::assert_partitions_shared(&a, &b);
     let keys = |m: &ScriptMember| -> Vec<((i32, i64), Option<String>)> {
         m.lines
             .lock()

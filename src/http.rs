@@ -157,9 +157,9 @@ pub async fn serve(
     let (stop, stopping) = watch::channel(false);
     let mut connections = JoinSet::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, say: wait a moment, go on.
                     tracing::warn!(error = %e, "accepting a connection failed");
@@ -181,7 +181,17 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // Each request carries its peer's address (the console serves
+        // loopback peers without a token, and no one else).
+        let app = app.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower::ServiceExt::oneshot(app.clone(), request)
+            },
+        );
         let mut stopping = stopping.clone();
         connections.spawn(async move {
             let _permit = permit;

@@ -19,6 +19,7 @@ pub mod app;
 pub mod builder;
 pub mod cli;
 pub(crate) mod clip;
+pub mod console;
 pub mod db;
 pub mod embedded;
 pub mod group;
@@ -53,6 +54,7 @@ pub fn sql_statements() -> Vec<(&'static str, String)> {
     [
         outbox::statements(),
         relay::statements(),
+        console::statements(),
         log::topics::statements(),
         log::read::statements(),
         log::storage::statements(),

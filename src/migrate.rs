@@ -68,6 +68,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "kafka_groups",
         sql: include_str!("../sql/0010_kafka_groups.sql"),
     },
+    Migration {
+        version: 11,
+        name: "console",
+        sql: include_str!("../sql/0011_console.sql"),
+    },
 ];
 
 /// The version a fully migrated database reports.

@@ -32,28 +32,40 @@ pub struct AppState {
 
 /// The order API's routes with the operational endpoints, on `pool`.
 pub fn router(pool: deadpool_postgres::Pool, outbox_written: OutboxWritten) -> Router {
+    router_with(pool, outbox_written, Router::new())
+}
+
+/// [`router`] with `more` routes beside (the console under `/console`).
+pub fn router_with(
+    pool: deadpool_postgres::Pool,
+    outbox_written: OutboxWritten,
+    more: Router,
+) -> Router {
     let routes = Router::new()
         .route("/orders", post(create_order))
         .route("/orders/{id}", get(get_order))
         .with_state(AppState {
             pool: pool.clone(),
             outbox_written,
-        });
+        })
+        .merge(more);
     crate::http::with_operational_routes(routes, pool)
 }
 
-/// The api role on its bound listener.
+/// The api role on its bound listener, with `more` routes beside (the
+/// console, when it shares the API's address).
 pub fn service(
     listener: std::net::TcpListener,
     pool: deadpool_postgres::Pool,
     outbox_written: OutboxWritten,
+    more: Router,
 ) -> anyhow::Result<crate::http::HttpService> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     tracing::info!(addr = %listener.local_addr()?, "order API listening");
     Ok(crate::http::HttpService::new(
         "api",
         listener,
-        router(pool, outbox_written),
+        router_with(pool, outbox_written, more),
     ))
 }
 

@@ -42,6 +42,9 @@ pub enum Role {
     /// The Kafka protocol on the log (--kafka-listen): Kafka consumers read
     /// the log's topics directly. Off unless named.
     KafkaApi,
+    /// The web console: under /console on the API's address, or on
+    /// --console-addr. Off unless named (`demo` runs it).
+    Console,
 }
 
 /// Enough for the default roles with room to spare (api 16, relay 4, mail
@@ -72,6 +75,8 @@ pub struct Settings {
     pub webhooks: Vec<SinkSettings>,
     /// The kafka-api role: its bound listener and advertised address.
     pub kafka_api: Option<crate::kafka_api::Listen>,
+    /// The console role.
+    pub console: Option<crate::console::ConsoleSettings>,
     /// Apply migrations on start (else the schema must be current).
     pub migrate: bool,
     pub max_db_connections: u32,
@@ -88,6 +93,7 @@ impl Default for Settings {
             kafka: None,
             webhooks: Vec::new(),
             kafka_api: None,
+            console: None,
             migrate: true,
             max_db_connections: DEFAULT_MAX_DB_CONNECTIONS,
         }
@@ -172,6 +178,33 @@ impl Application {
             }
             None => None,
         };
+        let console = match &settings.console {
+            Some(console) => {
+                console.check_bind(api_addr)?;
+                if console.listener.is_none() && settings.api.is_none() {
+                    anyhow::bail!(
+                        "the console role is served on the API's address (the api role) or on --console-addr"
+                    );
+                }
+                let pool = db.bounded_pool(
+                    "console",
+                    crate::console::POOL_SIZE,
+                    crate::console::SESSION_BOUNDS,
+                )?;
+                // A replica for browsing is another server: not this budget.
+                let browse = match &console.browse_url {
+                    Some(replica) => crate::db::pool_with(
+                        replica,
+                        crate::console::POOL_SIZE,
+                        Some(crate::console::SESSION_BOUNDS),
+                    )?,
+                    None => pool.clone(),
+                };
+                let built = crate::console::Console::new(console, pool.clone(), browse, url)?;
+                Some((built, pool))
+            }
+            None => None,
+        };
         let webhooks: usize = settings.webhooks.iter().map(|s| s.connections()).sum();
         for sink in crate::app::webhook::consumers(&db, &settings.webhooks)? {
             built.add(sink);
@@ -211,9 +244,23 @@ impl Application {
         if api_pool.is_some() || metrics_pool.is_some() {
             DatabaseGauges::register();
         }
+        // The console on its own address, or beside the API.
+        let mut beside_api = axum::Router::new();
+        let console_listener = settings.console.and_then(|c| c.listener);
+        if let Some((console, pool)) = console {
+            match console_listener {
+                Some(listener) => built.add(crate::console::service(listener, console, pool)?),
+                None => beside_api = crate::console::router(console),
+            }
+        }
         if let (Some(listener), Some(pool)) = (settings.api, api_pool) {
             crate::db::check(&pool).await?;
-            built.add(crate::app::api::service(listener, pool, outbox_written)?);
+            built.add(crate::app::api::service(
+                listener,
+                pool,
+                outbox_written,
+                beside_api,
+            )?);
         }
         if let (Some(listener), Some(pool)) = (settings.metrics, metrics_pool) {
             let listener = tokio::net::TcpListener::from_std(listener)?;

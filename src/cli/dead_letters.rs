@@ -6,7 +6,7 @@ use anyhow::bail;
 use clap::Subcommand;
 
 use super::output::{self, or_dash, Output, Table};
-use crate::group::dead_letters::DeadLetterStatus;
+use crate::group::dead_letters::{DeadLetterStatus, Selection};
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLettersCommand {
@@ -98,11 +98,11 @@ pub async fn run(
             })
         }
         DeadLettersCommand::Retry { id, all } => {
-            let n = crate::group::dead_letters::retry_dead_letters(
-                &mut client,
-                if *all { None } else { *id },
-            )
-            .await?;
+            let selection = match id {
+                Some(id) if !*all => Selection::one(*id),
+                _ => Selection::all(),
+            };
+            let n = crate::group::dead_letters::retry_dead_letters(&mut client, &selection).await?;
             if n == 0 && !*all {
                 bail!("no parked dead letter with id {}", id.unwrap_or_default());
             }
@@ -110,7 +110,8 @@ pub async fn run(
             Ok(())
         }
         DeadLettersCommand::Discard { id } => {
-            if !crate::group::dead_letters::discard_dead_letter(&client, *id).await? {
+            let selection = Selection::one(*id);
+            if crate::group::dead_letters::discard_dead_letters(&client, &selection).await? == 0 {
                 bail!("no parked dead letter with id {id}");
             }
             writeln!(out, "discarded dead letter {id}")?;

@@ -28,6 +28,8 @@ pub struct DemoArgs {
     pub no_wait: bool,
     #[command(flatten)]
     pub mail: MailArgs,
+    #[command(flatten)]
+    pub console: super::serve::ConsoleArgs,
 }
 
 /// Records listed one per line; the rest are summarised per partition.
@@ -39,6 +41,7 @@ pub fn settings(args: &DemoArgs, data_dir: &Path) -> anyhow::Result<Settings> {
         mail: Some(args.mail.settings(data_dir)?),
         api: Some(bind(args.http_addr)?),
         relay: Some(Duration::from_secs(3)),
+        console: Some(args.console.settings(&args.mail, data_dir)?),
         ..Settings::default()
     })
 }
@@ -164,7 +167,16 @@ pub async fn run(
     if args.no_wait {
         return application.stop().await;
     }
-    writeln!(out, "\nserving on http://{addr}; Ctrl-C to stop")?;
+    let console = match args.console.console_addr {
+        Some(console) => format!("http://{console}/console/"),
+        None => format!("http://{addr}/console/"),
+    };
+    writeln!(
+        out,
+        "\nthe console: {console}  (did order {}'s mail go out? type its id there)",
+        placed[0]
+    )?;
+    writeln!(out, "serving on http://{addr}; Ctrl-C to stop")?;
     out.flush()?;
     application.run_until_signal().await
 }

@@ -54,6 +54,77 @@ pub struct ServeArgs {
     pub webhook_sinks: Option<String>,
     #[command(flatten)]
     pub kafka_api: KafkaApiArgs,
+    #[command(flatten)]
+    pub console: ConsoleArgs,
+}
+
+/// Settings of the console role.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConsoleArgs {
+    /// Serve the console on this address of its own (default: under
+    /// /console on the API's address).
+    #[arg(long, env = "CONSOLE_ADDR")]
+    pub console_addr: Option<SocketAddr>,
+    /// A token (16 characters or more) every console request must carry
+    /// (logged in, or `Authorization: Bearer`); required off loopback.
+    /// Grants every permission.
+    #[arg(long, env = "CONSOLE_TOKEN", hide_env_values = true)]
+    pub console_token: Option<String>,
+    /// Console users: name:hash[:permissions] (permissions read, write,
+    /// payloads; comma-separated; read alone by default), separated by
+    /// spaces or lines, or @path to a file of them; hashes from
+    /// `outbox-relay kafka-api hash-password`.
+    #[arg(long, env = "CONSOLE_USERS", hide_env_values = true)]
+    pub console_users: Option<String>,
+    /// No write in the console: write routes answer 403, no write control
+    /// is shown.
+    #[arg(long)]
+    pub console_read_only: bool,
+    /// A read-only replica the console browses (default: the database).
+    #[arg(long, env = "CONSOLE_DATABASE_URL", hide_env_values = true)]
+    pub console_database_url: Option<String>,
+}
+
+impl ConsoleArgs {
+    /// The console's settings; `mail` says where replays started from it
+    /// send their mail (the process's own mail settings).
+    pub fn settings(
+        &self,
+        mail: &MailArgs,
+        data_dir: &Path,
+    ) -> anyhow::Result<crate::console::ConsoleSettings> {
+        let users = match &self.console_users {
+            None => None,
+            Some(given) => Some(match given.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading the console users from {path}: {e}"))?,
+                None => given.clone(),
+            }),
+        };
+        let mut replay_mail_args = vec![
+            "--mail-from".to_string(),
+            mail.mail_from.clone(),
+            "--mail-currency".to_string(),
+            mail.mail_currency.code().to_string(),
+        ];
+        if let Some(url) = &mail.smtp_url {
+            replay_mail_args.extend(["--smtp-url".to_string(), url.clone()]);
+        }
+        if let Some(url) = &self.console_database_url {
+            crate::db::parse_url(url)?;
+        }
+        Ok(crate::console::ConsoleSettings {
+            listener: self.console_addr.map(bind).transpose()?,
+            access: crate::console::auth::AccessSettings::new(
+                self.console_token.clone(),
+                users.as_deref(),
+            )?,
+            read_only: self.console_read_only,
+            browse_url: self.console_database_url.clone(),
+            replay_mail_args,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
 }
 
 /// Settings of the kafka-api role.
@@ -301,6 +372,9 @@ pub fn settings(args: &ServeArgs, data_dir: &Path) -> anyhow::Result<Settings> {
         },
         kafka_api: has(Role::KafkaApi)
             .then(|| args.kafka_api.settings())
+            .transpose()?,
+        console: has(Role::Console)
+            .then(|| args.console.settings(&args.mail, data_dir))
             .transpose()?,
         metrics: args.metrics_addr.map(bind).transpose()?,
         migrate: !args.no_migrate,

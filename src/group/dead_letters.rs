@@ -86,13 +86,44 @@ pub struct DeadLetter {
     pub payload: serde_json::Value,
 }
 
-/// `$1` group and `$2` status, each NULL for any.
+/// Which dead letters an operator means: by id, or every one matching
+/// the filters (each None for any). The CLI and the console both select
+/// through this, so a retry or discard does the same from either.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub ids: Option<Vec<i64>>,
+    pub group: Option<String>,
+    /// The record's key (an order id for `order-created`).
+    pub key: Option<String>,
+    /// The reason it was parked, exactly.
+    pub reason: Option<String>,
+}
+
+impl Selection {
+    /// One dead letter.
+    pub fn one(id: i64) -> Selection {
+        Selection {
+            ids: Some(vec![id]),
+            ..Selection::default()
+        }
+    }
+
+    /// Every dead letter.
+    pub fn all() -> Selection {
+        Selection::default()
+    }
+}
+
+/// `$1` ids, `$2` group, `$3` key, `$4` reason (each NULL for any), then
+/// `$5` status (NULL for any), after id `$6`, at most `$7`.
 const LIST: &str = "
     SELECT id, group_id, topic, partition, \"offset\", key, status, reason, attempts,
            last_error, parked_at, resolved_at, payload
       FROM dead_letters
-     WHERE ($1::text IS NULL OR group_id = $1) AND ($2::text IS NULL OR status = $2)
-     ORDER BY id";
+     WHERE ($1::int8[] IS NULL OR id = ANY($1)) AND ($2::text IS NULL OR group_id = $2)
+       AND ($3::text IS NULL OR key = $3) AND ($4::text IS NULL OR reason = $4)
+       AND ($5::text IS NULL OR status = $5) AND id > $6
+     ORDER BY id LIMIT $7";
 
 /// Dead letters, optionally of one group and in one status, oldest first.
 pub async fn list_dead_letters(
@@ -100,8 +131,37 @@ pub async fn list_dead_letters(
     group: Option<&str>,
     status: Option<DeadLetterStatus>,
 ) -> anyhow::Result<Vec<DeadLetter>> {
+    let selection = Selection {
+        group: group.map(str::to_string),
+        ..Selection::default()
+    };
+    list_page(client, &selection, status, 0, i64::MAX).await
+}
+
+/// A page of the selected dead letters in `status` (None: any), oldest
+/// first, with ids above `after`, at most `limit`.
+pub async fn list_page(
+    client: &impl tokio_postgres::GenericClient,
+    selection: &Selection,
+    status: Option<DeadLetterStatus>,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Vec<DeadLetter>> {
     let status = status.map(DeadLetterStatus::as_str);
-    let rows = client.query(LIST, &[&group, &status]).await?;
+    let rows = client
+        .query(
+            LIST,
+            &[
+                &selection.ids,
+                &selection.group,
+                &selection.key,
+                &selection.reason,
+                &status,
+                &after,
+                &limit,
+            ],
+        )
+        .await?;
     Ok(rows
         .iter()
         .map(|r| DeadLetter {
@@ -122,14 +182,42 @@ pub async fn list_dead_letters(
         .collect())
 }
 
-/// Marks parked dead letters (`$1`, or all when NULL) retried and writes
+/// How many parked dead letters a selection holds (a retry's or discard's preview).
+const COUNT_PARKED: &str = "
+    SELECT count(*) FROM dead_letters
+     WHERE status = 'parked' AND ($1::int8[] IS NULL OR id = ANY($1)) AND ($2::text IS NULL OR group_id = $2)
+       AND ($3::text IS NULL OR key = $3) AND ($4::text IS NULL OR reason = $4)";
+
+/// The parked dead letters `selection` holds: what a retry or a discard
+/// of it would act on.
+pub async fn count_parked(
+    client: &impl tokio_postgres::GenericClient,
+    selection: &Selection,
+) -> anyhow::Result<i64> {
+    Ok(client
+        .query_one(
+            COUNT_PARKED,
+            &[
+                &selection.ids,
+                &selection.group,
+                &selection.key,
+                &selection.reason,
+            ],
+        )
+        .await?
+        .get(0))
+}
+
+/// Marks the parked dead letters selected (`$1` ids, `$3` group, `$4`
+/// key, `$5` reason; NULL for any) retried and writes
 /// each record to the outbox again, in one statement, with its link in
 /// `outbox_retries` to the record it retries (the original one, when this
 /// record was itself a retry: `$2` is the retry header).
 const RETRY: &str = "
     WITH retried AS (
         UPDATE dead_letters SET status = 'retried', resolved_at = now()
-         WHERE status = 'parked' AND ($1::int8 IS NULL OR id = $1)
+         WHERE status = 'parked' AND ($1::int8[] IS NULL OR id = ANY($1)) AND ($3::text IS NULL OR group_id = $3)
+           AND ($4::text IS NULL OR key = $4) AND ($5::text IS NULL OR reason = $5)
         RETURNING topic, partition, \"offset\", key, headers, payload),
     numbered AS (
         SELECT nextval(pg_get_serial_sequence('outbox', 'id')) AS outbox_id, retried.*,
@@ -140,32 +228,54 @@ const RETRY: &str = "
         SELECT outbox_id, topic, key, payload, headers - $2::text FROM numbered)
     INSERT INTO outbox_retries (outbox_id, retry_of) SELECT outbox_id, retry_of FROM numbered";
 
-/// Retries dead letters (one by id, or all parked ones when `id` is None)
-/// by publishing each record again through the outbox; the relay marks it
-/// with the reserved header [`crate::outbox::RETRY_OF_HEADER`] and the
-/// consumer handles it as a new event. Returns how many.
+/// Retries the parked dead letters `selection` holds by publishing each
+/// record again through the outbox; the relay marks it with the reserved
+/// header [`crate::outbox::RETRY_OF_HEADER`] and the consumer handles it as
+/// a new event. Only parked ones move, so retrying twice publishes once.
+/// Returns how many.
 pub async fn retry_dead_letters(
     client: &mut tokio_postgres::Client,
-    id: Option<i64>,
+    selection: &Selection,
 ) -> anyhow::Result<u64> {
     let tx = client.transaction().await?;
     let retried = tx
-        .execute(RETRY, &[&id, &crate::outbox::RETRY_OF_HEADER])
+        .execute(
+            RETRY,
+            &[
+                &selection.ids,
+                &crate::outbox::RETRY_OF_HEADER,
+                &selection.group,
+                &selection.key,
+                &selection.reason,
+            ],
+        )
         .await?;
     tx.commit().await?;
     Ok(retried)
 }
 
 const DISCARD: &str = "
-    UPDATE dead_letters SET status = 'discarded', resolved_at = now() WHERE id = $1 AND status = 'parked'";
+    UPDATE dead_letters SET status = 'discarded', resolved_at = now()
+     WHERE status = 'parked' AND ($1::int8[] IS NULL OR id = ANY($1)) AND ($2::text IS NULL OR group_id = $2)
+       AND ($3::text IS NULL OR key = $3) AND ($4::text IS NULL OR reason = $4)";
 
-/// Discards one parked dead letter. Returns false if there is none with that id.
-pub async fn discard_dead_letter(
+/// Discards the parked dead letters `selection` holds (kept for the
+/// record, never retried). Returns how many.
+pub async fn discard_dead_letters(
     client: &impl tokio_postgres::GenericClient,
-    id: i64,
-) -> anyhow::Result<bool> {
-    let n = client.execute(DISCARD, &[&id]).await?;
-    Ok(n == 1)
+    selection: &Selection,
+) -> anyhow::Result<u64> {
+    Ok(client
+        .execute(
+            DISCARD,
+            &[
+                &selection.ids,
+                &selection.group,
+                &selection.key,
+                &selection.reason,
+            ],
+        )
+        .await?)
 }
 
 const PARKED_COUNT: &str =
@@ -191,6 +301,10 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
         ("group::dead_letters::LIST", LIST.to_string()),
         ("group::dead_letters::RETRY", RETRY.to_string()),
         ("group::dead_letters::DISCARD", DISCARD.to_string()),
+        (
+            "group::dead_letters::COUNT_PARKED",
+            COUNT_PARKED.to_string(),
+        ),
         (
             "group::dead_letters::PARKED_COUNT",
             PARKED_COUNT.to_string(),

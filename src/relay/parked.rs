@@ -21,12 +21,20 @@ pub struct ParkedRow {
 
 const LIST: &str = "
     SELECT outbox_id, topic, key, reason, created_at, parked_at, payload FROM outbox_parked
-     ORDER BY outbox_id";
+     ORDER BY outbox_id LIMIT $1";
 
 /// Every parked row, oldest first.
 pub async fn list(client: &impl tokio_postgres::GenericClient) -> anyhow::Result<Vec<ParkedRow>> {
+    list_page(client, i64::MAX).await
+}
+
+/// The oldest `limit` parked rows.
+pub async fn list_page(
+    client: &impl tokio_postgres::GenericClient,
+    limit: i64,
+) -> anyhow::Result<Vec<ParkedRow>> {
     Ok(client
-        .query(LIST, &[])
+        .query(LIST, &[&limit])
         .await?
         .iter()
         .map(|r| ParkedRow {

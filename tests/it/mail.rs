@@ -378,15 +378,22 @@ async fn dead_letters_can_be_retried_and_discarded() {
     .await
     .unwrap();
     assert_eq!(parked.len(), 2);
-    assert!(
-        outbox_relay::group::dead_letters::discard_dead_letter(&client, parked[1].id)
-            .await
-            .unwrap()
+    assert_eq!(
+        outbox_relay::group::dead_letters::discard_dead_letters(
+            &client,
+            &outbox_relay::group::dead_letters::Selection::one(parked[1].id),
+        )
+        .await
+        .unwrap(),
+        1
     );
     assert_eq!(
-        outbox_relay::group::dead_letters::retry_dead_letters(&mut client, Some(parked[0].id))
-            .await
-            .unwrap(),
+        outbox_relay::group::dead_letters::retry_dead_letters(
+            &mut client,
+            &outbox_relay::group::dead_letters::Selection::one(parked[0].id),
+        )
+        .await
+        .unwrap(),
         1
     );
     wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;

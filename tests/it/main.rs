@@ -4,6 +4,8 @@
 mod api;
 mod backlog;
 mod cli;
+mod console;
+mod console_browser;
 mod faults;
 mod first_hour;
 mod groups;

@@ -133,6 +133,11 @@ impl Currency {
         }
     }
 
+    /// The ISO 4217 code.
+    pub fn code(&self) -> &str {
+        &self.0
+    }
+
     /// `amount` minor units as money: 1099 → "10.99 EUR".
     pub fn format(&self, amount: i64) -> String {
         let sign = if amount < 0 { "-" } else { "" };

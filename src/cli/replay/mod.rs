@@ -7,17 +7,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use serde_json::json;
 
 use super::output::{self, or_dash, Output, Table};
 use super::parse::{self, PartitionOffsetsArg};
-use crate::app::mail::{Limits, MailReplay, MailSettings, RetryPolicy};
-use crate::app::replay::{self, Finish, Progress, ReplaySettings};
-use crate::app::webhook::{SinkSettings, WebhookSink};
-use crate::log::ranges::{Bound, Bounds, PartitionRange};
+use crate::app::mail::MailSettings;
+use crate::app::replay::{self, Finish, Progress};
+use crate::log::ranges::PartitionRange;
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -137,6 +135,14 @@ fn parse_rate(s: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("{s:?} is not a rate in mails per second (more than 0)"))
 }
 
+/// `replay`'s arguments on their own (the console parses its form into them).
+#[derive(Debug, clap::Parser)]
+#[command(name = "replay", no_binary_name = true)]
+pub struct ReplayArgsOnly {
+    #[command(flatten)]
+    pub args: ReplayArgs,
+}
+
 /// Checked before anything starts (the database included).
 pub fn check(cmd: &ReplayCommand, data_dir: &std::path::Path) -> anyhow::Result<()> {
     if cmd.list_or_describe.is_none() && !cmd.args.dry_run {
@@ -152,49 +158,9 @@ pub fn check(cmd: &ReplayCommand, data_dir: &std::path::Path) -> anyhow::Result<
     Ok(())
 }
 
-/// The webhook sink `name`, from its WEBHOOK_<NAME>_… variables.
-fn sink_settings(name: &str) -> anyhow::Result<SinkSettings> {
-    let mut sinks = SinkSettings::from_env(name, |var| std::env::var(var).ok())?;
-    anyhow::ensure!(sinks.len() == 1, "--sink takes one sink name");
-    Ok(sinks.remove(0))
-}
-
-/// Where a run sends its events.
-enum Target {
-    Mail(MailReplay),
-    Webhook(WebhookSink),
-}
-
-impl Target {
-    fn new(
-        args: &ReplayArgs,
-        sink: Option<&str>,
-        topic: &str,
-        data_dir: &std::path::Path,
-    ) -> anyhow::Result<Target> {
-        if let Some(name) = sink {
-            let settings = sink_settings(name)?;
-            anyhow::ensure!(
-                settings.topics.iter().any(|t| t == topic),
-                "webhook sink {name} does not take topic {topic:?} (its topics: {})",
-                settings.topics.join(",")
-            );
-            return Ok(Target::Webhook(WebhookSink::new(&settings)?));
-        }
-        let mut mail = MailSettings::new(args.smtp_url.as_deref(), &args.mail_from, data_dir)?;
-        mail.letterhead.currency = args.mail_currency.clone();
-        Ok(Target::Mail(MailReplay {
-            transport: mail.target.transport(
-                args.smtp_pool_size,
-                Limits {
-                    command: args.smtp_timeout_secs,
-                    final_reply: args.smtp_final_reply_timeout_secs,
-                },
-            )?,
-            letterhead: mail.letterhead.clone(),
-        }))
-    }
-}
+mod start;
+use start::sink_settings;
+pub use start::{plan, start, Plan, Running};
 
 pub async fn run(
     url: &str,
@@ -297,117 +263,26 @@ pub async fn run(
     }
 
     let args = &cmd.args;
-    let mut topic = args.topic.clone();
-    let mut sink = args.sink.clone();
-    let (run_id, ranges) = match args.resume {
-        Some(id) => {
-            let described = replay::describe_run(&client, id).await?;
-            // A run goes on where it went, and with its topic.
-            let run_sink = described.run.request["sink"].as_str().map(str::to_string);
-            if args.sink.is_some() && args.sink != run_sink {
-                bail!(
-                    "replay run {id} sends to {}, not to --sink {}",
-                    run_sink.map_or("mail".to_string(), |s| format!("webhook sink {s}")),
-                    args.sink.as_deref().unwrap_or_default()
-                );
-            }
-            sink = run_sink;
-            topic = described.run.topic.clone();
-            if described.run.state == "done" && !args.resend_in_doubt {
-                bail!(
-                    "replay run {id} is done: nothing to resume (--resend-in-doubt sends its {} events in doubt)",
-                    described.run.in_doubt
-                );
-            }
-            let ranges = described
-                .partitions
-                .iter()
-                .map(|p| PartitionRange {
-                    partition: p.partition,
-                    from: p.from_offset,
-                    to: p.to_offset,
-                    log_start_offset: p.from_offset,
-                    log_end_offset: p.to_offset,
-                })
-                .collect();
-            (Some(id), ranges)
-        }
-        None => {
-            let (from, to) = bounds(args)?;
-            let started = Instant::now();
-            let ranges = crate::log::ranges::plan(
-                &client,
-                &args.topic,
-                args.partitions.as_ref().map(|p| p.0.as_slice()),
-                &from,
-                &to,
-            )
-            .await?;
-            tracing::debug!(elapsed = ?started.elapsed(), "replay planned");
-            let request = request(args);
-            let unfinished = if args.new || args.dry_run {
-                None
-            } else {
-                replay::find_unfinished(&client, &args.topic, &request).await?
-            };
-            (unfinished, ranges)
-        }
-    };
-    let total: i64 = ranges.iter().map(PartitionRange::count).sum();
-    print_plan(out, args.output, run_id, &ranges, total)?;
+    let plan = plan(&client, args).await?;
+    print_plan(out, args.output, plan.run_id, &plan.ranges, plan.total)?;
     if args.dry_run {
         if args.output == Output::Table {
             writeln!(out, "(dry run: nothing sent)")?;
         }
         return Ok(());
     }
-    // Where it sends, checked before a run is created.
-    let target = Target::new(args, sink.as_deref(), &topic, data_dir)?;
-    let run_id = match run_id {
-        Some(id) => {
-            if args.resume.is_none() {
-                super::tell(format_args!(
-                    "resuming unfinished run {id} of the same command (--new starts another)"
-                ));
-            }
-            id
-        }
-        None => replay::create_run(&mut client, &args.topic, &request(args), &ranges).await?,
-    };
-    drop(client);
-
-    let settings = ReplaySettings {
-        retry: RetryPolicy {
-            max_attempts: None,
-            retry_for: args.retry_for,
-            ..RetryPolicy::default()
-        },
-        max_rate: args.max_rate,
-        resend_in_doubt: args.resend_in_doubt,
-        window: 128,
-    };
-    let progress = Arc::new(Progress::default());
-    let (trigger, shutdown) = crate::shutdown::channel();
+    if let (Some(id), None) = (plan.run_id, args.resume) {
+        super::tell(format_args!(
+            "resuming unfinished run {id} of the same command (--new starts another)"
+        ));
+    }
+    let total = plan.total;
     let started = Instant::now();
+    let run = start(&mut client, url, args, plan, data_dir).await?;
+    drop(client);
+    let (run_id, progress, trigger) = (run.run_id, run.progress.clone(), run.trigger);
     let display = spawn_progress(run_id, total.max(0) as u64, progress.clone());
-    let replaying: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match target {
-        Target::Mail(mail) => Box::pin(replay::run(
-            url,
-            run_id,
-            Arc::new(mail),
-            settings,
-            progress.clone(),
-            shutdown,
-        )),
-        Target::Webhook(sink) => Box::pin(replay::run(
-            url,
-            run_id,
-            Arc::new(sink),
-            settings,
-            progress.clone(),
-            shutdown,
-        )),
-    };
+    let replaying = run.finish;
     tokio::pin!(replaying);
     let finish = tokio::select! {
         finish = &mut replaying => finish,
@@ -420,7 +295,7 @@ pub async fn run(
         }
     };
     display.abort();
-    let finish = finish?;
+    let finish = finish??;
     let elapsed = started.elapsed();
     let sent = progress.sent.load(Ordering::Relaxed);
     let summary = json!({
@@ -461,48 +336,6 @@ pub async fn run(
             ));
         }
         text
-    })
-}
-
-/// The bounds of a new run.
-fn bounds(args: &ReplayArgs) -> anyhow::Result<(Bounds, Bounds)> {
-    let offsets = |arg: &PartitionOffsetsArg| match arg {
-        PartitionOffsetsArg::All(o) => Bounds::All(Bound::Offset(*o)),
-        PartitionOffsetsArg::PerPartition(listed) => Bounds::PerPartition(
-            listed
-                .iter()
-                .map(|(p, o)| (*p, Bound::Offset(*o)))
-                .collect(),
-        ),
-    };
-    Ok(match (&args.from, &args.from_offset) {
-        // A time range reads to the log end and skips what was created
-        // outside it (CreateTime need not grow with the offset).
-        (Some(from), None) => (Bounds::All(Bound::Time(*from)), Bounds::All(Bound::Latest)),
-        (None, Some(from)) => (
-            offsets(from),
-            args.to_offset
-                .as_ref()
-                .map_or(Bounds::All(Bound::Latest), offsets),
-        ),
-        _ => bail!("give --from <time>, --from-offset <offsets> or --resume <run>"),
-    })
-}
-
-/// The command's bounds, as a run records them (and finds its unfinished run by).
-fn request(args: &ReplayArgs) -> serde_json::Value {
-    let offsets = |arg: &Option<PartitionOffsetsArg>| match arg {
-        None => serde_json::Value::Null,
-        Some(PartitionOffsetsArg::All(o)) => json!(o),
-        Some(PartitionOffsetsArg::PerPartition(listed)) => json!(listed),
-    };
-    json!({
-        "from": args.from.map(|t| t.to_rfc3339()),
-        "to": args.to.map(|t| t.to_rfc3339()),
-        "from_offset": offsets(&args.from_offset),
-        "to_offset": offsets(&args.to_offset),
-        "partitions": args.partitions.as_ref().map(|p| &p.0),
-        "sink": args.sink,
     })
 }
 

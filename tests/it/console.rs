@@ -1,0 +1,804 @@
+//! Issue 29: the web console, walked in a real browser along an operator's
+//! paths (find an order and its mail, watch lag live, re-drive a dead
+//! letter, reset a stopped group's offsets, replay a time range), its
+//! security (read-only, the token, CSRF) and its answers to bad input.
+
+use std::time::Duration;
+
+use crate::console_browser::{Browser, Service};
+use crate::harness::*;
+use crate::mail::wait_for_mails;
+use crate::smtp::SmtpServer;
+
+const MAIL_GROUP: &str = "mail-service";
+
+/// A session of the console for a script: its cookie and its CSRF token
+/// (from a page's form), for requests a browser would not make.
+struct Session {
+    http: reqwest::Client,
+    cookie: String,
+    csrf: String,
+}
+
+impl Session {
+    /// Opens the console as a browser on loopback does (a session cookie
+    /// comes with the first page).
+    async fn open(base: &str, bearer: Option<&str>) -> Session {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let mut request = http
+            .get(format!("{base}/dead-letters"))
+            .header("accept", "text/html");
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let cookie = response
+            .headers()
+            .get("set-cookie")
+            .map(|c| c.to_str().unwrap().split(';').next().unwrap().to_string())
+            .unwrap_or_default();
+        let page = response.text().await.unwrap();
+        let csrf = page
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .map(|rest| rest.split('"').next().unwrap().to_string())
+            .unwrap_or_default();
+        Session { http, cookie, csrf }
+    }
+
+    async fn post(&self, url: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        self.http
+            .post(url)
+            .header("cookie", &self.cookie)
+            .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+async fn error_code(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    (
+        status,
+        body["error"]["code"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+async fn committed(db: &TestDb, group: &str) -> Vec<Option<i64>> {
+    let client = db.client().await;
+    client
+        .query(
+            "SELECT committed_offset FROM group_partitions WHERE group_id = $1 ORDER BY topic, partition",
+            &[&group],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn audit_entries(db: &TestDb) -> i64 {
+    count(&db.client().await, "SELECT count(*) FROM console_audit").await
+}
+
+#[tokio::test]
+async fn an_operator_finds_an_order_and_watches_its_mail_held_up_and_released_live() {
+    let db = TestDb::migrated().await;
+    let mut smtp = SmtpServer::start(&[]).await;
+    let service = Service::start(&db, &smtp, &[]).await;
+    let order = service.place_order("ada@example.com").await;
+    wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;
+
+    let browser = Browser::start("lookup").await;
+    browser.goto(&format!("{}/", service.base)).await;
+    browser.screenshot("overview").await;
+    // One click from the overview: the id, then Find.
+    browser.fill("input[name=q]", &order.to_string()).await;
+    browser.click("form button[type=submit]").await;
+    browser
+        .wait_text("#mail [data-state]", "the order's mail to be sent", |t| {
+            t == "sent"
+        })
+        .await;
+    assert!(browser.text("#order").await.contains("ada@example.com"));
+    assert!(browser.text("#events").await.contains("order-created"));
+    browser.screenshot("order-sent").await;
+
+    // The SMTP server stops: the overview shows the lag rise, live.
+    smtp.stop().await;
+    browser.goto(&format!("{}/", service.base)).await;
+    let held = service.place_order("bob@example.com").await;
+    let lag = format!("#groups tr[data-group='{MAIL_GROUP}'] td.lag");
+    browser
+        .wait_text(&lag, "the mail group's lag to rise without a reload", |t| {
+            t != "0"
+        })
+        .await;
+    browser.screenshot("lag-risen").await;
+
+    // The held order's mail is pending, with the last error.
+    let order_page = format!("{}/orders?q={held}", service.base);
+    eventually(
+        "the held mail to show an attempt",
+        Duration::from_secs(30),
+        || async {
+            browser.goto(&order_page).await;
+            let state = browser.text("#mail [data-state]").await;
+            let error = browser
+                .client
+                .find(fantoccini::Locator::Css("#mail .last-error"))
+                .await
+                .ok();
+            (state == "pending" && error.is_some()).then_some(())
+        },
+    )
+    .await;
+    browser.screenshot("order-pending").await;
+
+    // It starts again: the overview's lag returns to 0 without a reload.
+    browser.goto(&format!("{}/", service.base)).await;
+    browser
+        .wait_text(&lag, "the overview to show the lag", |t| t != "0")
+        .await;
+    smtp.restart().await;
+    browser
+        .wait_text(&lag, "the mail group's lag to return to 0 live", |t| {
+            t == "0"
+        })
+        .await;
+    browser.screenshot("lag-back-to-0").await;
+    browser.goto(&order_page).await;
+    assert_eq!(browser.text("#mail [data-state]").await, "sent");
+    browser.close().await;
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_found_from_its_order_re_driven_once_and_mailed() {
+    let db = TestDb::migrated().await;
+    let mut smtp = SmtpServer::start(&["--reject", "nobody@example.com"]).await;
+    let service = Service::start(&db, &smtp, &[]).await;
+    let order = service.place_order("nobody@example.com").await;
+    let client = db.client().await;
+    eventually(
+        "the rejected mail to become a dead letter",
+        Duration::from_secs(30),
+        || async {
+            (count(
+                &client,
+                "SELECT count(*) FROM dead_letters WHERE status = 'parked'",
+            )
+            .await
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    // The mailbox exists again; the dead letter waits for an operator.
+    smtp.restart_with(&[]).await;
+
+    let browser = Browser::start("dead-letter").await;
+    browser
+        .goto(&format!("{}/orders?q={order}", service.base))
+        .await;
+    assert_eq!(
+        browser.text("#mail [data-state]").await,
+        "failed: dead letter"
+    );
+    browser.screenshot("order-dead-letter").await;
+    browser.click("#mail a").await;
+    browser
+        .wait_text("#matching", "the dead letter's page", |t| {
+            t.starts_with('1')
+        })
+        .await;
+    browser.screenshot("dead-letters").await;
+    browser.click("#dead-letters input[type=checkbox]").await;
+    browser.click("#act button[value=retry]").await;
+    let preview = browser
+        .wait_text("#preview-count", "the re-drive's preview", |_| true)
+        .await;
+    assert!(preview.starts_with("1 parked dead letter(s)"), "{preview}");
+    browser.screenshot("re-drive-preview").await;
+    browser.click("#confirm button[type=submit]").await;
+    let done = browser
+        .wait_text("#done", "the re-drive's result", |_| true)
+        .await;
+    assert!(done.contains("Re-drove 1"), "{done}");
+
+    // Re-driving it again does nothing: it is no longer parked.
+    browser.client.back().await.unwrap();
+    browser.client.back().await.unwrap();
+    browser.client.refresh().await.unwrap();
+    assert!(browser.text("#matching").await.starts_with('0'));
+
+    let order_page = format!("{}/orders?q={order}", service.base);
+    eventually(
+        "the re-driven mail to be sent",
+        Duration::from_secs(30),
+        || async {
+            browser.goto(&order_page).await;
+            (browser.text("#mail [data-state]").await == "sent").then_some(())
+        },
+    )
+    .await;
+    browser.screenshot("order-sent-after-re-drive").await;
+    wait_for_mails(&smtp, 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox_retries").await,
+        1,
+        "published once"
+    );
+    browser.goto(&format!("{}/audit", service.base)).await;
+    assert!(browser.text("#audit").await.contains("retry-dead-letters"));
+    browser.screenshot("audit").await;
+    browser.close().await;
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_stopped_groups_offsets_are_reset_after_a_preview_and_a_confirm() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&[]).await;
+    // The console's process has no mail worker; the worker runs on its own.
+    let service = Service::start_roles(&db, Some(&smtp), "api,relay,console", &[]).await;
+    for i in 0..5 {
+        service.place_order(&format!("c{i}@example.com")).await;
+    }
+    let mut worker = binary(&db)
+        .args([
+            "serve",
+            "--roles",
+            "mail",
+            "--smtp-url",
+            &smtp.url(),
+            "--session-timeout-secs",
+            "2",
+        ])
+        .spawn()
+        .unwrap();
+    wait_until_group_caught_up(&db, MAIL_GROUP, "order-created").await;
+
+    let browser = Browser::start("reset").await;
+    browser
+        .goto(&format!("{}/groups/{MAIL_GROUP}", service.base))
+        .await;
+    browser.screenshot("group-live").await;
+    // While a member is live: the CLI's refusal, and no confirm.
+    browser.click("#reset button[type=submit]").await;
+    let refusal = browser
+        .wait_text(".error[data-code=group_active]", "the refusal", |_| true)
+        .await;
+    assert!(
+        refusal.contains("Assignments can only be reset if the group 'mail-service' is inactive"),
+        "{refusal}"
+    );
+    assert_eq!(browser.count("#confirm").await, 0);
+
+    worker.kill().await.unwrap();
+    let client = db.client().await;
+    eventually(
+        "the worker's session to end",
+        Duration::from_secs(30),
+        || async {
+            (count(
+                &client,
+                "SELECT count(*) FROM group_members WHERE heartbeat_at + session_timeout > now()",
+            )
+            .await
+                == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    let before = committed(&db, MAIL_GROUP).await;
+    assert!(before.iter().flatten().sum::<i64>() == 5, "{before:?}");
+
+    // Bad input first: a clear message, nothing changed.
+    browser
+        .goto(&format!("{}/groups/{MAIL_GROUP}", service.base))
+        .await;
+    browser
+        .client
+        .find(fantoccini::Locator::Css(
+            "#reset select[name=to] option[value=offset]",
+        ))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser.fill("#reset input[name=value]", "abc").await;
+    browser.click("#reset button[type=submit]").await;
+    let message = browser
+        .wait_text(".error", "the refusal of a non-numeric offset", |_| true)
+        .await;
+    assert!(message.contains("is not an offset"), "{message}");
+    browser.screenshot("reset-bad-offset").await;
+    assert_eq!(committed(&db, MAIL_GROUP).await, before);
+
+    browser
+        .goto(&format!("{}/groups/{MAIL_GROUP}", service.base))
+        .await;
+    browser.click("#reset button[type=submit]").await; // to the earliest, every topic
+    browser.wait_text("#preview", "the preview", |_| true).await;
+    let new_offsets: Vec<String> = {
+        let cells = browser
+            .client
+            .find_all(fantoccini::Locator::Css("#preview td.new"))
+            .await
+            .unwrap();
+        let mut texts = Vec::new();
+        for c in cells {
+            texts.push(c.text().await.unwrap());
+        }
+        texts
+    };
+    assert_eq!(new_offsets.len(), 8);
+    assert!(new_offsets.iter().all(|o| o == "0"), "{new_offsets:?}");
+    browser.screenshot("reset-preview").await;
+    // Nothing moved before the confirm.
+    assert_eq!(committed(&db, MAIL_GROUP).await, before);
+    browser.click("#confirm button[type=submit]").await;
+    let done = browser
+        .wait_text("#done", "the reset's result", |_| true)
+        .await;
+    assert!(done.contains("Moved 8 partition offsets"), "{done}");
+    browser.screenshot("reset-done").await;
+    let after = committed(&db, MAIL_GROUP).await;
+    assert!(after.iter().all(|c| *c == Some(0)), "{after:?}");
+    browser.close().await;
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_replay_of_a_time_range_is_planned_started_and_watched_to_the_end() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&[]).await;
+    let service = Service::start(&db, &smtp, &[]).await;
+    let from = chrono::Utc::now() - chrono::Duration::minutes(5);
+    for i in 0..4 {
+        service.place_order(&format!("r{i}@example.com")).await;
+    }
+    wait_for_mails(&smtp, 4, Duration::from_secs(30)).await;
+
+    let browser = Browser::start("replay").await;
+    browser.goto(&format!("{}/replays", service.base)).await;
+    // A time range that ends before it starts: a clear message.
+    browser
+        .fill("#replay input[name=from]", &from.to_rfc3339())
+        .await;
+    browser
+        .fill(
+            "#replay input[name=to]",
+            &(from - chrono::Duration::hours(1)).to_rfc3339(),
+        )
+        .await;
+    browser.click("#replay button[type=submit]").await;
+    let message = browser
+        .wait_text(".error", "the refusal of an empty range", |_| true)
+        .await;
+    assert!(message.contains("is not after --from"), "{message}");
+    browser.screenshot("replay-bad-range").await;
+
+    browser.goto(&format!("{}/replays", service.base)).await;
+    browser
+        .fill("#replay input[name=from]", &from.to_rfc3339())
+        .await;
+    browser.fill("#replay input[name=max_rate]", "50").await;
+    browser.click("#replay button[type=submit]").await;
+    let total = browser.wait_text("#plan-total", "the plan", |_| true).await;
+    assert_eq!(total, "4");
+    browser.screenshot("replay-plan").await;
+    browser.click("#confirm button[type=submit]").await;
+    browser
+        .wait_text("#progress .state", "the run to finish, live", |t| {
+            t == "done"
+        })
+        .await;
+    assert!(browser.text("#done").await.starts_with("4 of 4"));
+    browser.screenshot("replay-done").await;
+    wait_for_mails(&smtp, 8, Duration::from_secs(30)).await;
+    browser.close().await;
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn read_only_shows_no_write_control_and_refuses_every_write_route() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&[]).await;
+    let token = "console-token-for-the-test";
+    let service = Service::start(
+        &db,
+        &smtp,
+        &["--console-read-only", "--console-token", token],
+    )
+    .await;
+    let order = service.place_order("ro@example.com").await;
+    wait_until_group_caught_up(&db, MAIL_GROUP, "order-created").await;
+
+    // Without the token: 401 (a script) or the login page (a browser).
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let (status, code) =
+        error_code(http.get(format!("{}/", service.base)).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (401, "unauthenticated"));
+    let (status, _) = error_code(
+        http.post(format!("{}/dead-letters/act", service.base))
+            .form(&[("action", "retry")])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    let browser = Browser::start("read-only").await;
+    browser.goto(&format!("{}/", service.base)).await;
+    browser
+        .fill("input[name=password]", "wrong-token-000000")
+        .await;
+    browser.click("form button[type=submit]").await;
+    browser
+        .wait_text(".error", "a wrong token refused", |t| t.contains("wrong"))
+        .await;
+    browser.fill("input[name=password]", token).await;
+    browser.click("form button[type=submit]").await;
+    browser
+        .wait_text("[data-test=read-only]", "the read-only badge", |_| true)
+        .await;
+    let pages = [
+        "/".to_string(),
+        format!("/orders?q={order}"),
+        "/topics".into(),
+        "/topics/order-created".into(),
+        "/topics/order-created/0?newest=1".into(),
+        "/groups".into(),
+        format!("/groups/{MAIL_GROUP}"),
+        "/dead-letters".into(),
+        "/parked".into(),
+        "/replays".into(),
+        "/audit".into(),
+    ];
+    for (i, page) in pages.iter().enumerate() {
+        browser.goto(&format!("{}{page}", service.base)).await;
+        browser.wait_text("h1", "the page", |_| true).await;
+        // The only POST form is the logout.
+        let posts = browser
+            .client
+            .find_all(fantoccini::Locator::Css("form[method=post]"))
+            .await
+            .unwrap();
+        let mut actions = Vec::new();
+        for form in posts {
+            actions.push(form.attr("action").await.unwrap().unwrap_or_default());
+        }
+        assert!(
+            actions.iter().all(|a| a.ends_with("/logout")),
+            "{page} renders write controls: {actions:?}"
+        );
+        browser.screenshot(&format!("{i:02}")).await;
+    }
+    browser.close().await;
+
+    // Each write route answers 403, with the token and a session alike.
+    let session = Session::open(&service.base, Some(token)).await;
+    let before = committed(&db, MAIL_GROUP).await;
+    for route in [
+        format!("/groups/{MAIL_GROUP}/reset"),
+        "/dead-letters/act".into(),
+        "/parked/redrive".into(),
+        "/replays/start".into(),
+        "/replays/1/resume".into(),
+    ] {
+        let response = http
+            .post(format!("{}{route}", service.base))
+            .bearer_auth(token)
+            .form(&[
+                ("step", "confirm"),
+                ("to", "earliest"),
+                ("action", "retry"),
+                ("scope", "filter"),
+                ("csrf", &session.csrf),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(response).await,
+            (403, "read_only".to_string()),
+            "{route}"
+        );
+    }
+    assert_eq!(committed(&db, MAIL_GROUP).await, before);
+    assert_eq!(audit_entries(&db).await, 0);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_message_and_changes_nothing() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&[]).await;
+    let service = Service::start(&db, &smtp, &[]).await;
+    service.place_order("x@example.com").await;
+    wait_until_group_caught_up(&db, MAIL_GROUP, "order-created").await;
+    let session = Session::open(&service.base, None).await;
+    assert!(!session.cookie.is_empty() && !session.csrf.is_empty());
+    let base = &service.base;
+    let before = committed(&db, MAIL_GROUP).await;
+
+    // A forged CSRF token.
+    let forged = session
+        .post(
+            &format!("{base}/dead-letters/act"),
+            &[
+                ("csrf", "0123456789abcdef0123456789abcdef"),
+                ("step", "confirm"),
+                ("action", "discard"),
+                ("scope", "filter"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        error_code(forged).await,
+        (403, "bad_csrf_token".to_string())
+    );
+    // No session cookie at all (a cross-site form would have none: SameSite=Strict).
+    let bare = session
+        .http
+        .post(format!("{base}/groups/{MAIL_GROUP}/reset"))
+        .form(&[("step", "preview")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(bare).await.0, 403);
+    // Another site's form, even with the cookie.
+    let cross = session
+        .http
+        .post(format!("{base}/groups/{MAIL_GROUP}/reset"))
+        .header("cookie", &session.cookie)
+        .header("origin", "http://evil.example")
+        .form(&[
+            ("csrf", session.csrf.as_str()),
+            ("step", "preview"),
+            ("to", "earliest"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(cross).await, (403, "cross_origin".to_string()));
+
+    let get = |path: String| {
+        let http = session.http.clone();
+        let cookie = session.cookie.clone();
+        async move {
+            error_code(
+                http.get(format!("{base}{path}"))
+                    .header("cookie", cookie)
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    // Over-long filters.
+    let long = "k".repeat(5000);
+    assert_eq!(
+        get(format!("/dead-letters?key={long}")).await,
+        (400, "filter_too_long".to_string())
+    );
+    assert_eq!(
+        get(format!("/topics/order-created?key={long}")).await,
+        (400, "key_too_long".to_string())
+    );
+    assert_eq!(
+        get(format!("/orders?q={long}")).await,
+        (400, "query_too_long".to_string())
+    );
+    // Non-numeric offsets and partitions, unknown things.
+    assert_eq!(
+        get("/topics/order-created/0?from=abc".into()).await,
+        (400, "invalid_offset".to_string())
+    );
+    assert_eq!(
+        get("/topics/order-created/x".into()).await,
+        (400, "invalid_partition".to_string())
+    );
+    assert_eq!(
+        get("/topics/order-created/99".into()).await,
+        (404, "unknown_partition".to_string())
+    );
+    assert_eq!(
+        get("/topics/nope".into()).await,
+        (404, "unknown_topic".to_string())
+    );
+    assert_eq!(
+        get("/groups/nope".into()).await,
+        (404, "unknown_group".to_string())
+    );
+    assert_eq!(
+        get("/replays/123456".into()).await,
+        (404, "unknown_run".to_string())
+    );
+    assert_eq!(
+        get("/orders?q=hello".into()).await,
+        (400, "invalid_lookup".to_string())
+    );
+    // Writes with bad input.
+    let csrf = session.csrf.as_str();
+    let post = |path: &'static str, form: Vec<(&'static str, String)>| {
+        let session = &session;
+        async move {
+            let mut fields: Vec<(&str, &str)> = vec![("csrf", csrf)];
+            fields.extend(form.iter().map(|(k, v)| (*k, v.as_str())));
+            error_code(session.post(&format!("{base}{path}"), &fields).await).await
+        }
+    };
+    assert_eq!(
+        post(
+            "/groups/nope/reset",
+            vec![("step", "preview".into()), ("to", "earliest".into())]
+        )
+        .await,
+        (404, "unknown_group".to_string())
+    );
+    let reset = format!("/groups/{MAIL_GROUP}/reset").leak() as &'static str;
+    assert_eq!(
+        post(
+            reset,
+            vec![
+                ("step", "preview".into()),
+                ("to", "offset".into()),
+                ("value", "-5".into())
+            ]
+        )
+        .await
+        .1,
+        "invalid_reset"
+    );
+    assert_eq!(
+        post(
+            reset,
+            vec![("step", "preview".into()), ("to", "sideways".into())]
+        )
+        .await
+        .1,
+        "invalid_reset"
+    );
+    assert_eq!(
+        post(
+            reset,
+            vec![
+                ("step", "confirm".into()),
+                ("plan", "order-created x 1 0".into())
+            ]
+        )
+        .await
+        .1,
+        "invalid_plan"
+    );
+    assert_eq!(
+        post(
+            "/replays/start",
+            vec![
+                ("step", "preview".into()),
+                ("from", "2026-12-02T00:00:00Z".into()),
+                ("to", "2026-12-01T00:00:00Z".into())
+            ]
+        )
+        .await,
+        (400, "invalid_replay".to_string())
+    );
+    assert_eq!(
+        post(
+            "/replays/start",
+            vec![
+                ("step", "preview".into()),
+                ("by", "offset".into()),
+                ("from_offset", "abc".into())
+            ]
+        )
+        .await
+        .1,
+        "invalid_replay"
+    );
+    assert_eq!(
+        post(
+            "/dead-letters/act",
+            vec![("step", "confirm".into()), ("action", "explode".into())]
+        )
+        .await
+        .1,
+        "invalid_action"
+    );
+    assert_eq!(
+        post(
+            "/dead-letters/act",
+            vec![("step", "confirm".into()), ("action", "retry".into())]
+        )
+        .await
+        .1,
+        "empty_selection"
+    );
+
+    assert_eq!(committed(&db, MAIL_GROUP).await, before);
+    assert_eq!(audit_entries(&db).await, 0);
+    assert_eq!(
+        count(&db.client().await, "SELECT count(*) FROM replay_runs").await,
+        0
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn off_loopback_the_console_needs_a_token_and_refuses_to_start_without() {
+    let db = TestDb::migrated().await;
+    let port = free_port();
+    let output = binary(&db)
+        .args([
+            "serve",
+            "--roles",
+            "api,console",
+            "--http-addr",
+            &format!("0.0.0.0:{port}"),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("would be open off loopback: set CONSOLE_TOKEN"),
+        "{stderr}"
+    );
+
+    // With a token, off loopback: every request needs it.
+    let token = "an-off-loopback-console-token";
+    let mut child = binary(&db)
+        .args([
+            "serve",
+            "--roles",
+            "api,console",
+            "--http-addr",
+            &format!("0.0.0.0:{port}"),
+            "--console-token",
+            token,
+        ])
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}/console");
+    let status = eventually("the console to answer", Duration::from_secs(30), || async {
+        http.get(format!("{base}/topics"))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    })
+    .await;
+    assert_eq!(status, 401);
+    let ok = http
+        .get(format!("{base}/topics"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let wrong = http
+        .get(format!("{base}/topics"))
+        .bearer_auth("not-the-token-at-all")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    child.kill().await.unwrap();
+}

@@ -248,6 +248,7 @@ impl Application {
         let mut beside_api = axum::Router::new();
         let console_listener = settings.console.and_then(|c| c.listener);
         if let Some((console, pool)) = console {
+            built.add(crate::console::replays::Runner::stopper(&console));
             match console_listener {
                 Some(listener) => built.add(crate::console::service(listener, console, pool)?),
                 None => beside_api = crate::console::router(console),

@@ -26,9 +26,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Form;
 use hmac::{Hmac, Mac};
-use maud::html;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
@@ -122,16 +120,48 @@ impl AccessSettings {
 /// The console's authenticator.
 pub struct Auth {
     settings: AccessSettings,
-    /// Signs session cookies and CSRF tokens; new with each process.
+    /// Signs session cookies, CSRF tokens and previewed plans; new with
+    /// each process.
     secret: [u8; 32],
+    /// What an unknown user's password is checked against, so that a login
+    /// takes as long whether the name exists or not.
+    decoy: PasswordHash,
+    /// Password checks at a time (each is a few hundred milliseconds of CPU
+    /// by design): logins cannot starve the pipeline's cores.
+    checks: tokio::sync::Semaphore,
 }
 
 impl Auth {
     pub fn new(settings: &AccessSettings) -> Auth {
+        let iterations = settings
+            .users
+            .as_ref()
+            .and_then(|users| users.values().next().map(|u| u.hash.iterations()))
+            .unwrap_or(1);
         Auth {
             settings: settings.clone(),
             secret: rand::random(),
+            decoy: PasswordHash::new(&hex(&rand::random::<[u8; 16]>()), iterations),
+            checks: tokio::sync::Semaphore::new(2),
         }
+    }
+
+    /// Whether users (not only a token) may log in.
+    pub fn has_users(&self) -> bool {
+        self.settings.users.is_some()
+    }
+
+    /// A MAC of `parts` under this process's secret (hex): what the console
+    /// hands out and takes back unchanged, such as a previewed plan.
+    pub fn sign(&self, parts: &[&[u8]]) -> String {
+        let mut all: Vec<&[u8]> = vec![b"signed"];
+        all.extend_from_slice(parts);
+        hex(&self.mac(&all))
+    }
+
+    /// Whether `mac` is [`Auth::sign`]'s for `parts`.
+    pub fn verify(&self, parts: &[&[u8]], mac: &str) -> bool {
+        bool::from(self.sign(parts).as_bytes().ct_eq(mac.as_bytes()))
     }
 
     fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
@@ -144,7 +174,7 @@ impl Auth {
     }
 
     /// A new session's cookie value.
-    fn issue(&self, user: &str, permissions: Permissions) -> String {
+    pub(super) fn issue(&self, user: &str, permissions: Permissions) -> String {
         let nonce: [u8; 16] = rand::random();
         let expires = (chrono::Utc::now() + SESSION_TTL).timestamp();
         let body = format!(
@@ -196,20 +226,25 @@ impl Auth {
 
     /// The permissions of a login, checked off the async threads (a user's
     /// hash takes a few hundred milliseconds by design).
-    async fn log_in(&self, user: &str, password: &str) -> Option<(String, Permissions)> {
+    pub(super) async fn log_in(&self, user: &str, password: &str) -> Option<(String, Permissions)> {
         if user.is_empty() {
             let token = self.settings.token.as_deref()?;
             return bool::from(password.as_bytes().ct_eq(token.as_bytes()))
                 .then(|| ("token".to_string(), Permissions::ALL));
         }
         let users = self.settings.users.clone()?;
+        let _check = self.checks.acquire().await.ok()?;
         let (user, password) = (user.to_string(), password.to_string());
-        tokio::task::spawn_blocking(move || {
-            let found = users.get(&user)?;
-            found
+        let decoy = self.decoy.clone();
+        tokio::task::spawn_blocking(move || match users.get(&user) {
+            Some(found) => found
                 .hash
                 .verify(&password)
-                .then_some((user, found.permissions))
+                .then_some((user, found.permissions)),
+            None => {
+                decoy.verify(&password);
+                None
+            }
         })
         .await
         .ok()
@@ -240,7 +275,7 @@ fn cookie(headers: &HeaderMap) -> Option<&str> {
         .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
 }
 
-fn set_cookie(base: &str, value: &str, max_age: u64) -> HeaderValue {
+pub(super) fn set_cookie(base: &str, value: &str, max_age: u64) -> HeaderValue {
     HeaderValue::from_str(&format!(
         "{COOKIE}={value}; Path={base}; HttpOnly; SameSite=Strict; Max-Age={max_age}"
     ))
@@ -261,6 +296,22 @@ fn loopback_host(headers: &HeaderMap) -> bool {
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The one POST that changes nothing but the caller's own session.
+const LOGOUT: &str = "/console/logout";
+
+/// Whether a proxy forwarded the request (it then comes from loopback
+/// whoever sent it).
+fn forwarded(headers: &HeaderMap) -> bool {
+    [
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-real-ip",
+    ]
+    .iter()
+    .any(|h| headers.contains_key(*h))
 }
 
 /// A cross-site POST: its `Origin` names another host than its `Host`.
@@ -320,11 +371,16 @@ async fn authorized(console: &Console, request: Request, next: Next) -> Response
             }
         }
     } else {
-        if !peer.is_some_and(|p| p.ip().is_loopback()) || !loopback_host(headers) {
+        // A proxy on this host forwards everyone's requests from loopback:
+        // without a token, a forwarded request is not a local one.
+        if !peer.is_some_and(|p| p.ip().is_loopback())
+            || !loopback_host(headers)
+            || forwarded(headers)
+        {
             return Failure::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthenticated",
-                "the console without CONSOLE_TOKEN answers loopback only",
+                "the console without CONSOLE_TOKEN answers local requests only (loopback, not through a proxy)",
             )
             .into_response();
         }
@@ -339,7 +395,7 @@ async fn authorized(console: &Console, request: Request, next: Next) -> Response
         }
     };
     let mut request = request;
-    if request.method() == Method::POST && !request.uri().path().ends_with("/logout") {
+    if request.method() == Method::POST && request.uri().path() != LOGOUT {
         if console.read_only {
             return Failure::new(
                 StatusCode::FORBIDDEN,
@@ -406,72 +462,6 @@ async fn checked_form(request: Request, session: &Session) -> Result<Request, Fa
         }
     }
     Ok(Request::from_parts(parts, Body::from(bytes)))
-}
-
-#[derive(serde::Deserialize)]
-pub struct LoginForm {
-    #[serde(default)]
-    user: String,
-    password: String,
-}
-
-pub async fn login_page(State(console): State<Console>, headers: HeaderMap) -> Response {
-    let base = page::base(&headers);
-    login_form(&console, &base, None, StatusCode::OK)
-}
-
-fn login_form(console: &Console, base: &str, error: Option<&str>, status: StatusCode) -> Response {
-    let users = console.auth.settings.users.is_some();
-    let body = html! {
-        h1 { "Log in" }
-        @if let Some(error) = error { p.error data-code="unauthenticated" { (error) } }
-        form method="post" action={(base) "/login"} {
-            @if users { label { "User " input name="user" autocomplete="username"; } " " }
-            label { (if users { "Password or token " } else { "Token " })
-                input type="password" name="password" autocomplete="current-password"; }
-            " " button type="submit" { "Log in" }
-        }
-        @if !users { p.hint { "The token is the server's CONSOLE_TOKEN." } }
-    };
-    (status, page::bare(base, "Log in", body)).into_response()
-}
-
-pub async fn login(
-    State(console): State<Console>,
-    headers: HeaderMap,
-    Form(form): Form<LoginForm>,
-) -> Response {
-    let base = page::base(&headers);
-    match console.auth.log_in(&form.user, &form.password).await {
-        Some((user, permissions)) => {
-            let value = console.auth.issue(&user, permissions);
-            let mut response = Redirect::to(&format!("{base}/")).into_response();
-            response.headers_mut().append(
-                header::SET_COOKIE,
-                set_cookie(&base, &value, SESSION_TTL.as_secs()),
-            );
-            response
-        }
-        None => {
-            // As slow for a wrong token as for a wrong user's password.
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            login_form(
-                &console,
-                &base,
-                Some("wrong user, password or token"),
-                StatusCode::UNAUTHORIZED,
-            )
-        }
-    }
-}
-
-pub async fn logout(headers: HeaderMap) -> Response {
-    let base = page::base(&headers);
-    let mut response = Redirect::to(&format!("{base}/login")).into_response();
-    response
-        .headers_mut()
-        .append(header::SET_COOKIE, set_cookie(&base, "", 0));
-    response
 }
 
 #[cfg(test)]

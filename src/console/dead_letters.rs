@@ -85,6 +85,7 @@ impl Filter {
                 group: nonempty(&self.group),
                 key: nonempty(&self.key),
                 reason: nonempty(&self.reason),
+                up_to: None,
             },
             status,
             number("after", &self.after)?.unwrap_or(0),
@@ -100,7 +101,7 @@ pub async fn list(
     let (selection, status, after) = filter.checked()?;
     let client = console.browse.get().await?;
     let letters = dead_letters::list_page(&**client, &selection, status, after, PAGE_ROWS).await?;
-    let matching = dead_letters::count_parked(&**client, &selection).await?;
+    let (matching, _) = dead_letters::count_parked(&**client, &selection).await?;
     let base = &ctx.base;
     let reveal = ctx.can_see_payloads();
     let write = ctx.can_write();
@@ -115,11 +116,11 @@ pub async fn list(
                         td.num { (d.id) }
                         td { (d.group) }
                         td { a href={(base) "/topics/" (page::enc(&d.topic)) "/" (d.partition) "?from=" (d.offset)} { (d.topic) ":" (d.partition) "@" (d.offset) } }
-                        td { @if let Some(k) = &d.key { a href={(base) "/orders?q=" (page::enc(k))} { (k) } } @else { "–" } }
+                        td { @if let Some(k) = &d.key { a href={(base) "/orders?q=" (page::enc(k))} { (ctx.shown(k)) } } @else { "–" } }
                         td.status { (d.status.as_str()) }
                         td { (d.reason) }
                         td.num { (d.attempts) }
-                        td { code { (d.last_error.as_deref().unwrap_or("–")) } }
+                        td { code { (ctx.shown(d.last_error.as_deref().unwrap_or("–"))) } }
                         td { (page::time(&d.parked_at)) }
                         td { pre { (page::json(&d.payload, reveal)) } }
                     }
@@ -218,8 +219,11 @@ pub async fn act(State(console): State<Console>, ctx: Ctx, body: Bytes) -> Resul
         }
         selection.ids = Some(ids);
     }
+    // A confirm acts on what its preview counted, not on what was parked since.
+    selection.up_to = nonempty(&field("up_to")).and_then(|v| v.parse().ok());
     let mut client = console.pool.get().await?;
-    let count = dead_letters::count_parked(&**client, &selection).await?;
+    let (count, up_to) = dead_letters::count_parked(&**client, &selection).await?;
+    let previewed: i64 = field("previewed").parse().unwrap_or(count);
     let verb = if action == "retry" {
         "Re-drive"
     } else {
@@ -227,7 +231,7 @@ pub async fn act(State(console): State<Console>, ctx: Ctx, body: Bytes) -> Resul
     };
     let detail = json!({
         "action": action, "ids": selection.ids, "group": selection.group,
-        "key": selection.key, "reason": selection.reason, "previewed": count,
+        "key": selection.key, "reason": selection.reason, "previewed": previewed,
     });
     match field("step").as_str() {
         "preview" => Ok(ctx.page(
@@ -245,6 +249,8 @@ pub async fn act(State(console): State<Console>, ctx: Ctx, body: Bytes) -> Resul
                         input type="hidden" name="key" value=(filter.key);
                         input type="hidden" name="reason" value=(filter.reason);
                         @for id in selection.ids.iter().flatten() { input type="hidden" name="id" value=(id); }
+                        input type="hidden" name="up_to" value=(up_to.unwrap_or(0));
+                        input type="hidden" name="previewed" value=(count);
                         button class=(if action == "retry" { "primary" } else { "danger" }) type="submit" { (verb) " " (count) }
                         " " a href={(ctx.base) "/dead-letters"} { "Cancel" }
                     }
@@ -258,12 +264,12 @@ pub async fn act(State(console): State<Console>, ctx: Ctx, body: Bytes) -> Resul
                 dead_letters::discard_dead_letters(&**client, &selection).await?
             };
             let name = if action == "retry" { "retry-dead-letters" } else { "discard-dead-letters" };
-            super::audit::record(&**client, &ctx, name, selection.group.as_deref().unwrap_or("any group"), detail, &format!("{done} of {count}")).await?;
+            super::audit::record(&**client, &ctx, name, selection.group.as_deref().unwrap_or("any group"), detail, &format!("{done} of {previewed}")).await?;
             Ok(ctx.page(
                 &format!("{verb} dead letters"),
                 html! {
                     p.ok #done { (if action == "retry" { "Re-drove " } else { "Discarded " }) (done) " dead letters."
-                        @if (done as i64) < count { " (" (count - done as i64) " were no longer parked: someone acted on them meanwhile.)" } }
+                        @if (done as i64) < previewed { " (" (previewed - done as i64) " of the " (previewed) " previewed were no longer parked: acted on meanwhile.)" } }
                     p { a href={(ctx.base) "/dead-letters"} { "Back to the dead letters" } }
                 },
             ))
@@ -289,13 +295,14 @@ pub async fn parked(State(console): State<Console>, ctx: Ctx) -> Result<Markup, 
                     tr { th.num { "outbox id" } th { "topic" } th { "key" } th { "created" } th { "reason" } th { "payload" } @if ctx.can_write() { th { "" } } }
                     @for r in &rows {
                         tr {
-                            td.num { (r.outbox_id) } td { (r.topic) } td { (r.key.as_deref().unwrap_or("–")) }
+                            td.num { (r.outbox_id) } td { (r.topic) } td { (ctx.shown(r.key.as_deref().unwrap_or("–"))) }
                             td { (page::time(&r.created_at)) } td { (r.reason) }
                             td { pre { (page::json(&r.payload, reveal)) } }
                             @if ctx.can_write() { td {
                                 form.inline method="post" action={(ctx.base) "/parked/redrive"} {
                                     (ctx.csrf()) input type="hidden" name="id" value=(r.outbox_id);
-                                    button type="submit" { "Re-drive" }
+                                    input type="hidden" name="step" value="preview";
+                                    button type="submit" { "Re-drive…" }
                                 }
                             } }
                         }
@@ -304,7 +311,8 @@ pub async fn parked(State(console): State<Console>, ctx: Ctx) -> Result<Markup, 
                 @if ctx.can_write() {
                     form method="post" action={(ctx.base) "/parked/redrive"} {
                         (ctx.csrf()) input type="hidden" name="id" value="all";
-                        button.primary type="submit" { "Re-drive every parked row whose topic exists" }
+                        input type="hidden" name="step" value="preview";
+                        button.primary type="submit" { "Re-drive every parked row whose topic exists…" }
                     }
                 }
             }
@@ -312,14 +320,14 @@ pub async fn parked(State(console): State<Console>, ctx: Ctx) -> Result<Markup, 
     ))
 }
 
-/// `POST /parked/redrive`: `id` (an outbox id, or `all`).
+/// `POST /parked/redrive`: `id` (an outbox id, or `all`); `step=preview`
+/// counts what would move, `step=confirm` moves it.
 pub async fn redrive_parked(
     State(console): State<Console>,
     ctx: Ctx,
     body: Bytes,
 ) -> Result<Markup, Failure> {
     let (fields, ids) = form_fields(&body);
-    let _ = fields;
     let id = match ids.first().map(String::as_str) {
         Some("all") => None,
         Some(id) => Some(id.parse::<i64>().map_err(|_| {
@@ -328,8 +336,27 @@ pub async fn redrive_parked(
         None => return Err(Failure::bad_request("empty_selection", "which parked row?")),
     };
     let mut client = console.pool.get().await?;
-    let done = crate::relay::parked::redrive(&mut client, id).await?;
     let target = id.map_or("all".to_string(), |id| id.to_string());
+    if fields.get("step").map(String::as_str) != Some("confirm") {
+        let (moving, staying) = crate::relay::parked::redrive_preview(&**client, id).await?;
+        return Ok(ctx.page(
+            "Re-drive parked rows: preview",
+            html! {
+                p #preview-count { strong { (moving) } " parked row(s) would move back into the outbox (each reaches the log once, with its original created_at); "
+                    (staying) " would stay parked (their topic is still missing)." }
+                @if moving > 0 {
+                    form #confirm method="post" action={(ctx.base) "/parked/redrive"} {
+                        (ctx.csrf())
+                        input type="hidden" name="step" value="confirm";
+                        input type="hidden" name="id" value=(target);
+                        button.primary type="submit" { "Re-drive " (moving) }
+                        " " a href={(ctx.base) "/parked"} { "Cancel" }
+                    }
+                }
+            },
+        ));
+    }
+    let done = crate::relay::parked::redrive(&mut client, id).await?;
     let detail =
         json!({ "redriven": done.redriven.len(), "still_parked": done.still_parked.len() });
     super::audit::record(&**client, &ctx, "redrive-parked", &target, detail, "done").await?;

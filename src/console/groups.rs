@@ -48,6 +48,9 @@ impl From<AdminError> for Failure {
                 Failure::bad_request("no_commit_to_shift", e.to_string())
             }
             e @ AdminError::UnknownGroup(_) => Failure::not_found("unknown_group", e.to_string()),
+            e @ AdminError::ChangedSincePlan { .. } => {
+                Failure::new(StatusCode::CONFLICT, "changed_since_preview", e.to_string())
+            }
             AdminError::Log(e) => e.into(),
             AdminError::Db(e) => e.into(),
         }
@@ -124,10 +127,9 @@ async fn described(
             format!("consumer group {name:?} does not exist"),
         ));
     };
-    let seconds: HashMap<(String, i32), f64> = admin::partition_lags(client)
+    let seconds: HashMap<(String, i32), f64> = admin::partition_lags_of(client, Some(name))
         .await?
         .into_iter()
-        .filter(|l| l.group == name)
         .map(|l| ((l.topic, l.partition), l.lag_seconds))
         .collect();
     let instance_ids: HashMap<String, String> = client
@@ -319,6 +321,17 @@ fn parse_plan(entries: &[String]) -> Result<Vec<PlannedReset>, Failure> {
         .collect()
 }
 
+fn plan_parts<'a>(group: &'a str, plan: &'a [String]) -> Vec<&'a [u8]> {
+    std::iter::once(group.as_bytes())
+        .chain(plan.iter().map(|p| p.as_bytes()))
+        .collect()
+}
+
+/// The previewed plan's signature, checked at the confirm.
+fn plan_mac(console: &Console, group: &str, plan: &[String]) -> String {
+    console.auth.sign(&plan_parts(group, plan))
+}
+
 /// `POST /groups/{group}/reset`: `step=preview` plans and shows the change;
 /// `step=confirm` applies the previewed plan.
 pub async fn reset(
@@ -386,6 +399,7 @@ pub async fn reset(
                                 input type="hidden" name="to" value=(request.to);
                                 input type="hidden" name="value" value=(request.value);
                                 @for p in &planned { input type="hidden" name="plan" value=(plan_field(p)); }
+                                input type="hidden" name="plan_mac" value=(plan_mac(&console, &group, &planned.iter().map(plan_field).collect::<Vec<_>>()));
                                 button.danger type="submit" { "Move " (planned.len()) " partition offsets" }
                                 " " a href={(ctx.base) "/groups/" (page::enc(&group))} { "Cancel" }
                             }
@@ -396,31 +410,19 @@ pub async fn reset(
             ))
         }
         "confirm" => {
+            // Exactly the plan this console showed: signed when previewed.
+            if !console
+                .auth
+                .verify(&plan_parts(&group, &plan), &field("plan_mac"))
+            {
+                return Err(Failure::bad_request(
+                    "invalid_plan",
+                    "the confirmed plan is not one this console made: preview again",
+                ));
+            }
             let planned = parse_plan(&plan)?;
             if planned.is_empty() {
                 return Err(Failure::bad_request("invalid_plan", "nothing to confirm"));
-            }
-            // The offsets must still be what the preview showed.
-            let now = admin::describe(&**client, &group)
-                .await?
-                .map(|d| d.partitions)
-                .unwrap_or_default();
-            let moved = planned.iter().find(|p| {
-                now.iter()
-                    .find(|n| n.topic == p.topic && n.partition == p.partition)
-                    .map(|n| n.committed_offset)
-                    .unwrap_or(None)
-                    != p.current_offset
-            });
-            if let Some(p) = moved {
-                return Err(Failure::new(
-                    StatusCode::CONFLICT,
-                    "changed_since_preview",
-                    format!(
-                        "{}:{} of group {group} committed since the preview: preview again",
-                        p.topic, p.partition
-                    ),
-                ));
             }
             let detail = json!({ "request": request.detail(), "partitions": planned.len() });
             match admin::execute_reset(&mut client, &group, &planned).await {

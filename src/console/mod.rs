@@ -22,6 +22,7 @@ pub mod audit;
 pub mod auth;
 pub mod dead_letters;
 pub mod groups;
+pub mod login;
 pub mod orders;
 pub mod overview;
 pub mod page;
@@ -38,11 +39,13 @@ use deadpool_postgres::Pool;
 /// Connections of the console's pool (pages, actions, the overview's read).
 pub const POOL_SIZE: usize = 4;
 
-/// Bounds of every console session: a page never waits on a lock or holds
-/// a transaction open for long.
+/// Bounds of every console session: a page never waits on a lock, holds a
+/// transaction open, or runs a statement for long (browsing reads have a
+/// tighter bound of their own, `page::BROWSE_TIMEOUT`).
 pub const SESSION_BOUNDS: crate::db::SessionBounds = crate::db::SessionBounds {
     idle_in_transaction: std::time::Duration::from_secs(5),
     lock_wait: std::time::Duration::from_secs(2),
+    statement: Some(std::time::Duration::from_secs(10)),
 };
 
 /// The console's settings, checked before anything starts.
@@ -154,13 +157,13 @@ pub fn router(console: Console) -> Router {
         .route("/console/replays/{run}/events", get(replays::events))
         .route("/console/replays/{run}/resume", post(replays::resume))
         .route("/console/audit", get(audit::page))
-        .route("/console/logout", post(auth::logout))
+        .route("/console/logout", post(login::logout))
         .route_layer(axum::middleware::from_fn_with_state(
             console.clone(),
             auth::require_session,
         ));
     let open = Router::new()
-        .route("/console/login", get(auth::login_page).post(auth::login))
+        .route("/console/login", get(login::login_page).post(login::login))
         .route("/console/assets/{name}", get(assets::asset))
         // Relative, so that it holds behind a proxy's prefix too.
         .route(

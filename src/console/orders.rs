@@ -142,7 +142,7 @@ async fn order(client: &tokio_postgres::Client, ctx: &Ctx, id: i64) -> Result<Ma
             dt { "placed" } dd { (page::time(&order.created_at)) }
         }
         h2 { "Confirmation mail" }
-        div #mail { (mail_state(base, &mail)) }
+        div #mail { (mail_state(ctx, &mail)) }
         h2 { "Events in the log" }
         @if events.is_empty() {
             p { "Not in the log yet: the relay has not moved its outbox row (see the " a href={(base) "/"} { "overview" } "'s backlog)." }
@@ -172,7 +172,7 @@ async fn order(client: &tokio_postgres::Client, ctx: &Ctx, id: i64) -> Result<Ma
                         td { a href={(base) "/replays/" (run)} { (run) } }
                         td { (status) }
                         td { (page::time(at)) }
-                        td { (error.as_deref().unwrap_or("–")) }
+                        td { (ctx.shown(error.as_deref().unwrap_or("–"))) }
                     }
                 }
             }
@@ -181,7 +181,8 @@ async fn order(client: &tokio_postgres::Client, ctx: &Ctx, id: i64) -> Result<Ma
 }
 
 /// The mail's state in words, with what to do about it.
-fn mail_state(base: &str, mail: &ConfirmationMail) -> Markup {
+fn mail_state(ctx: &Ctx, mail: &ConfirmationMail) -> Markup {
+    let base = &ctx.base;
     match mail {
         ConfirmationMail::Sent {
             sent_at,
@@ -195,7 +196,7 @@ fn mail_state(base: &str, mail: &ConfirmationMail) -> Markup {
             last_error,
         } => html! {
             p { span.warn data-state="pending" { "pending" } " · " (attempts) " attempts so far" }
-            @if let Some(e) = last_error { p { "last error: " code.last-error { (e) } } }
+            @if let Some(e) = last_error { p { "last error: " code.last-error { (ctx.shown(e)) } } }
             @if *attempts == 0 { p.muted { "Waiting for its turn: see the mail-service group's lag on the " a href={(base) "/"} { "overview" } "." } }
         },
         ConfirmationMail::DeadLetter {
@@ -206,14 +207,14 @@ fn mail_state(base: &str, mail: &ConfirmationMail) -> Markup {
             p { span.bad data-state="dead_letter" { "failed: dead letter" }
                 @if let Some(id) = dead_letter_id { " " a href={(base) "/dead-letters?id=" (id)} { "#" (id) " — re-drive or discard" } } }
             @if let Some(r) = reason { p { "reason: " (r) } }
-            @if let Some(e) = last_error { p { "last error: " code.last-error { (e) } } }
+            @if let Some(e) = last_error { p { "last error: " code.last-error { (ctx.shown(e)) } } }
         },
         ConfirmationMail::OutcomeUnknown {
             attempts,
             last_error,
         } => html! {
             p { span.bad data-state="outcome_unknown" { "outcome unknown" } " after " (attempts) " attempts: the SMTP server took the message but never gave a final answer; it may have been delivered." }
-            @if let Some(e) = last_error { p { "last error: " code.last-error { (e) } } }
+            @if let Some(e) = last_error { p { "last error: " code.last-error { (ctx.shown(e)) } } }
         },
     }
 }

@@ -67,6 +67,16 @@ impl Ctx {
         self.session.permissions.payloads
     }
 
+    /// Free text that may quote an address (an SMTP error, a record's key),
+    /// masked unless the session may see payloads.
+    pub fn shown(&self, text: &str) -> String {
+        if self.can_see_payloads() {
+            text.to_string()
+        } else {
+            mask_emails(text)
+        }
+    }
+
     /// The hidden CSRF field every write form carries.
     pub fn csrf(&self) -> Markup {
         html! { input type="hidden" name="csrf" value=(self.session.csrf.as_deref().unwrap_or("")); }
@@ -339,9 +349,12 @@ pub fn count(n: i64) -> String {
     }
 }
 
-/// Percent-encodes a path segment or query value.
+/// Percent-encodes a path segment or query value (a space as `%20`, which
+/// both read as a space; `+` itself is `%2B`).
 pub fn enc(text: &str) -> String {
-    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+    url::form_urlencoded::byte_serialize(text.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 /// Pre-rendered markup (for fragments built elsewhere).

@@ -27,6 +27,9 @@ use super::Console;
 use crate::app::replay::{self, RunDescription};
 use crate::cli::replay::{ReplayArgs, ReplayArgsOnly};
 
+/// Runs listed at most (the newest).
+const RUNS_LISTED: i64 = 20;
+
 /// Runs started by this process's console.
 pub struct Runner {
     database_url: String,
@@ -35,10 +38,18 @@ pub struct Runner {
     /// `replay` arguments.
     mail_args: Vec<String>,
     running: Arc<Mutex<HashMap<i64, RunningHere>>>,
+    /// One launch at a time: a second confirm of the same replay then
+    /// finds the first one's run (and refuses), instead of making another
+    /// run that would mail every event again.
+    launching: tokio::sync::Mutex<()>,
+    /// Each run's description, read at most once a second whoever watches.
+    described: Mutex<HashMap<i64, (Instant, Arc<RunDescription>)>>,
 }
 
 struct RunningHere {
     trigger: crate::shutdown::ShutdownTrigger,
+    /// Ends when the run's task has ended and left the registry.
+    ended: tokio::task::JoinHandle<()>,
 }
 
 impl Runner {
@@ -50,7 +61,15 @@ impl Runner {
             data_dir,
             mail_args,
             running: Arc::default(),
+            launching: tokio::sync::Mutex::new(()),
+            described: Mutex::default(),
         }
+    }
+
+    /// Stops the runs started here when the process stops (their events in
+    /// flight finish; each can be resumed).
+    pub fn stopper(console: &Console) -> ReplayStopper {
+        ReplayStopper(console.clone())
     }
 
     fn is_running_here(&self, run: i64) -> bool {
@@ -58,6 +77,39 @@ impl Runner {
             .lock()
             .expect("not poisoned")
             .contains_key(&run)
+    }
+}
+
+/// The service that interrupts the console's replays at shutdown.
+pub struct ReplayStopper(Console);
+
+impl crate::service::Service for ReplayStopper {
+    fn name(&self) -> &'static str {
+        "console-replays"
+    }
+
+    async fn run(self, mut shutdown: crate::shutdown::Shutdown) -> anyhow::Result<()> {
+        shutdown.recv().await;
+        let running: Vec<(i64, RunningHere)> = self
+            .0
+            .replays
+            .running
+            .lock()
+            .expect("not poisoned")
+            .drain()
+            .collect();
+        for (_, here) in &running {
+            here.trigger.trigger();
+        }
+        for (run, here) in running {
+            if tokio::time::timeout(Duration::from_secs(15), here.ended)
+                .await
+                .is_err()
+            {
+                tracing::warn!(run, "a console replay did not stop within 15 s");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -116,18 +168,18 @@ fn form_fields(body: &[u8]) -> HashMap<String, String> {
 
 pub async fn list(State(console): State<Console>, ctx: Ctx) -> Result<Markup, Failure> {
     let client = console.pool.get().await?;
-    let runs = replay::list_runs(&client).await?;
+    let runs = replay::newest_runs(&client, RUNS_LISTED).await?;
     Ok(ctx.page(
         "Replays",
         html! {
             p.hint { "A replay mails a range of order-created again under a run of its own (it never touches the live group, and mails each event at most once per run)." }
             (start_form(&ctx, &HashMap::new()))
-            h2 { "Runs" }
+            h2 { "Runs" } p.hint { "The newest " (RUNS_LISTED) "; outbox-relay replay list shows them all." }
             @if runs.is_empty() { p { "None yet." } }
             @else {
                 table #runs {
                     tr { th.num { "run" } th { "topic" } th { "state" } th.num { "total" } th.num { "sent" } th.num { "failed" } th.num { "unknown" } th.num { "in doubt" } th { "created" } th { "bounds" } }
-                    @for r in runs.iter().rev() {
+                    @for r in &runs {
                         tr data-run=(r.id) {
                             td.num { a href={(ctx.base) "/replays/" (r.id)} { (r.id) } }
                             td { (r.topic) } td.state { (r.state) }
@@ -184,7 +236,9 @@ pub async fn start(
 ) -> Result<Response, Failure> {
     let fields = form_fields(&body);
     let args = arguments(&fields, &console.replays.mail_args)?;
-    let mut client = crate::db::connect(&console.database_url).await?;
+    let mut client = console.pool.get().await?;
+    // Planned and launched under the lock: a second confirm finds the run.
+    let _launching = console.replays.launching.lock().await;
     let plan = crate::cli::replay::plan(&client, &args)
         .await
         .map_err(|e| Failure::bad_request("invalid_replay", format!("{e:#}")))?;
@@ -241,22 +295,28 @@ async fn launch(
             .await
             .map_err(|e| Failure::bad_request("invalid_replay", format!("{e:#}")))?;
     let run = running.run_id;
-    runner.running.lock().expect("not poisoned").insert(
-        run,
-        RunningHere {
-            trigger: running.trigger,
-        },
-    );
     let registry = runner.running.clone();
     let finish = running.finish;
-    tokio::spawn(async move {
-        match finish.await {
-            Ok(Ok(finish)) => tracing::info!(run, ?finish, "console replay ended"),
-            Ok(Err(e)) => tracing::warn!(run, error = %format!("{e:#}"), "console replay failed"),
-            Err(e) => tracing::warn!(run, error = %e, "console replay task failed"),
-        }
-        registry.lock().expect("not poisoned").remove(&run);
-    });
+    {
+        let mut registered = runner.running.lock().expect("not poisoned");
+        let ended = tokio::spawn(async move {
+            match finish.await {
+                Ok(Ok(finish)) => tracing::info!(run, ?finish, "console replay ended"),
+                Ok(Err(e)) => {
+                    tracing::warn!(run, error = %format!("{e:#}"), "console replay failed")
+                }
+                Err(e) => tracing::warn!(run, error = %e, "console replay task failed"),
+            }
+            registry.lock().expect("not poisoned").remove(&run);
+        });
+        registered.insert(
+            run,
+            RunningHere {
+                trigger: running.trigger,
+                ended,
+            },
+        );
+    }
     let detail = json!({ "request": args_summary(args), "planned": total });
     super::audit::record(
         client,
@@ -283,11 +343,31 @@ fn run_id(text: &str) -> Result<i64, Failure> {
         .map_err(|_| Failure::bad_request("invalid_run", format!("{text:?} is not a run id")))
 }
 
-async fn described(console: &Console, run: i64) -> Result<RunDescription, Failure> {
-    let client = crate::db::connect(&console.database_url).await?;
-    replay::describe_run(&client, run)
-        .await
-        .map_err(|e| Failure::not_found("unknown_run", format!("{e:#}")))
+/// A run's description, read again only when the last read is a second
+/// old: watchers of one run share it.
+async fn described(console: &Console, run: i64) -> Result<Arc<RunDescription>, Failure> {
+    let cached = console
+        .replays
+        .described
+        .lock()
+        .expect("not poisoned")
+        .get(&run)
+        .filter(|(at, _)| at.elapsed() < Duration::from_millis(900))
+        .map(|(_, d)| d.clone());
+    if let Some(d) = cached {
+        return Ok(d);
+    }
+    let client = console.pool.get().await?;
+    let d = Arc::new(
+        replay::describe_run(&client, run)
+            .await
+            .map_err(|e| Failure::not_found("unknown_run", format!("{e:#}")))?,
+    );
+    let mut cache = console.replays.described.lock().expect("not poisoned");
+    // Runs watched long ago are forgotten.
+    cache.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(60));
+    cache.insert(run, (Instant::now(), d.clone()));
+    Ok(d)
 }
 
 pub async fn run(
@@ -322,7 +402,7 @@ pub async fn run(
             @else {
                 table {
                     tr { th.num { "partition" } th.num { "offset" } th.num { "attempts" } th { "reason" } th { "last error" } }
-                    @for l in &d.dead_letters { tr { td.num { (l.partition) } td.num { (l.offset) } td.num { (l.attempts) } td { (l.reason.as_deref().unwrap_or("–")) } td { code { (l.last_error.as_deref().unwrap_or("–")) } } } }
+                    @for l in &d.dead_letters { tr { td.num { (l.partition) } td.num { (l.offset) } td.num { (l.attempts) } td { (l.reason.as_deref().unwrap_or("–")) } td { code { (ctx.shown(l.last_error.as_deref().unwrap_or("–"))) } } } }
                 }
             }
             h2 { "In doubt" }
@@ -412,7 +492,7 @@ pub async fn resume(
 ) -> Result<Response, Failure> {
     let run = run_id(&run)?;
     let fields = form_fields(&body);
-    let mut client = crate::db::connect(&console.database_url).await?;
+    let mut client = console.pool.get().await?;
     if fields.get("stop").is_some_and(|v| v == "1") {
         let stopped = match console
             .replays
@@ -435,7 +515,7 @@ pub async fn resume(
             ));
         }
         super::audit::record(
-            &client,
+            &**client,
             &ctx,
             "replay-stop",
             &format!("run {run}"),
@@ -448,6 +528,7 @@ pub async fn resume(
     let mut resume = HashMap::new();
     resume.insert("resume".to_string(), run.to_string());
     let args = arguments(&resume, &console.replays.mail_args)?;
+    let _launching = console.replays.launching.lock().await;
     let plan = crate::cli::replay::plan(&client, &args)
         .await
         .map_err(|e| Failure::new(StatusCode::CONFLICT, "cannot_resume", format!("{e:#}")))?;

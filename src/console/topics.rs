@@ -281,7 +281,7 @@ fn record_table(ctx: &Ctx, records: &[Record]) -> Markup {
                 tr data-offset=(r.offset) {
                     td.num { (r.partition) }
                     td.num { (r.offset) }
-                    td { code { (r.key.as_deref().unwrap_or("–")) } }
+                    td { code { (ctx.shown(r.key.as_deref().unwrap_or("–"))) } }
                     td { (page::time(&r.created_at)) br; span.muted { (page::time(&r.appended_at)) } }
                     td { pre { (page::json(&r.headers, reveal)) } }
                     td { pre.payload { (page::json(&r.payload, reveal)) } }

@@ -30,6 +30,8 @@ pub fn parse_url(url: &str) -> anyhow::Result<Config> {
 pub struct SessionBounds {
     pub idle_in_transaction: Duration,
     pub lock_wait: Duration,
+    /// Any statement ends after this (None: no bound).
+    pub statement: Option<Duration>,
 }
 
 /// Builds a pool of `size` connections. Connections are opened lazily;
@@ -42,11 +44,17 @@ pub fn pool(url: &str, size: usize) -> anyhow::Result<Pool> {
 pub fn pool_with(url: &str, size: usize, bounds: Option<SessionBounds>) -> anyhow::Result<Pool> {
     let mut config = parse_url(url)?;
     if let Some(b) = bounds {
-        let options = format!(
+        let mut options = format!(
             "-c idle_in_transaction_session_timeout={} -c lock_timeout={}",
             b.idle_in_transaction.as_millis().max(1),
             b.lock_wait.as_millis().max(1)
         );
+        if let Some(statement) = b.statement {
+            options.push_str(&format!(
+                " -c statement_timeout={}",
+                statement.as_millis().max(1)
+            ));
+        }
         let options = match config.get_options() {
             Some(existing) => format!("{existing} {options}"),
             None => options,

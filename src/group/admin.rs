@@ -146,6 +146,7 @@ const PARTITION_LAGS: &str = "
                         AND e.\"offset\" >= greatest(coalesce(p.committed_offset, 0), h.log_start_offset)
                       ORDER BY e.\"offset\" LIMIT 1), 0)
       FROM group_partitions p JOIN partition_heads h USING (topic, partition)
+     WHERE $1::text IS NULL OR p.group_id = $1
      ORDER BY p.group_id, p.topic, p.partition";
 
 /// Members with a live session, per group.
@@ -170,8 +171,16 @@ pub async fn live_member_counts(
 pub async fn partition_lags(
     client: &impl tokio_postgres::GenericClient,
 ) -> anyhow::Result<Vec<PartitionLag>> {
+    partition_lags_of(client, None).await
+}
+
+/// The lag of every partition of `group` (None: of every group).
+pub async fn partition_lags_of(
+    client: &impl tokio_postgres::GenericClient,
+    group: Option<&str>,
+) -> anyhow::Result<Vec<PartitionLag>> {
     Ok(client
-        .query(PARTITION_LAGS, &[])
+        .query(PARTITION_LAGS, &[&group])
         .await?
         .iter()
         .map(|r| PartitionLag {
@@ -225,6 +234,14 @@ pub enum AdminError {
     },
     #[error("consumer group {0:?} does not exist")]
     UnknownGroup(String),
+    #[error(
+        "group '{group}' committed on {topic}:{partition} since the plan was made: plan again"
+    )]
+    ChangedSincePlan {
+        group: String,
+        topic: String,
+        partition: i32,
+    },
     #[error(transparent)]
     Log(#[from] crate::log::LogError),
     #[error(transparent)]
@@ -326,7 +343,15 @@ const APPLY_RESET: &str = "
       FROM unnest($2::text[], $3::int4[], $4::int8[]) AS v(topic, partition, new_offset)
      WHERE g.group_id = $1 AND g.topic = v.topic AND g.partition = v.partition";
 
-/// Applies a planned reset, refusing while the group has live members.
+/// The committed offsets of the planned partitions, read under the lock.
+const PLANNED_CURRENT: &str = "
+    SELECT v.topic, v.partition, g.committed_offset
+      FROM unnest($2::text[], $3::int4[]) AS v(topic, partition)
+      LEFT JOIN group_partitions g ON g.group_id = $1 AND g.topic = v.topic AND g.partition = v.partition";
+
+/// Applies a planned reset, refusing while the group has live members or
+/// when a planned partition's committed offset is no longer the one the
+/// plan was made from (a commit in between would be overwritten unseen).
 pub async fn execute_reset(
     client: &mut tokio_postgres::Client,
     group: &str,
@@ -346,6 +371,24 @@ pub async fn execute_reset(
     let topics: Vec<&str> = planned.iter().map(|p| p.topic.as_str()).collect();
     let partitions: Vec<i32> = planned.iter().map(|p| p.partition).collect();
     let offsets: Vec<i64> = planned.iter().map(|p| p.new_offset).collect();
+    for row in tx
+        .query(PLANNED_CURRENT, &[&group, &topics, &partitions])
+        .await?
+    {
+        let (topic, partition, now): (String, i32, Option<i64>) =
+            (row.get(0), row.get(1), row.get(2));
+        let planned_from = planned
+            .iter()
+            .find(|p| p.topic == topic && p.partition == partition)
+            .and_then(|p| p.current_offset);
+        if now != planned_from {
+            return Err(AdminError::ChangedSincePlan {
+                group: group.to_string(),
+                topic,
+                partition,
+            });
+        }
+    }
     tx.execute(ENSURE_RESET_PARTITIONS, &[&group, &topics, &partitions])
         .await?;
     tx.execute(APPLY_RESET, &[&group, &topics, &partitions, &offsets])
@@ -428,6 +471,7 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
             ENSURE_RESET_PARTITIONS.to_string(),
         ),
         ("group::admin::APPLY_RESET", APPLY_RESET.to_string()),
+        ("group::admin::PLANNED_CURRENT", PLANNED_CURRENT.to_string()),
         (
             "group::admin::LOCK_KAFKA_GROUP",
             LOCK_KAFKA_GROUP.to_string(),

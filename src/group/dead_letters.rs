@@ -97,6 +97,9 @@ pub struct Selection {
     pub key: Option<String>,
     /// The reason it was parked, exactly.
     pub reason: Option<String>,
+    /// None above this id: what a preview counted, and not what was parked
+    /// after it.
+    pub up_to: Option<i64>,
 }
 
 impl Selection {
@@ -182,19 +185,21 @@ pub async fn list_page(
         .collect())
 }
 
-/// How many parked dead letters a selection holds (a retry's or discard's preview).
+/// How many parked dead letters a selection holds, and the highest id (a
+/// retry's or discard's preview).
 const COUNT_PARKED: &str = "
-    SELECT count(*) FROM dead_letters
+    SELECT count(*), max(id) FROM dead_letters
      WHERE status = 'parked' AND ($1::int8[] IS NULL OR id = ANY($1)) AND ($2::text IS NULL OR group_id = $2)
-       AND ($3::text IS NULL OR key = $3) AND ($4::text IS NULL OR reason = $4)";
+       AND ($3::text IS NULL OR key = $3) AND ($4::text IS NULL OR reason = $4)
+       AND ($5::int8 IS NULL OR id <= $5)";
 
-/// The parked dead letters `selection` holds: what a retry or a discard
-/// of it would act on.
+/// The parked dead letters `selection` holds — what a retry or a discard
+/// of it would act on — and the highest id among them.
 pub async fn count_parked(
     client: &impl tokio_postgres::GenericClient,
     selection: &Selection,
-) -> anyhow::Result<i64> {
-    Ok(client
+) -> anyhow::Result<(i64, Option<i64>)> {
+    let row = client
         .query_one(
             COUNT_PARKED,
             &[
@@ -202,14 +207,15 @@ pub async fn count_parked(
                 &selection.group,
                 &selection.key,
                 &selection.reason,
+                &selection.up_to,
             ],
         )
-        .await?
-        .get(0))
+        .await?;
+    Ok((row.get(0), row.get(1)))
 }
 
 /// Marks the parked dead letters selected (`$1` ids, `$3` group, `$4`
-/// key, `$5` reason; NULL for any) retried and writes
+/// key, `$5` reason, `$6` highest id; NULL for any) retried and writes
 /// each record to the outbox again, in one statement, with its link in
 /// `outbox_retries` to the record it retries (the original one, when this
 /// record was itself a retry: `$2` is the retry header).
@@ -218,6 +224,7 @@ const RETRY: &str = "
         UPDATE dead_letters SET status = 'retried', resolved_at = now()
          WHERE status = 'parked' AND ($1::int8[] IS NULL OR id = ANY($1)) AND ($3::text IS NULL OR group_id = $3)
            AND ($4::text IS NULL OR key = $4) AND ($5::text IS NULL OR reason = $5)
+           AND ($6::int8 IS NULL OR id <= $6)
         RETURNING topic, partition, \"offset\", key, headers, payload),
     numbered AS (
         SELECT nextval(pg_get_serial_sequence('outbox', 'id')) AS outbox_id, retried.*,
@@ -247,6 +254,7 @@ pub async fn retry_dead_letters(
                 &selection.group,
                 &selection.key,
                 &selection.reason,
+                &selection.up_to,
             ],
         )
         .await?;
@@ -257,7 +265,8 @@ pub async fn retry_dead_letters(
 const DISCARD: &str = "
     UPDATE dead_letters SET status = 'discarded', resolved_at = now()
      WHERE status = 'parked' AND ($1::int8[] IS NULL OR id = ANY($1)) AND ($2::text IS NULL OR group_id = $2)
-       AND ($3::text IS NULL OR key = $3) AND ($4::text IS NULL OR reason = $4)";
+       AND ($3::text IS NULL OR key = $3) AND ($4::text IS NULL OR reason = $4)
+       AND ($5::int8 IS NULL OR id <= $5)";
 
 /// Discards the parked dead letters `selection` holds (kept for the
 /// record, never retried). Returns how many.
@@ -273,6 +282,7 @@ pub async fn discard_dead_letters(
                 &selection.group,
                 &selection.key,
                 &selection.reason,
+                &selection.up_to,
             ],
         )
         .await?)

@@ -85,6 +85,7 @@ impl GroupConfig {
         crate::db::SessionBounds {
             idle_in_transaction: (self.session_timeout / 2).max(Duration::from_millis(500)),
             lock_wait: (self.session_timeout / 5).min(Duration::from_secs(1)),
+            statement: None,
         }
     }
 

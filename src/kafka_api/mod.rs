@@ -65,6 +65,7 @@ pub const POOL_SIZE: usize = 8;
 pub const SESSION_BOUNDS: crate::db::SessionBounds = crate::db::SessionBounds {
     idle_in_transaction: std::time::Duration::from_secs(5),
     lock_wait: std::time::Duration::from_secs(5),
+    statement: None,
 };
 
 /// Where clients reach this process (what Metadata tells them).

@@ -174,6 +174,7 @@ impl Users {
 }
 
 /// A PBKDF2-HMAC-SHA256 password hash.
+#[derive(Clone)]
 pub struct PasswordHash {
     iterations: u32,
     salt: Vec<u8>,
@@ -222,6 +223,11 @@ impl PasswordHash {
             salt,
             key,
         })
+    }
+
+    /// Its PBKDF2 rounds.
+    pub fn iterations(&self) -> u32 {
+        self.iterations
     }
 
     pub fn verify(&self, password: &str) -> bool {

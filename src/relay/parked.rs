@@ -72,6 +72,22 @@ const STILL_PARKED: &str = "
     SELECT outbox_id, topic, reason FROM outbox_parked
      WHERE $1::int8 IS NULL OR outbox_id = $1 ORDER BY outbox_id";
 
+/// What a re-drive of one row (`$1`) or all would move, and what would stay.
+const REDRIVE_PREVIEW: &str = "
+    SELECT count(*) FILTER (WHERE t.name IS NOT NULL), count(*) FILTER (WHERE t.name IS NULL)
+      FROM outbox_parked p LEFT JOIN topics t ON t.name = p.topic
+     WHERE $1::int8 IS NULL OR p.outbox_id = $1";
+
+/// How many parked rows a re-drive of `id` (or all) would move back into
+/// the outbox, and how many would stay parked (their topic is still missing).
+pub async fn redrive_preview(
+    client: &impl tokio_postgres::GenericClient,
+    id: Option<i64>,
+) -> anyhow::Result<(i64, i64)> {
+    let row = client.query_one(REDRIVE_PREVIEW, &[&id]).await?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// What a re-drive did.
 #[derive(Debug, Default, Serialize)]
 pub struct Redrive {
@@ -111,5 +127,9 @@ pub(super) fn statements() -> Vec<(&'static str, String)> {
         ("relay::parked::LIST", LIST.to_string()),
         ("relay::parked::REDRIVE", REDRIVE.to_string()),
         ("relay::parked::STILL_PARKED", STILL_PARKED.to_string()),
+        (
+            "relay::parked::REDRIVE_PREVIEW",
+            REDRIVE_PREVIEW.to_string(),
+        ),
     ]
 }

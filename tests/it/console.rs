@@ -83,6 +83,12 @@ async fn committed(db: &TestDb, group: &str) -> Vec<Option<i64>> {
         .collect()
 }
 
+/// The group's committed offsets summed: a reset would lower it (the live
+/// mail worker may still commit an empty partition's first offset, 0).
+async fn committed_sum(db: &TestDb, group: &str) -> i64 {
+    committed(db, group).await.iter().flatten().sum()
+}
+
 async fn audit_entries(db: &TestDb) -> i64 {
     count(&db.client().await, "SELECT count(*) FROM console_audit").await
 }
@@ -212,11 +218,19 @@ async fn a_dead_letter_is_found_from_its_order_re_driven_once_and_mailed() {
         .await;
     assert!(done.contains("Re-drove 1"), "{done}");
 
-    // Re-driving it again does nothing: it is no longer parked.
+    // Confirming the same preview again delivers nothing more: it is no
+    // longer parked.
     browser.client.back().await.unwrap();
-    browser.client.back().await.unwrap();
-    browser.client.refresh().await.unwrap();
-    assert!(browser.text("#matching").await.starts_with('0'));
+    browser.click("#confirm button[type=submit]").await;
+    let again = browser
+        .wait_text("#done", "the second re-drive's result", |t| {
+            t.contains("Re-drove 0")
+        })
+        .await;
+    assert!(
+        again.contains("1 of the 1 previewed were no longer parked"),
+        "{again}"
+    );
 
     let order_page = format!("{}/orders?q={order}", service.base);
     eventually(
@@ -263,6 +277,7 @@ async fn a_stopped_groups_offsets_are_reset_after_a_preview_and_a_confirm() {
         ])
         .spawn()
         .unwrap();
+    wait_for_mails(&smtp, 5, Duration::from_secs(30)).await;
     wait_until_group_caught_up(&db, MAIL_GROUP, "order-created").await;
 
     let browser = Browser::start("reset").await;
@@ -421,6 +436,7 @@ async fn read_only_shows_no_write_control_and_refuses_every_write_route() {
     )
     .await;
     let order = service.place_order("ro@example.com").await;
+    wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;
     wait_until_group_caught_up(&db, MAIL_GROUP, "order-created").await;
 
     // Without the token: 401 (a script) or the login page (a browser).
@@ -491,7 +507,7 @@ async fn read_only_shows_no_write_control_and_refuses_every_write_route() {
 
     // Each write route answers 403, with the token and a session alike.
     let session = Session::open(&service.base, Some(token)).await;
-    let before = committed(&db, MAIL_GROUP).await;
+    let before = committed_sum(&db, MAIL_GROUP).await;
     for route in [
         format!("/groups/{MAIL_GROUP}/reset"),
         "/dead-letters/act".into(),
@@ -518,7 +534,7 @@ async fn read_only_shows_no_write_control_and_refuses_every_write_route() {
             "{route}"
         );
     }
-    assert_eq!(committed(&db, MAIL_GROUP).await, before);
+    assert_eq!(committed_sum(&db, MAIL_GROUP).await, before);
     assert_eq!(audit_entries(&db).await, 0);
     service.stop().await;
 }
@@ -529,11 +545,13 @@ async fn bad_input_gets_a_clear_message_and_changes_nothing() {
     let smtp = SmtpServer::start(&[]).await;
     let service = Service::start(&db, &smtp, &[]).await;
     service.place_order("x@example.com").await;
+    wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;
     wait_until_group_caught_up(&db, MAIL_GROUP, "order-created").await;
     let session = Session::open(&service.base, None).await;
     assert!(!session.cookie.is_empty() && !session.csrf.is_empty());
     let base = &service.base;
-    let before = committed(&db, MAIL_GROUP).await;
+    let before = committed_sum(&db, MAIL_GROUP).await;
+    assert_eq!(before, 1);
 
     // A forged CSRF token.
     let forged = session
@@ -575,6 +593,27 @@ async fn bad_input_gets_a_clear_message_and_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(error_code(cross).await, (403, "cross_origin".to_string()));
+    // Without a token, only local requests: not one a proxy forwarded, nor
+    // one for another host name (DNS rebinding).
+    for (header, value) in [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9"),
+        ("host", "evil.example"),
+    ] {
+        let response = session
+            .http
+            .get(format!("{base}/topics"))
+            .header("cookie", &session.cookie)
+            .header(header, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(response).await,
+            (401, "unauthenticated".to_string()),
+            "{header}"
+        );
+    }
 
     let get = |path: String| {
         let http = session.http.clone();
@@ -730,7 +769,7 @@ async fn bad_input_gets_a_clear_message_and_changes_nothing() {
         "empty_selection"
     );
 
-    assert_eq!(committed(&db, MAIL_GROUP).await, before);
+    assert_eq!(committed_sum(&db, MAIL_GROUP).await, before);
     assert_eq!(audit_entries(&db).await, 0);
     assert_eq!(
         count(&db.client().await, "SELECT count(*) FROM replay_runs").await,
@@ -801,4 +840,219 @@ async fn off_loopback_the_console_needs_a_token_and_refuses_to_start_without() {
         .unwrap();
     assert_eq!(wrong.status().as_u16(), 401);
     child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_user_sees_payloads_and_acts_only_as_permitted() {
+    let db = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&[]).await;
+    let hash =
+        outbox_relay::kafka_api::security::PasswordHash::new("pw-of-the-test", 1000).to_string();
+    let users = format!("viewer:{hash}:read ops:{hash}:read,write,payloads");
+    let service = Service::start(&db, &smtp, &["--console-users", &users]).await;
+    let order = service.place_order("ada@example.com").await;
+    wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;
+    wait_until_group_caught_up(&db, MAIL_GROUP, "order-created").await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let log_in = |user: &'static str, password: &'static str| {
+        let http = http.clone();
+        let base = service.base.clone();
+        async move {
+            let response = http
+                .post(format!("{base}/login"))
+                .form(&[("user", user), ("password", password)])
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let cookie = response
+                .headers()
+                .get("set-cookie")
+                .map(|c| c.to_str().unwrap().split(';').next().unwrap().to_string());
+            (status, cookie)
+        }
+    };
+    assert_eq!(log_in("viewer", "wrong").await, (401, None));
+    assert_eq!(log_in("nobody", "pw-of-the-test").await, (401, None));
+    let (_, viewer) = log_in("viewer", "pw-of-the-test").await;
+    let (_, ops) = log_in("ops", "pw-of-the-test").await;
+    let page = |cookie: String, path: String| {
+        let http = http.clone();
+        let base = service.base.clone();
+        async move {
+            http.get(format!("{base}{path}"))
+                .header("cookie", cookie)
+                .header("accept", "text/html")
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let partition: i32 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT partition FROM event_log WHERE key = $1",
+            &[&order.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for path in [
+        format!("/orders?q={order}"),
+        format!("/topics/order-created/{partition}?from=0"),
+    ] {
+        let masked = page(viewer.clone().unwrap(), path.clone()).await;
+        assert!(
+            !masked.contains("ada@example.com") && masked.contains("a•••@example.com"),
+            "{path} shows the address to viewer"
+        );
+        let shown = page(ops.clone().unwrap(), path.clone()).await;
+        assert!(
+            shown.contains("ada@example.com"),
+            "{path} hides the address from ops"
+        );
+    }
+    // viewer may not act: 403, whatever the form.
+    let viewer_page = page(viewer.clone().unwrap(), "/dead-letters".into()).await;
+    assert!(
+        !viewer_page.contains("/dead-letters/act"),
+        "a write form rendered for viewer"
+    );
+    let response = http
+        .post(format!("{}/dead-letters/act", service.base))
+        .header("cookie", viewer.unwrap())
+        .form(&[
+            ("step", "confirm"),
+            ("action", "discard"),
+            ("scope", "filter"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(response).await, (403, "forbidden".to_string()));
+    service.stop().await;
+}
+
+/// A reset's preview (to the earliest) as a script: the plan's fields and
+/// its signature, from the confirm form.
+async fn reset_preview(session: &Session, url: &str) -> (Vec<String>, String) {
+    let page = session
+        .post(
+            url,
+            &[
+                ("csrf", &session.csrf),
+                ("step", "preview"),
+                ("to", "earliest"),
+            ],
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+    let values = |name: &str| -> Vec<String> {
+        page.split(&format!("name=\"{name}\" value=\""))
+            .skip(1)
+            .map(|rest| rest.split('"').next().unwrap().to_string())
+            .collect()
+    };
+    (
+        values("plan"),
+        values("plan_mac").pop().expect("a confirm form"),
+    )
+}
+
+/// Confirms `plan` with `mac`: the status and error code.
+async fn reset_confirm(
+    session: &Session,
+    url: &str,
+    plan: Vec<String>,
+    mac: String,
+) -> (u16, String) {
+    let mut form = vec![
+        ("csrf", session.csrf.clone()),
+        ("step", "confirm".to_string()),
+        ("plan_mac", mac),
+    ];
+    form.extend(plan.into_iter().map(|p| ("plan", p)));
+    let refs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    error_code(session.post(url, &refs).await).await
+}
+
+#[tokio::test]
+async fn a_reset_applies_exactly_the_previewed_plan_or_nothing() {
+    let db = TestDb::migrated().await;
+    // No mail worker: the group below is stopped.
+    let service = Service::start_roles(&db, None, "api,relay,console", &[]).await;
+    for i in 0..16 {
+        service.place_order(&format!("p{i}@example.com")).await;
+    }
+    let client = db.client().await;
+    eventually("the orders in the log", Duration::from_secs(30), || async {
+        (count(&client, "SELECT count(*) FROM event_log").await == 16).then_some(())
+    })
+    .await;
+    client
+        .execute(
+            "INSERT INTO group_partitions (group_id, topic, partition, committed_offset)
+             SELECT 'billing', topic, partition, log_end_offset FROM partition_heads WHERE topic = 'order-created'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let session = Session::open(&service.base, None).await;
+    let url = format!("{}/groups/billing/reset", service.base);
+    let before = committed(&db, "billing").await;
+    let (plan, mac) = reset_preview(&session, &url).await;
+    assert_eq!(plan.len(), 8);
+    // A plan changed in the browser (a new offset past the log end) is refused.
+    let mut tampered = plan.clone();
+    tampered[0] = tampered[0]
+        .rsplit_once(' ')
+        .map(|(head, _)| format!("{head} 999999"))
+        .unwrap();
+    assert_eq!(
+        reset_confirm(&session, &url, tampered, mac.clone()).await,
+        (400, "invalid_plan".to_string())
+    );
+    assert_eq!(committed(&db, "billing").await, before);
+    // A commit after the preview: the confirm is refused, nothing moves.
+    let moved = client
+        .execute(
+            "UPDATE group_partitions SET committed_offset = committed_offset - 1
+              WHERE group_id = 'billing' AND partition = (
+                    SELECT min(partition) FROM group_partitions WHERE group_id = 'billing' AND committed_offset > 0)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved, 1);
+    let after_commit = committed(&db, "billing").await;
+    assert_eq!(
+        reset_confirm(&session, &url, plan, mac).await,
+        (409, "changed_since_preview".to_string())
+    );
+    assert_eq!(committed(&db, "billing").await, after_commit);
+    // Previewed again, it applies.
+    let (plan, mac) = reset_preview(&session, &url).await;
+    let (status, _) = reset_confirm(&session, &url, plan, mac).await;
+    assert_eq!(status, 200);
+    let reset = committed(&db, "billing").await;
+    assert!(reset.iter().all(|c| *c == Some(0)), "{reset:?}");
+    // The refused confirm and the applied one, each with how it ended.
+    let outcomes: Vec<String> = client
+        .query("SELECT outcome FROM console_audit ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(outcomes, ["changed_since_preview", "done"]);
+    service.stop().await;
 }

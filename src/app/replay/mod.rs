@@ -43,8 +43,8 @@ use partition::{replay_partition, PartitionJob};
 use rate::RateLimit;
 use runs::run_partitions;
 pub use runs::{
-    create_run, describe_run, find_unfinished, list_runs, Run, RunDeadLetter, RunDescription,
-    RunPartition,
+    create_run, describe_run, find_unfinished, list_runs, newest_runs, Run, RunDeadLetter,
+    RunDescription, RunPartition,
 };
 
 pub use send::{Outcome, ReplayTarget};

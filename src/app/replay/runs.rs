@@ -127,6 +127,22 @@ pub async fn find_unfinished(
         .map(|r| r.get(0)))
 }
 
+const NEWEST_RUNS: &str = "
+    SELECT id, topic, request, state, created_at, updated_at, finished_at FROM replay_runs
+     ORDER BY id DESC LIMIT $1";
+
+/// The newest `limit` runs, newest first, with their counts.
+pub async fn newest_runs(client: &Client, limit: i64) -> anyhow::Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for row in client.query(NEWEST_RUNS, &[&limit]).await? {
+        let id: i64 = row.get(0);
+        let partitions = run_partitions(client, id).await?;
+        let counts = run_counts(client, Some(id)).await?;
+        runs.push(run_from(&row, &partitions, counts.get(&id)));
+    }
+    Ok(runs)
+}
+
 /// Every run, oldest first, with its counts.
 pub async fn list_runs(client: &Client) -> anyhow::Result<Vec<Run>> {
     let rows = client.query(RUNS, &[]).await?;
@@ -238,6 +254,7 @@ pub(super) fn statements() -> Vec<(&'static str, String)> {
         ("app::replay::runs::FIND_UNFINISHED", FIND_UNFINISHED),
         ("app::replay::runs::RUN", RUN),
         ("app::replay::runs::RUNS", RUNS),
+        ("app::replay::runs::NEWEST_RUNS", NEWEST_RUNS),
         ("app::replay::runs::RUN_PARTITIONS", RUN_PARTITIONS),
         ("app::replay::runs::RUN_COUNTS", RUN_COUNTS),
         ("app::replay::runs::RUN_DEAD_LETTERS", RUN_DEAD_LETTERS),

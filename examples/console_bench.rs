@@ -89,7 +89,7 @@ async fn fill(url: &str, records: i64) -> anyhow::Result<()> {
                         '<order-created.' || (n % 8) || '.' || (n / 8) || '@outbox-relay>',
                         'customer' || (n + 1) || '@example.com', 'sent', 1, now()
                    FROM generate_series($1::int8, $2::int8) n",
-                &[&from, &to, &records],
+                &[&from, &to],
             )
             .await?;
         from = to + 1;
@@ -113,12 +113,12 @@ async fn fill(url: &str, records: i64) -> anyhow::Result<()> {
              INSERT INTO dead_letters (group_id, topic, partition, \"offset\", key, headers, payload, reason, attempts, last_error)
              SELECT 'mail-service', topic, partition, \"offset\", key, headers, payload, 'permanent_failure', 1,
                     '550 5.1.1 mailbox unavailable'
-               FROM event_log WHERE topic = 'order-created' AND partition = 0 AND \"offset\" < {dead};
-             VACUUM ANALYZE;",
+               FROM event_log WHERE topic = 'order-created' AND partition = 0 AND \"offset\" < {dead};",
             groups = GROUPS,
             dead = DEAD_LETTERS,
         ))
         .await?;
+    client.batch_execute("VACUUM ANALYZE").await?;
     Ok(())
 }
 
@@ -140,6 +140,10 @@ async fn start(url: &str) -> anyhow::Result<(Application, String)> {
     };
     Ok((Application::start(settings, url).await?, base))
 }
+
+/// A page's path for its i-th request (each request asks for another order,
+/// offset or time).
+type PathOf = Box<dyn Fn(usize) -> String + 'static>;
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -170,9 +174,9 @@ async fn measure(url: &str, records: i64) -> anyhow::Result<()> {
         .unwrap_or_default()
         .to_string();
 
-    let any_id = |i: usize| ((i as i64 * 7_919_113) % records) + 1;
+    let any_id = move |i: usize| ((i as i64 * 7_919_113) % records) + 1;
     let per_partition = records / 8;
-    let pages: Vec<(&str, Box<dyn Fn(usize) -> String>)> = vec![
+    let pages: Vec<(&str, PathOf)> = vec![
         ("overview", Box::new(|_| "/".into())),
         (
             "order by id",
@@ -205,7 +209,8 @@ async fn measure(url: &str, records: i64) -> anyhow::Result<()> {
                 format!(
                     "/topics/order-created/{}?time={}",
                     i % 8,
-                    (chrono::Utc::now() - chrono::Duration::seconds(back)).to_rfc3339()
+                    (chrono::Utc::now() - chrono::Duration::seconds(back))
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 )
             }),
         ),
@@ -293,7 +298,10 @@ async fn measure(url: &str, records: i64) -> anyhow::Result<()> {
     };
     println!("\n| overview watchers | database transactions per second (incl. this probe's 1) |");
     println!("|---:|---:|");
-    for watchers in [0usize, 1, 25] {
+    // Statistics reach pg_stat_database a while after a backend's work:
+    // let the pages' requests settle first.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    for watchers in [1usize, 25, 0] {
         let mut streams = Vec::new();
         for _ in 0..watchers {
             let response = http
@@ -306,7 +314,7 @@ async fn measure(url: &str, records: i64) -> anyhow::Result<()> {
                 while let Ok(Some(_)) = response.chunk().await {}
             }));
         }
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(12)).await;
         let before = transactions().await?;
         let window = Duration::from_secs(20);
         tokio::time::sleep(window).await;

@@ -6,7 +6,8 @@
 //! ```
 //!
 //! The URL is an admin URL; the benchmark creates (and drops) its own
-//! databases there. Use a server with durable commits (fsync on) to measure
+//! databases there. `RELAY_BENCH_DROP_INDEXES=name,…` drops those indexes
+//! after migrating (what an index costs the append, measured in one run). Use a server with durable commits (fsync on) to measure
 //! what production would see.
 
 use std::time::{Duration, Instant};
@@ -247,6 +248,13 @@ async fn fresh_db(
         .await?;
     let url = format!("{base}/{name}");
     outbox_relay::migrate::apply_all(&url).await?;
+    // RELAY_BENCH_DROP_INDEXES=a,b: what those indexes cost the append.
+    if let Ok(indexes) = std::env::var("RELAY_BENCH_DROP_INDEXES") {
+        let client = outbox_relay::db::connect(&url).await?;
+        for index in indexes.split(',').filter(|i| !i.is_empty()) {
+            client.batch_execute(&format!("DROP INDEX {index}")).await?;
+        }
+    }
     Ok(url)
 }
 

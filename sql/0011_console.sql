@@ -1,5 +1,5 @@
 -- The web console (src/console/): its audit trail, and the indexes its
--- lookups use, so that no page scans.
+-- lookups use.
 
 -- Every action taken in the console: who, what, on what, what the preview
 -- counted, and how it ended. Shown on the console's Audit page.
@@ -14,10 +14,12 @@ CREATE TABLE console_audit (
     outcome    text        NOT NULL
 );
 
--- The record browser's search by key, and the order lookup's event: an
--- equality on the key (a hash index stores only the key's hash, so any key
--- length fits, as for mail_deliveries_by_key).
-CREATE INDEX event_log_by_key ON event_log USING hash (key);
+-- No index on the log's keys: measured, one (hash or btree) costs the
+-- relay's append about as much as the append itself (a 1,000,000-row
+-- backlog: 170,097 events/s without, 93,929 with, docs/benchmarks.md). The
+-- console finds a key's records in the one partition Kafka's partitioner
+-- gives it, a bounded range of offsets at a time, and an order's events
+-- through the delivery ledger's and the dead letters' key indexes.
 
 -- The order lookup by email.
 CREATE INDEX orders_by_email ON orders (lower(email));

@@ -100,6 +100,19 @@ pub struct Inner {
     pub read_only: bool,
     pub overview: overview::Hub,
     pub replays: replays::Runner,
+    /// Set when the process stops: the live streams end then, instead of
+    /// holding the server's shutdown for its whole grace period.
+    pub closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl Inner {
+    /// Resolves when the process stops.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closing = self.closing.subscribe();
+        async move {
+            let _ = closing.wait_for(|closing| *closing).await;
+        }
+    }
 }
 
 impl std::ops::Deref for Console {
@@ -128,6 +141,7 @@ impl Console {
                 settings.replay_mail_args.clone(),
                 settings.data_dir.clone(),
             ),
+            closing: tokio::sync::watch::channel(false).0,
         })))
     }
 }
@@ -196,7 +210,6 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
         groups::statements(),
         orders::statements(),
         overview::statements(),
-        topics::statements(),
     ]
     .concat()
 }

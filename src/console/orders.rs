@@ -53,7 +53,7 @@ pub async fn page(
     if q.is_empty() {
         return Ok(ctx.page("Orders", form));
     }
-    let client = console.browse.get().await?;
+    let mut client = console.browse.get().await?;
     if let Ok(id) = q.parse::<i64>() {
         if id <= 0 {
             return Err(Failure::bad_request(
@@ -61,7 +61,7 @@ pub async fn page(
                 "the order id must be a positive integer",
             ));
         }
-        let body = order(&client, &ctx, id).await?;
+        let body = order(&mut client, &ctx, id).await?;
         return Ok(ctx.page(&format!("Order {id}"), html! { (form) (body) }));
     }
     if !q.contains('@') {
@@ -75,7 +75,7 @@ pub async fn page(
         .await?;
     if rows.len() == 1 {
         let id: i64 = rows[0].get(0);
-        let body = order(&client, &ctx, id).await?;
+        let body = order(&mut client, &ctx, id).await?;
         return Ok(ctx.page(&format!("Order {id}"), html! { (form) (body) }));
     }
     Ok(ctx.page(
@@ -101,17 +101,15 @@ pub async fn page(
 }
 
 /// One order in full.
-async fn order(client: &tokio_postgres::Client, ctx: &Ctx, id: i64) -> Result<Markup, Failure> {
-    let Some(order) = crate::app::order::find(client, id).await? else {
+async fn order(client: &mut tokio_postgres::Client, ctx: &Ctx, id: i64) -> Result<Markup, Failure> {
+    let Some(order) = crate::app::order::find(&*client, id).await? else {
         return Err(Failure::not_found(
             "order_not_found",
             format!("no order {id}"),
         ));
     };
-    let events =
-        crate::log::read::records_with_keys(client, ORDER_CREATED_TOPIC, &[id.to_string()])
-            .await
-            .map_err(anyhow::Error::from)?;
+    let (events, tail_unsearched) = events_of(client, id).await?;
+    let client = &*client;
     let mail = crate::app::mail::confirmation_mail(client, id).await?;
     let mut replays = Vec::new();
     for e in &events {
@@ -144,6 +142,9 @@ async fn order(client: &tokio_postgres::Client, ctx: &Ctx, id: i64) -> Result<Ma
         h2 { "Confirmation mail" }
         div #mail { (mail_state(ctx, &mail)) }
         h2 { "Events in the log" }
+        @if let Some((partition, from, to)) = tail_unsearched {
+            p.notice data-code="query_timeout" { "Offsets " (from) "–" (to - 1) " of partition " (partition) ", which the mail worker has not read yet, could not be searched within " (page::BROWSE_TIMEOUT.as_millis()) " ms: an event there is not shown. Reload to try again." }
+        }
         @if events.is_empty() {
             p { "Not in the log yet: the relay has not moved its outbox row (see the " a href={(base) "/"} { "overview" } "'s backlog)." }
         } @else {
@@ -178,6 +179,74 @@ async fn order(client: &tokio_postgres::Client, ctx: &Ctx, id: i64) -> Result<Ma
             }
         }
     })
+}
+
+/// Where the ledger and the dead letters saw an order's events (their key
+/// indexes): the events the mail worker has read.
+const EVENT_POSITIONS: &str = "
+    SELECT partition, \"offset\" FROM mail_deliveries WHERE key = $1 AND topic = $2
+     UNION
+    SELECT partition, \"offset\" FROM dead_letters WHERE key = $1 AND topic = $2";
+
+/// The mail group's next offset in a partition.
+const MAIL_GROUP_COMMITTED: &str = "
+    SELECT committed_offset FROM group_partitions WHERE group_id = $1 AND topic = $2 AND partition = $3";
+
+/// An order's events: those the mail worker read (found by position through
+/// the ledger's and the dead letters' key indexes), and those it has not
+/// read yet (searched in the key's partition past the group's offset,
+/// bounded). The log itself has no key index (see sql/0011_console.sql).
+/// The second value names the unread range when its search was cut short.
+async fn events_of(
+    client: &mut tokio_postgres::Client,
+    id: i64,
+) -> Result<(Vec<crate::log::Record>, Option<(i32, i64, i64)>), Failure> {
+    let key = id.to_string();
+    let topic = ORDER_CREATED_TOPIC;
+    let mut events = Vec::new();
+    for row in client.query(EVENT_POSITIONS, &[&key, &topic]).await? {
+        let (partition, offset): (i32, i64) = (row.get(0), row.get(1));
+        events.extend(
+            crate::log::read::read(&*client, topic, partition, offset, 1)
+                .await?
+                .into_iter()
+                .filter(|r| r.offset == offset),
+        );
+    }
+    let partitions = crate::log::topics::topic(&*client, topic).await?.partitions;
+    let partition =
+        crate::log::partitioner::partition_for_key(&key, partitions.max(1) as u32) as i32;
+    let heads = crate::log::topics::offsets_of(&*client, topic, partition).await?;
+    let committed: Option<i64> = client
+        .query_opt(
+            MAIL_GROUP_COMMITTED,
+            &[&crate::app::mail::MAIL_GROUP, &topic, &partition],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+    let from = committed
+        .unwrap_or(heads.log_start_offset)
+        .max(heads.log_start_offset);
+    let to = heads.log_end_offset;
+    let mut unsearched = None;
+    if from < to {
+        let tx = client.build_transaction().read_only(true).start().await?;
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            page::BROWSE_TIMEOUT.as_millis()
+        ))
+        .await?;
+        match crate::log::read::records_of_key(&tx, topic, partition, &key, (from, to), 100).await {
+            Ok(unread) => events.extend(unread),
+            Err(crate::log::LogError::Db(e)) if page::timed_out(&e) => {
+                unsearched = Some((partition, from, to))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    events.sort_by_key(|r| (r.partition, r.offset));
+    events.dedup_by_key(|r| (r.partition, r.offset));
+    Ok((events, unsearched))
 }
 
 /// The mail's state in words, with what to do about it.

@@ -237,6 +237,7 @@ pub async fn events(
                 (receiver, base),
             ))
         });
+    let stream = futures_util::StreamExt::take_until(stream, console.closed());
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 

@@ -80,7 +80,8 @@ impl Runner {
     }
 }
 
-/// The service that interrupts the console's replays at shutdown.
+/// The service that, at shutdown, ends the console's live streams and
+/// interrupts its replays.
 pub struct ReplayStopper(Console);
 
 impl crate::service::Service for ReplayStopper {
@@ -90,6 +91,8 @@ impl crate::service::Service for ReplayStopper {
 
     async fn run(self, mut shutdown: crate::shutdown::Shutdown) -> anyhow::Result<()> {
         shutdown.recv().await;
+        // The live streams end, so the server's shutdown need not wait on them.
+        self.0.closing.send_replace(true);
         let running: Vec<(i64, RunningHere)> = self
             .0
             .replays
@@ -451,6 +454,7 @@ pub async fn events(
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, Failure> {
     let run = run_id(&run)?;
     described(&console, run).await?;
+    let closed = console.closed();
     let stream = futures_util::stream::unfold(
         (console, None::<(Instant, i64)>, false),
         move |(console, previous, finished)| async move {
@@ -458,7 +462,11 @@ pub async fn events(
                 return None;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let d = described(&console, run).await.ok()?;
+            let Ok(d) = described(&console, run).await else {
+                // A failed read is skipped: the page keeps its figures.
+                let comment = Event::default().comment("the run could not be read");
+                return Some((Ok(comment), (console, previous, false)));
+            };
             let done: i64 = d
                 .partitions
                 .iter()
@@ -479,6 +487,7 @@ pub async fn events(
     // Once done, the stream stays open and quiet: a closed one would be
     // reopened by the browser, again and again.
     let stream = futures_util::StreamExt::chain(stream, futures_util::stream::pending());
+    let stream = futures_util::StreamExt::take_until(stream, closed);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 

@@ -16,13 +16,9 @@ use crate::log::{LogError, Record};
 /// Records on one page.
 const RECORDS_PER_PAGE: i64 = 20;
 
-/// A key's records, newest first, across the topic (the hash index finds
-/// them; the order and the limit need no scan beyond them).
-const RECORDS_BY_KEY: &str = "
-    SELECT e.topic, e.partition, e.\"offset\", e.key, e.created_at, e.appended_at, e.headers, e.payload
-      FROM event_log e
-     WHERE e.key = $2 AND e.topic = $1
-     ORDER BY e.appended_at DESC, e.partition, e.\"offset\" DESC LIMIT $3";
+/// Offsets of the key's partition searched per step (newest first): each
+/// step reads this many records by position at most.
+const KEY_SEARCH_WINDOW: i64 = 200_000;
 
 impl From<LogError> for Failure {
     fn from(e: LogError) -> Failure {
@@ -76,6 +72,8 @@ fn retention(seconds: i64) -> String {
 #[derive(serde::Deserialize)]
 pub struct KeySearch {
     key: Option<String>,
+    /// Search below this offset (the next step back); default the log end.
+    before: Option<String>,
 }
 
 /// Longest key searched for (the outbox refuses longer ones).
@@ -97,14 +95,40 @@ pub async fn topic(
             format!("a key is at most {MAX_KEY_BYTES} bytes"),
         ));
     }
+    // Every record of a key is in the partition Kafka's partitioner gives
+    // it: that one is searched, newest first, a window of offsets a step.
+    let before = match search.before.as_deref().filter(|b| !b.is_empty()) {
+        None => None,
+        Some(b) => Some(b.parse::<i64>().map_err(|_| {
+            Failure::bad_request("invalid_offset", format!("{b:?} is not an offset"))
+        })?),
+    };
     let found = match &key {
         None => None,
         Some(key) => {
+            let partition =
+                crate::log::partitioner::partition_for_key(key, topic.partitions.max(1) as u32)
+                    as i32;
+            let heads = heads
+                .iter()
+                .find(|h| h.partition == partition)
+                .cloned()
+                .ok_or_else(|| Failure::internal(format!("no partition {partition} of {name}")))?;
+            let to = before
+                .unwrap_or(heads.log_end_offset)
+                .clamp(heads.log_start_offset, heads.log_end_offset);
+            let from = (to - KEY_SEARCH_WINDOW).max(heads.log_start_offset);
             let tx = page::bounded_read(&mut client, page::BROWSE_TIMEOUT).await?;
-            let rows = tx
-                .query(RECORDS_BY_KEY, &[&name, key, &RECORDS_PER_PAGE])
-                .await;
-            Some(rows.map(|rows| rows.iter().map(Record::from_row).collect::<Vec<_>>()))
+            let records = crate::log::read::records_of_key(
+                &*tx,
+                &name,
+                partition,
+                key,
+                (from, to),
+                RECORDS_PER_PAGE,
+            )
+            .await;
+            Some((partition, from, to, heads.log_start_offset, records))
         }
     };
     let base = &ctx.base;
@@ -133,18 +157,27 @@ pub async fn topic(
                 label { "Key " input name="key" value=(key.as_deref().unwrap_or("")) maxlength="1024"; }
                 " " button type="submit" { "Find" }
             }
-            @match &found {
-                None => {}
-                Some(Err(e)) if page::timed_out(e) => {
-                    p.notice data-code="query_timeout" { "The search took longer than " (page::BROWSE_TIMEOUT.as_millis()) " ms and was stopped, so nothing is shown — not because nothing matched. "
-                        a href={(base) "/topics/" (enc) "?key=" (page::enc(key.as_deref().unwrap_or("")))} { "Try again" } }
-                }
-                Some(Err(e)) => { p.error { "The search failed: " (e) } }
-                Some(Ok(records)) => {
-                    @if records.is_empty() { p { "No record with that key is retained." } }
-                    @else {
-                        p { (records.len()) " records, newest first" @if records.len() as i64 == RECORDS_PER_PAGE { " (the newest " (RECORDS_PER_PAGE) ")" } }
-                        (record_table(&ctx, records))
+            @if let Some((partition, from, to, start, records)) = &found {
+                @let key_enc = page::enc(key.as_deref().unwrap_or(""));
+                @let here = format!("{base}/topics/{enc}?key={key_enc}");
+                @match records {
+                    Err(LogError::Db(e)) if page::timed_out(e) => {
+                        p.notice data-code="query_timeout" { "Searching offsets " (from) "–" (to - 1) " of partition " (partition) " took longer than " (page::BROWSE_TIMEOUT.as_millis()) " ms and was stopped, so nothing is shown — not because nothing matched. "
+                            a href={(here) "&before=" (to)} { "Try again" } }
+                    }
+                    Err(e) => { p.error { "The search failed: " (e) } }
+                    Ok(records) => {
+                        p #key-search { "Partition " (partition) " (the key's, by Kafka's partitioner), offsets " (from) " to " (to - 1) ": "
+                            (records.len()) " records, newest first"
+                            @if records.len() as i64 == RECORDS_PER_PAGE { " (the newest " (RECORDS_PER_PAGE) ")" } "." }
+                        @if !records.is_empty() { (record_table(&ctx, records)) }
+                        @if let Some(last) = records.last().filter(|_| records.len() as i64 == RECORDS_PER_PAGE) {
+                            p { a href={(here) "&before=" (last.offset)} { "More, older →" } }
+                        } @else if from > start {
+                            p { a href={(here) "&before=" (from)} { "Search further back (offsets before " (from) ") →" } }
+                        } @else {
+                            p.muted { "That is every retained record of the key." }
+                        }
                     }
                 }
             }
@@ -289,11 +322,4 @@ fn record_table(ctx: &Ctx, records: &[Record]) -> Markup {
             }
         }
     }
-}
-
-pub(crate) fn statements() -> Vec<(&'static str, String)> {
-    vec![(
-        "console::topics::RECORDS_BY_KEY",
-        RECORDS_BY_KEY.to_string(),
-    )]
 }

@@ -155,8 +155,44 @@ pub async fn records_with_keys(
     Ok(rows.iter().map(Record::from_row).collect())
 }
 
+/// `$1` topic, `$2` partition, offsets in [`$3`, `$4`), key `$5`: newest
+/// first, at most `$6`.
+static KEY_IN_RANGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {RECORD_COLUMNS}
+           FROM event_log e
+          WHERE e.topic = $1 AND e.partition = $2 AND e.\"offset\" >= $3 AND e.\"offset\" < $4
+            AND e.key = $5
+          ORDER BY e.\"offset\" DESC
+          LIMIT $6"
+    )
+});
+
+/// The records of `key` among offsets [`from`, `to`) of a partition (the
+/// one Kafka's partitioner gives the key), newest first, at most `max`.
+/// The log has no index on keys (one would cost every append about as
+/// much as the append itself): this reads the range's records by
+/// position, so callers bound the range.
+pub async fn records_of_key(
+    client: &impl GenericClient,
+    topic: &str,
+    partition: i32,
+    key: &str,
+    (from, to): (i64, i64),
+    max: i64,
+) -> Result<Vec<Record>, LogError> {
+    let rows = client
+        .query(
+            KEY_IN_RANGE.as_str(),
+            &[&topic, &partition, &from, &to, &key, &max],
+        )
+        .await?;
+    Ok(rows.iter().map(Record::from_row).collect())
+}
+
 pub(crate) fn statements() -> Vec<(&'static str, String)> {
     vec![
+        ("log::read::KEY_IN_RANGE", KEY_IN_RANGE.to_string()),
         ("log::read::READ_RECORDS", READ_RECORDS.to_string()),
         (
             "log::read::RECORDS_WITH_KEYS",

@@ -145,6 +145,8 @@ async fn an_operator_finds_an_order_and_watches_its_mail_held_up_and_released_li
         },
     )
     .await;
+    // Its event is found although the mail worker has not read it yet.
+    assert!(browser.text("#events").await.contains("order-created"));
     browser.screenshot("order-pending").await;
 
     // It starts again: the overview's lag returns to 0 without a reload.
@@ -420,6 +422,56 @@ async fn a_replay_of_a_time_range_is_planned_started_and_watched_to_the_end() {
     assert!(browser.text("#done").await.starts_with("4 of 4"));
     browser.screenshot("replay-done").await;
     wait_for_mails(&smtp, 8, Duration::from_secs(30)).await;
+
+    // Another, slowed to a mail every two seconds: stopped from its page, then
+    // resumed there to the end; every event is mailed once by the run.
+    browser.goto(&format!("{}/replays", service.base)).await;
+    browser
+        .fill("#replay input[name=from]", &from.to_rfc3339())
+        .await;
+    browser.fill("#replay input[name=max_rate]", "0.5").await;
+    browser.click("#replay button[type=submit]").await;
+    browser
+        .wait_text("#plan-total", "the second plan", |t| t == "4")
+        .await;
+    browser.click("#confirm button[type=submit]").await;
+    browser
+        .wait_text("#done", "a first mail of the slow run", |t| {
+            !t.starts_with("0 of")
+        })
+        .await;
+    browser.click("button.danger").await; // Stop (resume later)
+    let run_page = browser.client.current_url().await.unwrap().to_string();
+    eventually(
+        "the slow run to be interrupted",
+        Duration::from_secs(30),
+        || async {
+            browser.goto(&run_page).await;
+            let state = browser.text("#progress .state").await;
+            let resumable = browser.count("#resume").await == 1;
+            (state == "interrupted" && resumable).then_some(())
+        },
+    )
+    .await;
+    let done_before = browser.text("#done").await;
+    assert!(
+        !done_before.starts_with("4 of 4"),
+        "stopped before its end: {done_before}"
+    );
+    browser.screenshot("replay-interrupted").await;
+    browser.click("#resume button[type=submit]").await;
+    browser
+        .wait_text("#progress .state", "the resumed run to finish", |t| {
+            t == "done"
+        })
+        .await;
+    // Done means every event settled: what the server accepted is all there is.
+    wait_for_mails(&smtp, 12, Duration::from_secs(30)).await;
+    assert_eq!(
+        smtp.messages().len(),
+        12,
+        "the resumed run mailed an event twice"
+    );
     browser.close().await;
     service.stop().await;
 }
@@ -919,6 +971,13 @@ async fn a_user_sees_payloads_and_acts_only_as_permitted() {
             "{path} hides the address from ops"
         );
     }
+    // A key's records, found in its partition (Kafka's partitioner).
+    let found = page(ops.clone().unwrap(), format!("/topics/order-created?key={order}")).await;
+    assert!(
+        found.contains(&format!("Partition {partition} (the key's")) && found.contains(": 1 records"),
+        "the key search did not find the order's record"
+    );
+    assert!(found.contains("ada@example.com"));
     // viewer may not act: 403, whatever the form.
     let viewer_page = page(viewer.clone().unwrap(), "/dead-letters".into()).await;
     assert!(

@@ -10,7 +10,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use maud::{html, Markup, PreEscaped, DOCTYPE};
+use maud::{html, Markup, DOCTYPE};
 
 use super::session::Session;
 use super::Console;
@@ -355,11 +355,6 @@ pub fn enc(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes())
         .collect::<String>()
         .replace('+', "%20")
-}
-
-/// Pre-rendered markup (for fragments built elsewhere).
-pub fn raw(html: String) -> Markup {
-    PreEscaped(html)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ const RECORDS_PER_PAGE: i64 = 20;
 
 /// Offsets of the key's partition searched per step (newest first): each
 /// step reads this many records by position at most.
-const KEY_SEARCH_WINDOW: i64 = 200_000;
+const KEY_SEARCH_WINDOW: i64 = 50_000;
 
 impl From<LogError> for Failure {
     fn from(e: LogError) -> Failure {

@@ -214,25 +214,26 @@ pub async fn count_parked(
     Ok((row.get(0), row.get(1)))
 }
 
-/// Marks the parked dead letters selected (`$1` ids, `$3` group, `$4`
-/// key, `$5` reason, `$6` highest id; NULL for any) retried and writes
+/// Marks the parked dead letters selected (`$1` ids, `$2` group, `$3`
+/// key, `$4` reason, `$5` highest id; NULL for any; as in every statement
+/// on a [`Selection`]) retried and writes
 /// each record to the outbox again, in one statement, with its link in
 /// `outbox_retries` to the record it retries (the original one, when this
-/// record was itself a retry: `$2` is the retry header).
+/// record was itself a retry: `$6` is the retry header).
 const RETRY: &str = "
     WITH retried AS (
         UPDATE dead_letters SET status = 'retried', resolved_at = now()
-         WHERE status = 'parked' AND ($1::int8[] IS NULL OR id = ANY($1)) AND ($3::text IS NULL OR group_id = $3)
-           AND ($4::text IS NULL OR key = $4) AND ($5::text IS NULL OR reason = $5)
-           AND ($6::int8 IS NULL OR id <= $6)
+         WHERE status = 'parked' AND ($1::int8[] IS NULL OR id = ANY($1)) AND ($2::text IS NULL OR group_id = $2)
+           AND ($3::text IS NULL OR key = $3) AND ($4::text IS NULL OR reason = $4)
+           AND ($5::int8 IS NULL OR id <= $5)
         RETURNING topic, partition, \"offset\", key, headers, payload),
     numbered AS (
         SELECT nextval(pg_get_serial_sequence('outbox', 'id')) AS outbox_id, retried.*,
-               coalesce(headers ->> $2::text, topic || '/' || partition || '/' || \"offset\") AS retry_of
+               coalesce(headers ->> $6::text, topic || '/' || partition || '/' || \"offset\") AS retry_of
           FROM retried),
     requeued AS (
         INSERT INTO outbox (id, topic, key, payload, headers) OVERRIDING SYSTEM VALUE
-        SELECT outbox_id, topic, key, payload, headers - $2::text FROM numbered)
+        SELECT outbox_id, topic, key, payload, headers - $6::text FROM numbered)
     INSERT INTO outbox_retries (outbox_id, retry_of) SELECT outbox_id, retry_of FROM numbered";
 
 /// Retries the parked dead letters `selection` holds by publishing each
@@ -250,11 +251,11 @@ pub async fn retry_dead_letters(
             RETRY,
             &[
                 &selection.ids,
-                &crate::outbox::RETRY_OF_HEADER,
                 &selection.group,
                 &selection.key,
                 &selection.reason,
                 &selection.up_to,
+                &crate::outbox::RETRY_OF_HEADER,
             ],
         )
         .await?;

@@ -681,49 +681,39 @@ async fn bad_input_gets_a_clear_message_and_changes_nothing() {
             .await
         }
     };
-    // Over-long filters.
+    // Over-long filters; non-numeric offsets and partitions; unknown things.
     let long = "k".repeat(5000);
-    assert_eq!(
-        get(format!("/dead-letters?key={long}")).await,
-        (400, "filter_too_long".to_string())
-    );
-    assert_eq!(
-        get(format!("/topics/order-created?key={long}")).await,
-        (400, "key_too_long".to_string())
-    );
-    assert_eq!(
-        get(format!("/orders?q={long}")).await,
-        (400, "query_too_long".to_string())
-    );
-    // Non-numeric offsets and partitions, unknown things.
-    assert_eq!(
-        get("/topics/order-created/0?from=abc".into()).await,
-        (400, "invalid_offset".to_string())
-    );
-    assert_eq!(
-        get("/topics/order-created/x".into()).await,
-        (400, "invalid_partition".to_string())
-    );
-    assert_eq!(
-        get("/topics/order-created/99".into()).await,
-        (404, "unknown_partition".to_string())
-    );
-    assert_eq!(
-        get("/topics/nope".into()).await,
-        (404, "unknown_topic".to_string())
-    );
-    assert_eq!(
-        get("/groups/nope".into()).await,
-        (404, "unknown_group".to_string())
-    );
-    assert_eq!(
-        get("/replays/123456".into()).await,
-        (404, "unknown_run".to_string())
-    );
-    assert_eq!(
-        get("/orders?q=hello".into()).await,
-        (400, "invalid_lookup".to_string())
-    );
+    for (path, status, code) in [
+        (format!("/dead-letters?key={long}"), 400, "filter_too_long"),
+        (
+            format!("/topics/order-created?key={long}"),
+            400,
+            "key_too_long",
+        ),
+        (format!("/orders?q={long}"), 400, "query_too_long"),
+        (
+            "/topics/order-created/0?from=abc".into(),
+            400,
+            "invalid_offset",
+        ),
+        (
+            "/topics/order-created?key=1&before=abc".into(),
+            400,
+            "invalid_offset",
+        ),
+        ("/topics/order-created/x".into(), 400, "invalid_partition"),
+        ("/topics/order-created/99".into(), 404, "unknown_partition"),
+        ("/topics/nope".into(), 404, "unknown_topic"),
+        ("/groups/nope".into(), 404, "unknown_group"),
+        ("/replays/123456".into(), 404, "unknown_run"),
+        ("/orders?q=hello".into(), 400, "invalid_lookup"),
+    ] {
+        assert_eq!(
+            get(path.clone()).await,
+            (status, code.to_string()),
+            "{path:.60}"
+        );
+    }
     // Writes with bad input.
     let csrf = session.csrf.as_str();
     let post = |path: &'static str, form: Vec<(&'static str, String)>| {
@@ -972,9 +962,14 @@ async fn a_user_sees_payloads_and_acts_only_as_permitted() {
         );
     }
     // A key's records, found in its partition (Kafka's partitioner).
-    let found = page(ops.clone().unwrap(), format!("/topics/order-created?key={order}")).await;
+    let found = page(
+        ops.clone().unwrap(),
+        format!("/topics/order-created?key={order}"),
+    )
+    .await;
     assert!(
-        found.contains(&format!("Partition {partition} (the key's")) && found.contains(": 1 records"),
+        found.contains(&format!("Partition {partition} (the key's"))
+            && found.contains(": 1 records"),
         "the key search did not find the order's record"
     );
     assert!(found.contains("ada@example.com"));

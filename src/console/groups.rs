@@ -3,8 +3,9 @@
 //! committed; members, assignments, committed offsets and lag per
 //! partition in records and seconds. And offset resets with Kafka's
 //! options: a preview of current → new per partition, then an explicit
-//! confirm that applies exactly the previewed offsets (refused if the
-//! group committed since), through `group::admin` as the CLI.
+//! confirm that applies exactly the previewed offsets — the plan signed
+//! when shown, and refused if the group committed since (checked under the
+//! group's lock by `group::admin::execute_reset`, as for the CLI).
 
 use std::collections::{BTreeMap, HashMap};
 

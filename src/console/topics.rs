@@ -1,6 +1,8 @@
 //! Topics and the record browser: partitions with log start and end and
 //! retention; records of a partition from an offset, a time (the time
-//! index) or the newest, or of a key (its hash index), a page at a time.
+//! index) or the newest, a page at a time; and a key's records, searched in
+//! the partition Kafka's partitioner gives the key, a window of offsets a
+//! step (the log has no key index: see sql/0011_console.sql).
 //!
 //! Every read is bounded — [`page::BROWSE_TIMEOUT`] per statement and a
 //! page of rows — and when a bound is hit the page says so and offers to

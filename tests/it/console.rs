@@ -1190,3 +1190,33 @@ async fn demo_prints_the_console_address_and_the_order_it_names_is_there() {
     demo.kill().await.unwrap();
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// `CONSOLE_DATABASE_URL`: the browsing pages read the replica it names,
+/// while the pipeline writes the primary. (A second database stands in
+/// for a replica that has not caught up: the order is not there yet.)
+#[tokio::test]
+async fn the_console_browses_the_replica_it_is_given() {
+    let db = TestDb::migrated().await;
+    let replica = TestDb::migrated().await;
+    let smtp = SmtpServer::start(&[]).await;
+    let service = Service::start(&db, &smtp, &["--console-database-url", &replica.url]).await;
+    let order = service.place_order("replica@example.com").await;
+    wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;
+    let http = reqwest::Client::new();
+    let on_primary = http
+        .get(format!("http://{}/orders/{order}", service.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_primary.status().as_u16(), 200);
+    let in_console = http
+        .get(format!("{}/orders?q={order}", service.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(in_console).await,
+        (404, "order_not_found".to_string())
+    );
+    service.stop().await;
+}

@@ -128,7 +128,7 @@ pub struct Auth {
     decoy: PasswordHash,
     /// Password checks at a time (each is a few hundred milliseconds of CPU
     /// by design): logins cannot starve the pipeline's cores.
-    checks: tokio::sync::Semaphore,
+    checks: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Auth {
@@ -142,7 +142,7 @@ impl Auth {
             settings: settings.clone(),
             secret: rand::random(),
             decoy: PasswordHash::new(&hex(&rand::random::<[u8; 16]>()), iterations),
-            checks: tokio::sync::Semaphore::new(2),
+            checks: std::sync::Arc::new(tokio::sync::Semaphore::new(2)),
         }
     }
 
@@ -233,17 +233,22 @@ impl Auth {
                 .then(|| ("token".to_string(), Permissions::ALL));
         }
         let users = self.settings.users.clone()?;
-        let _check = self.checks.acquire().await.ok()?;
+        // The permit goes with the check: a client that hangs up does not
+        // free it while its hash still runs.
+        let check = self.checks.clone().acquire_owned().await.ok()?;
         let (user, password) = (user.to_string(), password.to_string());
         let decoy = self.decoy.clone();
-        tokio::task::spawn_blocking(move || match users.get(&user) {
-            Some(found) => found
-                .hash
-                .verify(&password)
-                .then_some((user, found.permissions)),
-            None => {
-                decoy.verify(&password);
-                None
+        tokio::task::spawn_blocking(move || {
+            let _check = check;
+            match users.get(&user) {
+                Some(found) => found
+                    .hash
+                    .verify(&password)
+                    .then_some((user, found.permissions)),
+                None => {
+                    decoy.verify(&password);
+                    None
+                }
             }
         })
         .await

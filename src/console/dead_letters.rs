@@ -116,9 +116,9 @@ pub async fn list(
                         td.num { (d.id) }
                         td { (d.group) }
                         td { a href={(base) "/topics/" (page::enc(&d.topic)) "/" (d.partition) "?from=" (d.offset)} { (d.topic) ":" (d.partition) "@" (d.offset) } }
-                        td { @if let Some(k) = &d.key { a href={(base) "/orders?q=" (page::enc(k))} { (ctx.shown(k)) } } @else { "–" } }
+                        td { @if let Some(k) = &d.key { @if reveal { a href={(base) "/orders?q=" (page::enc(k))} { (k) } } @else { (ctx.shown(k)) } } @else { "–" } }
                         td.status { (d.status.as_str()) }
-                        td { (d.reason) }
+                        td { (ctx.shown(&d.reason)) }
                         td.num { (d.attempts) }
                         td { code { (ctx.shown(d.last_error.as_deref().unwrap_or("–"))) } }
                         td { (page::time(&d.parked_at)) }
@@ -220,7 +220,14 @@ pub async fn act(State(console): State<Console>, ctx: Ctx, body: Bytes) -> Resul
         selection.ids = Some(ids);
     }
     // A confirm acts on what its preview counted, not on what was parked since.
-    selection.up_to = nonempty(&field("up_to")).and_then(|v| v.parse().ok());
+    if field("step") == "confirm" {
+        selection.up_to = Some(field("up_to").parse().map_err(|_| {
+            Failure::bad_request(
+                "invalid_selection",
+                "confirm a preview (its highest id is missing)",
+            )
+        })?);
+    }
     let mut client = console.pool.get().await?;
     let (count, up_to) = dead_letters::count_parked(&**client, &selection).await?;
     let previewed: i64 = field("previewed").parse().unwrap_or(count);
@@ -296,7 +303,7 @@ pub async fn parked(State(console): State<Console>, ctx: Ctx) -> Result<Markup, 
                     @for r in &rows {
                         tr {
                             td.num { (r.outbox_id) } td { (r.topic) } td { (ctx.shown(r.key.as_deref().unwrap_or("–"))) }
-                            td { (page::time(&r.created_at)) } td { (r.reason) }
+                            td { (page::time(&r.created_at)) } td { (ctx.shown(&r.reason)) }
                             td { pre { (page::json(&r.payload, reveal)) } }
                             @if ctx.can_write() { td {
                                 form.inline method="post" action={(ctx.base) "/parked/redrive"} {

@@ -203,16 +203,6 @@ async fn events_of(
 ) -> Result<(Vec<crate::log::Record>, Option<(i32, i64, i64)>), Failure> {
     let key = id.to_string();
     let topic = ORDER_CREATED_TOPIC;
-    let mut events = Vec::new();
-    for row in client.query(EVENT_POSITIONS, &[&key, &topic]).await? {
-        let (partition, offset): (i32, i64) = (row.get(0), row.get(1));
-        events.extend(
-            crate::log::read::read(&*client, topic, partition, offset, 1)
-                .await?
-                .into_iter()
-                .filter(|r| r.offset == offset),
-        );
-    }
     let partitions = crate::log::topics::topic(&*client, topic).await?.partitions;
     let partition =
         crate::log::partitioner::partition_for_key(&key, partitions.max(1) as u32) as i32;
@@ -224,6 +214,18 @@ async fn events_of(
         )
         .await?
         .and_then(|r| r.get(0));
+    // The ledger after the group's offset: an event the worker reads in
+    // between is then in one or the other.
+    let mut events = Vec::new();
+    for row in client.query(EVENT_POSITIONS, &[&key, &topic]).await? {
+        let (partition, offset): (i32, i64) = (row.get(0), row.get(1));
+        events.extend(
+            crate::log::read::read(&*client, topic, partition, offset, 1)
+                .await?
+                .into_iter()
+                .filter(|r| r.offset == offset),
+        );
+    }
     let from = committed
         .unwrap_or(heads.log_start_offset)
         .max(heads.log_start_offset);
@@ -275,7 +277,7 @@ fn mail_state(ctx: &Ctx, mail: &ConfirmationMail) -> Markup {
         } => html! {
             p { span.bad data-state="dead_letter" { "failed: dead letter" }
                 @if let Some(id) = dead_letter_id { " " a href={(base) "/dead-letters?id=" (id)} { "#" (id) " — re-drive or discard" } } }
-            @if let Some(r) = reason { p { "reason: " (r) } }
+            @if let Some(r) = reason { p { "reason: " (ctx.shown(r)) } }
             @if let Some(e) = last_error { p { "last error: " code.last-error { (ctx.shown(e)) } } }
         },
         ConfirmationMail::OutcomeUnknown {

@@ -44,6 +44,9 @@ pub struct Runner {
     launching: tokio::sync::Mutex<()>,
     /// Each run's description, read at most once a second whoever watches.
     described: Mutex<HashMap<i64, (Instant, Arc<RunDescription>)>>,
+    /// The previews already confirmed (their nonces) and the runs they
+    /// started: a second submit of one preview starts nothing.
+    confirmed: Mutex<HashMap<String, i64>>,
 }
 
 struct RunningHere {
@@ -63,6 +66,7 @@ impl Runner {
             running: Arc::default(),
             launching: tokio::sync::Mutex::new(()),
             described: Mutex::default(),
+            confirmed: Mutex::default(),
         }
     }
 
@@ -260,8 +264,9 @@ pub async fn start(
                     form #confirm method="post" action={(ctx.base) "/replays/start"} {
                         (ctx.csrf())
                         input type="hidden" name="step" value="confirm";
-                        @for (k, v) in &fields { @if k != "step" && k != "csrf" { input type="hidden" name=(k) value=(v); } }
-                        button.danger type="submit" { "Mail " (plan.total) " events again" }
+                        input type="hidden" name="nonce" value=(hex_nonce());
+                        @for (k, v) in &fields { @if k != "step" && k != "csrf" && k != "nonce" { input type="hidden" name=(k) value=(v); } }
+                        button.danger type="submit" { "Start: mail these events again" }
                         " " a href={(ctx.base) "/replays"} { "Cancel" }
                     }
                     (start_form(&ctx, &fields))
@@ -269,11 +274,36 @@ pub async fn start(
             )
             .into_response()),
         Some("confirm") => {
-            let run = launch(&console, &ctx, &mut client, &args, plan).await?;
+            // One run per preview, however often its form is submitted.
+            let nonce = fields.get("nonce").cloned().unwrap_or_default();
+            if nonce.len() != 32 {
+                return Err(Failure::bad_request("invalid_replay", "confirm a preview of the replay"));
+            }
+            let started = console.replays.confirmed.lock().expect("not poisoned").get(&nonce).copied();
+            let run = match started {
+                Some(run) => run,
+                None => {
+                    let run = launch(&console, &ctx, &mut client, &args, plan).await?;
+                    let mut confirmed = console.replays.confirmed.lock().expect("not poisoned");
+                    if confirmed.len() >= 10_000 {
+                        confirmed.clear();
+                    }
+                    confirmed.insert(nonce, run);
+                    run
+                }
+            };
             Ok(Redirect::to(&format!("{}/replays/{run}", ctx.base)).into_response())
         }
         _ => Err(Failure::bad_request("invalid_step", "a replay's step is preview or confirm")),
     }
+}
+
+/// A preview's one-time name (128 random bits, hex).
+fn hex_nonce() -> String {
+    rand::random::<[u8; 16]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Starts the plan in this process and writes it to the audit trail.
@@ -302,6 +332,10 @@ async fn launch(
     let finish = running.finish;
     {
         let mut registered = runner.running.lock().expect("not poisoned");
+        if *console.closing.borrow() {
+            // The process is stopping: this run stops with it at once.
+            running.trigger.trigger();
+        }
         let ended = tokio::spawn(async move {
             match finish.await {
                 Ok(Ok(finish)) => tracing::info!(run, ?finish, "console replay ended"),
@@ -405,7 +439,7 @@ pub async fn run(
             @else {
                 table {
                     tr { th.num { "partition" } th.num { "offset" } th.num { "attempts" } th { "reason" } th { "last error" } }
-                    @for l in &d.dead_letters { tr { td.num { (l.partition) } td.num { (l.offset) } td.num { (l.attempts) } td { (l.reason.as_deref().unwrap_or("–")) } td { code { (ctx.shown(l.last_error.as_deref().unwrap_or("–"))) } } } }
+                    @for l in &d.dead_letters { tr { td.num { (l.partition) } td.num { (l.offset) } td.num { (l.attempts) } td { (ctx.shown(l.reason.as_deref().unwrap_or("–"))) } td { code { (ctx.shown(l.last_error.as_deref().unwrap_or("–"))) } } } }
                 }
             }
             h2 { "In doubt" }

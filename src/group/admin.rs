@@ -357,9 +357,16 @@ pub async fn execute_reset(
     group: &str,
     planned: &[PlannedReset],
 ) -> Result<(), AdminError> {
+    let topics: Vec<&str> = planned.iter().map(|p| p.topic.as_str()).collect();
+    let partitions: Vec<i32> = planned.iter().map(|p| p.partition).collect();
+    let offsets: Vec<i64> = planned.iter().map(|p| p.new_offset).collect();
     let tx = client.transaction().await?;
-    // The Kafka group's row first, as the Kafka coordinator takes them.
+    // The Kafka group's row first, as the Kafka coordinator takes them;
+    // every planned partition's row exists before the lock, so that a
+    // first commit cannot slip in unlocked (rolled back if refused).
     tx.execute(LOCK_KAFKA_GROUP, &[&group]).await?;
+    tx.execute(ENSURE_RESET_PARTITIONS, &[&group, &topics, &partitions])
+        .await?;
     tx.execute(LOCK_GROUP_PARTITIONS, &[&group]).await?;
     let members: i64 = tx.query_one(LIVE_MEMBER_COUNT, &[&group]).await?.get(0);
     if members > 0 {
@@ -368,9 +375,6 @@ pub async fn execute_reset(
             members,
         });
     }
-    let topics: Vec<&str> = planned.iter().map(|p| p.topic.as_str()).collect();
-    let partitions: Vec<i32> = planned.iter().map(|p| p.partition).collect();
-    let offsets: Vec<i64> = planned.iter().map(|p| p.new_offset).collect();
     for row in tx
         .query(PLANNED_CURRENT, &[&group, &topics, &partitions])
         .await?
@@ -389,8 +393,6 @@ pub async fn execute_reset(
             });
         }
     }
-    tx.execute(ENSURE_RESET_PARTITIONS, &[&group, &topics, &partitions])
-        .await?;
     tx.execute(APPLY_RESET, &[&group, &topics, &partitions, &offsets])
         .await?;
     tx.commit().await?;

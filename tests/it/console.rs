@@ -428,6 +428,22 @@ async fn a_replay_of_a_time_range_is_planned_started_and_watched_to_the_end() {
     assert!(browser.text("#done").await.starts_with("4 of 4"));
     browser.screenshot("replay-done").await;
     wait_for_mails(&smtp, 8, Duration::from_secs(30)).await;
+    // The same preview confirmed again (the back button, a double click)
+    // starts nothing: it shows the run it started.
+    let first_run = browser.client.current_url().await.unwrap().to_string();
+    browser.client.back().await.unwrap();
+    browser.click("#confirm button[type=submit]").await;
+    browser
+        .wait_text("#progress .state", "the first run again", |t| t == "done")
+        .await;
+    assert_eq!(
+        browser.client.current_url().await.unwrap().to_string(),
+        first_run
+    );
+    assert_eq!(
+        count(&db.client().await, "SELECT count(*) FROM replay_runs").await,
+        1
+    );
 
     // Another, slowed to a mail every two seconds: stopped from its page, then
     // resumed there to the end; every event is mailed once by the run.

@@ -372,6 +372,12 @@ mod tests {
         assert_eq!(shown["amount"], 4200);
         assert_eq!(shown["not"], "user@localhost");
         assert!(!json(&payload, false).contains("ada@"));
+        // Addresses used as object keys too.
+        let by_address = serde_json::json!({"ada@example.com": 1});
+        assert_eq!(
+            masked(&by_address),
+            serde_json::json!({"a•••@example.com": 1})
+        );
         assert!(json(&payload, true).contains("ada@example.com"));
     }
 

@@ -306,9 +306,11 @@ pub fn masked(value: &serde_json::Value) -> serde_json::Value {
     match value {
         Value::String(s) => Value::String(mask_emails(s)),
         Value::Array(items) => Value::Array(items.iter().map(masked).collect()),
-        Value::Object(map) => {
-            Value::Object(map.iter().map(|(k, v)| (k.clone(), masked(v))).collect())
-        }
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (mask_emails(k), masked(v)))
+                .collect(),
+        ),
         other => other.clone(),
     }
 }

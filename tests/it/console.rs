@@ -737,101 +737,77 @@ async fn bad_input_gets_a_clear_message_and_changes_nothing() {
         );
     }
     // Writes with bad input.
-    let csrf = session.csrf.as_str();
-    let post = |path: &'static str, form: Vec<(&'static str, String)>| {
-        let session = &session;
-        async move {
-            let mut fields: Vec<(&str, &str)> = vec![("csrf", csrf)];
-            fields.extend(form.iter().map(|(k, v)| (*k, v.as_str())));
-            error_code(session.post(&format!("{base}{path}"), &fields).await).await
-        }
-    };
-    assert_eq!(
-        post(
+    let reset = format!("/groups/{MAIL_GROUP}/reset");
+    let writes: [(&str, &[(&str, &str)], u16, &str); 9] = [
+        (
             "/groups/nope/reset",
-            vec![("step", "preview".into()), ("to", "earliest".into())]
-        )
-        .await,
-        (404, "unknown_group".to_string())
-    );
-    let reset = format!("/groups/{MAIL_GROUP}/reset").leak() as &'static str;
-    assert_eq!(
-        post(
-            reset,
-            vec![
-                ("step", "preview".into()),
-                ("to", "offset".into()),
-                ("value", "-5".into())
-            ]
-        )
-        .await
-        .1,
-        "invalid_reset"
-    );
-    assert_eq!(
-        post(
-            reset,
-            vec![("step", "preview".into()), ("to", "sideways".into())]
-        )
-        .await
-        .1,
-        "invalid_reset"
-    );
-    assert_eq!(
-        post(
-            reset,
-            vec![
-                ("step", "confirm".into()),
-                ("plan", "order-created x 1 0".into())
-            ]
-        )
-        .await
-        .1,
-        "invalid_plan"
-    );
-    assert_eq!(
-        post(
+            &[("step", "preview"), ("to", "earliest")],
+            404,
+            "unknown_group",
+        ),
+        (
+            &reset,
+            &[("step", "preview"), ("to", "offset"), ("value", "-5")],
+            400,
+            "invalid_reset",
+        ),
+        (
+            &reset,
+            &[("step", "preview"), ("to", "sideways")],
+            400,
+            "invalid_reset",
+        ),
+        (
+            &reset,
+            &[("step", "confirm"), ("plan", "order-created x 1 0")],
+            400,
+            "invalid_plan",
+        ),
+        (
             "/replays/start",
-            vec![
-                ("step", "preview".into()),
-                ("from", "2026-12-02T00:00:00Z".into()),
-                ("to", "2026-12-01T00:00:00Z".into())
-            ]
-        )
-        .await,
-        (400, "invalid_replay".to_string())
-    );
-    assert_eq!(
-        post(
+            &[
+                ("step", "preview"),
+                ("from", "2026-12-02T00:00:00Z"),
+                ("to", "2026-12-01T00:00:00Z"),
+            ],
+            400,
+            "invalid_replay",
+        ),
+        (
             "/replays/start",
-            vec![
-                ("step", "preview".into()),
-                ("by", "offset".into()),
-                ("from_offset", "abc".into())
-            ]
-        )
-        .await
-        .1,
-        "invalid_replay"
-    );
-    assert_eq!(
-        post(
+            &[
+                ("step", "preview"),
+                ("by", "offset"),
+                ("from_offset", "abc"),
+            ],
+            400,
+            "invalid_replay",
+        ),
+        (
+            "/replays/start",
+            &[("step", "confirm"), ("from", "2026-12-01T00:00:00Z")],
+            400,
+            "invalid_replay",
+        ),
+        (
             "/dead-letters/act",
-            vec![("step", "confirm".into()), ("action", "explode".into())]
-        )
-        .await
-        .1,
-        "invalid_action"
-    );
-    assert_eq!(
-        post(
+            &[("step", "confirm"), ("action", "explode")],
+            400,
+            "invalid_action",
+        ),
+        (
             "/dead-letters/act",
-            vec![("step", "confirm".into()), ("action", "retry".into())]
-        )
-        .await
-        .1,
-        "empty_selection"
-    );
+            &[("step", "confirm"), ("action", "retry")],
+            400,
+            "empty_selection",
+        ),
+    ];
+    for (path, form, status, code) in writes {
+        let mut fields = vec![("csrf", session.csrf.as_str())];
+        fields.extend_from_slice(form);
+        let answer = error_code(session.post(&format!("{base}{path}"), &fields).await).await;
+        assert_eq!(answer, (status, code.to_string()), "{path} {form:?}");
+    }
 
     assert_eq!(committed_sum(&db, MAIL_GROUP).await, before);
     assert_eq!(audit_entries(&db).await, 0);

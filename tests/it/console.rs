@@ -60,6 +60,9 @@ impl Session {
     }
 }
 
+/// A refused write: its path, its form, the status and code it gets.
+type BadWrite<'a> = (&'a str, &'a [(&'a str, &'a str)], u16, &'a str);
+
 async fn error_code(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
     let body: serde_json::Value = response.json().await.unwrap_or_default();
@@ -738,7 +741,7 @@ async fn bad_input_gets_a_clear_message_and_changes_nothing() {
     }
     // Writes with bad input.
     let reset = format!("/groups/{MAIL_GROUP}/reset");
-    let writes: [(&str, &[(&str, &str)], u16, &str); 9] = [
+    let writes: [BadWrite; 9] = [
         (
             "/groups/nope/reset",
             &[("step", "preview"), ("to", "earliest")],

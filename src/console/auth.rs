@@ -454,10 +454,7 @@ async fn checked_form(request: Request, session: &Session) -> Result<Request, Fa
             )
         })?;
     if let Some(expected) = &session.csrf {
-        let given = url::form_urlencoded::parse(&bytes)
-            .find(|(k, _)| k == "csrf")
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default();
+        let given = page::FormFields::parse(&bytes).get("csrf");
         if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
             return Err(Failure::new(
                 StatusCode::FORBIDDEN,

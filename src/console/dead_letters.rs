@@ -4,8 +4,6 @@
 //! filter — after a preview with the count, through the same functions as
 //! the CLI. Only parked ones move, so doing it twice delivers once.
 
-use std::collections::HashMap;
-
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use maud::{html, Markup};
@@ -166,25 +164,12 @@ pub async fn list(
     ))
 }
 
-/// The form's fields, with `id` repeated (the selection).
-fn form_fields(body: &[u8]) -> (HashMap<String, String>, Vec<String>) {
-    let mut fields = HashMap::new();
-    let mut ids = Vec::new();
-    for (k, v) in url::form_urlencoded::parse(body) {
-        if k == "id" {
-            ids.push(v.into_owned());
-        } else {
-            fields.insert(k.into_owned(), v.into_owned());
-        }
-    }
-    (fields, ids)
-}
-
 /// `POST /dead-letters/act`: `step=preview` counts what `action` (retry or
 /// discard) would act on; `step=confirm` does it.
 pub async fn act(State(console): State<Console>, ctx: Ctx, body: Bytes) -> Result<Markup, Failure> {
-    let (fields, ids) = form_fields(&body);
-    let field = |k: &str| fields.get(k).cloned().unwrap_or_default();
+    let form = page::FormFields::parse(&body);
+    let ids = form.all("id");
+    let field = |k: &str| form.get(k);
     let action = field("action");
     if action != "retry" && action != "discard" {
         return Err(Failure::bad_request(
@@ -334,7 +319,8 @@ pub async fn redrive_parked(
     ctx: Ctx,
     body: Bytes,
 ) -> Result<Markup, Failure> {
-    let (fields, ids) = form_fields(&body);
+    let form = page::FormFields::parse(&body);
+    let ids = form.all("id");
     let id = match ids.first().map(String::as_str) {
         Some("all") => None,
         Some(id) => Some(id.parse::<i64>().map_err(|_| {
@@ -344,7 +330,7 @@ pub async fn redrive_parked(
     };
     let mut client = console.pool.get().await?;
     let target = id.map_or("all".to_string(), |id| id.to_string());
-    if fields.get("step").map(String::as_str) != Some("confirm") {
+    if form.get("step") != "confirm" {
         let (moving, staying) = crate::relay::parked::redrive_preview(&**client, id).await?;
         return Ok(ctx.page(
             "Re-drive parked rows: preview",

@@ -270,20 +270,6 @@ fn reset_form(
     }
 }
 
-/// The form's fields; `plan` entries (topic, partition, current, new) on a confirm.
-fn parse_form(body: &[u8]) -> (HashMap<String, String>, Vec<String>) {
-    let mut fields = HashMap::new();
-    let mut plan = Vec::new();
-    for (k, v) in url::form_urlencoded::parse(body) {
-        if k == "plan" {
-            plan.push(v.into_owned());
-        } else {
-            fields.insert(k.into_owned(), v.into_owned());
-        }
-    }
-    (fields, plan)
-}
-
 /// Planned partitions as the confirm form carries them: `topic partition current new`.
 fn plan_field(p: &PlannedReset) -> String {
     format!(
@@ -341,8 +327,9 @@ pub async fn reset(
     Path(group): Path<String>,
     body: Bytes,
 ) -> Result<Markup, Failure> {
-    let (fields, plan) = parse_form(&body);
-    let field = |k: &str| fields.get(k).cloned().unwrap_or_default();
+    let form = page::FormFields::parse(&body);
+    let plan = form.all("plan");
+    let field = |k: &str| form.get(k);
     let request = ResetRequest {
         topic: field("topic"),
         to: field("to"),

@@ -289,6 +289,40 @@ pub async fn bounded_read<'a>(
     Ok(tx)
 }
 
+/// A POST's fields as sent: each field's value, and every value of a
+/// repeated one (a selection's ids, a plan's partitions).
+pub struct FormFields(Vec<(String, String)>);
+
+impl FormFields {
+    pub fn parse(body: &[u8]) -> FormFields {
+        FormFields(url::form_urlencoded::parse(body).into_owned().collect())
+    }
+
+    /// The field's (last) value; empty when it is absent.
+    pub fn get(&self, name: &str) -> String {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every value of a repeated field, in order.
+    pub fn all(&self, name: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// One value per field (the last).
+    pub fn into_map(self) -> std::collections::HashMap<String, String> {
+        self.0.into_iter().collect()
+    }
+}
+
 /// A time as the console shows it (UTC, milliseconds).
 pub fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string()

@@ -169,10 +169,6 @@ fn arguments(fields: &HashMap<String, String>, mail: &[String]) -> Result<Replay
         })
 }
 
-fn form_fields(body: &[u8]) -> HashMap<String, String> {
-    url::form_urlencoded::parse(body).into_owned().collect()
-}
-
 pub async fn list(State(console): State<Console>, ctx: Ctx) -> Result<Markup, Failure> {
     let client = console.pool.get().await?;
     let runs = replay::newest_runs(&client, RUNS_LISTED).await?;
@@ -241,7 +237,7 @@ pub async fn start(
     ctx: Ctx,
     body: Bytes,
 ) -> Result<Response, Failure> {
-    let fields = form_fields(&body);
+    let fields = page::FormFields::parse(&body).into_map();
     let args = arguments(&fields, &console.replays.mail_args)?;
     let mut client = console.pool.get().await?;
     // Planned and launched under the lock: a second confirm finds the run.
@@ -534,7 +530,7 @@ pub async fn resume(
     body: Bytes,
 ) -> Result<Response, Failure> {
     let run = run_id(&run)?;
-    let fields = form_fields(&body);
+    let fields = page::FormFields::parse(&body).into_map();
     let mut client = console.pool.get().await?;
     if fields.get("stop").is_some_and(|v| v == "1") {
         let stopped = match console

@@ -115,6 +115,11 @@ impl Selection {
     pub fn all() -> Selection {
         Selection::default()
     }
+
+    /// `$1` to `$5` of every statement on a selection.
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 5] {
+        [&self.ids, &self.group, &self.key, &self.reason, &self.up_to]
+    }
 }
 
 /// `$1` ids, `$2` group, `$3` key, `$4` reason (each NULL for any), then
@@ -199,18 +204,7 @@ pub async fn count_parked(
     client: &impl tokio_postgres::GenericClient,
     selection: &Selection,
 ) -> anyhow::Result<(i64, Option<i64>)> {
-    let row = client
-        .query_one(
-            COUNT_PARKED,
-            &[
-                &selection.ids,
-                &selection.group,
-                &selection.key,
-                &selection.reason,
-                &selection.up_to,
-            ],
-        )
-        .await?;
+    let row = client.query_one(COUNT_PARKED, &selection.params()).await?;
     Ok((row.get(0), row.get(1)))
 }
 
@@ -249,14 +243,7 @@ pub async fn retry_dead_letters(
     let retried = tx
         .execute(
             RETRY,
-            &[
-                &selection.ids,
-                &selection.group,
-                &selection.key,
-                &selection.reason,
-                &selection.up_to,
-                &crate::outbox::RETRY_OF_HEADER,
-            ],
+            &[&selection.params()[..], &[&crate::outbox::RETRY_OF_HEADER]].concat(),
         )
         .await?;
     tx.commit().await?;
@@ -275,18 +262,7 @@ pub async fn discard_dead_letters(
     client: &impl tokio_postgres::GenericClient,
     selection: &Selection,
 ) -> anyhow::Result<u64> {
-    Ok(client
-        .execute(
-            DISCARD,
-            &[
-                &selection.ids,
-                &selection.group,
-                &selection.key,
-                &selection.reason,
-                &selection.up_to,
-            ],
-        )
-        .await?)
+    Ok(client.execute(DISCARD, &selection.params()).await?)
 }
 
 const PARKED_COUNT: &str =

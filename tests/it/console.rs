@@ -24,10 +24,7 @@ impl Session {
     /// Opens the console as a browser on loopback does (a session cookie
     /// comes with the first page).
     async fn open(base: &str, bearer: Option<&str>) -> Session {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
+        let http = no_redirects();
         let mut request = http
             .get(format!("{base}/dead-letters"))
             .header("accept", "text/html");
@@ -58,6 +55,15 @@ impl Session {
             .await
             .unwrap()
     }
+}
+
+/// A client that shows redirects instead of following them (a refusal
+/// stays a refusal, a login's cookie is seen).
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
 }
 
 /// A refused write: its path, its form, the status and code it gets.
@@ -512,15 +518,12 @@ async fn read_only_shows_no_write_control_and_refuses_every_write_route() {
         &["--console-read-only", "--console-token", token],
     )
     .await;
-    let order = service.place_order("ro@example.com").await;
-    wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;
-    wait_until_group_caught_up(&db, MAIL_GROUP, "order-created").await;
+    let order = service
+        .place_mailed_order(&db, &smtp, "ro@example.com")
+        .await;
 
     // Without the token: 401 (a script) or the login page (a browser).
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let http = no_redirects();
     let (status, code) =
         error_code(http.get(format!("{}/", service.base)).send().await.unwrap()).await;
     assert_eq!((status, code.as_str()), (401, "unauthenticated"));
@@ -621,9 +624,9 @@ async fn bad_input_gets_a_clear_message_and_changes_nothing() {
     let db = TestDb::migrated().await;
     let smtp = SmtpServer::start(&[]).await;
     let service = Service::start(&db, &smtp, &[]).await;
-    service.place_order("x@example.com").await;
-    wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;
-    wait_until_group_caught_up(&db, MAIL_GROUP, "order-created").await;
+    service
+        .place_mailed_order(&db, &smtp, "x@example.com")
+        .await;
     let session = Session::open(&service.base, None).await;
     assert!(!session.cookie.is_empty() && !session.csrf.is_empty());
     let base = &service.base;
@@ -893,13 +896,10 @@ async fn a_user_sees_payloads_and_acts_only_as_permitted() {
         outbox_relay::kafka_api::security::PasswordHash::new("pw-of-the-test", 1000).to_string();
     let users = format!("viewer:{hash}:read ops:{hash}:read,write,payloads");
     let service = Service::start(&db, &smtp, &["--console-users", &users]).await;
-    let order = service.place_order("ada@example.com").await;
-    wait_for_mails(&smtp, 1, Duration::from_secs(30)).await;
-    wait_until_group_caught_up(&db, MAIL_GROUP, "order-created").await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let order = service
+        .place_mailed_order(&db, &smtp, "ada@example.com")
+        .await;
+    let http = no_redirects();
     let log_in = |user: &'static str, password: &'static str| {
         let http = http.clone();
         let base = service.base.clone();

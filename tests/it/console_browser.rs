@@ -83,6 +83,16 @@ impl Service {
         response["order_id"].as_i64().expect("an order id")
     }
 
+    /// Places an order and waits until its mail is at `smtp` and the mail
+    /// group has committed past it; its id.
+    pub async fn place_mailed_order(&self, db: &TestDb, smtp: &SmtpServer, email: &str) -> i64 {
+        let mails = smtp.messages().len() + 1;
+        let order = self.place_order(email).await;
+        crate::mail::wait_for_mails(smtp, mails, Duration::from_secs(30)).await;
+        wait_until_group_caught_up(db, "mail-service", "order-created").await;
+        order
+    }
+
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }

@@ -1,5 +1,6 @@
-//! The group layer's metrics: rebalances of this process's members, and
-//! the attempts of consumers under the delivery policy. Lag, members and
+//! The group layer's metrics: rebalances of this process's members, the
+//! records handed to them by the relay of their process, and the attempts
+//! of consumers under the delivery policy. Lag, members and
 //! dead letters are read from the database at scrape time.
 
 use std::sync::OnceLock;
@@ -12,6 +13,7 @@ pub(crate) struct GroupMetrics {
     pub rebalances: IntCounterVec,
     pub deliveries: IntCounterVec,
     pub delivery_duration: HistogramVec,
+    pub handed_records: IntCounterVec,
 }
 
 /// The group layer's collectors, registered on first use.
@@ -36,6 +38,12 @@ pub(crate) fn group_metrics() -> &'static GroupMetrics {
             0.0005,
             2.0,
             16,
+        ),
+        handed_records: metrics::counter_vec(
+            "outbox_relay_consumer_handed_records_total",
+            "Records this process's consumers took from the relay of their process as it \
+             committed them, without reading them back from the log, by group",
+            &["group"],
         ),
     })
 }

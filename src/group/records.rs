@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::partition::{Lease, OwnedPartition, PartitionWork, Stop};
+use crate::log::notify::Wake;
 use crate::log::{self, Record};
 
 /// Processes one record. It returns once the record is finished: done, or
@@ -89,6 +90,9 @@ async fn run_partition<H: RecordHandler>(
         let mut caught_up = false;
         let mut grace_deadline: Option<Instant> = None;
         let refill_at = config.max_in_flight_per_partition / 2;
+        let handed_records = super::metrics::group_metrics()
+            .handed_records
+            .with_label_values(&[&config.group.group_id]);
 
         loop {
             let stopping = *stop.borrow();
@@ -172,8 +176,23 @@ async fn run_partition<H: RecordHandler>(
                     }
                 }
                 // Listening all along, records in flight or not: a wake-up
-                // that comes while busy is kept for the next turn.
-                _ = appended.past(next), if stopping == Stop::Running => caught_up = false,
+                // that comes while busy is kept for the next turn. Records
+                // handed over by a relay of this process, starting where
+                // this worker reads next, are taken as read (if the window
+                // has room for them).
+                wake = appended.past(next), if stopping == Stop::Running => match wake {
+                    Wake::Handed(records)
+                        if partition.in_flight.len() + records.len()
+                            <= config.max_in_flight_per_partition =>
+                    {
+                        handed_records.inc_by(records.len() as u64);
+                        for record in records.iter() {
+                            next = record.offset + 1;
+                            partition.enqueue(record.clone());
+                        }
+                    }
+                    _ => caught_up = false,
+                },
                 changed = stop.changed() => match changed {
                     Ok(()) if *stop.borrow() == Stop::Gracefully => {
                         grace_deadline = Some(Instant::now() + config.shutdown_grace);

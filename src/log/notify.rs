@@ -7,7 +7,9 @@
 //!   one's new log end offset, so a consumer wakes only the workers of those
 //!   partitions, and only those that have not read that far ([`Appends`]).
 //!   A relay in the same process also announces its batch right after its
-//!   commit ([`appended_here`]), ahead of its own `NOTIFY`.
+//!   commit ([`appended_here`]), ahead of its own `NOTIFY`, and hands over
+//!   a small batch's records with it: a worker whose next offset is the
+//!   first of them takes them instead of reading them back ([`Wake`]).
 //! * `outbox_written`: a writer (the order API in a process without the
 //!   relay) says it committed outbox rows, in a tiny transaction of its own
 //!   after its commit ([`OutboxNotifier`]); the relay wakes at once instead
@@ -19,6 +21,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::watch;
+
+use super::Record;
 
 /// The channel the relay notifies once per appended batch.
 pub const APPENDED_CHANNEL: &str = "event_log_appended";
@@ -91,12 +95,23 @@ fn parse_payload(text: &str) -> Option<Vec<(&str, i32, Option<i64>)>> {
 }
 
 /// What a partition's workers have been told: the highest log end offset
-/// announced, and how many announcements gave none (a notification that
-/// named no end, or a reconnect that may have missed some).
-#[derive(Clone, Copy, Default)]
+/// announced, how many announcements gave none (a notification that named
+/// no end, or a reconnect that may have missed some), and the records
+/// handed over with the announcement of `end` (those just below it).
+#[derive(Clone, Default)]
 struct Announced {
     end: i64,
     unknown: u64,
+    records: Option<Arc<[Record]>>,
+}
+
+/// Why [`PartitionAppends::past`] returned.
+pub enum Wake {
+    /// Records at the worker's next offset may be in the log: read them.
+    Read,
+    /// The records from the worker's next offset to the announced end,
+    /// committed by a relay in this process: no read needed.
+    Handed(Arc<[Record]>),
 }
 
 /// Wake-ups for records appended to the log, per partition and for all.
@@ -131,15 +146,25 @@ impl PartitionAppends {
     /// that moves `next` back must read again without waiting for this.
     /// If the listener is gone it never returns (the worker's slow poll
     /// still reads).
-    pub async fn past(&mut self, next: i64) {
+    pub async fn past(&mut self, next: i64) -> Wake {
         loop {
             if self.announced.changed().await.is_err() {
                 return std::future::pending().await;
             }
-            let announced = *self.announced.borrow_and_update();
-            if announced.unknown != self.unknown_seen || announced.end > next {
+            let announced = self.announced.borrow_and_update();
+            if announced.unknown != self.unknown_seen {
                 self.unknown_seen = announced.unknown;
-                return;
+                return Wake::Read;
+            }
+            if announced.end > next {
+                // Handed records are the ones just below the end: they
+                // do for a worker that reads next exactly where they start.
+                return match &announced.records {
+                    Some(records) if records.first().map(|r| r.offset) == Some(next) => {
+                        Wake::Handed(records.clone())
+                    }
+                    _ => Wake::Read,
+                };
             }
         }
     }
@@ -183,26 +208,36 @@ impl Appends {
 
 impl AppendsInner {
     /// Announces appends to the partitions named, each with its new end
-    /// where known.
-    fn announce<'a>(&self, appended: impl IntoIterator<Item = (&'a str, i32, Option<i64>)>) {
+    /// where known, and the records just below that end where handed over.
+    fn announce<'a>(
+        &self,
+        appended: impl IntoIterator<Item = (&'a str, i32, Option<i64>, Option<Arc<[Record]>>)>,
+    ) {
         self.all.send_modify(|n| *n += 1);
         let partitions = self.partitions.lock().expect("appends lock");
-        for (topic, partition, end) in appended {
+        for (topic, partition, end, records) in appended {
             let Some(sender) = partitions.get(topic).and_then(|p| p.get(&partition)) else {
                 continue;
             };
             match end {
                 // Only a higher end wakes: the same batch announced twice
                 // (here, then by its NOTIFY) wakes once, and a late NOTIFY
-                // of an older batch does not lower what is known.
+                // of an older batch does not lower what is known. Records
+                // held are always those of the end held.
                 Some(end) => {
                     sender.send_if_modified(|a| {
                         let higher = end > a.end;
-                        a.end = a.end.max(end);
+                        if higher {
+                            a.end = end;
+                            a.records = records;
+                        }
                         higher
                     });
                 }
-                None => sender.send_modify(|a| a.unknown += 1),
+                None => sender.send_modify(|a| {
+                    a.unknown += 1;
+                    a.records = None;
+                }),
             }
         }
     }
@@ -219,6 +254,7 @@ impl AppendsInner {
                 *a = Announced {
                     end: 0,
                     unknown: a.unknown + 1,
+                    records: None,
                 }
             });
         }
@@ -226,7 +262,9 @@ impl AppendsInner {
 
     fn notified(&self, payload: &str) {
         match parse_payload(payload) {
-            Some(appended) => self.announce(appended),
+            Some(appended) => {
+                self.announce(appended.into_iter().map(|(t, p, end)| (t, p, end, None)))
+            }
             None => self.announce_everywhere(),
         }
     }
@@ -238,24 +276,91 @@ impl AppendsInner {
 static HERE: Mutex<Vec<(String, Weak<AppendsInner>)>> = Mutex::new(Vec::new());
 
 /// A relay in this process committed a batch to `database_url`'s log,
-/// `appended` giving each partition's new log end offset: wakes the
-/// listeners of this process on that database at once, instead of after
-/// the batch's `NOTIFY` has gone through Postgres and back. The `NOTIFY`
-/// still comes (other processes need it); a worker it finds already past
-/// that end stays asleep.
-pub fn appended_here(database_url: &str, appended: &[(&str, i32, i64)]) {
+/// `appended` giving each partition's new log end offset and, where the
+/// relay hands them over, the batch's records of that partition (all of
+/// them, in offset order, up to that end): wakes the listeners of this
+/// process on that database at once, instead of after the batch's
+/// `NOTIFY` has gone through Postgres and back. The `NOTIFY` still comes
+/// (other processes need it); a worker it finds already past that end
+/// stays asleep.
+pub fn appended_here(database_url: &str, appended: &[(&str, i32, i64, Option<Arc<[Record]>>)]) {
     let here = HERE.lock().expect("listeners lock");
     for (url, listener) in here.iter() {
         if url == database_url {
             if let Some(listener) = listener.upgrade() {
-                listener.announce(appended.iter().map(|&(t, p, end)| (t, p, Some(end))));
+                listener.announce(
+                    appended
+                        .iter()
+                        .map(|(t, p, end, records)| (*t, *p, Some(*end), records.clone())),
+                );
             }
         }
     }
 }
 
+/// Whether a worker of this process listens to `database_url`'s log: only
+/// then are a batch's records worth handing over.
+pub fn listened_here(database_url: &str) -> bool {
+    let here = HERE.lock().expect("listeners lock");
+    here.iter().any(|(url, listener)| {
+        url == database_url
+            && listener.upgrade().is_some_and(|listener| {
+                !listener.partitions.lock().expect("appends lock").is_empty()
+            })
+    })
+}
+
+/// The backends (by process id) whose batches a relay of this process
+/// announces here itself ([`appended_here`]), by database URL: their
+/// `NOTIFY` is for other processes. It often reaches this process's
+/// listener before the relay has read its own `COMMIT`'s answer, and would
+/// then wake the workers to read what the relay is about to hand them.
+static ANNOUNCING: Mutex<Vec<(String, i32)>> = Mutex::new(Vec::new());
+
+/// A relay's connection whose appends it announces in this process; its
+/// notifications are ignored here while this is held.
+pub struct AnnouncingBackend {
+    database_url: String,
+    pid: i32,
+}
+
+impl AnnouncingBackend {
+    /// The relay's connection to `database_url` is backend `pid`.
+    pub fn register(database_url: &str, pid: i32) -> AnnouncingBackend {
+        ANNOUNCING
+            .lock()
+            .expect("announcing lock")
+            .push((database_url.to_string(), pid));
+        AnnouncingBackend {
+            database_url: database_url.to_string(),
+            pid,
+        }
+    }
+}
+
+impl Drop for AnnouncingBackend {
+    fn drop(&mut self) {
+        let mut announcing = ANNOUNCING.lock().expect("announcing lock");
+        if let Some(at) = announcing
+            .iter()
+            .position(|(url, pid)| *url == self.database_url && *pid == self.pid)
+        {
+            announcing.swap_remove(at);
+        }
+    }
+}
+
+fn announced_here(database_url: &str, pid: i32) -> bool {
+    ANNOUNCING
+        .lock()
+        .expect("announcing lock")
+        .iter()
+        .any(|(url, announcing)| url == database_url && *announcing == pid)
+}
+
 /// Listens for the relay's notifications, from now on, until the
-/// `Appends` returned and its clones are dropped.
+/// `Appends` returned and its clones are dropped. Those of a relay in this
+/// process are skipped: it announces its batches here itself.
 pub fn listen(database_url: &str) -> anyhow::Result<Appends> {
     let (appends, mut dropped) = Appends::new();
     let sink = Arc::downgrade(&appends.inner);
@@ -264,13 +369,15 @@ pub fn listen(database_url: &str) -> anyhow::Result<Appends> {
         here.retain(|(_, listener)| listener.strong_count() > 0);
         here.push((database_url.to_string(), sink.clone()));
     }
+    let url = database_url.to_string();
     listen_channel(
         database_url,
         APPENDED_CHANNEL,
-        move |payload| {
+        move |notification| {
             let Some(sink) = sink.upgrade() else { return };
-            match payload {
-                Some(text) => sink.notified(text),
+            match notification {
+                Some((_, from)) if announced_here(&url, from) => {}
+                Some((text, _)) => sink.notified(text),
                 // (Re)connected: something may have been missed meanwhile.
                 None => sink.announce_everywhere(),
             }
@@ -297,12 +404,13 @@ pub fn listen_outbox_written(
 }
 
 /// A dedicated LISTEN connection on `channel`, reconnected when it drops;
-/// `on` gets each notification's payload, and `None` after (re)connecting.
+/// `on` gets each notification's payload and the notifying backend's
+/// process id, and `None` after (re)connecting.
 /// It closes when `until` completes.
 fn listen_channel(
     database_url: &str,
     channel: &'static str,
-    on: impl Fn(Option<&str>) + Send + 'static,
+    on: impl Fn(Option<(&str, i32)>) + Send + 'static,
     until: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = crate::db::parse_url(database_url)?;
@@ -326,7 +434,7 @@ fn listen_channel(
                             }
                             message = messages.next() => match message {
                                 Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                                    on(Some(n.payload()));
+                                    on(Some((n.payload(), n.process_id())));
                                 }
                                 Some(Ok(_)) => {}
                                 _ => break,
@@ -477,6 +585,57 @@ mod tests {
         assert!(!wakes(&mut worker, 1_000));
     }
 
+    fn records(offsets: std::ops::Range<i64>) -> Arc<[Record]> {
+        offsets
+            .map(|offset| Record {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+                key: None,
+                created_at: chrono::Utc::now(),
+                appended_at: chrono::Utc::now(),
+                headers: serde_json::json!({}),
+                payload: serde_json::json!({"offset": offset}),
+            })
+            .collect()
+    }
+
+    fn handed(appends: &mut PartitionAppends, next: i64) -> Option<Vec<i64>> {
+        match appends.past(next).now_or_never()? {
+            Wake::Handed(records) => Some(records.iter().map(|r| r.offset).collect()),
+            Wake::Read => Some(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn handed_records_do_only_for_a_worker_at_their_first_offset() {
+        let (appends, _dropped) = Appends::new();
+        let listener = &appends.inner;
+        let mut at_start = appends.subscribe("t", 0);
+        let mut behind = appends.subscribe("t", 0);
+        listener.announce([("t", 0, Some(7), Some(records(5..7)))]);
+        assert_eq!(handed(&mut at_start, 5), Some(vec![5, 6]));
+        assert_eq!(
+            handed(&mut behind, 3),
+            Some(vec![]),
+            "a worker behind them reads (3 and 4 are not handed)"
+        );
+        // The batch's NOTIFY (the same end, no records) wakes nobody.
+        listener.notified("t\t0:7");
+        assert_eq!(handed(&mut at_start, 7), None);
+        // A higher end without records (another process's relay): read.
+        listener.notified("t\t0:9");
+        assert_eq!(handed(&mut at_start, 7), Some(vec![]));
+        // A late announcement of an older batch brings no records back.
+        listener.announce([("t", 0, Some(8), Some(records(7..8)))]);
+        assert_eq!(handed(&mut at_start, 7), None);
+        listener.announce([("t", 0, Some(10), Some(records(9..10)))]);
+        assert_eq!(handed(&mut at_start, 9), Some(vec![9]));
+        // A reconnect forgets them with the ends.
+        listener.announce_everywhere();
+        assert_eq!(handed(&mut at_start, 10), Some(vec![]));
+    }
+
     #[test]
     fn a_reconnect_wakes_everyone_and_forgets_the_ends() {
         let (appends, _dropped) = Appends::new();
@@ -508,7 +667,7 @@ mod tests {
             let ours = listen("postgres://nobody@127.0.0.1:1/ours").expect("listen");
             let theirs = listen("postgres://nobody@127.0.0.1:1/theirs").expect("listen");
             let (mut ours, mut theirs) = (ours.subscribe("t", 0), theirs.subscribe("t", 0));
-            appended_here("postgres://nobody@127.0.0.1:1/ours", &[("t", 0, 5)]);
+            appended_here("postgres://nobody@127.0.0.1:1/ours", &[("t", 0, 5, None)]);
             assert!(wakes(&mut ours, 4));
             assert!(!wakes(&mut theirs, 0), "another database's relay");
         });

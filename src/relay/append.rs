@@ -12,17 +12,6 @@ use crate::clip::clip;
 
 type Param<'a> = &'a (dyn ToSql + Sync);
 
-/// Sent before the append, in its round trip: for the rest of the batch's
-/// transaction, prepared statements run on their generic plans. The
-/// append's generic plan joins its records to the outbox's id range
-/// whatever the batch's size; left to choose, Postgres planned it anew for
-/// every small batch (a custom plan of one record looks cheaper than the
-/// generic plan, which expects a thousand), 0.3 ms of planning per batch.
-/// `LOCAL`, as the setting also governs unnamed statements: the batch's
-/// read, which comes before it, and the next transaction's must stay
-/// planned with their snapshots.
-pub(super) const FORCE_GENERIC_PLAN: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
-
 /// Appends a batch in one statement, then wakes its readers:
 ///
 /// - advances the heads it appends to (`$1`..`$5`: topic, partition, count,
@@ -53,7 +42,12 @@ pub(super) const FORCE_GENERIC_PLAN: &str = "SET LOCAL plan_cache_mode = force_g
 /// - saves the relay's cursor and extends its lease at our epoch (`$17`,
 ///   `$18`: relay and epoch; `$19`..`$21`: relayed snapshot, draining
 ///   snapshot, cursor id; `$22`: lease seconds); fails unless the row was
-///   updated.
+///   updated;
+/// - returns the transaction's time (the records' `appended_at`) and, when
+///   `$23` asks and the records' headers and payloads take at most `$24`
+///   bytes as stored, their outbox ids, headers and payloads in id order:
+///   what a relay hands to the consumers of its own process so that they
+///   need not read back what it just wrote ([`Handover`]).
 ///
 /// It runs for every batch, one with no records too (it only parks rows, or
 /// moves none): then it saves the cursor alone.
@@ -87,7 +81,7 @@ pub(super) const APPEND_BATCH: &str = "
                   FROM generate_series(1, cardinality($6::int8[])) AS i) AS v
           JOIN outbox o ON o.id = v.id
          WHERE o.id BETWEEN $11 AND $12
-        RETURNING 1),
+        RETURNING outbox_id, headers, payload),
     indexed AS (
         INSERT INTO event_log_time_index (topic, partition, base_offset, last_offset, max_created_at)
         SELECT * FROM unnest($1::text[], $2::int4[], $5::int8[], $13::int8[], $14::timestamptz[])),
@@ -98,13 +92,22 @@ pub(super) const APPEND_BATCH: &str = "
                cursor_id = $21,
                lease_expires_at = clock_timestamp() + make_interval(secs => $22)
          WHERE relay = $17 AND epoch = $18
-        RETURNING 1)
+        RETURNING 1),
+    handed AS (
+        SELECT array_agg(a.outbox_id ORDER BY a.outbox_id) AS ids,
+               array_agg(a.headers ORDER BY a.outbox_id) AS headers,
+               array_agg(a.payload ORDER BY a.outbox_id) AS payloads
+          FROM appended a
+         WHERE $23::bool
+        HAVING sum(pg_column_size(a.headers) + pg_column_size(a.payload)) <= $24::int8)
     SELECT outbox_relay_assert((SELECT count(*) FROM advanced) = cardinality($1::text[]),
                                'partition heads moved under the relay'),
            outbox_relay_assert((SELECT count(*) FROM appended) = cardinality($6::int8[]),
                                'fewer records appended than outbox rows'),
            outbox_relay_assert((SELECT count(*) FROM saved) = 1, 'the relay cursor was not saved'),
-           CASE WHEN cardinality($6::int8[]) > 0 THEN pg_notify($15, $16) END";
+           CASE WHEN cardinality($6::int8[]) > 0 THEN pg_notify($15, $16) END,
+           now(), (SELECT ids FROM handed), (SELECT headers FROM handed),
+           (SELECT payloads FROM handed)";
 
 pub(super) const PARK_ROWS: &str = "
     INSERT INTO outbox_parked (outbox_id, topic, key, payload, headers, created_at, reason, retry_of)
@@ -138,10 +141,19 @@ pub(super) struct Append<'a> {
     running_max_created_at: Vec<DateTime<Utc>>,
     notification: String,
     cursor: CursorUpdate<'a>,
+    hand_over: bool,
 }
 
+/// Most bytes of headers and payloads (as stored, so compressed ones count
+/// compressed) a batch hands to the consumers of its process; a larger
+/// batch is read back by them from the log. It bounds what announcements
+/// hold (the newest per partition) as well as the statement's result.
+pub(super) const HANDOVER_MAX_BYTES: i64 = 256 * 1024;
+
 impl<'a> Append<'a> {
-    pub fn new(plan: &'a BatchPlan<'a>, cursor: CursorUpdate<'a>) -> Append<'a> {
+    /// `hand_over`: the batch's records are asked back for the consumers
+    /// of this process (see [`Handover`]).
+    pub fn new(plan: &'a BatchPlan<'a>, cursor: CursorUpdate<'a>, hand_over: bool) -> Append<'a> {
         let appends = &plan.per_partition;
         let records = plan.records();
         let id_bounds = (
@@ -164,11 +176,12 @@ impl<'a> Append<'a> {
             running_max_created_at: appends.values().map(|v| v.running_max_created_at).collect(),
             notification: crate::log::notify::payload(&plan.log_ends()),
             cursor,
+            hand_over,
         }
     }
 
     /// In [`APPEND_BATCH`]'s order.
-    pub fn params(&self) -> [Param<'_>; 22] {
+    pub fn params(&self) -> [Param<'_>; 24] {
         [
             &self.topics,
             &self.partitions,
@@ -192,7 +205,36 @@ impl<'a> Append<'a> {
             &self.cursor.draining,
             &self.cursor.cursor,
             &self.cursor.lease_seconds,
+            &self.hand_over,
+            &HANDOVER_MAX_BYTES,
         ]
+    }
+}
+
+/// What [`APPEND_BATCH`] gave back: when the records were appended, and
+/// the headers and payloads of those it handed over, by outbox id.
+pub(super) struct Handover {
+    pub appended_at: DateTime<Utc>,
+    pub records: Option<HashMap<i64, (serde_json::Value, serde_json::Value)>>,
+}
+
+impl Handover {
+    pub fn from_row(row: &tokio_postgres::Row) -> Handover {
+        let ids: Option<Vec<i64>> = row.get(5);
+        let headers: Option<Vec<serde_json::Value>> = row.get(6);
+        let payloads: Option<Vec<serde_json::Value>> = row.get(7);
+        let records = match (ids, headers, payloads) {
+            (Some(ids), Some(headers), Some(payloads)) => Some(
+                ids.into_iter()
+                    .zip(headers.into_iter().zip(payloads))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        Handover {
+            appended_at: row.get(4),
+            records,
+        }
     }
 }
 

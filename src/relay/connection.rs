@@ -64,14 +64,15 @@ impl Prepared {
 }
 
 impl Relay {
-    /// A connection with the relay's session bounds.
-    async fn connect(&self) -> anyhow::Result<Client> {
+    /// A connection with the relay's session bounds, and its backend's
+    /// process id.
+    async fn connect(&self) -> anyhow::Result<(Client, i32)> {
         let client = self.db.connect().await?;
         let (bound, lock_wait) = session_bounds(self.config.lease_ttl);
-        client
-            .execute(SESSION_SETTINGS, &[&bound, &lock_wait])
+        let settings = client
+            .query_one(SESSION_SETTINGS, &[&bound, &lock_wait])
             .await?;
-        Ok(client)
+        Ok((client, settings.get(0)))
     }
 
     pub(super) async fn client(&mut self) -> anyhow::Result<&mut (Client, Prepared)> {
@@ -82,10 +83,16 @@ impl Relay {
                 self.set_role(Role::Standby);
                 anyhow::bail!("the relay's connection closed");
             }
-            let client = self.connect().await?;
+            let (client, pid) = self.connect().await?;
             let prepared = Prepared::on(&client)
                 .await
                 .context("preparing the relay's statements")?;
+            // Its batches' `NOTIFY` is for other processes: this one is
+            // told by `move_batch` itself.
+            self.announcing = Some(crate::log::notify::AnnouncingBackend::register(
+                self.db.url(),
+                pid,
+            ));
             self.client = Some((client, prepared));
         }
         Ok(self.client.as_mut().expect("connected above"))
@@ -98,7 +105,7 @@ impl Relay {
             return Some(reader);
         }
         match self.connect().await {
-            Ok(reader) => Some(reader),
+            Ok((reader, _)) => Some(reader),
             Err(e) => {
                 tracing::debug!(
                     error = format!("{e:#}"),

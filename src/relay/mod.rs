@@ -170,6 +170,9 @@ pub struct Relay {
     db: Db,
     config: RelayConfig,
     client: Option<(Client, Prepared)>,
+    /// `client`'s backend, whose notifications this process's listeners
+    /// skip (its batches are announced here directly).
+    announcing: Option<crate::log::notify::AnnouncingBackend>,
     /// A second connection that reads the next drain batch while the
     /// current one commits (outbox rows in a drain are immutable).
     reader: Option<Client>,
@@ -190,6 +193,7 @@ impl Relay {
             db: db.into(),
             config,
             client: None,
+            announcing: None,
             reader: None,
             prefetched: None,
             role: Role::Standby,
@@ -248,6 +252,11 @@ impl Relay {
         let result = self.try_step(cue).await;
         if result.is_err() {
             self.client = None;
+            // A batch whose commit's answer was lost is not announced here:
+            // from now on its connection's `NOTIFY`s are not skipped (one
+            // that came before the error was; the workers' slow poll finds
+            // that batch).
+            self.announcing = None;
             self.set_role(Role::Standby);
         }
         result

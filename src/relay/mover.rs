@@ -2,15 +2,19 @@
 //! drain's target, read (or read ahead), placed, appended with the cursor,
 //! and committed, in two pipelined round trips within one transaction.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use anyhow::Context;
 use chrono::Utc;
 use tokio_postgres::types::ToSql;
 
-use super::append::{Append, CursorUpdate, Park, FORCE_GENERIC_PLAN};
+use super::append::{Append, CursorUpdate, Handover, Park};
 use super::batch::{self, AdvancedHead, PendingRow};
 use super::drain::{select_batch_params, woken_batch, SELECT_BATCH};
 use super::lease::LockedState;
 use super::{drain_from, metrics, Drain, Relay, Role, Snapshot, StepOutcome, Target};
+use crate::log::Record;
 
 /// A drain batch read ahead, and the cursor state it was read for.
 pub(super) struct Prefetched {
@@ -74,6 +78,7 @@ impl Relay {
         } else {
             self.reader.take()
         };
+        let listened_here = crate::log::notify::listened_here(self.db.url());
         let (client, prepared) = self.client().await?;
 
         // Round trip 1 (the batch's rows were read ahead mid-drain). The lock
@@ -165,6 +170,9 @@ impl Relay {
         } else {
             (target.text.clone(), None)
         };
+        // The consumers of this process take a small batch's records from
+        // the append's result rather than read them back.
+        let hand_over = !plan.placed.is_empty() && listened_here;
         let append = Append::new(
             &plan,
             CursorUpdate {
@@ -175,6 +183,7 @@ impl Relay {
                 cursor: new_cursor,
                 lease_seconds: ttl,
             },
+            hand_over,
         );
         let park = Park::new(&plan, &state.topics);
 
@@ -205,22 +214,24 @@ impl Relay {
         let park_params = park.params();
         // The append runs for every batch, as it saves the cursor; with no
         // records it appends nothing and sends no notification. It runs on
-        // its generic plan (see `FORCE_GENERIC_PLAN`).
-        let (read_ahead, (generic, appended, parked, committed)) =
-            tokio::join!(read_ahead, async {
-                tokio::join!(
-                    client.batch_execute(FORCE_GENERIC_PLAN),
-                    client.query_one(&prepared.append, &append_params),
-                    only_if(parking, client.execute(&prepared.park, &park_params)),
-                    client.batch_execute("COMMIT"),
-                )
-            });
-        generic.context("choosing the append's generic plan")?;
-        appended.context("appending the batch to the event log and saving the cursor")?;
+        // its generic plan (the lock set it, see `LOCK_STATE_WITH_HEADS`).
+        let (read_ahead, (appended, parked, committed)) = tokio::join!(read_ahead, async {
+            tokio::join!(
+                client.query_one(&prepared.append, &append_params),
+                only_if(parking, client.execute(&prepared.park, &park_params)),
+                client.batch_execute("COMMIT"),
+            )
+        });
+        let appended =
+            appended.context("appending the batch to the event log and saving the cursor")?;
         parked.context("parking outbox rows")?;
         committed.context("committing the relay batch")?;
         if appending {
-            crate::log::notify::appended_here(self.db.url(), &plan.log_ends());
+            let handover = Handover::from_row(&appended);
+            crate::log::notify::appended_here(
+                self.db.url(),
+                &handed_over(&plan, &append, handover),
+            );
         }
         match read_ahead {
             Some(Ok(rows)) => {
@@ -274,6 +285,49 @@ impl Relay {
             drain_continues: full,
         })
     }
+}
+
+/// Each partition the committed batch appended to, with its new log end
+/// offset and, if the append handed them over, its records in offset
+/// order: the announcement for the consumers of this process.
+fn handed_over<'a>(
+    plan: &'a batch::BatchPlan<'a>,
+    append: &Append<'_>,
+    handover: Handover,
+) -> Vec<(&'a str, i32, i64, Option<Arc<[Record]>>)> {
+    let mut by_partition: HashMap<(&str, i32), Vec<Record>> = HashMap::new();
+    if let Some(mut contents) = handover.records {
+        let placed = plan.placed.iter().zip(&append.records.offsets);
+        for ((row, partition), &offset) in placed {
+            let Some((headers, payload)) = contents.remove(&row.id) else {
+                // Not what was appended: hand nothing over (the consumers read).
+                by_partition.clear();
+                break;
+            };
+            by_partition
+                .entry((row.topic.as_str(), *partition))
+                .or_default()
+                .push(Record {
+                    topic: row.topic.clone(),
+                    partition: *partition,
+                    offset,
+                    key: row.key.clone(),
+                    created_at: row.created_at,
+                    appended_at: handover.appended_at,
+                    headers,
+                    payload,
+                });
+        }
+    }
+    plan.log_ends()
+        .into_iter()
+        .map(|(topic, partition, end)| {
+            let records = by_partition
+                .remove(&(topic, partition))
+                .map(|records| Arc::<[Record]>::from(records));
+            (topic, partition, end, records)
+        })
+        .collect()
 }
 
 /// A committed batch in the trace (its span's fields) and the metrics.

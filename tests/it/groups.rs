@@ -514,3 +514,115 @@ async fn a_restarted_static_member_takes_its_partitions_back_at_once() {
     );
     third.abort();
 }
+
+/// Keeps every record it is handed, whole.
+#[derive(Default)]
+struct Keeper {
+    records: Mutex<Vec<Record>>,
+}
+
+impl RecordHandler for Keeper {
+    async fn handle(&self, record: Record, _lease: Arc<Lease>) {
+        self.records.lock().unwrap().push(record);
+    }
+}
+
+/// How many records this process's members of `group` took from the relay
+/// of their process (`outbox_relay_consumer_handed_records_total`).
+async fn handed_records(group: &str) -> u64 {
+    let text = outbox_relay::metrics::render(None).await.unwrap();
+    let series = format!("outbox_relay_consumer_handed_records_total{{group=\"{group}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_beside_the_relay_takes_its_records_as_the_log_holds_them() {
+    let db = TestDb::migrated().await;
+    let group = "handed-over";
+    let keeper = Arc::new(Keeper::default());
+    let (trigger, shutdown) = shutdown::channel();
+    let member = {
+        let (url, keeper) = (db.url.clone(), keeper.clone());
+        let config = ConsumerConfig::new(fast_group_config(group));
+        tokio::spawn(async move {
+            outbox_relay::group::consumer::run(&url, config, keeper, shutdown)
+                .await
+                .unwrap()
+        })
+    };
+    // Every worker has read its (empty) partition once: it commits its
+    // starting offset right after that first read.
+    let client = db.client().await;
+    eventually("every partition worker to start", Duration::from_secs(30), || async {
+        let started = count(
+            &client,
+            &format!("SELECT count(*) FROM group_partitions WHERE group_id = '{group}' AND committed_offset IS NOT NULL"),
+        )
+        .await;
+        (started == 8).then_some(())
+    })
+    .await;
+
+    // What the append rewrites: the reserved header namespace dropped, a
+    // retried row's link added; keys, none, and payloads of every shape.
+    client
+        .batch_execute(
+            "INSERT INTO outbox (topic, key, payload, headers)
+             SELECT 'order-created', CASE WHEN n % 5 = 0 THEN NULL ELSE (n % 7)::text END,
+                    jsonb_build_object('n', n, 'list', jsonb_build_array(n, 'x', NULL), 'text', repeat('é', n)),
+                    CASE WHEN n % 3 = 0 THEN jsonb_build_object('outbox-relay-forged', 'no', 'kept', n::text)
+                         ELSE '{}'::jsonb END
+               FROM generate_series(1, 40) n;
+             INSERT INTO outbox_retries (outbox_id, retry_of)
+             SELECT max(id), 'order-created/0/0' FROM outbox;",
+        )
+        .await
+        .unwrap();
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    relay.release().await.unwrap();
+
+    let mut handled = eventually(
+        "all 40 records handled",
+        Duration::from_secs(30),
+        || async {
+            let records = keeper.records.lock().unwrap().clone();
+            (records.len() >= 40).then_some(records)
+        },
+    )
+    .await;
+    handled.sort_by_key(|r| (r.partition, r.offset));
+    let mut in_log = Vec::new();
+    for partition in 0..8 {
+        in_log.extend(
+            outbox_relay::log::read(&client, "order-created", partition, 0, 100)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        serde_json::to_value(&handled).unwrap(),
+        serde_json::to_value(&in_log).unwrap(),
+        "the records handled are the log's, field for field"
+    );
+    assert!(
+        in_log.iter().any(|r| r.headers.get("kept").is_some())
+            && in_log
+                .iter()
+                .all(|r| r.headers.get("outbox-relay-forged").is_none())
+            && in_log.iter().any(|r| r
+                .headers
+                .get(outbox_relay::outbox::RETRY_OF_HEADER)
+                .is_some()),
+        "the batch had rewritten headers to hand over"
+    );
+    assert_eq!(
+        handed_records(group).await,
+        40,
+        "every record came from the relay, none was read back"
+    );
+    trigger.trigger();
+    member.await.unwrap();
+}

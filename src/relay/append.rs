@@ -148,7 +148,7 @@ pub(super) struct Append<'a> {
 /// compressed) a batch hands to the consumers of its process; a larger
 /// batch is read back by them from the log. It bounds what announcements
 /// hold (the newest per partition) as well as the statement's result.
-pub(super) const HANDOVER_MAX_BYTES: i64 = 256 * 1024;
+pub(super) const HANDOVER_MAX_BYTES: i64 = 64 * 1024;
 
 impl<'a> Append<'a> {
     /// `hand_over`: the batch's records are asked back for the consumers

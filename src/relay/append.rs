@@ -45,9 +45,11 @@ type Param<'a> = &'a (dyn ToSql + Sync);
 ///   updated;
 /// - returns the transaction's time (the records' `appended_at`) and, when
 ///   `$23` asks and the records' headers and payloads take at most `$24`
-///   bytes as stored, their outbox ids, headers and payloads in id order:
-///   what a relay hands to the consumers of its own process so that they
-///   need not read back what it just wrote ([`Handover`]).
+///   bytes as stored (summed before anything is gathered), their outbox
+///   ids, headers and payloads in id order: what a relay hands to the
+///   consumers of its own process so that they need not read back what it
+///   just wrote ([`Handover`]). Without `$23` the appended rows' headers
+///   and payloads are not kept for the result at all.
 ///
 /// It runs for every batch, one with no records too (it only parks rows, or
 /// moves none): then it saves the cursor alone.
@@ -81,7 +83,8 @@ pub(super) const APPEND_BATCH: &str = "
                   FROM generate_series(1, cardinality($6::int8[])) AS i) AS v
           JOIN outbox o ON o.id = v.id
          WHERE o.id BETWEEN $11 AND $12
-        RETURNING outbox_id, headers, payload),
+        RETURNING outbox_id, CASE WHEN $23::bool THEN headers END AS headers,
+                  CASE WHEN $23::bool THEN payload END AS payload),
     indexed AS (
         INSERT INTO event_log_time_index (topic, partition, base_offset, last_offset, max_created_at)
         SELECT * FROM unnest($1::text[], $2::int4[], $5::int8[], $13::int8[], $14::timestamptz[])),
@@ -93,13 +96,16 @@ pub(super) const APPEND_BATCH: &str = "
                lease_expires_at = clock_timestamp() + make_interval(secs => $22)
          WHERE relay = $17 AND epoch = $18
         RETURNING 1),
+    stored AS (
+        SELECT sum(pg_column_size(a.headers) + pg_column_size(a.payload)) AS bytes
+          FROM appended a WHERE $23::bool),
     handed AS (
         SELECT array_agg(a.outbox_id ORDER BY a.outbox_id) AS ids,
                array_agg(a.headers ORDER BY a.outbox_id) AS headers,
                array_agg(a.payload ORDER BY a.outbox_id) AS payloads
           FROM appended a
-         WHERE $23::bool
-        HAVING sum(pg_column_size(a.headers) + pg_column_size(a.payload)) <= $24::int8)
+         WHERE $23::bool AND (SELECT bytes FROM stored) <= $24::int8
+        HAVING count(*) > 0)
     SELECT outbox_relay_assert((SELECT count(*) FROM advanced) = cardinality($1::text[]),
                                'partition heads moved under the relay'),
            outbox_relay_assert((SELECT count(*) FROM appended) = cardinality($6::int8[]),
@@ -146,9 +152,14 @@ pub(super) struct Append<'a> {
 
 /// Most bytes of headers and payloads (as stored, so compressed ones count
 /// compressed) a batch hands to the consumers of its process; a larger
-/// batch is read back by them from the log. It bounds what announcements
-/// hold (the newest per partition) as well as the statement's result.
+/// batch is read back by them from the log. With [`HANDOVER_MAX_RECORDS`]
+/// it bounds the statement's result and what announcements hold (each
+/// partition's newest handed records, decompressed and parsed).
 pub(super) const HANDOVER_MAX_BYTES: i64 = 64 * 1024;
+
+/// Most records a batch hands over: only the small batches of live
+/// traffic are; a drain's (full) batches never are.
+pub(super) const HANDOVER_MAX_RECORDS: usize = 256;
 
 impl<'a> Append<'a> {
     /// `hand_over`: the batch's records are asked back for the consumers

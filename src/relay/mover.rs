@@ -9,7 +9,7 @@ use anyhow::Context;
 use chrono::Utc;
 use tokio_postgres::types::ToSql;
 
-use super::append::{Append, CursorUpdate, Handover, Park};
+use super::append::{Append, CursorUpdate, Handover, Park, HANDOVER_MAX_RECORDS};
 use super::batch::{self, AdvancedHead, PendingRow};
 use super::drain::{select_batch_params, woken_batch, SELECT_BATCH};
 use super::lease::LockedState;
@@ -171,8 +171,12 @@ impl Relay {
             (target.text.clone(), None)
         };
         // The consumers of this process take a small batch's records from
-        // the append's result rather than read them back.
-        let hand_over = !plan.placed.is_empty() && listened_here;
+        // the append's result rather than read them back (never a drain's
+        // full batch: its rows would be gathered only to be dropped).
+        let hand_over = listened_here
+            && !full
+            && !plan.placed.is_empty()
+            && plan.placed.len() <= HANDOVER_MAX_RECORDS;
         let append = Append::new(
             &plan,
             CursorUpdate {

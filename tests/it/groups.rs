@@ -623,6 +623,27 @@ async fn a_member_beside_the_relay_takes_its_records_as_the_log_holds_them() {
         40,
         "every record came from the relay, none was read back"
     );
+
+    // A full batch (a drain's: 64 rows at this relay's smallest batch) is
+    // read back, never gathered for handing over; the rest after it is.
+    client
+        .execute(
+            "INSERT INTO outbox (topic, key, payload)
+             SELECT 'order-created', n::text, jsonb_build_object('n', n) FROM generate_series(1, 100) n",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut relay = db.relay();
+    drain(&mut relay).await;
+    relay.release().await.unwrap();
+    eventually(
+        "all 140 records handled",
+        Duration::from_secs(30),
+        || async { (keeper.records.lock().unwrap().len() >= 140).then_some(()) },
+    )
+    .await;
+    assert_eq!(handed_records(group).await, 40 + 36);
     trigger.trigger();
     member.await.unwrap();
 }

@@ -284,30 +284,32 @@ static HERE: Mutex<Vec<(String, Weak<AppendsInner>)>> = Mutex::new(Vec::new());
 /// (other processes need it); a worker it finds already past that end
 /// stays asleep.
 pub fn appended_here(database_url: &str, appended: &[(&str, i32, i64, Option<Arc<[Record]>>)]) {
-    let here = HERE.lock().expect("listeners lock");
-    for (url, listener) in here.iter() {
-        if url == database_url {
-            if let Some(listener) = listener.upgrade() {
-                listener.announce(
-                    appended
-                        .iter()
-                        .map(|(t, p, end, records)| (*t, *p, Some(*end), records.clone())),
-                );
-            }
-        }
-    }
+    for_listeners_here(database_url, |listener| {
+        listener.announce(
+            appended
+                .iter()
+                .map(|(t, p, end, records)| (*t, *p, Some(*end), records.clone())),
+        );
+        false
+    });
 }
 
 /// Whether a worker of this process listens to `database_url`'s log: only
 /// then are a batch's records worth handing over.
 pub fn listened_here(database_url: &str) -> bool {
-    let here = HERE.lock().expect("listeners lock");
-    here.iter().any(|(url, listener)| {
-        url == database_url
-            && listener.upgrade().is_some_and(|listener| {
-                !listener.partitions.lock().expect("appends lock").is_empty()
-            })
+    for_listeners_here(database_url, |listener| {
+        !listener.partitions.lock().expect("appends lock").is_empty()
     })
+}
+
+/// Runs `visit` on each live listener of this process on `database_url`
+/// until it returns true; says whether one did.
+fn for_listeners_here(database_url: &str, mut visit: impl FnMut(&AppendsInner) -> bool) -> bool {
+    let here = HERE.lock().expect("listeners lock");
+    here.iter()
+        .filter(|(url, _)| url == database_url)
+        .filter_map(|(_, listener)| listener.upgrade())
+        .any(|listener| visit(&listener))
 }
 
 /// The backends (by process id) whose batches a relay of this process

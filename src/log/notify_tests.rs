@@ -97,6 +97,8 @@ fn records(offsets: std::ops::Range<i64>) -> Arc<[Record]> {
         .collect()
 }
 
+/// What `past(next)` returns without waiting: the offsets handed over,
+/// none for a read; None when it waits.
 fn handed(appends: &mut PartitionAppends, next: i64) -> Option<Vec<i64>> {
     match appends.past(next).now_or_never()? {
         Wake::Handed(records) => Some(records.iter().map(|r| r.offset).collect()),

@@ -38,11 +38,11 @@ type Param<'a> = &'a (dyn ToSql + Sync);
 ///   offset, `$14`: running newest `created_at`);
 /// - `NOTIFY $15` with `$16` naming the partitions and their new log end
 ///   offsets (see [`crate::log::notify`]), delivered at commit, if it
-///   appended any;
+///   advanced any head;
 /// - saves the relay's cursor and extends its lease at our epoch (`$17`,
 ///   `$18`: relay and epoch; `$19`..`$21`: relayed snapshot, draining
-///   snapshot, cursor id; `$22`: lease seconds); fails unless the row was
-///   updated;
+///   snapshot, cursor id; `$22`: lease seconds) if `$25`; fails unless the
+///   row was updated then;
 /// - returns the transaction's time (the records' `appended_at`) and, when
 ///   `$23` asks and the records' headers and payloads take at most `$24`
 ///   bytes as stored (summed before anything is gathered), their outbox
@@ -53,6 +53,13 @@ type Param<'a> = &'a (dyn ToSql + Sync);
 ///
 /// It runs for every batch, one with no records too (it only parks rows, or
 /// moves none): then it saves the cursor alone.
+///
+/// A drain's batch may be written ahead in two parts (see
+/// [`Append::records_only`]): its records first, on the relay's second
+/// connection while the batch before it commits (nothing of it locked:
+/// no head, no cursor, no time index); then, once that batch committed
+/// and the lock found the heads where the records' offsets continue from,
+/// the rest without the records ([`Append::without_records`]).
 ///
 /// A failure aborts the transaction, so the batch's `COMMIT` rolls back.
 /// One statement rather than five: each statement costs the server a
@@ -94,7 +101,7 @@ pub(super) const APPEND_BATCH: &str = "
                draining_snapshot = $20::text::pg_snapshot,
                cursor_id = $21,
                lease_expires_at = clock_timestamp() + make_interval(secs => $22)
-         WHERE relay = $17 AND epoch = $18
+         WHERE relay = $17 AND epoch = $18 AND $25::bool
         RETURNING 1),
     stored AS (
         SELECT sum(pg_column_size(a.headers) + pg_column_size(a.payload)) AS bytes
@@ -110,8 +117,9 @@ pub(super) const APPEND_BATCH: &str = "
                                'partition heads moved under the relay'),
            outbox_relay_assert((SELECT count(*) FROM appended) = cardinality($6::int8[]),
                                'fewer records appended than outbox rows'),
-           outbox_relay_assert((SELECT count(*) FROM saved) = 1, 'the relay cursor was not saved'),
-           CASE WHEN cardinality($6::int8[]) > 0 THEN pg_notify($15, $16) END,
+           outbox_relay_assert((SELECT count(*) FROM saved) = CASE WHEN $25::bool THEN 1 ELSE 0 END,
+                               'the relay cursor was not saved'),
+           CASE WHEN cardinality($1::text[]) > 0 THEN pg_notify($15, $16) END,
            now(), (SELECT ids FROM handed), (SELECT headers FROM handed),
            (SELECT payloads FROM handed)";
 
@@ -148,6 +156,7 @@ pub(super) struct Append<'a> {
     notification: String,
     cursor: CursorUpdate<'a>,
     hand_over: bool,
+    save_cursor: bool,
 }
 
 /// Most bytes of headers and payloads (as stored, so compressed ones count
@@ -188,11 +197,41 @@ impl<'a> Append<'a> {
             notification: crate::log::notify::payload(&plan.log_ends()),
             cursor,
             hand_over,
+            save_cursor: true,
         }
     }
 
+    /// The first part of a batch written ahead: its records alone, in the
+    /// batch's own transaction, while the batch before it commits. It
+    /// locks nothing that batch holds (no head, no cursor, no time index),
+    /// so the two inserts run side by side; its heads and cursor follow in
+    /// [`Append::without_records`] once that batch committed, or the
+    /// transaction rolls back.
+    /// `cursor` is not saved, but its snapshots must parse (the statement
+    /// casts them whether or not it saves them).
+    pub fn records_only(plan: &'a BatchPlan<'a>, cursor: CursorUpdate<'a>) -> Append<'a> {
+        let mut append = Append::new(plan, cursor, false);
+        append.topics.clear();
+        append.partitions.clear();
+        append.counts.clear();
+        append.max_created_at.clear();
+        append.base_offsets.clear();
+        append.last_offsets.clear();
+        append.running_max_created_at.clear();
+        append.save_cursor = false;
+        append
+    }
+
+    /// The second part of a batch written ahead: heads, time index,
+    /// notification and cursor, its records being in the log already.
+    pub fn without_records(mut self) -> Append<'a> {
+        self.records = Records::default();
+        self.hand_over = false;
+        self
+    }
+
     /// In [`APPEND_BATCH`]'s order.
-    pub fn params(&self) -> [Param<'_>; 24] {
+    pub fn params(&self) -> [Param<'_>; 25] {
         [
             &self.topics,
             &self.partitions,
@@ -218,6 +257,7 @@ impl<'a> Append<'a> {
             &self.cursor.lease_seconds,
             &self.hand_over,
             &HANDOVER_MAX_BYTES,
+            &self.save_cursor,
         ]
     }
 }

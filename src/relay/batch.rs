@@ -119,6 +119,54 @@ pub struct AdvancedHead {
     pub running_max_created_at: DateTime<Utc>,
 }
 
+/// Per topic: its partition count and the heads found (as a batch's lock
+/// read them, or as they will be once the batch before commits).
+pub type TopicHeads = HashMap<String, (i32, Vec<AdvancedHead>)>;
+
+/// The topics whose heads match their partition count, with the count:
+/// the only ones records are placed in (a wrong count would move keys).
+pub fn partition_counts(topics: &TopicHeads) -> HashMap<String, i32> {
+    topics
+        .iter()
+        .filter(|(_, (count, heads))| heads.len() == *count as usize)
+        .map(|(topic, (count, _))| (topic.clone(), *count))
+        .collect()
+}
+
+/// The heads `plan` appends to, for [`BatchPlan::set_heads`]: each where
+/// `topics` has it, with its running newest `created_at` taking in the
+/// batch's.
+pub fn touched_heads(topics: &TopicHeads, plan: &BatchPlan<'_>) -> Vec<AdvancedHead> {
+    topics
+        .values()
+        .flat_map(|(_, heads)| heads)
+        .filter_map(|h| {
+            let append = plan.per_partition.get(&(h.topic.as_str(), h.partition))?;
+            Some(AdvancedHead {
+                running_max_created_at: h.running_max_created_at.max(append.max_created_at),
+                ..h.clone()
+            })
+        })
+        .collect()
+}
+
+/// `topics` as they will be once `plan` (its heads set) commits: each head
+/// it appends to past its records. What the batch after it is planned on
+/// when it is written ahead.
+pub fn heads_after(topics: &TopicHeads, plan: &BatchPlan<'_>) -> TopicHeads {
+    let mut after = topics.clone();
+    for head in after.values_mut().flat_map(|(_, heads)| heads) {
+        if let Some(append) = plan
+            .per_partition
+            .get(&(head.topic.as_str(), head.partition))
+        {
+            head.base_offset = append.base_offset + append.count;
+            head.running_max_created_at = append.running_max_created_at;
+        }
+    }
+    after
+}
+
 /// Columns of the records to append, in batch order.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Records {

@@ -1,6 +1,6 @@
-//! The relay's connections: the one its batches run on, with its
-//! statements prepared once, and the read-ahead one; both bounded by the
-//! lease on the server side.
+//! The relay's connections: the one its batches run on, and the second one
+//! that reads drain batches ahead and writes them ahead; each with its
+//! statements prepared once, both bounded by the lease on the server side.
 
 use std::time::Duration;
 
@@ -63,6 +63,16 @@ impl Prepared {
     }
 }
 
+/// The relay's second connection (see `mover`): it reads a drain's next
+/// batch while the current one commits and, from the batch after that, writes
+/// every other batch, so its statements are prepared and its backend's
+/// `NOTIFY`s are skipped by this process's listeners too.
+pub(super) struct Second {
+    pub client: Client,
+    pub prepared: Prepared,
+    _announcing: crate::log::notify::AnnouncingBackend,
+}
+
 impl Relay {
     /// A connection with the relay's session bounds, and its backend's
     /// process id.
@@ -98,18 +108,27 @@ impl Relay {
         Ok(self.client.as_mut().expect("connected above"))
     }
 
-    /// The read-ahead connection, connected when missing; None when it
-    /// cannot be had (the relay then reads each batch itself).
-    pub(super) async fn take_reader(&mut self) -> Option<Client> {
-        if let Some(reader) = self.reader.take().filter(|c| !c.is_closed()) {
-            return Some(reader);
+    /// The second connection, connected when missing; None when it cannot
+    /// be had (the relay then reads and writes each batch itself).
+    pub(super) async fn take_second(&mut self) -> Option<Second> {
+        if let Some(second) = self.second.take().filter(|c| !c.client.is_closed()) {
+            return Some(second);
         }
-        match self.connect().await {
-            Ok((reader, _)) => Some(reader),
+        let connected = async {
+            let (client, pid) = self.connect().await?;
+            let prepared = Prepared::on(&client).await?;
+            anyhow::Ok(Second {
+                client,
+                prepared,
+                _announcing: crate::log::notify::AnnouncingBackend::register(self.db.url(), pid),
+            })
+        };
+        match connected.await {
+            Ok(second) => Some(second),
             Err(e) => {
                 tracing::debug!(
                     error = format!("{e:#}"),
-                    "no read-ahead connection; reading batches in turn"
+                    "no second connection; reading and writing batches in turn"
                 );
                 None
             }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 
-use super::batch::AdvancedHead;
+use super::batch::{AdvancedHead, TopicHeads};
 
 /// The `relay_state` row a relay uses unless configured otherwise (the
 /// schema creates it).
@@ -115,14 +115,14 @@ pub(super) struct LockedState {
     pub draining: Option<String>,
     pub cursor: Option<i64>,
     /// Per topic: its partition count and the heads found.
-    pub topics: HashMap<String, (i32, Vec<AdvancedHead>)>,
+    pub topics: TopicHeads,
 }
 
 impl LockedState {
     /// None without a row: the lease is no longer ours at this epoch.
     pub fn from_rows(rows: &[tokio_postgres::Row]) -> Option<LockedState> {
         let first = rows.first()?;
-        let mut topics: HashMap<String, (i32, Vec<AdvancedHead>)> = HashMap::new();
+        let mut topics = TopicHeads::new();
         for row in rows {
             let Some(topic) = row.get::<_, Option<String>>(3) else {
                 continue; // no topic at all
@@ -153,11 +153,7 @@ impl LockedState {
     /// The topics whose heads match their partition count, with the count:
     /// the only ones records are placed in (a wrong count would move keys).
     pub fn partition_counts(&self) -> HashMap<String, i32> {
-        self.topics
-            .iter()
-            .filter(|(_, (count, heads))| heads.len() == *count as usize)
-            .map(|(topic, (count, _))| (topic.clone(), *count))
-            .collect()
+        super::batch::partition_counts(&self.topics)
     }
 }
 

@@ -21,6 +21,11 @@
 //!   back to back, doubling the batch size while batches come back full.
 //! * **Few round trips.** Statements are prepared once per connection; a
 //!   batch is two pipelined round trips, its `COMMIT` included.
+//! * **Two batches at once in a drain.** A second connection reads the next
+//!   batch while the current one commits and writes its records in a
+//!   transaction of its own; that batch's heads and cursor follow once the
+//!   one before committed and the lock found the heads where its offsets
+//!   continue from (otherwise it rolls back): two cores append at once.
 
 mod append;
 pub mod batch;
@@ -46,7 +51,7 @@ use tokio_postgres::Client;
 
 use crate::db::Db;
 use crate::shutdown::Shutdown;
-use connection::Prepared;
+use connection::{Prepared, Second};
 use drain::PEEK;
 pub use lease::{instance_id, status, RelayStatus, DEFAULT_RELAY_NAME};
 pub use maintenance::{delete_relayed_outbox_rows, Maintenance};
@@ -174,9 +179,11 @@ pub struct Relay {
     /// skip (its batches are announced here directly).
     announcing: Option<crate::log::notify::AnnouncingBackend>,
     /// A second connection that reads the next drain batch while the
-    /// current one commits (outbox rows in a drain are immutable).
-    reader: Option<Client>,
-    /// The next drain batch, read ahead.
+    /// current one commits (outbox rows in a drain are immutable), and
+    /// writes batches ahead (see `mover`).
+    second: Option<Second>,
+    /// The next drain batch, read ahead (and perhaps written ahead, in an
+    /// open transaction on the second connection).
     prefetched: Option<Prefetched>,
     role: Role,
     batch_size: i64,
@@ -194,7 +201,7 @@ impl Relay {
             config,
             client: None,
             announcing: None,
-            reader: None,
+            second: None,
             prefetched: None,
             role: Role::Standby,
             batch_size,
@@ -222,7 +229,8 @@ impl Relay {
     }
 
     fn set_role(&mut self, role: Role) {
-        // A batch read ahead belongs to the leadership that read it.
+        // A batch read ahead belongs to the leadership that read it (one
+        // written ahead is rolled back as its connection closes).
         self.prefetched = None;
         let leading = matches!(role, Role::Leader { .. });
         self.is_leader.store(leading, Ordering::Relaxed);

@@ -1,6 +1,15 @@
 //! Moving one batch: the difference between `relayed_snapshot` and the
 //! drain's target, read (or read ahead), placed, appended with the cursor,
 //! and committed, in two pipelined round trips within one transaction.
+//!
+//! Mid-drain, two batches are in flight: while batch N commits on the
+//! relay's connection, the second connection reads batch N+1 and, if it
+//! comes back full, begins its transaction and writes its records (offsets
+//! continuing from where N leaves the heads). N+1 then runs on the second
+//! connection: its lock waits for nothing (N committed), finds the heads
+//! where its records continue from (or the batch fails and rolls back), and
+//! its heads, time index and cursor commit with it, while the first
+//! connection reads N+2. So on two cores two batches' inserts overlap.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,7 +19,8 @@ use chrono::Utc;
 use tokio_postgres::types::ToSql;
 
 use super::append::{Append, CursorUpdate, Handover, Park, HANDOVER_MAX_RECORDS};
-use super::batch::{self, AdvancedHead, PendingRow};
+use super::batch::{self, PendingRow, Records, TopicHeads};
+use super::connection::Second;
 use super::drain::{select_batch_params, woken_batch, SELECT_BATCH};
 use super::lease::LockedState;
 use super::{drain_from, metrics, Drain, Relay, Role, Snapshot, StepOutcome, Target};
@@ -23,6 +33,16 @@ pub(super) struct Prefetched {
     cursor: i64,
     limit: i64,
     rows: Vec<PendingRow>,
+    /// Its records written already, in an open transaction on the second
+    /// connection (held here meanwhile; dropping it rolls them back).
+    written_ahead: Option<WrittenAhead>,
+}
+
+/// A batch whose records are written on the second connection, its heads
+/// and cursor not yet.
+pub(super) struct WrittenAhead {
+    second: Second,
+    records: Records,
 }
 
 impl Relay {
@@ -69,17 +89,29 @@ impl Relay {
             .as_ref()
             .map(|t| relayed.completed_by(t))
             .unwrap_or_default();
-        let read_ahead = self.prefetched.take().and_then(|p| {
+        let prefetched = self.prefetched.take().filter(|p| {
             let wanted = (&relayed.text, &known_text, cursor, limit);
-            (wanted == (&p.relayed, &p.target, Some(p.cursor), p.limit)).then_some(p.rows)
+            wanted == (&p.relayed, &p.target, Some(p.cursor), p.limit)
         });
-        let mut reader = if drain.is_some() || read_ahead.is_some() {
-            self.take_reader().await
+        let (read_ahead, written_ahead) = match prefetched {
+            Some(p) => (Some(p.rows), p.written_ahead),
+            None => (None, None),
+        };
+        // A batch written ahead runs on the second connection, which holds
+        // its transaction; the first then reads the next batch.
+        let mut second = if written_ahead.is_some() {
+            None
+        } else if drain.is_some() || read_ahead.is_some() {
+            self.take_second().await
         } else {
-            self.reader.take()
+            self.second.take()
         };
         let listened_here = crate::log::notify::listened_here(self.db.url());
-        let (client, prepared) = self.client().await?;
+        let (first, first_prepared) = self.client().await?;
+        let (client, prepared) = match &written_ahead {
+            Some(ahead) => (&ahead.second.client, &ahead.second.prepared),
+            None => (&*first, &*first_prepared),
+        };
 
         // Round trip 1 (the batch's rows were read ahead mid-drain). The lock
         // goes after the read: the topics it returns with the heads must
@@ -91,7 +123,7 @@ impl Relay {
             select_batch_params(&relayed.text, &known_text, &cursor, &limit, &late_commits);
         let select_now_params: [&(dyn ToSql + Sync); 2] = [&relayed.text, &limit];
         let (begun, rows, state_and_heads) = tokio::join!(
-            client.batch_execute("BEGIN"),
+            only_if(written_ahead.is_none(), client.batch_execute("BEGIN")),
             async {
                 match (read_ahead, &known_target) {
                     (Some(rows), _) => Ok((rows, None)),
@@ -133,7 +165,7 @@ impl Relay {
             // Woken with nothing new (its rows went with the last batch):
             // what a peek that found nothing records, and nothing to write.
             client.batch_execute("ROLLBACK").await?;
-            self.reader = reader;
+            self.second = second;
             if let Role::Leader { empty_peek, .. } = &mut self.role {
                 *empty_peek = Some(target);
             }
@@ -149,19 +181,7 @@ impl Relay {
         // Topics whose heads do not match their partition count are not
         // placed (a wrong count would move keys): their rows are parked.
         let mut plan = batch::plan(&batch, &state.partition_counts());
-        let touched: Vec<AdvancedHead> = state
-            .topics
-            .values()
-            .flat_map(|(_, heads)| heads)
-            .filter_map(|h| {
-                let append = plan.per_partition.get(&(h.topic.as_str(), h.partition))?;
-                Some(AdvancedHead {
-                    running_max_created_at: h.running_max_created_at.max(append.max_created_at),
-                    ..h.clone()
-                })
-            })
-            .collect();
-        plan.set_heads(&touched)?;
+        plan.set_heads(&batch::touched_heads(&state.topics, &plan))?;
 
         // Advance the cursor: either mid-drain, or the drain is complete.
         let new_cursor = full.then(|| batch.last().expect("a full batch is not empty").id);
@@ -190,9 +210,23 @@ impl Relay {
             hand_over,
         );
         let park = Park::new(&plan, &state.topics);
+        let appending = !append.records.ids.is_empty();
+        let append = match &written_ahead {
+            // Written with the offsets the heads found now give, or not at
+            // all: a head that moved, or a topic created or resized since
+            // the batch was planned, fails the batch and rolls it back (the
+            // relay then reads it again from its cursor).
+            Some(ahead) => {
+                anyhow::ensure!(
+                    append.records == ahead.records,
+                    "the log moved under a batch written ahead"
+                );
+                append.without_records()
+            }
+            None => append,
+        };
 
         // Round trip 2.
-        let appending = !append.records.ids.is_empty();
         let parking = !park.ids.is_empty();
         let read_ahead_params = select_batch_params(
             &relayed.text,
@@ -202,17 +236,37 @@ impl Relay {
             &late_commits,
         );
         // Mid-drain, the next batch is read on the other connection while
-        // this one commits.
+        // this one commits, and written ahead when the second connection
+        // read it.
+        let ahead_reader = match (&written_ahead, &second) {
+            (Some(_), _) => Some(&*first),
+            (None, Some(second)) => Some(&second.client),
+            (None, None) => None,
+        };
+        let write_ahead_on = second.as_ref().filter(|_| written_ahead.is_none());
+        let heads_after = write_ahead_on.map(|_| batch::heads_after(&state.topics, &plan));
         let read_ahead = async {
-            match (&reader, full) {
-                (Some(reader), true) => Some(
-                    reader
-                        .query_typed(SELECT_BATCH, &read_ahead_params)
-                        .await
-                        .map(|rows| rows.iter().map(PendingRow::from_row).collect::<Vec<_>>()),
-                ),
+            let reader = ahead_reader.filter(|_| full)?;
+            let rows: Vec<PendingRow> =
+                match reader.query_typed(SELECT_BATCH, &read_ahead_params).await {
+                    Ok(rows) => rows.iter().map(PendingRow::from_row).collect(),
+                    Err(e) => return Some(Err(e)),
+                };
+            let written = match (write_ahead_on, &heads_after) {
+                (Some(second), Some(heads)) if rows.len() as i64 == next_limit => {
+                    let unsaved = CursorUpdate {
+                        relay: &name,
+                        epoch,
+                        relayed: relayed.text.clone(),
+                        draining: None,
+                        cursor: None,
+                        lease_seconds: ttl,
+                    };
+                    Some(write_ahead(second, &rows, heads, unsaved).await)
+                }
                 _ => None,
-            }
+            };
+            Some(Ok((rows, written)))
         };
         let append_params = append.params();
         let park_params = park.params();
@@ -238,22 +292,40 @@ impl Relay {
             );
         }
         match read_ahead {
-            Some(Ok(rows)) => {
+            Some(Ok((rows, written))) => {
+                let written_ahead = match written {
+                    Some(Ok(records)) => {
+                        second.take().map(|second| WrittenAhead { second, records })
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(
+                            error = format!("{e:#}"),
+                            "writing ahead failed; the batch will be written in turn"
+                        );
+                        second = None;
+                        None
+                    }
+                    None => None,
+                };
                 self.prefetched = Some(Prefetched {
                     relayed: relayed.text.clone(),
                     target: target.text.clone(),
                     cursor: new_cursor.expect("read ahead only mid-drain"),
                     limit: next_limit,
                     rows,
+                    written_ahead,
                 });
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "reading ahead failed; the batch will be read in turn");
-                reader = None;
+                if written_ahead.is_none() {
+                    second = None;
+                }
             }
             None => {}
         }
-        self.reader = reader;
+        // The second connection, back from the batch it ran.
+        self.second = second.or(written_ahead.map(|ahead| ahead.second));
         if parking {
             tracing::warn!(
                 rows = park.ids.len(),
@@ -289,6 +361,30 @@ impl Relay {
             drain_continues: full,
         })
     }
+}
+
+/// Writes a drain's next batch's records ahead on the second connection:
+/// placed and numbered on `heads` (the heads as the batch committing now
+/// leaves them), in a transaction begun for it and left open. The records
+/// written, to check against what the batch's own lock finds. `unsaved`:
+/// any cursor of this relay (it is not saved).
+async fn write_ahead(
+    second: &Second,
+    rows: &[PendingRow],
+    heads: &TopicHeads,
+    unsaved: CursorUpdate<'_>,
+) -> anyhow::Result<Records> {
+    let mut plan = batch::plan(rows, &batch::partition_counts(heads));
+    plan.set_heads(&batch::touched_heads(heads, &plan))?;
+    let append = Append::records_only(&plan, unsaved);
+    let params = append.params();
+    let (begun, appended) = tokio::join!(
+        second.client.batch_execute("BEGIN"),
+        second.client.query_one(&second.prepared.append, &params),
+    );
+    begun.context("beginning a batch written ahead")?;
+    appended.context("writing a batch's records ahead")?;
+    Ok(append.records)
 }
 
 /// Each partition the committed batch appended to, with its new log end

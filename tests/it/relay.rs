@@ -1013,3 +1013,154 @@ async fn the_woken_read_returns_what_committed_since_with_its_own_snapshot() {
     );
     open.rollback().await.unwrap();
 }
+
+/// Mid-drain the relay writes the next batch's records on its second
+/// connection before the batch ahead of it commits (docs/relay.md). Those
+/// records must stay out of the log until their own batch commits, after
+/// the one before it; a leader fenced between the two rolls them back, and
+/// the next leader moves every row once, offsets gapless (invariants 1, 4
+/// and 5).
+#[tokio::test]
+async fn a_batch_written_ahead_commits_after_the_one_before_or_not_at_all() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    insert_keyed_rows(&client, "order-created", 40).await;
+    let mut config = fast_relay_config();
+    config.min_batch = 8;
+    config.max_batch = 8;
+    let mut leader = Relay::new(&db.url, config.clone());
+    assert!(matches!(
+        leader.step().await.unwrap(),
+        StepOutcome::BecameLeader { .. }
+    ));
+    // (records in the log, batches written ahead) after each step: the
+    // drain's first batch reads nothing ahead; from the second on, every
+    // other batch is written ahead and committed by the next step.
+    for (in_log, written_ahead) in [(8, 0), (16, 1), (24, 0), (32, 1)] {
+        let moved = leader.step().await.unwrap();
+        assert!(
+            matches!(
+                moved,
+                StepOutcome::Moved {
+                    appended: 8,
+                    drain_continues: true,
+                    ..
+                }
+            ),
+            "{moved:?}"
+        );
+        assert_eq!(
+            count(&client, "SELECT count(*) FROM event_log").await,
+            in_log
+        );
+        assert_eq!(open_relay_transactions(&client).await, written_ahead);
+    }
+    // Another process takes the lease: the batch written ahead is fenced
+    // by its own lock, and rolled back.
+    client
+        .execute(
+            "UPDATE relay_state SET epoch = epoch + 1, holder = NULL, lease_expires_at = '-infinity'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(leader.step().await.unwrap(), StepOutcome::LostLeadership);
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 32);
+    until_no_open_relay_transaction(&client).await;
+
+    let mut next = Relay::new(&db.url, config);
+    drain(&mut next).await;
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 40);
+    assert_log_consistent(&client, "order-created").await;
+}
+
+/// A batch written ahead is placed on the topics its predecessor's lock
+/// saw. A topic created before its own lock changes where its rows go: the
+/// batch fails and rolls back rather than commit what it wrote, and the
+/// relay moves the rows, placed, on its next steps.
+#[tokio::test]
+async fn a_topic_created_under_a_batch_written_ahead_fails_it_and_its_rows_still_move() {
+    let db = TestDb::migrated().await;
+    let mut client = db.client().await;
+    insert_keyed_rows(&client, "order-created", 32).await;
+    insert_keyed_rows(&client, "created-late", 8).await;
+    let mut config = fast_relay_config();
+    config.min_batch = 8;
+    config.max_batch = 8;
+    let mut relay = Relay::new(&db.url, config);
+    relay.step().await.unwrap();
+    for _ in 0..4 {
+        relay.step().await.unwrap();
+    }
+    // The fifth batch (the late topic's rows, planned as unknown) is
+    // written ahead.
+    assert_eq!(open_relay_transactions(&client).await, 1);
+    outbox_relay::log::topics::create_topic(
+        &mut client,
+        "created-late",
+        2,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let failed = relay.step().await;
+    assert!(
+        failed
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("written ahead")),
+        "{failed:?}"
+    );
+    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 32);
+    until_no_open_relay_transaction(&client).await;
+    drain(&mut relay).await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM event_log WHERE topic = 'created-late'"
+        )
+        .await,
+        8
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox_parked").await,
+        0
+    );
+    assert_log_consistent(&client, "order-created").await;
+    assert_log_consistent(&client, "created-late").await;
+}
+
+/// `n` rows of `topic` over five keys, in one transaction.
+async fn insert_keyed_rows(client: &tokio_postgres::Client, topic: &str, n: i64) {
+    client
+        .execute(
+            "INSERT INTO outbox (topic, key, payload)
+             SELECT $1, 'k' || (i % 5), jsonb_build_object('i', i) FROM generate_series(1, $2::int8) i",
+            &[&topic, &n],
+        )
+        .await
+        .unwrap();
+}
+
+/// The relay's transactions left open between its steps: its batches
+/// written ahead.
+async fn open_relay_transactions(client: &tokio_postgres::Client) -> i64 {
+    count(
+        client,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name = 'outbox-relay'
+            AND state = 'idle in transaction'",
+    )
+    .await
+}
+
+/// A connection dropped with its transaction open ends a moment later.
+async fn until_no_open_relay_transaction(client: &tokio_postgres::Client) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while open_relay_transactions(client).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a batch written ahead stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -52,7 +52,8 @@ type Param<'a> = &'a (dyn ToSql + Sync);
 ///   and payloads are not kept for the result at all.
 ///
 /// It runs for every batch, one with no records too (it only parks rows, or
-/// moves none): then it saves the cursor alone.
+/// moves none): then it saves the cursor alone (unless `$25` is false: the
+/// first part of a batch written ahead, below).
 ///
 /// A drain's batch may be written ahead in two parts (see
 /// [`Append::records_only`]): its records first, on the relay's second

@@ -34,12 +34,18 @@ pub(super) const ACQUIRE_LEASE: &str = "
      WHERE relay = $1 AND (holder IS NULL OR holder = $2 OR lease_expires_at < clock_timestamp())
     RETURNING epoch, relayed_snapshot::text, draining_snapshot::text, cursor_id";
 
-/// Ends the backend of a leader whose lease expired while it still holds
+/// Ends the backends of a leader whose lease expired while it still holds
 /// the lease row (a frozen process keeps its transaction and its locks):
-/// only our own relay sessions in this database, never ourselves.
+/// the one the lease records, and whichever holds the row's lock (the
+/// leader's second connection, when a batch written ahead runs there; found
+/// by the transaction id the lock left in the row's `xmax`). Only our own
+/// relay sessions in this database, never ourselves.
 pub(super) const END_EXPIRED_HOLDER: &str = "
     SELECT a.pid, pg_terminate_backend(a.pid)
-      FROM relay_state r JOIN pg_stat_activity a ON a.pid = r.holder_pid
+      FROM relay_state r JOIN pg_stat_activity a
+        ON a.pid = r.holder_pid
+        OR a.pid IN (SELECT l.pid FROM pg_locks l
+                      WHERE l.locktype = 'transactionid' AND l.transactionid = r.xmax AND l.granted)
      WHERE r.relay = $1 AND r.lease_expires_at < clock_timestamp()
        AND a.datname = current_database() AND a.application_name = 'outbox-relay'
        AND a.pid <> pg_backend_pid()";

@@ -153,10 +153,10 @@ enum Role {
 }
 
 /// The relay role: the relay and its upkeep, their connections reserved
-/// from `db`'s budget (a batch and its read-ahead, upkeep, and the LISTEN
+/// from `db`'s budget (a batch and its second connection, upkeep, and the LISTEN
 /// for writers elsewhere).
 pub fn role(db: &Db, lease_ttl: Duration) -> anyhow::Result<(Relay, Maintenance)> {
-    db.reserve("relay (and its read-ahead)", 2)?;
+    db.reserve("relay (and its second connection)", 2)?;
     db.reserve("relay upkeep", 1)?;
     db.reserve("relay wake-ups (LISTEN outbox_written)", 1)?;
     let relay = Relay::new(

@@ -51,11 +51,15 @@ impl Relay {
     /// the snapshot of the batch's own read), in two pipelined round trips
     /// within one transaction:
     ///
-    /// 1. `BEGIN`, the batch, and the lease row locked at our epoch
-    ///    (fencing) with the partition heads;
+    /// 1. `BEGIN`, the batch (unless read ahead), and the lease row locked
+    ///    at our epoch (fencing) with the partition heads;
     /// 2. in one statement the heads advanced from what was read (it fails
     ///    if any moved), the records appended (fails unless all were), the
     ///    time index, the notification and the cursor; parked rows; `COMMIT`.
+    ///
+    /// A batch written ahead (see the module's doc) runs on the second
+    /// connection, in the transaction that wrote its records: round trip 1
+    /// is the lock alone, and round trip 2 leaves the records out.
     ///
     /// A statement that fails aborts the transaction, so the `COMMIT` at the
     /// end of the pipeline rolls back; every result is checked.
@@ -213,14 +217,14 @@ impl Relay {
         let appending = !append.records.ids.is_empty();
         let append = match &written_ahead {
             // Written with the offsets the heads found now give, or not at
-            // all: a head that moved, or a topic created or resized since
-            // the batch was planned, fails the batch and rolls it back (the
-            // relay then reads it again from its cursor).
+            // all: a head that moved, or a topic created since the batch was
+            // planned that some of its rows are for, fails the batch and
+            // rolls it back (the relay then reads it again from its cursor).
             Some(ahead) => {
-                anyhow::ensure!(
-                    append.records == ahead.records,
-                    "the log moved under a batch written ahead"
-                );
+                if append.records != ahead.records {
+                    client.batch_execute("ROLLBACK").await?;
+                    anyhow::bail!("the log moved under a batch written ahead");
+                }
                 append.without_records()
             }
             None => append,
@@ -243,7 +247,7 @@ impl Relay {
             (None, Some(second)) => Some(&second.client),
             (None, None) => None,
         };
-        let write_ahead_on = second.as_ref().filter(|_| written_ahead.is_none());
+        let write_ahead_on = second.as_ref().filter(|_| full && written_ahead.is_none());
         let heads_after = write_ahead_on.map(|_| batch::heads_after(&state.topics, &plan));
         let read_ahead = async {
             let reader = ahead_reader.filter(|_| full)?;

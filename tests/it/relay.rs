@@ -863,56 +863,70 @@ async fn long_idle_with_an_open_writer_still_relays_its_row_once() {
 /// of waiting on the lock for as long as the leader is frozen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_holding_the_lease_row_does_not_stall_the_takeover() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    // The frozen leader: a relay session that took the lease (its lease
-    // runs out in a second) and stopped inside a batch transaction.
-    let mut frozen = db.client().await;
-    frozen
-        .batch_execute(
-            "SET application_name = 'outbox-relay';
-             UPDATE relay_state SET holder = 'frozen-leader', epoch = epoch + 1,
-                    holder_pid = pg_backend_pid(), lease_expires_at = now() + interval '1 second'",
-        )
-        .await
-        .unwrap();
-    let batch = frozen.transaction().await.unwrap();
-    batch
-        .batch_execute("SELECT 1 FROM relay_state WHERE relay = 'default' FOR UPDATE")
-        .await
-        .unwrap();
-    insert_event(&client, "order-created", "after-the-freeze", json!({})).await;
+    // The lease row locked by the session the lease records, or by the
+    // leader's second connection (a batch written ahead runs there).
+    for locked_by_second_connection in [false, true] {
+        let db = TestDb::migrated().await;
+        let client = db.client().await;
+        // The frozen leader: a relay session that took the lease (its lease
+        // runs out in a second) and stopped inside a batch transaction.
+        let mut frozen = db.client().await;
+        frozen
+            .batch_execute(
+                "SET application_name = 'outbox-relay';
+                 UPDATE relay_state SET holder = 'frozen-leader', epoch = epoch + 1,
+                        holder_pid = pg_backend_pid(), lease_expires_at = now() + interval '1 second'",
+            )
+            .await
+            .unwrap();
+        let mut second = db.client().await;
+        second
+            .batch_execute("SET application_name = 'outbox-relay'")
+            .await
+            .unwrap();
+        let locking = if locked_by_second_connection {
+            &mut second
+        } else {
+            &mut frozen
+        };
+        let batch = locking.transaction().await.unwrap();
+        batch
+            .batch_execute("SELECT 1 FROM relay_state WHERE relay = 'default' FOR UPDATE")
+            .await
+            .unwrap();
+        insert_event(&client, "order-created", "after-the-freeze", json!({})).await;
 
-    let mut standby = db.relay();
-    let started = tokio::time::Instant::now();
-    tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match standby.step().await {
-                Ok(StepOutcome::BecameLeader { .. }) => return,
-                // Not yet: the lease has not expired, or the row was busy.
-                Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        let mut standby = db.relay();
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match standby.step().await {
+                    Ok(StepOutcome::BecameLeader { .. }) => return,
+                    // Not yet: the lease has not expired, or the row was busy.
+                    Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
             }
-        }
-    })
-    .await
-    .expect("a standby takes over from a frozen leader");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
-    drain(&mut standby).await;
-    assert_eq!(
-        count(
-            &client,
-            "SELECT count(*) FROM event_log WHERE key = 'after-the-freeze'"
-        )
-        .await,
-        1
-    );
-    // The frozen leader's session was ended: it can append nothing.
-    assert!(batch.batch_execute("SELECT 1").await.is_err());
-    assert_log_consistent(&client, "order-created").await;
+        })
+        .await
+        .expect("a standby takes over from a frozen leader");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?} (locked by the second connection: {locked_by_second_connection})",
+            started.elapsed()
+        );
+        drain(&mut standby).await;
+        assert_eq!(
+            count(
+                &client,
+                "SELECT count(*) FROM event_log WHERE key = 'after-the-freeze'"
+            )
+            .await,
+            1
+        );
+        // The frozen leader's locking session was ended: it can append nothing.
+        assert!(batch.batch_execute("SELECT 1").await.is_err());
+        assert_log_consistent(&client, "order-created").await;
+    }
 }
 
 /// Issue "faults", 6: a topic's partition count has one source of truth.

@@ -66,8 +66,9 @@ pub struct Settings {
     pub api: Option<std::net::TcpListener>,
     /// The operational endpoints' own listener (`--metrics-addr`).
     pub metrics: Option<std::net::TcpListener>,
-    /// The relay role, with its lease's length.
-    pub relay: Option<Duration>,
+    /// The relay role, with its lease's length and how long a busy relay
+    /// gathers rows for a batch.
+    pub relay: Option<(Duration, Duration)>,
     pub mail: Option<MailSettings>,
     /// The kafka role, its producer built.
     pub kafka: Option<PreparedMirror>,
@@ -154,7 +155,7 @@ impl Application {
             None => None,
         };
         let relay = match settings.relay {
-            Some(lease_ttl) => Some(crate::relay::role(&db, lease_ttl)?),
+            Some((lease_ttl, gather)) => Some(crate::relay::role(&db, lease_ttl, gather)?),
             None => None,
         };
         // Orders placed here wake the relay directly when it runs here too,

@@ -40,7 +40,7 @@ pub fn settings(args: &DemoArgs, data_dir: &Path) -> anyhow::Result<Settings> {
     Ok(Settings {
         mail: Some(args.mail.settings(data_dir)?),
         api: Some(bind(args.http_addr)?),
-        relay: Some(Duration::from_secs(3)),
+        relay: Some((Duration::from_secs(3), crate::relay::DEFAULT_GATHER)),
         console: Some(args.console.settings(&args.mail, data_dir)?),
         ..Settings::default()
     })

@@ -34,6 +34,16 @@ pub fn lease(s: &str) -> Result<Duration, String> {
     )
 }
 
+/// Whole milliseconds from 0 (never waits) to 1000.
+pub fn gather(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(ms) if ms <= 1000 => Ok(Duration::from_millis(ms)),
+        _ => Err(format!(
+            "{s:?}: the gathering wait must be a whole number of milliseconds from 0 to 1000"
+        )),
+    }
+}
+
 pub fn smtp_timeout(s: &str) -> Result<Duration, String> {
     bounded_duration(
         s,

@@ -38,6 +38,11 @@ pub struct ServeArgs {
     /// Seconds a relay lease lasts; a standby takes over after it expires (0.1 to 3600).
     #[arg(long, default_value = "3", value_parser = parse::lease)]
     pub relay_lease_secs: Duration,
+    /// Milliseconds a busy relay (rows coming faster than 400 a second)
+    /// waits after a batch began before the next: fewer, larger batches,
+    /// for up to this much more latency; 0 never waits (0 to 1000).
+    #[arg(long, env = "RELAY_GATHER_MS", default_value = "10", value_parser = parse::gather)]
+    pub relay_gather_ms: Duration,
     /// Most database connections this process may open, all roles together
     /// (the roles' needs are checked against it at start).
     #[arg(long, env = "MAX_DB_CONNECTIONS", default_value_t = DEFAULT_MAX_DB_CONNECTIONS,
@@ -360,7 +365,7 @@ pub fn settings(args: &ServeArgs, data_dir: &Path) -> anyhow::Result<Settings> {
             .then(|| args.mail.settings(data_dir))
             .transpose()?,
         api: has(Role::Api).then(|| bind(args.http_addr)).transpose()?,
-        relay: has(Role::Relay).then_some(args.relay_lease_secs),
+        relay: has(Role::Relay).then_some((args.relay_lease_secs, args.relay_gather_ms)),
         kafka: has(Role::Kafka)
             .then(|| PreparedMirror::new(args.kafka.settings()?))
             .transpose()?,

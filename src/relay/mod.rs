@@ -57,9 +57,13 @@ pub use lease::{instance_id, status, RelayStatus, DEFAULT_RELAY_NAME};
 pub use maintenance::{delete_relayed_outbox_rows, Maintenance};
 use mover::Prefetched;
 pub use pacing::MIN_IDLE_PAUSE;
-use pacing::{precise_sleep, Pacing};
+use pacing::{precise_sleep, Gathering, Pacing};
 pub use snapshot::Snapshot;
 pub use wakeup::{OutboxWritten, Wakeup};
+
+/// How long a busy relay gathers rows for a batch unless configured
+/// (`serve --relay-gather-ms`).
+pub const DEFAULT_GATHER: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -76,6 +80,9 @@ pub struct RelayConfig {
     /// Batch size bounds; the size doubles while batches are full.
     pub min_batch: i64,
     pub max_batch: i64,
+    /// How long a busy relay gathers rows for its next batch (see
+    /// `pacing::Gathering`); zero never waits.
+    pub gather: Duration,
 }
 
 impl Default for RelayConfig {
@@ -88,6 +95,7 @@ impl Default for RelayConfig {
             idle_poll_max: Duration::from_millis(5),
             min_batch: 256,
             max_batch: 16_384,
+            gather: DEFAULT_GATHER,
         }
     }
 }
@@ -155,7 +163,11 @@ enum Role {
 /// The relay role: the relay and its upkeep, their connections reserved
 /// from `db`'s budget (a batch and its second connection, upkeep, and the LISTEN
 /// for writers elsewhere).
-pub fn role(db: &Db, lease_ttl: Duration) -> anyhow::Result<(Relay, Maintenance)> {
+pub fn role(
+    db: &Db,
+    lease_ttl: Duration,
+    gather: Duration,
+) -> anyhow::Result<(Relay, Maintenance)> {
     db.reserve("relay (and its second connection)", 2)?;
     db.reserve("relay upkeep", 1)?;
     db.reserve("relay wake-ups (LISTEN outbox_written)", 1)?;
@@ -163,6 +175,7 @@ pub fn role(db: &Db, lease_ttl: Duration) -> anyhow::Result<(Relay, Maintenance)
         db,
         RelayConfig {
             lease_ttl,
+            gather,
             ..RelayConfig::default()
         },
     );
@@ -336,11 +349,33 @@ impl Relay {
     /// process, or `NOTIFY outbox_written`) or polls.
     pub async fn run(mut self, mut shutdown: Shutdown) {
         let mut pacing = Pacing::new(self.config.idle_poll_max, self.config.standby_poll);
+        let mut gathering = Gathering::new(self.config.gather);
         // Whether the last wait ended with a wake-up rather than a poll.
         let mut woken = false;
         while !shutdown.is_triggered() {
             let cue = if woken { Cue::Woken } else { Cue::Poll };
+            if woken {
+                let wait = gathering.wait(std::time::Instant::now());
+                if !wait.is_zero() {
+                    tokio::select! {
+                        _ = precise_sleep(wait) => {}
+                        _ = shutdown.recv() => {}
+                    }
+                }
+            }
+            let started = std::time::Instant::now();
             let outcome = self.step_as(cue).await;
+            if let (
+                true,
+                Ok(StepOutcome::Moved {
+                    appended,
+                    drain_continues: false,
+                    ..
+                }),
+            ) = (woken, &outcome)
+            {
+                gathering.moved(started, *appended);
+            }
             if let Err(e) = &outcome {
                 tracing::warn!(error = format!("{e:#}"), "relay step failed; retrying");
             }

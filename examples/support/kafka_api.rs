@@ -39,7 +39,7 @@ pub async fn start(url: &str, relay: Option<Duration>) -> anyhow::Result<(Applic
     let listener = bind("127.0.0.1:0".parse()?)?;
     let port = listener.local_addr()?.port();
     let settings = Settings {
-        relay,
+        relay: relay.map(|lease| (lease, outbox_relay::relay::DEFAULT_GATHER)),
         kafka_api: Some(outbox_relay::kafka_api::Listen {
             listener,
             advertised: outbox_relay::kafka_api::Advertised {

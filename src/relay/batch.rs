@@ -23,13 +23,14 @@ pub struct PendingRow {
 }
 
 impl PendingRow {
-    /// From a row of `drain::SELECT_BATCH`.
+    /// From a row of `drain::SELECT_BATCH` or of `SELECT_BATCH_NOW` (by
+    /// name: the latter has more columns).
     pub(super) fn from_row(row: &tokio_postgres::Row) -> PendingRow {
         PendingRow {
-            id: row.get(1),
-            topic: row.get(2),
-            key: row.get(3),
-            created_at: row.get(4),
+            id: row.get("id"),
+            topic: row.get("topic"),
+            key: row.get("key"),
+            created_at: row.get("created_at"),
         }
     }
 }

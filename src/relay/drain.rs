@@ -26,15 +26,15 @@ pub(super) const SELECT_BATCH: &str = "
                 AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)),
             (SELECT min(o.id + 0) FROM outbox o WHERE o.txid = ANY ($5::text[]::xid8[]))
         ) - 1, 0) AS after_id)
-    SELECT batch.txid::text, batch.id, batch.topic, batch.key, batch.created_at FROM (
-        (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
+    SELECT batch.id, batch.topic, batch.key, batch.created_at FROM (
+        (SELECT o.id, o.topic, o.key, o.created_at FROM outbox o
           WHERE o.id > (SELECT after_id FROM start)
             AND o.txid >= pg_snapshot_xmax($1::text::pg_snapshot)
             AND o.txid <  pg_snapshot_xmax($2::text::pg_snapshot)
             AND pg_visible_in_snapshot(o.txid, $2::text::pg_snapshot)
           ORDER BY o.id LIMIT $4)
         UNION ALL
-        (SELECT o.txid, o.id, o.topic, o.key, o.created_at FROM outbox o
+        (SELECT o.id, o.topic, o.key, o.created_at FROM outbox o
           WHERE o.txid = ANY ($5::text[]::xid8[]) AND o.id > (SELECT after_id FROM start)
           ORDER BY o.id LIMIT $4)
     ) AS batch

@@ -142,8 +142,13 @@ impl Membership {
         let c = &self.config;
         let mut connection = self.client().await?;
         let client = connection.transaction().await?;
+        // Its regular statements are prepared once per connection: one round
+        // trip each, no parse or plan, every heartbeat of every member.
         if client
-            .execute(HEARTBEAT, &[&c.group_id, &c.member_id, &c.incarnation])
+            .execute(
+                &client.prepare_cached(HEARTBEAT).await?,
+                &[&c.group_id, &c.member_id, &c.incarnation],
+            )
             .await?
             == 0
         {
@@ -163,17 +168,25 @@ impl Membership {
         }
         // Picks up partitions of topics created since we joined.
         client
-            .execute(ENSURE_PARTITIONS, &[&c.group_id, &c.topics])
+            .execute(
+                &client.prepare_cached(ENSURE_PARTITIONS).await?,
+                &[&c.group_id, &c.topics],
+            )
             .await?;
-        client.execute(FORGET_DEAD, &[&c.group_id]).await?;
+        client
+            .execute(&client.prepare_cached(FORGET_DEAD).await?, &[&c.group_id])
+            .await?;
         let live: Vec<String> = client
-            .query(LIVE_MEMBERS, &[&c.group_id])
+            .query(&client.prepare_cached(LIVE_MEMBERS).await?, &[&c.group_id])
             .await?
             .iter()
             .map(|r| r.get(0))
             .collect();
         let partitions: Vec<PartitionOwner> = client
-            .query(PARTITION_OWNERS, &[&c.group_id, &c.topics])
+            .query(
+                &client.prepare_cached(PARTITION_OWNERS).await?,
+                &[&c.group_id, &c.topics],
+            )
             .await?
             .iter()
             .map(|r| PartitionOwner {
@@ -218,7 +231,8 @@ impl Membership {
     /// Commits `offset` (the next offset to read) for `assignment`. Returns
     /// false when fenced: the member no longer owns the partition at that epoch.
     pub async fn commit(&self, assignment: &Assignment, offset: i64) -> anyhow::Result<bool> {
-        commit(&**self.client().await?, &self.config, assignment, offset).await
+        let client = self.client().await?;
+        commit(&client, &self.config, assignment, offset).await
     }
 
     /// Hands a partition back (after its last commit).
@@ -252,16 +266,18 @@ impl Membership {
     }
 }
 
-/// A fenced commit over any client.
+/// A fenced commit on a pooled connection, its statement prepared once per
+/// connection (one round trip, no parse or plan per commit).
 pub async fn commit(
-    client: &impl tokio_postgres::GenericClient,
+    client: &deadpool_postgres::ClientWrapper,
     config: &GroupConfig,
     assignment: &Assignment,
     offset: i64,
 ) -> anyhow::Result<bool> {
+    let statement = client.prepare_cached(COMMIT).await?;
     let updated = client
         .execute(
-            COMMIT,
+            &statement,
             &[
                 &config.group_id,
                 &assignment.topic,

@@ -140,7 +140,7 @@ async fn run_partition<H: RecordHandler>(
                 committed.is_none() || last_commit.elapsed() >= config.commit_interval || stopping != Stop::Running;
             if committed != Some(position) && commit_due {
                 let client = pool.get().await?;
-                if !crate::group::commit(&**client, &config.group, &assignment, position).await? {
+                if !crate::group::commit(&client, &config.group, &assignment, position).await? {
                     tracing::warn!(topic = %assignment.topic, partition = assignment.partition, "commit fenced: partition lost");
                     tasks.abort_all();
                     return Ok(());

@@ -428,7 +428,7 @@ async fn commit(
     committed: &mut Option<i64>,
 ) -> anyhow::Result<bool> {
     let client = pool.get().await?;
-    let done = crate::group::commit(&**client, &config.group, assignment, offset).await?;
+    let done = crate::group::commit(&client, &config.group, assignment, offset).await?;
     if done {
         *committed = Some(offset);
     }

@@ -96,10 +96,10 @@ pub(super) fn select_batch_params<'a>(
 /// cut at. Every row carries the snapshot; without rows to move, one row
 /// carries only it.
 pub(super) fn woken_batch(rows: &[tokio_postgres::Row]) -> (Vec<PendingRow>, Option<String>) {
-    let snapshot = rows.first().map(|row| row.get::<_, String>(5));
+    let snapshot = rows.first().map(|row| row.get::<_, String>("snapshot"));
     let batch = rows
         .iter()
-        .filter(|row| row.get::<_, Option<i64>>(1).is_some())
+        .filter(|row| row.get::<_, Option<i64>>("id").is_some())
         .map(PendingRow::from_row)
         .collect();
     (batch, snapshot)

@@ -595,7 +595,10 @@ async fn inject(fault: Fault, world: &mut World, scale: u32) -> FaultNotes {
             world.relays[leader].start().await;
         }
         Fault::FreezeRelayLeader => {
-            // Catch the leader inside a batch transaction, then freeze it.
+            // Catch the leader inside a batch transaction, then freeze it:
+            // on the connection the lease records, or on the second one
+            // (a drain's batch written ahead holds the lease row's lock
+            // there), found as the relay's takeover finds it.
             let frozen = eventually(
                 "the relay leader frozen inside a transaction",
                 Duration::from_secs(30),
@@ -604,7 +607,11 @@ async fn inject(fault: Fault, world: &mut World, scale: u32) -> FaultNotes {
                     world.relays[leader].signal("STOP");
                     let in_transaction: bool = observer
                         .query_one(
-                            "SELECT EXISTS (SELECT 1 FROM relay_state r JOIN pg_stat_activity a ON a.pid = r.holder_pid
+                            "SELECT EXISTS (SELECT 1 FROM relay_state r JOIN pg_stat_activity a
+                                               ON a.pid = r.holder_pid
+                                               OR a.pid IN (SELECT l.pid FROM pg_locks l
+                                                             WHERE l.locktype = 'transactionid'
+                                                               AND l.transactionid = r.xmax AND l.granted)
                                              WHERE a.xact_start IS NOT NULL)",
                             &[],
                         )

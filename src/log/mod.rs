@@ -19,6 +19,7 @@
 //! Errors are typed ([`LogError`]) so a caller can map them: an HTTP
 //! handler to 404/409/422, a Kafka front end to Kafka's error codes.
 
+mod listen;
 pub mod notify;
 pub mod partitioner;
 pub mod ranges;

@@ -1,6 +1,5 @@
-//! Notifications, read on dedicated LISTEN connections (a pooled connection
-//! would drop them: tokio-postgres' `Connection` future discards them, so
-//! these are read with `poll_message`), reconnected when they drop.
+//! Notifications, read on the process's `LISTEN` connection to their
+//! database, one for every channel (`log::listen`).
 //!
 //! * `event_log_appended`: one `NOTIFY` per relay batch (never in a
 //!   writer's transaction), naming the partitions it appended to and each
@@ -17,9 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::Record;
@@ -115,7 +112,8 @@ pub enum Wake {
 }
 
 /// Wake-ups for records appended to the log, per partition and for all.
-/// Its `LISTEN` connection closes once every clone is dropped.
+/// Its subscription ends once every clone is dropped (and the process's
+/// `LISTEN` connection with it, if nothing else listens there).
 #[derive(Clone)]
 pub struct Appends {
     inner: Arc<AppendsInner>,
@@ -372,7 +370,7 @@ pub fn listen(database_url: &str) -> anyhow::Result<Appends> {
         here.push((database_url.to_string(), sink.clone()));
     }
     let url = database_url.to_string();
-    listen_channel(
+    super::listen::listen(
         database_url,
         APPENDED_CHANNEL,
         move |notification| {
@@ -397,65 +395,12 @@ pub fn listen_outbox_written(
     database_url: &str,
     wake: impl Fn() + Send + 'static,
 ) -> anyhow::Result<()> {
-    listen_channel(
+    super::listen::listen(
         database_url,
         OUTBOX_WRITTEN_CHANNEL,
         move |_| wake(),
         std::future::pending(),
     )
-}
-
-/// A dedicated LISTEN connection on `channel`, reconnected when it drops;
-/// `on` gets each notification's payload and the notifying backend's
-/// process id, and `None` after (re)connecting.
-/// It closes when `until` completes.
-fn listen_channel(
-    database_url: &str,
-    channel: &'static str,
-    on: impl Fn(Option<(&str, i32)>) + Send + 'static,
-    until: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let config = crate::db::parse_url(database_url)?;
-    let listening = async move {
-        loop {
-            match config.connect(tokio_postgres::NoTls).await {
-                Ok((client, mut connection)) => {
-                    let mut messages =
-                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                    let statement = format!("LISTEN {channel}");
-                    let listen = client.batch_execute(&statement);
-                    // Drive the connection while LISTEN is sent, then read notifications.
-                    tokio::pin!(listen);
-                    let mut listening = false;
-                    loop {
-                        tokio::select! {
-                            result = &mut listen, if !listening => {
-                                if result.is_err() { break; }
-                                listening = true;
-                                on(None);
-                            }
-                            message = messages.next() => match message {
-                                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                                    on(Some((n.payload(), n.process_id())));
-                                }
-                                Some(Ok(_)) => {}
-                                _ => break,
-                            },
-                        }
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, channel, "LISTEN connection failed"),
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    };
-    tokio::spawn(async move {
-        tokio::select! {
-            () = listening => {}
-            () = until => {}
-        }
-    });
-    Ok(())
 }
 
 /// Tells the relay, in a process of its own, that outbox rows were

@@ -213,3 +213,55 @@ async fn a_dropped_append_listener_closes_its_connection() {
     )
     .await;
 }
+
+/// A process reads every channel of a database on one `LISTEN` connection:
+/// Postgres wakes every listening backend of the database for each
+/// `NOTIFY`, whatever its channel, so a connection per channel woke one
+/// backend more for every relay batch. Both channels still deliver.
+#[tokio::test]
+async fn one_listen_connection_carries_every_channel_of_a_database() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    log::notify::listen_outbox_written(&db.url, move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    })
+    .expect("listen for outbox_written");
+    let appends = log::notify::listen(&db.url).expect("listen for appends");
+    let mut partition = appends.subscribe("order-created", 0);
+    // Each subscriber is told once its channel is listened on.
+    tokio::time::timeout(Duration::from_secs(10), partition.past(0))
+        .await
+        .expect("the appends listener is told it listens");
+    eventually(
+        "outbox_written listened on",
+        Duration::from_secs(10),
+        || async { (calls.load(std::sync::atomic::Ordering::SeqCst) >= 1).then_some(()) },
+    )
+    .await;
+    let listening = count(
+        &client,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+    )
+    .await;
+    assert_eq!(listening, 1, "one LISTEN connection for both channels");
+
+    let before = calls.load(std::sync::atomic::Ordering::SeqCst);
+    client
+        .batch_execute("NOTIFY outbox_written; NOTIFY event_log_appended, E'order-created\\t0:7'")
+        .await
+        .unwrap();
+    eventually(
+        "the outbox_written notification",
+        Duration::from_secs(10),
+        || async { (calls.load(std::sync::atomic::Ordering::SeqCst) > before).then_some(()) },
+    )
+    .await;
+    let woken = tokio::time::timeout(Duration::from_secs(10), partition.past(6)).await;
+    assert!(
+        matches!(woken, Ok(log::notify::Wake::Read)),
+        "the appends notification wakes the partition's worker"
+    );
+}

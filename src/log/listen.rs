@@ -22,10 +22,18 @@ use futures_util::StreamExt;
 type OnNotification = Box<dyn Fn(Option<(&str, i32)>) + Send>;
 
 /// The shared connection of each database (by URL) that has a subscriber,
-/// with its task (one whose runtime has shut down is finished, and not
-/// reused).
-static CONNECTIONS: Mutex<Vec<(String, Arc<Shared>, tokio::task::JoinHandle<()>)>> =
-    Mutex::new(Vec::new());
+/// per tokio runtime, with its task. Per runtime: a runtime's tasks stop
+/// with it, so a subscriber served by another runtime's connection would
+/// go silent when that one shut down, and its removal (a task of its own
+/// runtime) could leave the other's connection open for good.
+static CONNECTIONS: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
+
+struct Registered {
+    url: String,
+    runtime: tokio::runtime::Id,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
 
 static NEXT_SUBSCRIBER: AtomicU64 = AtomicU64::new(0);
 
@@ -63,19 +71,25 @@ pub(super) fn listen(
     // Under the registry's lock, so the connection's task cannot see its
     // last subscriber gone and leave between the lookup and the push.
     let shared = {
+        let runtime = tokio::runtime::Handle::current().id();
         let mut connections = CONNECTIONS.lock().expect("listen registry lock");
-        connections.retain(|(_, _, task)| !task.is_finished());
+        connections.retain(|r| !r.task.is_finished());
         let existing = connections
             .iter()
-            .find(|(url, _, _)| url == database_url)
-            .map(|(_, shared, _)| shared.clone());
+            .find(|r| r.url == database_url && r.runtime == runtime)
+            .map(|r| r.shared.clone());
         let shared = existing.unwrap_or_else(|| {
             let shared = Arc::new(Shared {
                 subscribers: Mutex::new(Vec::new()),
                 changed: tokio::sync::Notify::new(),
             });
-            let task = tokio::spawn(run(config, database_url.to_string(), shared.clone()));
-            connections.push((database_url.to_string(), shared.clone(), task));
+            let task = tokio::spawn(run(config, shared.clone()));
+            connections.push(Registered {
+                url: database_url.to_string(),
+                runtime,
+                shared: shared.clone(),
+                task,
+            });
             shared
         });
         shared.subscribers().push(subscriber);
@@ -96,12 +110,12 @@ impl Shared {
     }
 
     /// Leaves the registry if nobody listens any more; false if somebody does.
-    fn leave_if_unused(self: &Arc<Self>, database_url: &str) -> bool {
+    fn leave_if_unused(self: &Arc<Self>) -> bool {
         let mut connections = CONNECTIONS.lock().expect("listen registry lock");
         if !self.subscribers().is_empty() {
             return false;
         }
-        connections.retain(|(url, shared, _)| !(url == database_url && Arc::ptr_eq(shared, self)));
+        connections.retain(|r| !Arc::ptr_eq(&r.shared, self));
         true
     }
 
@@ -119,9 +133,9 @@ impl Shared {
 /// The connection's task: (re)connects, `LISTEN`s on every channel a
 /// subscriber wants, and hands each notification to its channel's
 /// subscribers; ends once nobody listens.
-async fn run(config: tokio_postgres::Config, database_url: String, shared: Arc<Shared>) {
+async fn run(config: tokio_postgres::Config, shared: Arc<Shared>) {
     loop {
-        if shared.leave_if_unused(&database_url) {
+        if shared.leave_if_unused() {
             return;
         }
         // Set when the connection ended because nobody listened any more.

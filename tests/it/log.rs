@@ -265,3 +265,51 @@ async fn one_listen_connection_carries_every_channel_of_a_database() {
         "the appends notification wakes the partition's worker"
     );
 }
+
+/// A runtime's listeners are served by a connection of that runtime: a
+/// listener must not depend on another runtime's task (a current-thread
+/// runtime runs its tasks only while it is driven, and stops them when it
+/// shuts down).
+#[tokio::test]
+async fn a_listener_does_not_depend_on_another_runtime_listening_to_its_database() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    // Another runtime listens first, then stops being driven.
+    let url = db.url.clone();
+    let other = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a second runtime");
+        let appends = runtime.block_on(async {
+            let appends = log::notify::listen(&url).expect("listen");
+            let mut partition = appends.subscribe("order-created", 0);
+            tokio::time::timeout(Duration::from_secs(10), partition.past(0))
+                .await
+                .expect("the other runtime's listener is told it listens");
+            appends
+        });
+        (runtime, appends)
+    })
+    .await
+    .unwrap();
+
+    let appends = log::notify::listen(&db.url).expect("listen");
+    let mut partition = appends.subscribe("order-created", 0);
+    tokio::time::timeout(Duration::from_secs(10), partition.past(0))
+        .await
+        .expect("this runtime's listener is told it listens");
+    client
+        .batch_execute("NOTIFY event_log_appended, E'order-created\\t0:7'")
+        .await
+        .unwrap();
+    let woken = tokio::time::timeout(Duration::from_secs(10), partition.past(6)).await;
+    assert!(
+        matches!(woken, Ok(log::notify::Wake::Read)),
+        "this runtime's listener hears the notification"
+    );
+    // A runtime is dropped outside of any asynchronous context.
+    tokio::task::spawn_blocking(move || drop(other))
+        .await
+        .unwrap();
+}

@@ -1,6 +1,6 @@
-//! The process's `LISTEN` connections: one per database, shared by every
-//! channel listened on there, reconnected when it drops and closed once
-//! nobody listens.
+//! The process's `LISTEN` connections: one per database (and tokio
+//! runtime), shared by every channel listened on there, reconnected when it
+//! drops and closed once nobody listens.
 //!
 //! Postgres wakes every listening backend of a database for each `NOTIFY`,
 //! whatever its channel: with a connection per channel, a relay batch's

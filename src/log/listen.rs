@@ -25,7 +25,9 @@ type OnNotification = Box<dyn Fn(Option<(&str, i32)>) + Send>;
 /// per tokio runtime, with its task. Per runtime: a runtime's tasks stop
 /// with it, so a subscriber served by another runtime's connection would
 /// go silent when that one shut down, and its removal (a task of its own
-/// runtime) could leave the other's connection open for good.
+/// runtime) could leave the other's connection open for good. The task is
+/// kept to drop the entries of runtimes that have shut down (their tasks
+/// are finished and never leave the registry themselves).
 static CONNECTIONS: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
 
 struct Registered {

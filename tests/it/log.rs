@@ -214,6 +214,18 @@ async fn a_dropped_append_listener_closes_its_connection() {
     .await;
 }
 
+/// Listens for appends to `url`'s log and returns a worker's wake-ups for
+/// partition 0 of `order-created` once the listener is told its channel
+/// is listened on (which wakes every worker once).
+async fn listening_partition(url: &str) -> (log::notify::Appends, log::notify::PartitionAppends) {
+    let appends = log::notify::listen(url).expect("listen for appends");
+    let mut partition = appends.subscribe("order-created", 0);
+    tokio::time::timeout(Duration::from_secs(10), partition.past(0))
+        .await
+        .expect("the appends listener is told it listens");
+    (appends, partition)
+}
+
 /// A process reads every channel of a database on one `LISTEN` connection:
 /// Postgres wakes every listening backend of the database for each
 /// `NOTIFY`, whatever its channel, so a connection per channel woke one
@@ -228,12 +240,8 @@ async fn one_listen_connection_carries_every_channel_of_a_database() {
         counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     })
     .expect("listen for outbox_written");
-    let appends = log::notify::listen(&db.url).expect("listen for appends");
-    let mut partition = appends.subscribe("order-created", 0);
     // Each subscriber is told once its channel is listened on.
-    tokio::time::timeout(Duration::from_secs(10), partition.past(0))
-        .await
-        .expect("the appends listener is told it listens");
+    let (_appends, mut partition) = listening_partition(&db.url).await;
     eventually(
         "outbox_written listened on",
         Duration::from_secs(10),
@@ -281,24 +289,13 @@ async fn a_listener_does_not_depend_on_another_runtime_listening_to_its_database
             .enable_all()
             .build()
             .expect("a second runtime");
-        let appends = runtime.block_on(async {
-            let appends = log::notify::listen(&url).expect("listen");
-            let mut partition = appends.subscribe("order-created", 0);
-            tokio::time::timeout(Duration::from_secs(10), partition.past(0))
-                .await
-                .expect("the other runtime's listener is told it listens");
-            appends
-        });
-        (runtime, appends)
+        let listening = runtime.block_on(listening_partition(&url));
+        (runtime, listening)
     })
     .await
     .unwrap();
 
-    let appends = log::notify::listen(&db.url).expect("listen");
-    let mut partition = appends.subscribe("order-created", 0);
-    tokio::time::timeout(Duration::from_secs(10), partition.past(0))
-        .await
-        .expect("this runtime's listener is told it listens");
+    let (_appends, mut partition) = listening_partition(&db.url).await;
     client
         .batch_execute("NOTIFY event_log_appended, E'order-created\\t0:7'")
         .await

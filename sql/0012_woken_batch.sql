@@ -18,11 +18,9 @@ DECLARE
     i   integer := 0;
 BEGIN
     WHILE i + 4 <= len LOOP
-        k := get_byte(data, i)::bigint | (get_byte(data, i + 1)::bigint << 8)
-           | (get_byte(data, i + 2)::bigint << 16) | (get_byte(data, i + 3)::bigint << 24);
-        k := (k * m) & u32;
-        k := k # (k >> 24);
-        k := (k * m) & u32;
+        k := ((get_byte(data, i)::bigint | (get_byte(data, i + 1)::bigint << 8)
+               | (get_byte(data, i + 2)::bigint << 16) | (get_byte(data, i + 3)::bigint << 24)) * m) & u32;
+        k := ((k # (k >> 24)) * m) & u32;
         h := ((h * m) & u32) # k;
         i := i + 4;
     END LOOP;
@@ -36,12 +34,16 @@ END $$;
 
 -- The partition `batch::plan` gives an outbox row: Kafka's partitioner
 -- for a key (its UTF-8 bytes, sign bit masked), the outbox id for none.
+-- PL/pgSQL rather than SQL: called from PL/pgSQL, a SQL function is parsed
+-- and planned anew in every transaction.
 CREATE FUNCTION outbox_relay_partition(key text, id bigint, partitions integer) RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT (CASE WHEN key IS NULL THEN ((id % partitions) + partitions) % partitions
-                 ELSE (outbox_relay_murmur2(convert_to(key, 'UTF8')) & 2147483647) % partitions
-            END)::integer
-$$;
+LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    IF key IS NULL THEN
+        RETURN ((id % partitions) + partitions) % partitions;
+    END IF;
+    RETURN (outbox_relay_murmur2(convert_to(key, 'UTF8')) & 2147483647) % partitions;
+END $$;
 
 -- The relay's append (src/relay/append.rs, `APPEND_BATCH`, where its
 -- parameters are described), now a function so that both the relay and
@@ -131,7 +133,9 @@ END $$;
 -- Only for what is common at a live rate; for the rest it writes nothing
 -- and says why, and the relay moves the batch as before up to the same
 -- snapshot: 'fenced' (no lease row at this epoch), 'idle' (nothing new),
--- 'full' (a drain begins), 'unplaceable' (a row of an unknown topic, of
+-- 'full' (a drain begins), 'large' (over 64 rows: the placement below
+-- searches linearly, and such a batch has round trips to spare),
+-- 'unplaceable' (a row of an unknown topic, of
 -- a topic whose heads do not match its partition count, or with a key over
 -- the outbox's limit: the relay parks it), 'long' (a notification over
 -- `notification_max_bytes`: the relay sends a shorter form).
@@ -149,100 +153,150 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
-    n integer;
-    locked_relayed text;
-    locked_draining text;
-    head_topics text[];
-    head_partitions integer[];
-    head_counts bigint[];
-    head_max_created_at timestamptz[];
-    head_bases bigint[];
-    head_last_offsets bigint[];
-    head_running_max_created_at timestamptz[];
-    notification text;
+    n integer := 0;
+    w record;
+    locked boolean := false;
+    -- Every partition head of the batch's topics, by topic (byte order) and
+    -- partition; per topic its count and where its heads begin.
+    all_topics text[] := '{}';
+    all_partitions integer[] := '{}';
+    all_bases bigint[] := '{}';
+    all_max_created_at timestamptz[] := '{}';
+    all_counts bigint[] := '{}';
+    all_newest timestamptz[] := '{}';
+    topic_names text[] := '{}';
+    topic_partitions integer[] := '{}';
+    topic_heads integer[] := '{}';
+    topic_first integer[] := '{}';
+    -- The heads appended to, for the append.
+    head_topics text[] := '{}';
+    head_partitions integer[] := '{}';
+    head_counts bigint[] := '{}';
+    head_max_created_at timestamptz[] := '{}';
+    head_bases bigint[] := '{}';
+    head_last_offsets bigint[] := '{}';
+    head_running_max_created_at timestamptz[] := '{}';
+    notification text := '';
+    t integer;
+    h integer;
 BEGIN
-    -- The read comes before the lock, so the topics read after it see
-    -- every topic its snapshot sees.
-    SELECT (array_agg(w.snapshot))[1],
-           array_agg(w.id ORDER BY w.id) FILTER (WHERE w.id IS NOT NULL),
-           array_agg(w.topic ORDER BY w.id) FILTER (WHERE w.id IS NOT NULL),
-           array_agg(w.key ORDER BY w.id) FILTER (WHERE w.id IS NOT NULL),
-           array_agg(w.created_at ORDER BY w.id) FILTER (WHERE w.id IS NOT NULL)
-      INTO snapshot, ids, topics, keys, created_ats
-      FROM outbox_relay_read_woken(relayed, batch_limit) AS w;
-    n := coalesce(cardinality(ids), 0);
-
-    SELECT r.relayed_snapshot::text, r.draining_snapshot::text
-      INTO locked_relayed, locked_draining
-      FROM relay_state r
-     WHERE r.relay = relay_name AND r.epoch = relay_epoch
-       FOR UPDATE;
-    IF NOT FOUND THEN
-        outcome := 'fenced';
-    ELSIF locked_relayed IS DISTINCT FROM relayed OR locked_draining IS NOT NULL THEN
-        RAISE EXCEPTION 'the relay''s cursor in the database is not the one it holds'
+    -- The woken read looks up no late commit: its caller's relayed
+    -- snapshot must have had no transaction in progress, or one committing
+    -- later would be skipped for good.
+    IF pg_snapshot_xmin(relayed::pg_snapshot) <> pg_snapshot_xmax(relayed::pg_snapshot) THEN
+        RAISE EXCEPTION 'a woken batch needs a relayed snapshot with no transaction in progress'
               USING ERRCODE = 'OR001';
+    END IF;
+    -- Few rows, so loops over arrays rather than statements: in this
+    -- function a statement costs as much as a loop over a hundred rows.
+    ids := '{}'; topics := '{}'; keys := '{}'; created_ats := '{}';
+    FOR w IN SELECT * FROM outbox_relay_read_woken(relayed, batch_limit) LOOP
+        snapshot := w.snapshot;
+        IF w.id IS NOT NULL THEN
+            n := n + 1;
+            ids[n] := w.id; topics[n] := w.topic; keys[n] := w.key; created_ats[n] := w.created_at;
+        END IF;
+    END LOOP;
+
+    -- The lease row locked at our epoch (fencing), with the batch's topics
+    -- and their heads, as `LOCK_STATE_WITH_HEADS` reads them: after the
+    -- read, so they include every topic its snapshot sees.
+    FOR w IN
+        SELECT r.relayed_snapshot::text AS relayed, r.draining_snapshot::text AS draining,
+               t.name, t.partitions, h.partition, h.log_end_offset, h.max_created_at
+          FROM relay_state r
+          LEFT JOIN (topics t JOIN partition_heads h ON h.topic = t.name)
+            ON n > 0 AND n < batch_limit AND n <= 64 AND t.name = ANY (topics)
+         WHERE r.relay = relay_name AND r.epoch = relay_epoch
+         ORDER BY t.name COLLATE "C", h.partition
+           FOR UPDATE OF r
+    LOOP
+        IF NOT locked THEN
+            locked := true;
+            IF w.relayed IS DISTINCT FROM relayed OR w.draining IS NOT NULL THEN
+                RAISE EXCEPTION 'the relay''s cursor in the database is not the one it holds'
+                      USING ERRCODE = 'OR001';
+            END IF;
+        END IF;
+        IF w.name IS NOT NULL THEN
+            h := cardinality(all_topics) + 1;
+            all_topics[h] := w.name; all_partitions[h] := w.partition;
+            all_bases[h] := w.log_end_offset; all_max_created_at[h] := w.max_created_at;
+            all_counts[h] := 0;
+            t := cardinality(topic_names);
+            IF t = 0 OR topic_names[t] <> w.name THEN
+                t := t + 1;
+                topic_names[t] := w.name; topic_partitions[t] := w.partitions;
+                topic_heads[t] := 0; topic_first[t] := h;
+            END IF;
+            topic_heads[t] := topic_heads[t] + 1;
+        END IF;
+    END LOOP;
+    IF NOT locked THEN
+        outcome := 'fenced';
     ELSIF n = 0 THEN
         outcome := 'idle';
     ELSIF n >= batch_limit THEN
         outcome := 'full';
+    ELSIF n > 64 THEN
+        outcome := 'large';
     END IF;
     IF outcome IS NOT NULL THEN
+        ids := NULL; topics := NULL; keys := NULL; created_ats := NULL;
         RETURN NEXT;
         RETURN;
     END IF;
 
-    -- Placed only in topics whose heads match their partition count.
-    SELECT array_agg(outbox_relay_partition(b.key, b.id, t.partitions) ORDER BY b.i)
-      INTO partitions
-      FROM unnest(ids, topics, keys) WITH ORDINALITY AS b(id, topic, key, i)
-      JOIN topics t ON t.name = b.topic
-     WHERE coalesce(octet_length(b.key), 0) <= key_max_bytes
-       AND t.partitions = (SELECT count(*) FROM partition_heads h WHERE h.topic = t.name);
-    IF coalesce(cardinality(partitions), 0) < n THEN
-        outcome := 'unplaceable';
-        RETURN NEXT;
-        RETURN;
-    END IF;
+    -- Placed only in topics whose heads match their partition count (then
+    -- partition p's head is the topic's (p+1)th), and numbered from each
+    -- head in outbox id order.
+    partitions := '{}';
+    offsets := '{}';
+    FOR i IN 1..n LOOP
+        t := array_position(topic_names, topics[i]);
+        IF t IS NULL OR topic_heads[t] <> topic_partitions[t]
+           OR coalesce(octet_length(convert_to(keys[i], 'UTF8')), 0) > key_max_bytes THEN
+            outcome := 'unplaceable';
+            ids := NULL; topics := NULL; keys := NULL; created_ats := NULL;
+            partitions := NULL; offsets := NULL;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        partitions[i] := outbox_relay_partition(keys[i], ids[i], topic_partitions[t]);
+        h := topic_first[t] + partitions[i];
+        IF all_partitions[h] <> partitions[i] THEN
+            RAISE EXCEPTION 'a partition head is missing' USING ERRCODE = 'OR001';
+        END IF;
+        offsets[i] := all_bases[h] + all_counts[h];
+        all_counts[h] := all_counts[h] + 1;
+        all_newest[h] := greatest(all_newest[h], created_ats[i]);
+    END LOOP;
 
-    -- Each partition appended to, in the order `batch::plan` keeps them,
-    -- from its head as it stands (the lease row's lock keeps other
-    -- appends out; the append checks the head again).
-    SELECT array_agg(g.topic ORDER BY g.topic COLLATE "C", g.partition),
-           array_agg(g.partition ORDER BY g.topic COLLATE "C", g.partition),
-           array_agg(g.n ORDER BY g.topic COLLATE "C", g.partition),
-           array_agg(g.max_created_at ORDER BY g.topic COLLATE "C", g.partition),
-           array_agg(h.log_end_offset ORDER BY g.topic COLLATE "C", g.partition),
-           array_agg(h.log_end_offset + g.n - 1 ORDER BY g.topic COLLATE "C", g.partition),
-           array_agg(greatest(h.max_created_at, g.max_created_at) ORDER BY g.topic COLLATE "C", g.partition)
-      INTO head_topics, head_partitions, head_counts, head_max_created_at, head_bases,
-           head_last_offsets, head_running_max_created_at
-      FROM (SELECT b.topic, b.partition, count(*) AS n, max(b.created_at) AS max_created_at
-              FROM unnest(topics, partitions, created_ats) AS b(topic, partition, created_at)
-             GROUP BY b.topic, b.partition) AS g
-      JOIN partition_heads h ON h.topic = g.topic AND h.partition = g.partition;
-
-    -- Offsets in outbox id order within each partition, from its head.
-    SELECT array_agg(h.base + b.nth - 1 ORDER BY b.i)
-      INTO offsets
-      FROM (SELECT b.i, b.topic, b.partition,
-                   row_number() OVER (PARTITION BY b.topic, b.partition ORDER BY b.i) AS nth
-              FROM unnest(topics, partitions) WITH ORDINALITY AS b(topic, partition, i)) AS b
-      JOIN unnest(head_topics, head_partitions, head_bases) AS h(topic, partition, base)
-        ON h.topic = b.topic AND h.partition = b.partition;
-
+    -- The heads appended to, in order; their time index entries; and
     -- `crate::log::notify::payload`'s longest form: a line per topic,
     -- "topic<TAB>partition:end,...".
-    SELECT string_agg(l.line, E'\n' ORDER BY l.topic COLLATE "C")
-      INTO notification
-      FROM (SELECT h.topic, h.topic || E'\t'
-                   || string_agg(h.partition || ':' || (h.base + h.n), ',' ORDER BY h.partition) AS line
-              FROM unnest(head_topics, head_partitions, head_bases, head_counts) AS h(topic, partition, base, n)
-             GROUP BY h.topic) AS l;
+    FOR a IN 1..cardinality(all_topics) LOOP
+        CONTINUE WHEN all_counts[a] = 0;
+        h := cardinality(head_topics) + 1;
+        head_topics[h] := all_topics[a];
+        head_partitions[h] := all_partitions[a];
+        head_counts[h] := all_counts[a];
+        head_max_created_at[h] := all_newest[a];
+        head_bases[h] := all_bases[a];
+        head_last_offsets[h] := all_bases[a] + all_counts[a] - 1;
+        head_running_max_created_at[h] := greatest(all_max_created_at[a], all_newest[a]);
+        IF h = 1 OR head_topics[h] <> head_topics[h - 1] THEN
+            IF h > 1 THEN notification := notification || E'\n'; END IF;
+            notification := notification || head_topics[h] || E'\t';
+        ELSE
+            notification := notification || ',';
+        END IF;
+        notification := notification || head_partitions[h] || ':' || (head_bases[h] + head_counts[h]);
+    END LOOP;
     IF octet_length(notification) > notification_max_bytes THEN
         outcome := 'long';
-        offsets := NULL;
-        partitions := NULL;
+        ids := NULL; topics := NULL; keys := NULL; created_ats := NULL;
+        partitions := NULL; offsets := NULL;
         RETURN NEXT;
         RETURN;
     END IF;

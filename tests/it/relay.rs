@@ -1125,8 +1125,9 @@ async fn move_woken(
 /// numbered from each head in id order, notifies in the relay's own form,
 /// saves its snapshot as relayed and hands the records back. Anything it
 /// does not handle it leaves untouched and says why: nothing new, a stale
-/// epoch, a full batch, a row the relay must park; a cursor that is not
-/// the one the relay holds fails it (invariants 1, 4 and 5).
+/// epoch, a full batch, a row the relay must park, a batch over 64 rows.
+/// A cursor that is not the one the relay holds fails it (invariants 1, 4
+/// and 5).
 #[tokio::test]
 async fn a_woken_batch_moves_in_one_call_or_writes_nothing_and_says_why() {
     let db = TestDb::migrated().await;
@@ -1175,6 +1176,13 @@ async fn a_woken_batch_moves_in_one_call_or_writes_nothing_and_says_why() {
     let error = move_woken(&client, 7, "1:1:", 10).await.unwrap_err();
     assert!(
         format!("{error:?}").contains("not the one it holds"),
+        "{error:?}"
+    );
+    // Its read looks up no late commit: a relayed snapshot with one in
+    // progress is refused rather than skipped past.
+    let error = move_woken(&client, 7, "1:3:1", 10).await.unwrap_err();
+    assert!(
+        format!("{error:?}").contains("no transaction in progress"),
         "{error:?}"
     );
 
@@ -1241,6 +1249,17 @@ async fn a_woken_batch_moves_in_one_call_or_writes_nothing_and_says_why() {
     insert_event(&client, "no-such-topic", "x", json!({})).await;
     let unfit = move_woken(&client, 7, &relayed, 10).await.unwrap();
     assert_eq!(unfit.get::<_, &str>("outcome"), "unplaceable");
+    // More rows than the function places, fewer than the batch's limit.
+    client
+        .execute(
+            "INSERT INTO outbox (topic, key, payload)
+             SELECT 'order-created', 'many-' || i, '{}' FROM generate_series(1, 70) i",
+            &[],
+        )
+        .await
+        .unwrap();
+    let large = move_woken(&client, 7, &relayed, 256).await.unwrap();
+    assert_eq!(large.get::<_, &str>("outcome"), "large");
     assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 6);
     assert_eq!(column::<String>(&client, cursor).await, [relayed]);
 }

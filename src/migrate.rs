@@ -73,11 +73,6 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "console",
         sql: include_str!("../sql/0011_console.sql"),
     },
-    Migration {
-        version: 12,
-        name: "woken_batch",
-        sql: include_str!("../sql/0012_woken_batch.sql"),
-    },
 ];
 
 /// The version a fully migrated database reports.

@@ -28,11 +28,10 @@ pub const APPENDED_CHANNEL: &str = "event_log_appended";
 pub const OUTBOX_WRITTEN_CHANNEL: &str = "outbox_written";
 
 /// Longest payload sent (Postgres takes up to 8,000 bytes); see [`payload`].
-pub(crate) const MAX_PAYLOAD: usize = 7_000;
+const MAX_PAYLOAD: usize = 7_000;
 
 /// The payload naming the partitions a batch appended to, each with its
-/// new log end offset: `topic\tp:end,p:end` lines (a woken batch's are
-/// written by Postgres, migration 12, in the same form). Too long, it names the
+/// new log end offset: `topic\tp:end,p:end` lines. Too long, it names the
 /// partitions only (`topic\tp,p`, which wakes their workers whatever they
 /// have read), and longer still nothing (which wakes every worker).
 pub fn payload(appended: &[(&str, i32, i64)]) -> String {

@@ -12,10 +12,7 @@ use crate::clip::clip;
 
 type Param<'a> = &'a (dyn ToSql + Sync);
 
-/// Appends a batch in one statement, then wakes its readers. The statement
-/// is the function `outbox_relay_append` (migration 12), whose plan each
-/// session keeps, generic; a woken batch calls it from Postgres too
-/// ([`super::woken`]). It:
+/// Appends a batch in one statement, then wakes its readers:
 ///
 /// - advances the heads it appends to (`$1`..`$5`: topic, partition, count,
 ///   newest `created_at`, base offset), each from the log end offset it was
@@ -46,7 +43,7 @@ type Param<'a> = &'a (dyn ToSql + Sync);
 ///   `$18`: relay and epoch; `$19`..`$21`: relayed snapshot, draining
 ///   snapshot, cursor id; `$22`: lease seconds) if `$25`; fails unless the
 ///   row was updated then;
-/// - returns the transaction's time (`appended_at`, the records') and, when
+/// - returns the transaction's time (the records' `appended_at`) and, when
 ///   `$23` asks and the records' headers and payloads take at most `$24`
 ///   bytes as stored (summed before anything is gathered), their outbox
 ///   ids, headers and payloads in id order: what a relay hands to the
@@ -69,8 +66,63 @@ type Param<'a> = &'a (dyn ToSql + Sync);
 /// One statement rather than five: each statement costs the server a
 /// portal, an executor start and a flush of its own.
 pub(super) const APPEND_BATCH: &str = "
-    SELECT * FROM outbox_relay_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-                                      $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)";
+    WITH advanced AS (
+        UPDATE partition_heads h
+           SET log_end_offset = h.log_end_offset + v.n,
+               max_created_at = greatest(h.max_created_at, v.max_created_at)
+          FROM unnest($1::text[], $2::int4[], $3::int8[], $4::timestamptz[], $5::int8[])
+               AS v(topic, partition, n, max_created_at, base)
+         WHERE h.topic = v.topic AND h.partition = v.partition AND h.log_end_offset = v.base
+        RETURNING 1),
+    appended AS (
+        INSERT INTO event_log (topic, partition, \"offset\", key, headers, payload, created_at, appended_at, outbox_id)
+        SELECT o.topic, v.partition, v.log_offset, o.key,
+               CASE WHEN strpos(o.headers::text, $9::text) = 0 THEN o.headers
+                    ELSE (SELECT coalesce(jsonb_object_agg(h.key, h.value), '{}'::jsonb)
+                            FROM jsonb_each(o.headers) AS h
+                           WHERE NOT starts_with(h.key, $9::text)) END
+                 || CASE WHEN (SELECT EXISTS (SELECT 1 FROM outbox_retries x
+                                               WHERE x.outbox_id BETWEEN $11 AND $12))
+                         THEN coalesce((SELECT jsonb_build_object($10::text, r.retry_of)
+                                          FROM outbox_retries r WHERE r.outbox_id = o.id), '{}'::jsonb)
+                         ELSE '{}'::jsonb END,
+               o.payload, o.created_at, now(), o.id
+          FROM (SELECT ($6::int8[])[i] AS id, ($7::int4[])[i] AS partition, ($8::int8[])[i] AS log_offset
+                  FROM generate_series(1, cardinality($6::int8[])) AS i) AS v
+          JOIN outbox o ON o.id = v.id
+         WHERE o.id BETWEEN $11 AND $12
+        RETURNING outbox_id, CASE WHEN $23::bool THEN headers END AS headers,
+                  CASE WHEN $23::bool THEN payload END AS payload),
+    indexed AS (
+        INSERT INTO event_log_time_index (topic, partition, base_offset, last_offset, max_created_at)
+        SELECT * FROM unnest($1::text[], $2::int4[], $5::int8[], $13::int8[], $14::timestamptz[])),
+    saved AS (
+        UPDATE relay_state
+           SET relayed_snapshot = $19::text::pg_snapshot,
+               draining_snapshot = $20::text::pg_snapshot,
+               cursor_id = $21,
+               lease_expires_at = clock_timestamp() + make_interval(secs => $22)
+         WHERE relay = $17 AND epoch = $18 AND $25::bool
+        RETURNING 1),
+    stored AS (
+        SELECT sum(pg_column_size(a.headers) + pg_column_size(a.payload)) AS bytes
+          FROM appended a WHERE $23::bool),
+    handed AS (
+        SELECT array_agg(a.outbox_id ORDER BY a.outbox_id) AS ids,
+               array_agg(a.headers ORDER BY a.outbox_id) AS headers,
+               array_agg(a.payload ORDER BY a.outbox_id) AS payloads
+          FROM appended a
+         WHERE $23::bool AND (SELECT bytes FROM stored) <= $24::int8
+        HAVING count(*) > 0)
+    SELECT outbox_relay_assert((SELECT count(*) FROM advanced) = cardinality($1::text[]),
+                               'partition heads moved under the relay'),
+           outbox_relay_assert((SELECT count(*) FROM appended) = cardinality($6::int8[]),
+                               'fewer records appended than outbox rows'),
+           outbox_relay_assert((SELECT count(*) FROM saved) = CASE WHEN $25::bool THEN 1 ELSE 0 END,
+                               'the relay cursor was not saved'),
+           CASE WHEN cardinality($1::text[]) > 0 THEN pg_notify($15, $16) END,
+           now(), (SELECT ids FROM handed), (SELECT headers FROM handed),
+           (SELECT payloads FROM handed)";
 
 pub(super) const PARK_ROWS: &str = "
     INSERT INTO outbox_parked (outbox_id, topic, key, payload, headers, created_at, reason, retry_of)
@@ -220,9 +272,9 @@ pub(super) struct Handover {
 
 impl Handover {
     pub fn from_row(row: &tokio_postgres::Row) -> Handover {
-        let ids: Option<Vec<i64>> = row.get("handed_ids");
-        let headers: Option<Vec<serde_json::Value>> = row.get("handed_headers");
-        let payloads: Option<Vec<serde_json::Value>> = row.get("handed_payloads");
+        let ids: Option<Vec<i64>> = row.get(5);
+        let headers: Option<Vec<serde_json::Value>> = row.get(6);
+        let payloads: Option<Vec<serde_json::Value>> = row.get(7);
         let records = match (ids, headers, payloads) {
             (Some(ids), Some(headers), Some(payloads)) => Some(
                 ids.into_iter()
@@ -232,7 +284,7 @@ impl Handover {
             _ => None,
         };
         Handover {
-            appended_at: row.get("appended_at"),
+            appended_at: row.get(4),
             records,
         }
     }

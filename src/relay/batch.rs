@@ -23,7 +23,8 @@ pub struct PendingRow {
 }
 
 impl PendingRow {
-    /// From a row of `drain::SELECT_BATCH`, by name.
+    /// From a row of `drain::SELECT_BATCH` or of `SELECT_BATCH_NOW` (by
+    /// name: the latter has more columns).
     pub(super) fn from_row(row: &tokio_postgres::Row) -> PendingRow {
         PendingRow {
             id: row.get("id"),
@@ -107,48 +108,6 @@ pub fn plan<'a>(rows: &'a [PendingRow], partition_counts: &HashMap<String, i32>)
         append.max_created_at = append.max_created_at.max(row.created_at);
     }
     plan
-}
-
-/// A batch that Postgres placed and numbered (a woken batch, see
-/// `super::woken`): `partitions` and `offsets` are each row's, in batch
-/// order. Refuses offsets that do not run on without a gap within each
-/// partition from its first. The running newest `created_at` is the
-/// batch's own (the time index was written in Postgres).
-pub fn placed_in_postgres<'a>(
-    rows: &'a [PendingRow],
-    partitions: &[i32],
-    offsets: &[i64],
-) -> anyhow::Result<BatchPlan<'a>> {
-    anyhow::ensure!(
-        rows.len() == partitions.len() && rows.len() == offsets.len(),
-        "a placement for every row"
-    );
-    let mut plan = BatchPlan {
-        placed: Vec::with_capacity(rows.len()),
-        parked: Vec::new(),
-        per_partition: BTreeMap::new(),
-    };
-    for ((row, &partition), &offset) in rows.iter().zip(partitions).zip(offsets) {
-        plan.placed.push((row, partition));
-        let append = plan
-            .per_partition
-            .entry((row.topic.as_str(), partition))
-            .or_insert(PartitionAppend {
-                count: 0,
-                max_created_at: row.created_at,
-                base_offset: offset,
-                running_max_created_at: row.created_at,
-            });
-        anyhow::ensure!(
-            offset == append.base_offset + append.count,
-            "offsets with a gap in partition {partition} of {:?}",
-            row.topic
-        );
-        append.count += 1;
-        append.max_created_at = append.max_created_at.max(row.created_at);
-        append.running_max_created_at = append.max_created_at;
-    }
-    Ok(plan)
 }
 
 /// One advanced partition head, as `ADVANCE_HEADS` returns it.

@@ -8,25 +8,26 @@ use anyhow::Context;
 use tokio_postgres::{Client, Statement};
 
 use super::append::{APPEND_BATCH, PARK_ROWS};
+use super::drain::SELECT_BATCH_NOW;
 use super::lease::{
     ACQUIRE_LEASE, END_EXPIRED_HOLDER, LOCK_STATE_WITH_HEADS, RELEASE_LEASE, RENEW_LEASE,
     SESSION_SETTINGS,
 };
-use super::woken::MOVE_WOKEN;
 use super::{Relay, Role};
 
 /// The relay's statements, prepared once per connection: a batch is then two
 /// pipelined round trips with no Parse/Describe per statement. `PEEK` and
 /// `SELECT_BATCH` are not among them: they are sent unnamed, to be planned
 /// with their snapshots each time (see `select_batch_params`).
-/// `MOVE_WOKEN` is: a call of a function that keeps its own plans.
+/// `SELECT_BATCH_NOW` is, as it calls a function that plans its statement
+/// for every call.
 pub(super) struct Prepared {
     pub acquire: Statement,
     pub renew: Statement,
     pub release: Statement,
     pub end_expired: Statement,
     pub lock_state_with_heads: Statement,
-    pub move_woken: Statement,
+    pub select_batch_now: Statement,
     pub append: Statement,
     pub park: Statement,
 }
@@ -40,7 +41,7 @@ impl Prepared {
                 RELEASE_LEASE,
                 END_EXPIRED_HOLDER,
                 LOCK_STATE_WITH_HEADS,
-                MOVE_WOKEN,
+                SELECT_BATCH_NOW,
                 APPEND_BATCH,
                 PARK_ROWS,
             ]
@@ -55,7 +56,7 @@ impl Prepared {
             release: next(),
             end_expired: next(),
             lock_state_with_heads: next(),
-            move_woken: next(),
+            select_batch_now: next(),
             append: next(),
             park: next(),
         })

@@ -4,6 +4,8 @@
 
 use tokio_postgres::types::{ToSql, Type};
 
+use super::batch::PendingRow;
+
 /// One page of a drain: rows visible in the target snapshot ($2) and not in
 /// the relayed one ($1), after outbox id $3, in id (insert) order.
 ///
@@ -37,6 +39,22 @@ pub(super) const SELECT_BATCH: &str = "
           ORDER BY o.id LIMIT $4)
     ) AS batch
     ORDER BY batch.id LIMIT $4";
+
+/// The first page of a drain whose target is the read's own snapshot, for
+/// a relay that was woken (a writer told it something committed): the peek
+/// and the read in one statement. `$1` is the relayed snapshot, `$2` the
+/// limit. Every row carries the target snapshot; with nothing to move it is
+/// the only column set (one row, the outbox columns NULL).
+///
+/// Only for a relayed snapshot with no transaction in progress: then every
+/// transaction below its `xmax` was complete and relayed, so there are no
+/// late commits to look up, and this is `SELECT_BATCH`'s first branch
+/// alone. The statement is a function (migration 7) so that it is parsed
+/// once per session; it runs on a generic plan without sequential scans
+/// (migration 8), which reads the transaction id index whatever the outbox
+/// held when the plan was built (docs/relay.md). This call is prepared
+/// once per connection.
+pub(super) const SELECT_BATCH_NOW: &str = "SELECT * FROM outbox_relay_read_woken($1, $2)";
 
 /// Read-only check an idle leader runs: the current snapshot, and whether
 /// any outbox row became visible since `relayed_snapshot` ($1, with its
@@ -74,11 +92,28 @@ pub(super) fn select_batch_params<'a>(
     ]
 }
 
+/// The rows of [`SELECT_BATCH_NOW`]: the batch, and the snapshot it was
+/// cut at. Every row carries the snapshot; without rows to move, one row
+/// carries only it.
+pub(super) fn woken_batch(rows: &[tokio_postgres::Row]) -> (Vec<PendingRow>, Option<String>) {
+    let snapshot = rows.first().map(|row| row.get::<_, String>("snapshot"));
+    let batch = rows
+        .iter()
+        .filter(|row| row.get::<_, Option<i64>>("id").is_some())
+        .map(PendingRow::from_row)
+        .collect();
+    (batch, snapshot)
+}
+
 /// This module's SQL by name: tests/it/sql.rs prepares each statement
 /// against the migrated schema.
 pub(super) fn statements() -> Vec<(&'static str, String)> {
     vec![
         ("relay::drain::SELECT_BATCH", SELECT_BATCH.to_string()),
+        (
+            "relay::drain::SELECT_BATCH_NOW",
+            SELECT_BATCH_NOW.to_string(),
+        ),
         ("relay::drain::PEEK", PEEK.to_string()),
     ]
 }

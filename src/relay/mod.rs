@@ -22,9 +22,7 @@
 //!   Woken faster than 400 rows a second, it gathers: a batch starts no
 //!   sooner than `gather` after the last began (`pacing::Gathering`).
 //! * **Few round trips.** Statements are prepared once per connection; a
-//!   batch is two pipelined round trips, its `COMMIT` included, and the
-//!   woken batch of a live rate one (`woken`: read, lock, placement and
-//!   append in one function call).
+//!   batch is two pipelined round trips, its `COMMIT` included.
 //! * **Two batches at once in a drain.** A second connection reads the next
 //!   batch while the current one commits and writes its records in a
 //!   transaction of its own; that batch's heads and cursor follow once the
@@ -44,7 +42,6 @@ mod pacing;
 pub mod parked;
 pub mod snapshot;
 mod wakeup;
-mod woken;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -304,7 +301,7 @@ impl Relay {
             Role::Standby => unreachable!("handled above"),
         };
         // A woken read has no late commits to look up (see
-        // `outbox_relay_read_woken`, migration 7) only if no transaction was in progress at the
+        // `SELECT_BATCH_NOW`) only if no transaction was in progress at the
         // relayed snapshot; otherwise it peeks first, as a poll does (the
         // peek looks up only those that finished since, so a large writer
         // still open costs nothing).
@@ -435,7 +432,6 @@ pub(crate) fn statements() -> Vec<(&'static str, String)> {
     all.extend(lease::statements());
     all.extend(drain::statements());
     all.extend(append::statements());
-    all.extend(woken::statements());
     all.extend(maintenance::statements());
     all.extend(parked::statements());
     all

@@ -21,10 +21,9 @@ use tokio_postgres::types::ToSql;
 use super::append::{Append, CursorUpdate, Handover, Park, HANDOVER_MAX_RECORDS};
 use super::batch::{self, PendingRow, Records, TopicHeads};
 use super::connection::Second;
-use super::drain::{select_batch_params, SELECT_BATCH};
+use super::drain::{select_batch_params, woken_batch, SELECT_BATCH};
 use super::lease::LockedState;
-use super::woken::Woken;
-use super::{drain_from, metrics, Drain, Relay, Role, StepOutcome, Target};
+use super::{drain_from, metrics, Drain, Relay, Role, Snapshot, StepOutcome, Target};
 use crate::log::Record;
 
 /// A drain batch read ahead, and the cursor state it was read for.
@@ -49,9 +48,8 @@ pub(super) struct WrittenAhead {
 impl Relay {
     /// Moves one batch of the difference between `relayed_snapshot` and the
     /// drain target (`target`: the drain in progress, a peeked snapshot, or
-    /// the snapshot of the batch's own read). A woken batch is moved in one
-    /// round trip ([`Relay::move_woken`]) unless unfit; every other in two
-    /// pipelined round trips within one transaction:
+    /// the snapshot of the batch's own read), in two pipelined round trips
+    /// within one transaction:
     ///
     /// 1. `BEGIN`, the batch (unless read ahead), and the lease row locked
     ///    at our epoch (fencing) with the partition heads;
@@ -70,13 +68,6 @@ impl Relay {
         epoch: i64,
         target: Target,
     ) -> anyhow::Result<StepOutcome> {
-        let target = match target {
-            Target::Now => match self.move_woken(epoch).await? {
-                Woken::Done(outcome) => return Ok(outcome),
-                Woken::Unfit(snapshot) => Target::Peeked(snapshot),
-            },
-            target => target,
-        };
         let name = self.config.relay_name.clone();
         let ttl = self.config.lease_ttl.as_secs_f64();
         let limit = self.batch_size;
@@ -85,16 +76,25 @@ impl Relay {
             Role::Leader { relayed, drain, .. } => (relayed.clone(), drain.clone()),
             Role::Standby => anyhow::bail!("not the leader"),
         };
-        let (target, cursor) = match (&drain, target) {
-            (Some(d), _) => (d.target.clone(), Some(d.cursor)),
-            (None, Target::Peeked(t)) => (t, None),
-            (None, Target::Now) => unreachable!("a woken batch is moved above"),
+        // The target, unless the batch's read takes its own snapshot.
+        let (known_target, cursor) = match (&drain, target) {
+            (Some(d), _) => (Some(d.target.clone()), Some(d.cursor)),
+            (None, Target::Peeked(t)) => (Some(t), None),
+            (None, Target::Now) => (None, None),
             (None, Target::Drain) => anyhow::bail!("no drain is in progress"),
         };
-        // The late commits this drain looks up.
-        let late_commits = relayed.completed_by(&target);
+        let known_text = known_target
+            .as_ref()
+            .map(|t| t.text.clone())
+            .unwrap_or_default();
+        // The late commits this drain looks up. A woken read's target is not
+        // known yet, but it runs only with none in progress (so none).
+        let late_commits = known_target
+            .as_ref()
+            .map(|t| relayed.completed_by(t))
+            .unwrap_or_default();
         let prefetched = self.prefetched.take().filter(|p| {
-            let wanted = (&relayed.text, &target.text, cursor, limit);
+            let wanted = (&relayed.text, &known_text, cursor, limit);
             wanted == (&p.relayed, &p.target, Some(p.cursor), p.limit)
         });
         let (read_ahead, written_ahead) = match prefetched {
@@ -119,19 +119,26 @@ impl Relay {
 
         // Round trip 1 (the batch's rows were read ahead mid-drain). The lock
         // goes after the read: the topics it returns with the heads must
-        // include every topic the read's snapshot sees.
+        // include every topic the read's snapshot sees, or a woken read
+        // (whose snapshot is its own) could park a row of a topic created
+        // meanwhile as unknown.
         let lock_params: [&(dyn ToSql + Sync); 2] = [&name, &epoch];
         let select_params =
-            select_batch_params(&relayed.text, &target.text, &cursor, &limit, &late_commits);
+            select_batch_params(&relayed.text, &known_text, &cursor, &limit, &late_commits);
+        let select_now_params: [&(dyn ToSql + Sync); 2] = [&relayed.text, &limit];
         let (begun, rows, state_and_heads) = tokio::join!(
             only_if(written_ahead.is_none(), client.batch_execute("BEGIN")),
             async {
-                match read_ahead {
-                    Some(rows) => Ok(rows),
-                    None => client
+                match (read_ahead, &known_target) {
+                    (Some(rows), _) => Ok((rows, None)),
+                    (None, Some(_)) => client
                         .query_typed(SELECT_BATCH, &select_params)
                         .await
-                        .map(|rows| rows.iter().map(PendingRow::from_row).collect()),
+                        .map(|rows| (rows.iter().map(PendingRow::from_row).collect(), None)),
+                    (None, None) => client
+                        .query(&prepared.select_batch_now, &select_now_params)
+                        .await
+                        .map(|rows| woken_batch(&rows)),
                 }
             },
             client.query(&prepared.lock_state_with_heads, &lock_params),
@@ -139,7 +146,8 @@ impl Relay {
         begun?;
         // A read that failed aborted the transaction, and the lock's
         // statement with it: the read's error is the one to report.
-        let batch: Vec<PendingRow> = rows.context("selecting the next outbox batch")?;
+        let (batch, read_snapshot): (Vec<PendingRow>, Option<String>) =
+            rows.context("selecting the next outbox batch")?;
         // Fencing: only the holder of the current epoch gets this row lock.
         let Some(state) = LockedState::from_rows(&state_and_heads?) else {
             client.batch_execute("ROLLBACK").await?;
@@ -150,6 +158,23 @@ impl Relay {
             state.relayed == relayed.text && saved == drain,
             "the relay's cursor in the database is not the one it holds"
         );
+        let read_its_own_snapshot = known_target.is_none();
+        let target = match known_target {
+            Some(target) => target,
+            None => {
+                Snapshot::parse(&read_snapshot.context("the batch's read returned no snapshot")?)?
+            }
+        };
+        if batch.is_empty() && read_its_own_snapshot {
+            // Woken with nothing new (its rows went with the last batch):
+            // what a peek that found nothing records, and nothing to write.
+            client.batch_execute("ROLLBACK").await?;
+            self.second = second;
+            if let Role::Leader { empty_peek, .. } = &mut self.role {
+                *empty_peek = Some(target);
+            }
+            return Ok(StepOutcome::Idle);
+        }
         let full = batch.len() as i64 == limit;
         let next_limit = if full {
             (limit * 2).min(max_batch)
@@ -251,7 +276,7 @@ impl Relay {
         let park_params = park.params();
         // The append runs for every batch, as it saves the cursor; with no
         // records it appends nothing and sends no notification. It runs on
-        // its generic plan (see `APPEND_BATCH`).
+        // its generic plan (the lock set it, see `LOCK_STATE_WITH_HEADS`).
         let (read_ahead, (appended, parked, committed)) = tokio::join!(read_ahead, async {
             tokio::join!(
                 client.query_one(&prepared.append, &append_params),
@@ -267,7 +292,7 @@ impl Relay {
             let handover = Handover::from_row(&appended);
             crate::log::notify::appended_here(
                 self.db.url(),
-                &handed_over(&plan, &append.records, handover),
+                &handed_over(&plan, &append, handover),
             );
         }
         match read_ahead {
@@ -369,14 +394,14 @@ async fn write_ahead(
 /// Each partition the committed batch appended to, with its new log end
 /// offset and, if the append handed them over, its records in offset
 /// order: the announcement for the consumers of this process.
-pub(super) fn handed_over<'a>(
+fn handed_over<'a>(
     plan: &'a batch::BatchPlan<'a>,
-    records: &Records,
+    append: &Append<'_>,
     handover: Handover,
 ) -> Vec<(&'a str, i32, i64, Option<Arc<[Record]>>)> {
     let mut by_partition: HashMap<(&str, i32), Vec<Record>> = HashMap::new();
     if let Some(mut contents) = handover.records {
-        let placed = plan.placed.iter().zip(&records.offsets);
+        let placed = plan.placed.iter().zip(&append.records.offsets);
         for ((row, partition), &offset) in placed {
             let Some((headers, payload)) = contents.remove(&row.id) else {
                 // Not what was appended: hand nothing over (the consumers read).
@@ -410,7 +435,7 @@ pub(super) fn handed_over<'a>(
 }
 
 /// A committed batch in the trace (its span's fields) and the metrics.
-pub(super) fn record_batch(plan: &batch::BatchPlan<'_>, rows: usize) {
+fn record_batch(plan: &batch::BatchPlan<'_>, rows: usize) {
     let (placed, parked) = (plan.placed.len(), plan.parked.len());
     if placed + parked > 0 {
         let partitions: Vec<String> = plan

@@ -477,9 +477,29 @@ async fn row_for_unknown_topic_is_parked_and_the_relay_moves_on() {
 /// gets must be the later batch's, naming its partition.
 #[tokio::test]
 async fn a_batch_that_appends_nothing_notifies_no_one() {
+    use futures_util::StreamExt;
+    use tokio_postgres::{AsyncMessage, NoTls};
+
     let db = TestDb::migrated().await;
     let client = db.client().await;
-    let (_listener, mut notifications) = listen_appended(&db).await;
+    let (listener, mut connection) = outbox_relay::db::parse_url(&db.url)
+        .unwrap()
+        .connect(NoTls)
+        .await
+        .unwrap();
+    let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = notified.send(n.payload().to_string());
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN event_log_appended")
+        .await
+        .unwrap();
 
     let mut relay = db.relay();
     insert_event(&client, "no-such-topic", "x", json!({})).await;
@@ -497,38 +517,6 @@ async fn a_batch_that_appends_nothing_notifies_no_one() {
         .unwrap();
     let partition = partition_for_key("ok", 8);
     assert_eq!(first, format!("order-created\t{partition}:1"));
-}
-
-/// A connection listening on `event_log_appended`, and the payloads it
-/// receives.
-async fn listen_appended(
-    db: &TestDb,
-) -> (
-    tokio_postgres::Client,
-    tokio::sync::mpsc::UnboundedReceiver<String>,
-) {
-    use futures_util::StreamExt;
-    use tokio_postgres::{AsyncMessage, NoTls};
-
-    let (listener, mut connection) = outbox_relay::db::parse_url(&db.url)
-        .unwrap()
-        .connect(NoTls)
-        .await
-        .unwrap();
-    let (notified, notifications) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = message {
-                let _ = notified.send(n.payload().to_string());
-            }
-        }
-    });
-    listener
-        .batch_execute("LISTEN event_log_appended")
-        .await
-        .unwrap();
-    (listener, notifications)
 }
 
 /// Retry links are looked up only when the batch's id range has one; then
@@ -1038,265 +1026,6 @@ async fn the_woken_read_returns_what_committed_since_with_its_own_snapshot() {
         "only what committed since the relayed snapshot, not the open writer's row"
     );
     open.rollback().await.unwrap();
-}
-
-/// A woken batch is placed in Postgres (migration 12): its murmur2 must give
-/// every key the partition Kafka's partitioner (and ours) gives it, for any
-/// UTF-8 key and partition count, and a keyless row its outbox id's.
-#[tokio::test]
-async fn postgres_places_every_key_where_kafkas_partitioner_does() {
-    use rand::Rng;
-
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    let mut rng = rand::rng();
-    let alphabet: Vec<char> = "ab-_.09Zé日本\u{1F600}\0 ".chars().collect();
-    let mut keys: Vec<String> = ["", "a", "ab", "abc", "21", "hejsan", "23456", "kafka"]
-        .map(String::from)
-        .to_vec();
-    keys.extend((0..500).map(|_| {
-        let len = rng.random_range(0..48);
-        (0..len)
-            .map(|_| alphabet[rng.random_range(0..alphabet.len())])
-            .collect::<String>()
-            .replace('\0', "")
-    }));
-    for partitions in [1, 2, 3, 8, 17, 1000, 10_000] {
-        let placed: Vec<i32> = client
-            .query_one(
-                "SELECT array_agg(outbox_relay_partition(k, 0, $2) ORDER BY i)
-                   FROM unnest($1::text[]) WITH ORDINALITY AS u(k, i)",
-                &[&keys, &partitions],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        for (key, partition) in keys.iter().zip(placed) {
-            assert_eq!(
-                partition as u32,
-                partition_for_key(key, partitions as u32),
-                "key {key:?}, {partitions} partitions"
-            );
-        }
-        let ids: Vec<i64> = vec![1, 7, 8, 16, 12_345_678_901];
-        let keyless: Vec<i32> = client
-            .query_one(
-                "SELECT array_agg(outbox_relay_partition(NULL, id, $2) ORDER BY i)
-                   FROM unnest($1::int8[]) WITH ORDINALITY AS u(id, i)",
-                &[&ids, &partitions],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        let expected: Vec<i32> = ids
-            .iter()
-            .map(|id| id.rem_euclid(i64::from(partitions)) as i32)
-            .collect();
-        assert_eq!(keyless, expected, "{partitions} partitions");
-    }
-}
-
-/// `outbox_relay_move_woken`, called as the relay calls it.
-async fn move_woken(
-    client: &tokio_postgres::Client,
-    epoch: i64,
-    relayed: &str,
-    limit: i64,
-) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
-    client
-        .query_one(
-            "SELECT * FROM outbox_relay_move_woken($1, $2, $3, $4, 60, $5, $6, $7, true, 256, 65536, 7000, $8)",
-            &[
-                &"default",
-                &epoch,
-                &relayed,
-                &limit,
-                &outbox_relay::outbox::RESERVED_HEADER_PREFIX,
-                &outbox_relay::outbox::RETRY_OF_HEADER,
-                &outbox_relay::log::notify::APPENDED_CHANNEL,
-                &(outbox_relay::outbox::limits::KEY_MAX_BYTES as i32),
-            ],
-        )
-        .await
-}
-
-/// The woken batch in one call (migration 12): it appends what committed
-/// since the relayed snapshot, placed as `batch::plan` places it and
-/// numbered from each head in id order, notifies in the relay's own form,
-/// saves its snapshot as relayed and hands the records back. Anything it
-/// does not handle it leaves untouched and says why: nothing new, a stale
-/// epoch, a full batch, a row the relay must park, a batch over 64 rows.
-/// A cursor that is not the one the relay holds fails it (invariants 1, 4
-/// and 5).
-#[tokio::test]
-async fn a_woken_batch_moves_in_one_call_or_writes_nothing_and_says_why() {
-    let db = TestDb::migrated().await;
-    let mut client = db.client().await;
-    let (_listener, mut notifications) = listen_appended(&db).await;
-    outbox_relay::log::topics::create_topic(&mut client, "audit", 3, Duration::from_secs(3600))
-        .await
-        .unwrap();
-    let relayed: String = client
-        .query_one(
-            "UPDATE relay_state SET epoch = 7, relayed_snapshot = pg_current_snapshot()
-             RETURNING relayed_snapshot::text",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let log = "SELECT topic, partition, \"offset\", key, outbox_id FROM event_log
-                ORDER BY outbox_id";
-    let cursor = "SELECT relayed_snapshot::text FROM relay_state";
-
-    let idle = move_woken(&client, 7, &relayed, 10).await.unwrap();
-    assert_eq!(idle.get::<_, &str>("outcome"), "idle");
-    assert_eq!(column::<String>(&client, cursor).await, [relayed.clone()]);
-
-    for key in ["k1", "k2", "k1", "k3"] {
-        insert_event(&client, "order-created", key, json!({ "key": key })).await;
-    }
-    insert_event(&client, "audit", "a", json!({})).await;
-    client
-        .execute(
-            "INSERT INTO outbox (topic, key, payload) VALUES ('order-created', NULL, '{}')",
-            &[],
-        )
-        .await
-        .unwrap();
-    let ids: Vec<i64> = column(&client, "SELECT id FROM outbox ORDER BY id").await;
-
-    // A stale epoch, a batch that would be full: nothing written.
-    let fenced = move_woken(&client, 6, &relayed, 10).await.unwrap();
-    assert_eq!(fenced.get::<_, &str>("outcome"), "fenced");
-    let full = move_woken(&client, 7, &relayed, 6).await.unwrap();
-    assert_eq!(full.get::<_, &str>("outcome"), "full");
-    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 0);
-    assert_eq!(column::<String>(&client, cursor).await, [relayed.clone()]);
-    let error = move_woken(&client, 7, "1:1:", 10).await.unwrap_err();
-    assert!(
-        format!("{error:?}").contains("not the one it holds"),
-        "{error:?}"
-    );
-    // Its read looks up no late commit: a relayed snapshot with one in
-    // progress is refused rather than skipped past.
-    let error = move_woken(&client, 7, "1:3:1", 10).await.unwrap_err();
-    assert!(
-        format!("{error:?}").contains("no transaction in progress"),
-        "{error:?}"
-    );
-
-    let moved = move_woken(&client, 7, &relayed, 10).await.unwrap();
-    assert_eq!(moved.get::<_, &str>("outcome"), "moved");
-    let snapshot: String = moved.get("snapshot");
-    assert_eq!(column::<String>(&client, cursor).await, [snapshot]);
-    let place = |topic: &str, key: Option<&str>, id: i64| match (topic, key) {
-        ("audit", Some(key)) => partition_for_key(key, 3) as i32,
-        (_, Some(key)) => partition_for_key(key, 8) as i32,
-        (_, None) => id.rem_euclid(8) as i32,
-    };
-    let mut next: HashMap<(String, i32), i64> = HashMap::new();
-    let mut expected = Vec::new();
-    let mut ends: Vec<(String, i32, i64)> = Vec::new();
-    let rows = [
-        ("order-created", Some("k1")),
-        ("order-created", Some("k2")),
-        ("order-created", Some("k1")),
-        ("order-created", Some("k3")),
-        ("audit", Some("a")),
-        ("order-created", None),
-    ];
-    for ((topic, key), id) in rows.into_iter().zip(&ids) {
-        let partition = place(topic, key, *id);
-        let offset = next.entry((topic.to_string(), partition)).or_insert(0);
-        expected.push((
-            topic.to_string(),
-            partition,
-            *offset,
-            key.map(String::from),
-            *id,
-        ));
-        *offset += 1;
-    }
-    for ((topic, partition), end) in &next {
-        ends.push((topic.clone(), *partition, *end));
-    }
-    let appended: Vec<(String, i32, i64, Option<String>, i64)> = client
-        .query(log, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-        .collect();
-    assert_eq!(appended, expected);
-    assert_eq!(moved.get::<_, Vec<i64>>("handed_ids"), ids);
-    assert_eq!(
-        moved.get::<_, Vec<i64>>("offsets"),
-        expected.iter().map(|e| e.2).collect::<Vec<_>>()
-    );
-    assert_log_consistent(&client, "order-created").await;
-    assert_log_consistent(&client, "audit").await;
-    let ends: Vec<(&str, i32, i64)> = ends.iter().map(|(t, p, e)| (t.as_str(), *p, *e)).collect();
-    let notified = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
-        .await
-        .expect("the batch's notification")
-        .unwrap();
-    assert_eq!(notified, outbox_relay::log::notify::payload(&ends));
-
-    // A row the relay must park, beside one it could place: nothing written.
-    let relayed: String = column::<String>(&client, cursor).await.remove(0);
-    insert_event(&client, "order-created", "fine", json!({})).await;
-    insert_event(&client, "no-such-topic", "x", json!({})).await;
-    let unfit = move_woken(&client, 7, &relayed, 10).await.unwrap();
-    assert_eq!(unfit.get::<_, &str>("outcome"), "unplaceable");
-    // More rows than the function places, fewer than the batch's limit.
-    client
-        .execute(
-            "INSERT INTO outbox (topic, key, payload)
-             SELECT 'order-created', 'many-' || i, '{}' FROM generate_series(1, 70) i",
-            &[],
-        )
-        .await
-        .unwrap();
-    let large = move_woken(&client, 7, &relayed, 256).await.unwrap();
-    assert_eq!(large.get::<_, &str>("outcome"), "large");
-    assert_eq!(count(&client, "SELECT count(*) FROM event_log").await, 6);
-    assert_eq!(column::<String>(&client, cursor).await, [relayed]);
-}
-
-/// A woken relay whose batch holds rows it must park (an unknown topic, a
-/// key over the limit, written before the outbox refused such keys) moves
-/// it the two-round-trip way: the others are appended and the odd ones
-/// parked, and the relay goes on. (Whether a step is woken or peeks first
-/// depends on other tests' transactions; either way the outcome is this.)
-#[tokio::test]
-async fn a_woken_relay_parks_what_it_cannot_place_and_moves_the_rest() {
-    let db = TestDb::migrated().await;
-    let client = db.client().await;
-    let mut relay = db.relay();
-    relay.step_woken().await.unwrap(); // take the lease
-    insert_event(&client, "order-created", "fine", json!({})).await;
-    insert_event(&client, "no-such-topic", "x", json!({})).await;
-    client
-        .execute(
-            "ALTER TABLE outbox DROP CONSTRAINT outbox_key_at_most_1024_bytes",
-            &[],
-        )
-        .await
-        .unwrap();
-    insert_event(&client, "order-created", &"k".repeat(1025), json!({})).await;
-    drain_woken(&mut relay).await;
-    insert_event(&client, "order-created", "after", json!({})).await;
-    drain_woken(&mut relay).await;
-    assert_eq!(
-        column::<String>(&client, "SELECT key FROM event_log ORDER BY outbox_id").await,
-        ["fine", "after"]
-    );
-    assert_eq!(
-        count(&client, "SELECT count(*) FROM outbox_parked").await,
-        2
-    );
-    assert_log_consistent(&client, "order-created").await;
 }
 
 /// Mid-drain the relay writes the next batch's records on its second
